@@ -1,0 +1,178 @@
+"""`lamina <verb>`: parse, validate, call the library, print. Errors a user caused print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lamina import __version__
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's usage dump -> our one-line contract
+        print(f"usage error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lamina", description="lamina: train, evaluate and use deep-learning models.")
+    p.add_argument("--version", action="version", version=f"lamina {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a model (no arguments: CNN on handwritten digits)")
+    t.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]",
+                   help="a YAML config and/or dotted overrides such as trainer.max_epochs=3")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--resume", metavar="RUN_DIR|CHECKPOINT", help="continue a run from its last checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    e = sub.add_parser("eval", help="evaluate a trained run or checkpoint")
+    e.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint of a run folder")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    pr = sub.add_parser("predict", help="predict with a trained run on files (images, .csv, .npy, .pt)")
+    pr.add_argument("path", metavar="RUN_DIR")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT")
+    pr.add_argument("--which", default="best", choices=["best", "last"])
+    pr.add_argument("--json", action="store_true", help="print JSON lines")
+    pr.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    m = sub.add_parser("models", help="list registered models")
+    m.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    d = sub.add_parser("data", help="list built-in data sets and file loaders")
+    d.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def _split_train_args(args: list[str]) -> tuple[str | None, list[str]]:
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    bad = [a for a in args[1:] if "=" not in a]
+    if bad:
+        from lamina.errors import ConfigError
+
+        raise ConfigError(f"'{bad[0]}': expected KEY=VALUE after the config file, e.g. trainer.max_epochs=3")
+    return None, args
+
+
+def cmd_train(a, console) -> int:
+    from lamina.config import load_config, to_yaml
+    from lamina import runner
+
+    path, overrides = _split_train_args(a.args)
+    if a.resume and path is None and not overrides:
+        cfg_file = Path(a.resume) / "config.yaml"
+        path = str(cfg_file) if cfg_file.is_file() else None
+    cfg = load_config(path, overrides)
+    if a.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    callbacks = []
+    if cfg.trainer.progress and not a.no_progress:
+        from lamina.cli.progress import RichProgress
+
+        callbacks.append(RichProgress(console))
+    console.print(f"[bold]lamina train[/]: data [cyan]{cfg.data.name}[/], model [cyan]{cfg.model.name}[/], "
+                  f"{cfg.trainer.max_epochs} epochs, seed {cfg.seed}")
+    res = runner.train(cfg, callbacks=callbacks, resume=a.resume)
+    s = res.summary
+    test = "  ".join(f"{k} {v:.4f}" for k, v in s["test"].items())
+    console.print(f"[bold green]done[/] in {s['wall_time_s']:.1f}s ({s['train_samples_per_s'] or 0:.0f} samples/s)"
+                  f"  {test}")
+    console.print(f"run folder: [bold]{res.run_dir}[/]")
+    print(res.run_dir)  # stdout: machine-readable, e.g. RUN=$(lamina train ...)
+    return 0
+
+
+def cmd_eval(a, console) -> int:
+    from lamina import runner
+
+    out = runner.evaluate(a.path, split=a.split, which=a.which)
+    if a.json:
+        print(json.dumps(out))
+    else:
+        console.print(f"checkpoint {out['checkpoint']}  split {out['split']} (n={out['n']})", highlight=False)
+        for k, v in out.items():
+            if isinstance(v, float):
+                print(f"{k:<20} {v:.4f}")
+    return 0
+
+
+def cmd_predict(a, console) -> int:
+    from lamina import runner
+
+    rows = runner.predict(a.path, a.inputs, which=a.which)
+    for r in rows:
+        if a.json:
+            print(json.dumps(r))
+        elif "label" in r:
+            print(f"{r['input']}\t{r['class']}\t{r['confidence']:.4f}")
+        else:
+            print(f"{r['input']}\t" + " ".join(f"{v:.6g}" for v in r["value"]))
+    return 0
+
+
+def cmd_models(a, console) -> int:
+    from rich.table import Table
+
+    from lamina.models import create_model, get_entry, list_models
+
+    table = Table("name", "family", "input", "params (10 classes)", "description")
+    for name in list_models():
+        e = get_entry(name)
+        kw = {"num_classes": 10, ("in_features" if e.input_kind == "vector" else "in_chans"): 64 if e.input_kind == "vector" else 3}
+        n = sum(p.numel() for p in create_model(name, **kw).parameters())
+        table.add_row(name, e.family, e.input_kind, f"{n:,}", e.description)
+    console.print(table)
+    return 0
+
+
+def cmd_data(a, console) -> int:
+    from rich.table import Table
+
+    from lamina.data import get_dataset_entry, list_datasets
+
+    table = Table("name", "task", "source", "description")
+    for name in list_datasets():
+        e = get_dataset_entry(name)
+        table.add_row(name, e.task, e.source, e.description)
+    console.print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = _parser().parse_args(argv)
+    debug = a.debug or "--debug" in argv
+    console = Console(stderr=True, highlight=False)
+    if a.cmd is None:
+        _parser().print_help()
+        return 0
+    from lamina.errors import LaminaError
+
+    try:
+        return {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models,
+                "data": cmd_data}[a.cmd](a, console)
+    except LaminaError as e:
+        if debug:
+            raise
+        print(str(e), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted: the last completed checkpoint is intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""Load / validate / override / dump run configs, turning every validation problem into one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from lamina.config.schema import RunConfig
+from lamina.errors import ConfigError, did_you_mean
+
+
+def _fields_at(model_cls: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names valid at `loc` (for did-you-mean on unknown keys)."""
+    cls = model_cls
+    for part in loc:
+        f = cls.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(f, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return list(cls.model_fields)
+        cls = ann
+    return list(cls.model_fields)
+
+
+def _is_int_field(root: type[BaseModel], loc: tuple) -> bool:
+    cls = root
+    for part in loc[:-1]:
+        ann = cls.model_fields[part].annotation if part in cls.model_fields else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return False
+        cls = ann
+    f = cls.model_fields.get(loc[-1])
+    return f is not None and "int" in str(f.annotation).lower() and "float" not in str(f.annotation).lower()
+
+
+def _describe(err: dict, root: type[BaseModel]) -> str:
+    loc = tuple(p for p in err["loc"])
+    path = ".".join(str(p) for p in loc)
+    kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
+    if kind == "extra_forbidden":
+        parent, key = loc[:-1], str(loc[-1])
+        valid = _fields_at(root, parent)
+        return f"{path}: unknown key{did_you_mean(key, valid)}; valid keys: {', '.join(valid)}"
+    if kind == "missing":
+        return f"{path}: required"
+    if kind == "literal_error":
+        return f"{path}: expected one of {ctx.get('expected')}, got {got!r}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        bound = next(iter(ctx.values()))
+        if kind == "greater_than" and bound == 0:
+            what = "integer" if _is_int_field(root, loc) else "number"
+            return f"{path}: expected a positive {what}, got {got!r}"
+        return f"{path}: expected a number {op} {bound}, got {got!r}"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"{path}: expected an integer, got {got!r}"
+    if kind in ("float_parsing", "float_type"):
+        return f"{path}: expected a number, got {got!r}"
+    if kind in ("bool_parsing", "bool_type"):
+        return f"{path}: expected true or false, got {got!r}"
+    if kind in ("model_type", "dict_type"):
+        return f"{path or 'config'}: expected a mapping of keys to values, got {got!r}"
+    return f"{path}: {err['msg'].lower()}, got {got!r}"
+
+
+def validate(raw: dict) -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"expected a mapping of sections (data, model, trainer, ...), got {type(raw).__name__}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_describe(e.errors()[0], RunConfig)) from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections (data, model, trainer, ...), got {type(raw).__name__}")
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`a.b.c=value` (value parsed as YAML: 3, 1e-3, true, [1,2], null) into a nested dict."""
+    out = _deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected KEY=VALUE, e.g. trainer.max_epochs=3")
+        key, value = item.split("=", 1)
+        parts = [p for p in key.strip().split(".")]
+        if not all(parts):
+            raise ConfigError(f"override '{item}': empty key part; expected dotted keys like trainer.max_epochs")
+        val = parse_value(value)
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(f"override '{item}': {'.'.join(parts[:i + 1])} is a value, not a section")
+            node = nxt
+        node[parts[-1]] = val
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """YAML scalar/list parsing, plus numbers YAML 1.1 leaves as strings (1e-3)."""
+    try:
+        val = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+    if isinstance(val, str):
+        for conv in (int, float):
+            try:
+                return conv(val)
+            except ValueError:
+                pass
+    return val
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    raw = read_yaml(path) if path is not None else {}
+    return validate(apply_overrides(raw, overrides or []))
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return cfg.model_dump(mode="json")
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

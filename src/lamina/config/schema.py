@@ -1,0 +1,100 @@
+"""Typed run config: data, model, task, optimizer, schedule, trainer, logging.
+
+Sections with a fixed set of fields reject unknown keys ("did you mean ..."). The `data` and `model`
+sections also carry free options (e.g. `model.depth=4`) that go to the data set loader / model factory,
+which validate them against their own typed configs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeFloat
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class _Open(BaseModel):
+    # Free keys are options for the loader/factory named in `name`.
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DataConfig(_Open):
+    name: str = "digits"  # a registered data set (`lamina data`)
+    batch_size: PositiveInt = 64  # small data: many updates per epoch beat big batches here
+    eval_batch_size: PositiveInt = 1024  # evaluation has no gradient memory; bigger is faster
+    augment: list[dict[str, Any]] = Field(default_factory=list)  # e.g. [{name: hflip}]
+
+
+class ModelConfig(_Open):
+    name: str = "small_cnn"  # a registered model (`lamina models`)
+
+
+class TaskConfig(_Strict):
+    name: Literal["auto", "classification", "regression"] = "auto"  # auto: what the data set says
+    label_smoothing: NonNegativeFloat = 0.0  # regularizes over-confident logits
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adam", "adamw"] = "adamw"  # AdamW: decoupled decay, robust default
+    lr: PositiveFloat = 3e-3
+    weight_decay: NonNegativeFloat = 0.0
+    momentum: NonNegativeFloat = 0.9  # SGD only
+    nesterov: bool = False  # SGD only
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam/AdamW only
+
+
+class ScheduleConfig(_Strict):
+    name: Literal["constant", "step", "cosine", "onecycle", "linear"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)  # linear warmup from 0 before the schedule proper
+    step_size: PositiveInt = 30  # step: epochs between decays
+    gamma: PositiveFloat = 0.1  # step: decay factor
+    min_lr: NonNegativeFloat = 0.0  # cosine/linear floor
+    pct_start: float = Field(0.3, gt=0, lt=1)  # onecycle: fraction of steps spent rising
+
+
+class EarlyStoppingConfig(_Strict):
+    patience: int | None = Field(None, ge=1)  # None: never stop early
+    min_delta: NonNegativeFloat = 0.0
+
+
+class TrainerConfig(_Strict):
+    max_epochs: PositiveInt = 10
+    max_steps: PositiveInt | None = None  # stop after this many optimizer steps
+    grad_clip: PositiveFloat | None = None  # max global grad norm
+    accumulate: PositiveInt = 1  # micro-batches per optimizer step
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16 needs CUDA (GradScaler)
+    compile: bool = False  # torch.compile the model
+    deterministic: bool = False  # deterministic kernels: bit-exact repeats, sometimes slower
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    monitor: str = "val/loss"  # metric that picks the best checkpoint and early stopping
+    monitor_mode: Literal["min", "max"] = "min"
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    val_every: PositiveInt = 1  # epochs between validations
+    log_every: PositiveInt = 20  # steps between train-loss log rows
+    progress: bool = True  # live progress bar (CLI)
+    threads: PositiveInt | None = None  # torch intra-op threads; None keeps torch's default
+
+
+class LoggingConfig(_Strict):
+    root: str = "runs"  # run folders go to <root>/<name>
+    tensorboard: bool = True
+    plots: bool = True
+
+
+class RunConfig(_Strict):
+    name: str | None = None  # run folder name; default <data>-<model>-<time>
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)

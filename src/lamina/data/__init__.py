@@ -1,0 +1,19 @@
+"""lamina.data: built-in and file data sets (a registry), splits, batched loaders and batched transforms.
+
+Importing the package imports `builtin` and `files` so that every data set is registered; their heavy
+dependencies (scikit-learn, pandas, Pillow) load only when a loader runs.
+"""
+
+from lamina.data import builtin, files  # noqa: F401  (fill the registry)
+from lamina.data.base import DataBundle, TensorData
+from lamina.data.files import decode_text, encode_text, load_image_files, read_idx, transform_table_rows
+from lamina.data.loader import InMemoryLoader, make_loader
+from lamina.data.registry import get_dataset_entry, list_datasets, load_dataset, register_dataset
+from lamina.data.splits import split_indices
+from lamina.data.transforms import build_transforms
+
+__all__ = [
+    "TensorData", "DataBundle", "load_dataset", "list_datasets", "get_dataset_entry", "register_dataset",
+    "InMemoryLoader", "make_loader", "split_indices", "build_transforms",
+    "transform_table_rows", "load_image_files", "encode_text", "decode_text", "read_idx",
+]

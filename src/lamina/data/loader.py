@@ -1,0 +1,78 @@
+"""Batched in-memory loader: one gather per batch instead of one Python call per sample.
+
+torch's DataLoader over a TensorDataset calls __getitem__ per sample and collates; on small data that costs
+more than the model (see ../shared/ANCHORS.md). Here a permutation is drawn once per epoch from a seeded
+generator and each batch is `tensor[idx]`: same math, no per-sample Python. `make_loader` falls back to
+torch's DataLoader for data that does not fit in memory (any Dataset that is not a TensorData).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lamina.data.base import TensorData
+
+
+class InMemoryLoader:
+    """Iterate dict batches over TensorData. The generator state is part of the resume state."""
+
+    def __init__(
+        self,
+        data: TensorData,
+        batch_size: int,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        transform=None,
+    ):
+        self.data = data
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.generator = torch.Generator().manual_seed(seed)
+        self.transform = transform  # batched: dict -> dict, draws randomness from self.generator
+        # Moving the whole split once beats moving every batch (and pinning) for data this small.
+        self.tensors = {k: v.to(device) if device is not None else v for k, v in data.tensors.items()}
+
+    def to(self, device) -> "InMemoryLoader":
+        self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
+        return self
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.data)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else None
+        for b in range(len(self)):
+            if order is None:
+                sl = slice(b * self.batch_size, min(n, (b + 1) * self.batch_size))
+                batch = {k: v[sl] for k, v in self.tensors.items()}
+            else:
+                idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+                dev_idx = idx.to(next(iter(self.tensors.values())).device)
+                batch = {k: v.index_select(0, dev_idx) for k, v in self.tensors.items()}
+            if self.transform is not None:
+                batch = self.transform(batch, self.generator)
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def make_loader(data, batch_size: int, shuffle: bool = False, seed: int = 0, device=None, transform=None,
+                drop_last: bool = False, num_workers: int = 0):
+    """InMemoryLoader for TensorData; torch DataLoader (seeded) for any other Dataset."""
+    if isinstance(data, TensorData):
+        return InMemoryLoader(data, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed,
+                              device=device, transform=transform)
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=g,
+                                       drop_last=drop_last, num_workers=num_workers)

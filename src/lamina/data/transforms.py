@@ -1,0 +1,168 @@
+"""Batched image augmentations: each acts on a whole batch["x"] of shape (B, C, H, W) in a few tensor ops.
+
+Why not torchvision.transforms.v2: those draw one set of parameters per call, so per-sample randomness
+means a Python loop over the batch, which on small images costs more than the model. Here every transform
+draws B sets of parameters at once from the loader's CPU `torch.Generator` (so a run, and a resumed run,
+sees the same augmentations) and moves them to x.device, so the same code runs on CPU and CUDA batches.
+
+Contract (what InMemoryLoader calls): `transform(batch: dict, generator) -> dict`; keys other than "x"
+pass through untouched.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lamina.errors import DataError, unknown_name
+
+Batch = dict[str, torch.Tensor]
+
+
+def _images(batch: Batch, who: str) -> torch.Tensor:
+    x = batch.get("x")
+    if x is None or x.ndim != 4 or not x.is_floating_point():
+        shape = None if x is None else list(x.shape)
+        raise DataError(f"{who}: expected batch['x'] as a float (B, C, H, W) tensor, got {shape}")
+    return x
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator | None, device) -> torch.Tensor:
+    return (torch.rand(n, generator=g) * (hi - lo) + lo).to(device)
+
+
+def _pair(v, name: str) -> tuple[float, float]:
+    t = (v, v) if isinstance(v, (int, float)) else tuple(v)
+    if len(t) != 2:
+        raise DataError(f"{name}: expected a number or a pair, got {v!r}")
+    return float(t[0]), float(t[1])
+
+
+class RandomCrop:
+    """Zero-pad by `padding`, then crop `size` (default: the input size) at a random offset per sample.
+
+    One advanced-indexing gather builds all B crops: rows (B, h) and cols (B, w) index the padded batch.
+    """
+
+    def __init__(self, size: int | Sequence[int] | None = None, padding: int = 0):
+        self.size = None if size is None else tuple(int(s) for s in _pair(size, "random_crop.size"))
+        self.padding = int(padding)
+        if self.padding < 0:
+            raise DataError(f"random_crop.padding: expected a non-negative integer, got {padding!r}")
+
+    def __call__(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
+        x = _images(batch, "random_crop")
+        B, C, H, W = x.shape
+        h, w = self.size or (H, W)
+        p = self.padding
+        if h > H + 2 * p or w > W + 2 * p:
+            raise DataError(f"random_crop: crop {h}x{w} is larger than the padded image {H + 2 * p}x{W + 2 * p}")
+        xp = F.pad(x, (p, p, p, p)) if p else x
+        oy = torch.randint(0, H + 2 * p - h + 1, (B,), generator=generator).to(x.device)
+        ox = torch.randint(0, W + 2 * p - w + 1, (B,), generator=generator).to(x.device)
+        rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, h, 1)
+        cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, w)
+        b = torch.arange(B, device=x.device)[:, None, None, None]
+        c = torch.arange(C, device=x.device)[None, :, None, None]
+        return {**batch, "x": xp[b, c, rows, cols]}  # (B, C, h, w)
+
+
+class RandomHorizontalFlip:
+    """Mirror each sample left-right with probability p (one Bernoulli draw per sample)."""
+
+    def __init__(self, p: float = 0.5):
+        self.p = float(p)
+        if not 0.0 <= self.p <= 1.0:
+            raise DataError(f"hflip.p: expected a probability in [0, 1], got {p!r}")
+
+    def __call__(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
+        x = _images(batch, "hflip")
+        mask = (torch.rand(x.shape[0], generator=generator) < self.p).to(x.device)
+        return {**batch, "x": torch.where(mask[:, None, None, None], x.flip(-1), x)}
+
+
+class RandomAffine:
+    """Per-sample rotation (uniform in +-degrees), translation (fraction of width/height) and scale,
+    as one affine_grid + bilinear grid_sample; pixels from outside the image are 0.
+
+    theta maps output to input coordinates in normalized [-1, 1] space: in = A (out - t), A = D^-1 R(-a) D / s,
+    with D = diag(W/2, H/2) so rotations stay rotations on non-square images.
+    """
+
+    def __init__(self, degrees: float = 0.0, translate: float | Sequence[float] = 0.0,
+                 scale: float | Sequence[float] = 1.0):
+        self.degrees = abs(float(degrees))
+        self.translate = _pair(translate, "affine.translate")
+        self.scale = _pair(scale, "affine.scale")
+        if min(self.translate) < 0 or min(self.scale) <= 0:
+            raise DataError(f"affine: translate must be >= 0 and scale > 0, got translate={translate!r}, scale={scale!r}")
+
+    def __call__(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
+        x = _images(batch, "affine")
+        B, _, H, W = x.shape
+        dev = x.device
+        a = _uniform(B, -self.degrees, self.degrees, generator, dev) * (math.pi / 180)
+        tx = _uniform(B, -self.translate[0], self.translate[0], generator, dev) * 2  # fraction -> normalized units
+        ty = _uniform(B, -self.translate[1], self.translate[1], generator, dev) * 2
+        s = _uniform(B, self.scale[0], self.scale[1], generator, dev)
+        cos, sin = torch.cos(a) / s, torch.sin(a) / s
+        a00, a01, a10, a11 = cos, sin * (H / W), -sin * (W / H), cos
+        theta = torch.stack([torch.stack([a00, a01, -(a00 * tx + a01 * ty)], 1),
+                             torch.stack([a10, a11, -(a10 * tx + a11 * ty)], 1)], 1).to(x.dtype)  # (B, 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return {**batch, "x": F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)}
+
+
+class Normalize:
+    """(x - mean) / std per channel; deterministic."""
+
+    def __init__(self, mean: float | Sequence[float], std: float | Sequence[float]):
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        if (self.std <= 0).any():
+            raise DataError(f"normalize.std: expected positive values, got {std!r}")
+
+    def __call__(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
+        x = _images(batch, "normalize")
+        if len(self.mean) not in (1, x.shape[1]) or len(self.std) not in (1, x.shape[1]):
+            raise DataError(f"normalize: mean/std have {len(self.mean)}/{len(self.std)} values for {x.shape[1]} channels")
+        m = self.mean.to(x.device, x.dtype)[None, :, None, None]
+        s = self.std.to(x.device, x.dtype)[None, :, None, None]
+        return {**batch, "x": (x - m) / s}
+
+
+class Compose:
+    """Apply transforms in order, all drawing from the same generator."""
+
+    def __init__(self, transforms: Sequence):
+        self.transforms = list(transforms)
+
+    def __call__(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
+        for t in self.transforms:
+            batch = t(batch, generator)
+        return batch
+
+
+TRANSFORMS = {"random_crop": RandomCrop, "hflip": RandomHorizontalFlip, "affine": RandomAffine, "normalize": Normalize}
+
+
+def build_transforms(spec: Sequence[dict] | None) -> Compose:
+    """From config: [{"name": "random_crop", "padding": 4}, {"name": "hflip"}, ...] -> Compose."""
+    out = []
+    for i, item in enumerate(spec or []):
+        if not isinstance(item, dict) or "name" not in item:
+            raise DataError(f"transforms[{i}]: expected a mapping with a 'name' key, got {item!r}")
+        kwargs = {k: v for k, v in item.items() if k != "name"}
+        name = item["name"]
+        if name not in TRANSFORMS:
+            raise DataError(f"transforms[{i}]: {unknown_name('transform', name, TRANSFORMS)}")
+        params = [k for k in inspect.signature(TRANSFORMS[name]).parameters]
+        for k in kwargs:
+            if k not in params:
+                raise DataError(f"transforms[{i}] ({name}): {unknown_name('option', k, params)}")
+        out.append(TRANSFORMS[name](**kwargs))
+    return Compose(out)

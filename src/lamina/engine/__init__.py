@@ -1,0 +1,11 @@
+from lamina.engine.callbacks import Callback, EarlyStopping, LRMonitor, ModelCheckpoint
+from lamina.engine.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from lamina.engine.loggers import CSVLogger, TensorBoardLogger
+from lamina.engine.optim import build_optimizer, build_scheduler
+from lamina.engine.precision import Precision, select_device
+from lamina.engine.seed import seed_everything
+from lamina.engine.trainer import Trainer
+
+__all__ = ["Trainer", "Callback", "ModelCheckpoint", "EarlyStopping", "LRMonitor", "CSVLogger",
+           "TensorBoardLogger", "build_optimizer", "build_scheduler", "Precision", "select_device",
+           "seed_everything", "save_checkpoint", "load_checkpoint", "read_meta"]

@@ -1,0 +1,92 @@
+"""Callbacks: hooks the Trainer calls at fixed points. State they keep is saved with checkpoints.
+
+Hooks: on_fit_start, on_train_batch_end (only called for callbacks that define it: the hot path stays
+clean), on_epoch_end(metrics) after validation, on_fit_end. A callback stops training by setting
+`trainer.should_stop = True`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+class Callback:
+    def on_fit_start(self, trainer) -> None: ...
+    def on_epoch_end(self, trainer, metrics: dict) -> None: ...
+    def on_fit_end(self, trainer) -> None: ...
+    # on_train_batch_end(self, trainer, loss) is looked up with hasattr, see Trainer.fit
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def _better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+class ModelCheckpoint(Callback):
+    """Saves `last` after every epoch and `best` whenever the monitored metric improves."""
+
+    def __init__(self, dirpath: str | Path, monitor: str = "val/loss", mode: str = "min", save_last: bool = True):
+        self.dir, self.monitor, self.mode, self.save_last = Path(dirpath), monitor, mode, save_last
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+
+    def on_epoch_end(self, trainer, metrics):
+        value = metrics.get(self.monitor)
+        if value is not None and _better(value, self.best, self.mode):
+            self.best, self.best_epoch = value, trainer.epoch
+            trainer.save_checkpoint(self.dir / "best", metrics)
+        if self.save_last:
+            trainer.save_checkpoint(self.dir / "last", metrics)
+
+    def on_fit_end(self, trainer):
+        # A max_steps stop mid-epoch still leaves a resumable `last`.
+        if self.save_last and trainer.batch_in_epoch:
+            trainer.save_checkpoint(self.dir / "last", trainer.last_metrics)
+
+    def state_dict(self):
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state):
+        self.best, self.best_epoch = state.get("best"), state.get("best_epoch")
+
+
+class EarlyStopping(Callback):
+    def __init__(self, monitor: str = "val/loss", mode: str = "min", patience: int = 5, min_delta: float = 0.0):
+        self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
+        self.best: float | None = None
+        self.wait = 0
+        self.stopped_epoch: int | None = None
+
+    def on_epoch_end(self, trainer, metrics):
+        value = metrics.get(self.monitor)
+        if value is None:
+            return
+        if _better(value, self.best, self.mode, self.min_delta):
+            self.best, self.wait = value, 0
+        else:
+            self.wait += 1
+            if self.wait >= self.patience:
+                trainer.should_stop, self.stopped_epoch = True, trainer.epoch
+
+    def state_dict(self):
+        return {"best": self.best, "wait": self.wait}
+
+    def load_state_dict(self, state):
+        self.best, self.wait = state.get("best"), state.get("wait", 0)
+
+
+class LRMonitor(Callback):
+    """Adds the learning rate of each param group to the epoch metrics (lr, lr/1, ...)."""
+
+    def on_epoch_end(self, trainer, metrics):
+        for i, g in enumerate(trainer.optimizer.param_groups):
+            metrics["lr" if i == 0 else f"lr/{i}"] = g["lr"]

@@ -1,0 +1,136 @@
+"""Checkpoints: a folder per checkpoint, written atomically.
+
+    <ckpt>/model.safetensors   weights (safe to load anywhere, no pickle)
+    <ckpt>/state.pt            optimizer / scheduler / RNG / loop position, read with weights_only=True
+    <ckpt>/meta.json           epoch, step, metrics, model name+options, sha256 of both files
+
+Write protocol: everything goes to a fresh temp folder beside the target, files are fsynced, then the old
+folder is renamed aside, the temp folder renamed into place and the old one deleted. A crash at any point
+leaves either the previous checkpoint or the new one complete; `resolve` falls back to the renamed-aside
+copy if the crash hit between the two renames. The sha256 in meta.json catches truncated or edited files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lamina.errors import CheckpointError
+
+FORMAT = "lamina-checkpoint-1"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage (tied weights) and non-contiguous views: save unique clones.
+    out, seen = {}, {}
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), v.shape, v.stride()) if v.numel() else None
+        if key is not None and key in seen:
+            out[k] = out[seen[key]].clone()
+        else:
+            out[k] = v.detach().cpu().contiguous().clone()
+            if key is not None:
+                seen[key] = k
+    return out
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, state: dict, meta: dict) -> Path:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file(_weights(model), str(tmp / "model.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        meta = {**meta, "format": FORMAT,
+                "sha256": {n: _sha256(tmp / n) for n in ("model.safetensors", "state.pt")}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+        for n in ("model.safetensors", "state.pt", "meta.json"):
+            _fsync(tmp / n)
+        old = target.parent / f".{target.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder, a run folder (-> checkpoints/last), or a file inside a checkpoint folder."""
+    p = Path(path)
+    if p.is_file() and p.name in ("model.safetensors", "state.pt", "meta.json"):
+        p = p.parent
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints" / "last"
+    if not p.exists():
+        aside = p.parent / f".{p.name}.old"
+        if aside.is_dir():  # crash between the two renames of save_checkpoint
+            return aside
+        raise CheckpointError(f"checkpoint not found: {path} (expected a run folder or a checkpoint folder "
+                              "with model.safetensors, state.pt and meta.json)")
+    if not (p / "meta.json").is_file():
+        raise CheckpointError(f"{path} is not a lamina checkpoint (no meta.json; expected a run folder or a "
+                              "checkpoint folder with model.safetensors, state.pt and meta.json)")
+    return p
+
+
+def read_meta(path: str | Path) -> dict:
+    p = resolve(path)
+    try:
+        meta = json.loads((p / "meta.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p / 'meta.json'} is corrupt ({e.__class__.__name__}); the checkpoint cannot be trusted") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{p / 'meta.json'}: not a {FORMAT} checkpoint")
+    return meta
+
+
+def load_checkpoint(path: str | Path, with_state: bool = True) -> tuple[dict, dict | None, dict]:
+    """(weights, state or None, meta), after checking both files against their recorded sha256."""
+    p = resolve(path)
+    meta = read_meta(p)
+    names = ("model.safetensors", "state.pt") if with_state else ("model.safetensors",)
+    for n in names:
+        f = p / n
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing; the checkpoint is incomplete")
+        if _sha256(f) != meta["sha256"].get(n):
+            raise CheckpointError(f"{f} is corrupt (sha256 does not match meta.json); use another checkpoint, e.g. checkpoints/best")
+    try:
+        weights = load_file(str(p / "model.safetensors"))
+        state = torch.load(p / "state.pt", map_location="cpu", weights_only=True) if with_state else None
+    except (SafetensorError, RuntimeError, OSError, EOFError) as e:  # defensive: hash matched but unreadable
+        raise CheckpointError(f"{p} could not be read ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+    return weights, state, meta
+
+
+def load_weights(model: torch.nn.Module, weights: dict, source: str = "checkpoint") -> None:
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not match the model: missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}")

@@ -1,0 +1,66 @@
+"""Optimizers and learning-rate schedules built from typed configs.
+
+Every schedule is stepped once per optimizer step. Warmup + constant/step/cosine/linear are one
+per-step factor function under LambdaLR: warmup composes with any schedule and the only state is the
+step count, so resume is exact. One-cycle uses torch's OneCycleLR (it also cycles momentum).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lamina.config.schema import OptimizerConfig, ScheduleConfig
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm gains (1-D params): decaying them only hurts."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+class LRFactor:
+    """lr(step) / base_lr for warmup followed by constant | step | cosine | linear decay."""
+
+    def __init__(self, name: str, total_steps: int, warmup_steps: int = 0, step_size: int = 1,
+                 gamma: float = 0.1, min_factor: float = 0.0):
+        self.name, self.total, self.warmup = name, max(1, total_steps), warmup_steps
+        self.step_size, self.gamma, self.min_factor = max(1, step_size), gamma, min_factor
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.name == "constant":
+            return 1.0
+        if self.name == "step":
+            return self.gamma ** (step // self.step_size)
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        if self.name == "cosine":
+            return self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return self.min_factor + (1 - self.min_factor) * (1 - progress)  # linear
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int,
+                    steps_per_epoch: int, base_lr: float):
+    if cfg.name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=base_lr, total_steps=max(2, total_steps),
+                                                   pct_start=cfg.pct_start)
+    factor = LRFactor(cfg.name, total_steps, cfg.warmup_steps, cfg.step_size * steps_per_epoch, cfg.gamma,
+                      cfg.min_lr / base_lr)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

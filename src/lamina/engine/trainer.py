@@ -1,0 +1,250 @@
+"""The Trainer: a few verbs (setup, train_step, backward, clip_gradients, optimizer_step, evaluate,
+save_checkpoint) and `fit()` as a convenience loop over them. Override `train_step` to change what one
+micro-batch does; everything else (precision, accumulation, clipping, scheduling, checkpoints, resume)
+stays the same.
+
+Hot-path rules: no host sync per step (training stats are summed on device and read once per log
+interval; the NaN check reads one bool per step only on CPU, where it costs nothing), callbacks without
+`on_train_batch_end` are not called per step, and in-memory data is indexed in whole batches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from lamina.config.schema import TrainerConfig
+from lamina.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from lamina.engine.precision import Precision, select_device
+from lamina.engine.seed import rng_state, set_deterministic, set_rng_state
+from lamina.errors import TrainingError
+
+
+class Trainer:
+    def __init__(self, config: TrainerConfig | None = None, callbacks=(), loggers=(), **overrides):
+        cfg = config or TrainerConfig()
+        self.cfg = cfg.model_copy(update=overrides) if overrides else cfg
+        TrainerConfig.model_validate(self.cfg.model_dump())  # overrides are validated too
+        self.callbacks = list(callbacks)
+        self.loggers = list(loggers)
+        self.device = select_device(self.cfg.device)
+        self.precision = Precision(self.cfg.precision, self.device)
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        set_deterministic(self.cfg.deterministic)
+        self.model = self.optimizer = self.scheduler = self.task = None
+        self.train_loader = None
+        self.epoch = 0  # epochs completed
+        self.global_step = 0  # optimizer steps taken
+        self.batch_in_epoch = 0  # micro-batches consumed in the current epoch
+        self.should_stop = False
+        self.last_metrics: dict = {}
+        self.history: list[dict] = []
+        self.meta: dict = {}  # extra facts saved into each checkpoint's meta.json (model name, ...)
+        self.train_time = 0.0
+        self.samples_seen = 0
+        self._epoch_start_loader_state = None
+
+    # ----- verbs -----------------------------------------------------------------------------
+    def setup(self, model: torch.nn.Module, optimizer=None, scheduler=None, task=None):
+        self.model = model.to(self.device)
+        self.optimizer, self.scheduler, self.task = optimizer, scheduler, task
+        self._forward_model = torch.compile(self.model) if self.cfg.compile else self.model
+        return self.model
+
+    def to_device(self, batch: dict) -> dict:
+        dev = self.device
+        return {k: v.to(dev, non_blocking=True) if v.device != dev else v for k, v in batch.items()}
+
+    def train_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-batch forward: returns (loss, outputs). The override point."""
+        with self.precision.autocast():
+            outputs = self.task.forward(self._forward_model, batch)
+            loss = self.task.loss(outputs, batch)
+        return loss, outputs
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.precision.backward(loss / self.cfg.accumulate if self.cfg.accumulate > 1 else loss)
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        self.precision.unscale(self.optimizer)
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def optimizer_step(self) -> None:
+        if self.cfg.grad_clip is not None:
+            self.clip_gradients(self.cfg.grad_clip)
+        self.precision.step(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.global_step += 1
+
+    # ----- fit -------------------------------------------------------------------------------
+    def fit(self, model, task, train_loader, val_loader=None, optimizer=None, scheduler=None,
+            resume_from: str | Path | None = None) -> list[dict]:
+        optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-3)
+        self.setup(model, optimizer, scheduler, task)
+        self.train_loader, self.val_loader = train_loader, val_loader
+        if hasattr(train_loader, "to"):
+            train_loader.to(self.device)
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        batch_hooks = [cb for cb in self.callbacks if hasattr(cb, "on_train_batch_end")]
+        cfg, acc = self.cfg, self.cfg.accumulate
+        check_finite = self.device.type == "cpu"
+        self.should_stop = self._steps_done()
+        try:
+            while not self.should_stop and self.epoch < cfg.max_epochs:
+                t0 = time.perf_counter()
+                model.train()
+                skip = self.batch_in_epoch
+                if skip == 0 and hasattr(train_loader, "state_dict"):
+                    self._epoch_start_loader_state = train_loader.state_dict()
+                loss_sum = torch.zeros((), device=self.device)
+                stat_sums: dict[str, torch.Tensor] = {}
+                n_seen = 0
+                n_batches = len(train_loader)
+                for i, batch in enumerate(train_loader):
+                    if i < skip:  # resume mid-epoch: replay the loader to the same position
+                        continue
+                    batch = self.to_device(batch)
+                    loss, outputs = self.train_step(batch)
+                    if check_finite and not math.isfinite(loss.item()):
+                        self._non_finite(loss)
+                    self.backward(loss)
+                    self.batch_in_epoch = i + 1
+                    if self.batch_in_epoch % acc == 0 or self.batch_in_epoch == n_batches:
+                        self.optimizer_step()
+                    bs = len(batch["y"]) if "y" in batch else len(next(iter(batch.values())))
+                    n_seen += bs
+                    loss_sum += loss.detach() * bs
+                    for k, v in self.task.train_stats(outputs, batch).items():
+                        stat_sums[k] = stat_sums[k] + v if k in stat_sums else v
+                    for cb in batch_hooks:
+                        cb.on_train_batch_end(self, loss)
+                    if self.global_step % cfg.log_every == 0 and self.batch_in_epoch % acc == 0 and self.loggers:
+                        lv = loss.detach().float().item()
+                        if not math.isfinite(lv):
+                            self._non_finite(loss)
+                        for lg in self.loggers:
+                            lg.log_step(self.global_step, {"train/loss_step": lv,
+                                                           "lr": self.optimizer.param_groups[0]["lr"]})
+                    if self._steps_done():
+                        self.should_stop = True
+                        break
+                dt = time.perf_counter() - t0
+                self.train_time += dt
+                self.samples_seen += n_seen
+                train_loss = float(loss_sum) / max(n_seen, 1)
+                if not math.isfinite(train_loss):
+                    self._non_finite(torch.tensor(train_loss))
+                if self.should_stop and self.batch_in_epoch < n_batches:
+                    break  # partial epoch: on_fit_end saves a resumable `last`
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                row = {"epoch": self.epoch, "step": self.global_step, "train/loss": train_loss}
+                row.update({f"train/{k}": v for k, v in self.task.summarize_train(stat_sums, n_seen).items()})
+                row["train/samples_per_s"] = n_seen / dt if dt > 0 else float("nan")
+                if val_loader is not None and (self.epoch % cfg.val_every == 0 or self.epoch == cfg.max_epochs):
+                    row.update(self.evaluate(model, task, val_loader, prefix="val"))
+                row["time"] = self.train_time
+                self.last_metrics = row
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, row)
+                self.history.append(row)
+                for lg in self.loggers:
+                    lg.log_epoch(row)
+        finally:
+            for cb in self.callbacks:
+                cb.on_fit_end(self)
+            for lg in self.loggers:
+                lg.close()
+        return self.history
+
+    def _steps_done(self) -> bool:
+        return self.cfg.max_steps is not None and self.global_step >= self.cfg.max_steps
+
+    def _non_finite(self, loss: torch.Tensor) -> None:
+        ckpt = next((str(getattr(cb, "dir", "")) + "/last" for cb in self.callbacks if hasattr(cb, "best")), None)
+        kept = f"; last good checkpoint kept at {ckpt}" if ckpt and self.epoch > 0 else ""
+        raise TrainingError(f"loss is {float(loss)} at step {self.global_step + 1} (epoch {self.epoch + 1})"
+                            f"{kept}; try a lower optimizer.lr or set trainer.grad_clip")
+
+    # ----- evaluate / predict ----------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model, task, loader, prefix: str = "val") -> dict:
+        model = model.to(self.device)
+        was_training = model.training
+        model.eval()
+        metrics = task.make_metrics().to(self.device)
+        loss_sum, n = 0.0, 0
+        for batch in loader:
+            batch = self.to_device(batch)
+            with self.precision.autocast():
+                outputs = task.forward(model, batch)
+                loss = task.loss(outputs, batch)
+            bs = len(outputs)
+            loss_sum += float(loss) * bs
+            n += bs
+            task.update_metrics(metrics, outputs, batch)
+        out = {f"{prefix}/loss": loss_sum / max(n, 1)}
+        out.update({f"{prefix}/{k}": float(v) for k, v in metrics.compute().items()})
+        model.train(was_training)
+        return out
+
+    @torch.no_grad()
+    def predict(self, model, task, loader) -> dict[str, torch.Tensor]:
+        model = model.to(self.device).eval()
+        parts: dict[str, list] = {}
+        for batch in loader:
+            batch = self.to_device(batch)
+            with self.precision.autocast():
+                outputs = task.forward(model, batch)
+            for k, v in task.predict(outputs).items():
+                parts.setdefault(k, []).append(v.cpu())
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    # ----- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        loader_state = None
+        if hasattr(self.train_loader, "state_dict"):
+            loader_state = (self._epoch_start_loader_state if self.batch_in_epoch else self.train_loader.state_dict())
+        return {
+            "epoch": self.epoch, "global_step": self.global_step, "batch_in_epoch": self.batch_in_epoch,
+            "train_time": self.train_time, "samples_seen": self.samples_seen,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "precision": self.precision.state_dict(),
+            "rng": rng_state(), "loader": loader_state,
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "history": self.history,
+        }
+
+    def save_checkpoint(self, path: str | Path, metrics: dict | None = None) -> Path:
+        meta = {**self.meta, "epoch": self.epoch, "global_step": self.global_step,
+                "batch_in_epoch": self.batch_in_epoch, "metrics": metrics or {}}
+        return save_checkpoint(path, self.model, self.state_dict(), meta)
+
+    def load_checkpoint(self, path: str | Path) -> dict:
+        weights, state, meta = load_checkpoint(path)
+        load_weights(self.model, weights, str(path))
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.precision.load_state_dict(state.get("precision", {}))
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        self.train_time, self.samples_seen = state.get("train_time", 0.0), state.get("samples_seen", 0)
+        self.history = list(state.get("history", []))
+        if state.get("loader") is not None and hasattr(self.train_loader, "load_state_dict"):
+            self.train_loader.load_state_dict(state["loader"])
+            self._epoch_start_loader_state = state["loader"]
+        for cb, s in zip(self.callbacks, state.get("callbacks", [])):
+            cb.load_state_dict(s)
+        set_rng_state(state["rng"])
+        return meta

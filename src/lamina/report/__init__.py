@@ -1,0 +1,1 @@
+from lamina.report.plots import plot_confusion, plot_curves

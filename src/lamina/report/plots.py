@@ -1,0 +1,62 @@
+"""Run plots as PNG: loss and metric curves per epoch, and a confusion matrix for classification."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers / CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
+    """One panel for loss (train vs val), one per other metric shared by train/val (acc, mae, ...)."""
+    epochs = [r["epoch"] for r in history]
+    metrics = sorted({k.split("/", 1)[1] for r in history for k in r
+                      if "/" in k and k.split("/", 1)[0] in ("train", "val") and not k.endswith("samples_per_s")})
+    metrics = ["loss"] + [m for m in metrics if m != "loss"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        for split, style in (("train", "-o"), ("val", "-s")):
+            ys = [r.get(f"{split}/{m}") for r in history]
+            pts = [(e, y) for e, y in zip(epochs, ys) if y is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, ms=3, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_title(m)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_confusion(cm: np.ndarray, class_names: list[str] | None, path: str | Path, title: str = "") -> Path:
+    """Row-normalized colours (recall per class), raw counts written in the cells."""
+    cm = np.asarray(cm)
+    k = cm.shape[0]
+    names = class_names or [str(i) for i in range(k)]
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    size = max(4.0, 0.55 * k + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), names, rotation=45 if k > 5 else 0, ha="right" if k > 5 else "center")
+    ax.set_yticks(range(k), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=8,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
+    ax.set_title(title or f"confusion matrix (acc {np.trace(cm) / max(cm.sum(), 1):.4f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

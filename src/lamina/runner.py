@@ -1,0 +1,288 @@
+"""Runs: turn a RunConfig into data + model + task + Trainer, and a run folder with everything a user wants.
+
+    runs/<name>/config.yaml        resolved config (re-run with `lamina train runs/<name>/config.yaml`)
+    runs/<name>/data.json          data facts needed to treat new inputs like training inputs
+    runs/<name>/metrics.csv        one row per epoch
+    runs/<name>/tb/                TensorBoard events
+    runs/<name>/checkpoints/{last,best}/
+    runs/<name>/summary.json       final metrics, parameters, wall time, throughput
+    runs/<name>/curves.png, confusion.png
+
+The CLI is a thin shell over `train`, `evaluate` and `predict` here; nothing in this module prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from lamina.config import RunConfig, to_dict, to_yaml, validate
+from lamina.data import DataBundle, load_dataset, make_loader
+from lamina.data.transforms import build_transforms
+from lamina.engine import (CSVLogger, EarlyStopping, LRMonitor, ModelCheckpoint, TensorBoardLogger, Trainer,
+                           build_optimizer, build_scheduler, seed_everything)
+from lamina.engine.checkpoint import load_checkpoint, load_weights, read_meta, resolve
+from lamina.errors import CheckpointError, ConfigError, DataError, LaminaError
+from lamina.models import create_model, get_entry
+from lamina.models.contract import check_input_shape
+from lamina.tasks import build_task
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict
+    history: list[dict]
+
+
+# ----- building blocks ------------------------------------------------------------------------
+def load_data(cfg: RunConfig) -> DataBundle:
+    try:
+        return load_dataset(cfg.data.name, seed=cfg.seed, **cfg.data.options)
+    except TypeError as e:  # unknown loader option
+        bad = str(e).split("'")[1] if "'" in str(e) else str(e)
+        raise ConfigError(f"data.{bad}: not an option of data set '{cfg.data.name}'") from None
+
+
+def task_name(cfg: RunConfig, bundle: DataBundle) -> str:
+    name = bundle.task if cfg.task.name == "auto" else cfg.task.name
+    if name not in ("classification", "regression"):
+        raise ConfigError(f"task.name: data set '{bundle.name}' is a {name} data set; this trainer supports "
+                          "classification and regression")
+    if name == "classification" and not bundle.num_classes:
+        raise ConfigError(f"task.name: classification needs class labels, data set '{bundle.name}' has none")
+    return name
+
+
+def data_facts(bundle: DataBundle, task: str) -> dict:
+    """What a trained model needs to know about its data, saved with every run and checkpoint."""
+    if task == "classification":
+        outputs = int(bundle.num_classes)
+    else:
+        y = bundle.train.y
+        outputs = 1 if y.ndim == 1 else int(y.shape[-1])
+    return {**bundle.summary(), "task": task, "num_outputs": outputs, "class_names": bundle.class_names,
+            "meta": bundle.meta}
+
+
+def build_model(cfg: RunConfig, facts: dict) -> torch.nn.Module:
+    entry = get_entry(cfg.model.name)
+    opts = dict(cfg.model.options)
+    shape = tuple(facts["input_shape"])
+    if entry.input_kind == "vector":
+        opts.setdefault("in_features", int(torch.tensor(shape).prod()))
+        if facts["meta"].get("cat_cardinalities"):
+            opts.setdefault("cat_cardinalities", tuple(facts["meta"]["cat_cardinalities"]))
+    else:
+        if len(shape) != 3:
+            raise ConfigError(f"model.name: {cfg.model.name} is an image model (input (B, C, H, W)) but data set "
+                              f"'{facts['name']}' gives per-sample shape {shape}; use a vector model such as mlp")
+        opts.setdefault("in_chans", shape[0])
+    opts.setdefault("num_classes", facts["num_outputs"])
+    model = create_model(cfg.model.name, **opts)
+    check_input_shape(model, shape, name=cfg.model.name)
+    return model
+
+
+def make_task(cfg: RunConfig, facts: dict):
+    if facts["task"] == "classification":
+        return build_task("classification", num_classes=facts["num_outputs"],
+                          label_smoothing=cfg.task.label_smoothing)
+    return build_task("regression", num_outputs=facts["num_outputs"])
+
+
+def _run_dir(cfg: RunConfig) -> Path:
+    root = Path(cfg.logging.root)
+    name = cfg.name or f"{cfg.data.name}-{cfg.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    d, i = root / name, 2
+    while d.exists():
+        d, i = root / f"{name}-{i}", i + 1
+    return d
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_finite_data(bundle: DataBundle) -> None:
+    for split in ("train", "val", "test"):
+        data = getattr(bundle, split)
+        if data is None:
+            continue
+        for k, v in data.tensors.items():
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise DataError(f"{split} split of '{bundle.name}' has NaN or Inf values in '{k}'")
+
+
+# ----- train ------------------------------------------------------------------------------------
+def train(cfg: RunConfig, callbacks=(), resume: str | Path | None = None, run_dir: str | Path | None = None
+          ) -> RunResult:
+    """Train per config. `resume`: a run folder or checkpoint; training continues in that run folder."""
+    wall0 = time.perf_counter()
+    if resume is not None:
+        ckpt = resolve(resume)
+        run_dir = Path(run_dir) if run_dir else ckpt.parent.parent
+    seed_everything(cfg.seed)
+    bundle = load_data(cfg)
+    _check_finite_data(bundle)
+    tname = task_name(cfg, bundle)
+    facts = data_facts(bundle, tname)
+    task = make_task(cfg, facts)
+    model = build_model(cfg, facts)
+    trainer_cfg = cfg.trainer
+    monitor, mode = trainer_cfg.monitor, trainer_cfg.monitor_mode
+    if bundle.val is None and monitor.startswith("val/"):
+        monitor = "train/loss"
+    trainer_probe = Trainer(trainer_cfg)  # validates device/precision before anything is written
+    device = trainer_probe.device
+
+    augment = build_transforms(cfg.data.augment) if cfg.data.augment else None
+    train_loader = make_loader(bundle.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed, device=device,
+                               transform=augment)
+    val_loader = (make_loader(bundle.val, cfg.data.eval_batch_size, device=device)
+                  if bundle.val is not None else None)
+    steps_per_epoch = max(1, -(-len(train_loader) // trainer_cfg.accumulate))
+    total = trainer_cfg.max_steps or steps_per_epoch * trainer_cfg.max_epochs
+    optimizer = build_optimizer(model, cfg.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.schedule, total, steps_per_epoch, cfg.optimizer.lr)
+
+    run_dir = Path(run_dir) if run_dir else _run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(run_dir / "config.yaml", to_yaml(cfg))
+    _atomic_write(run_dir / "data.json", json.dumps(facts, indent=2, default=_jsonable))
+
+    ckpt_cb = ModelCheckpoint(run_dir / "checkpoints", monitor=monitor, mode=mode)
+    cbs = [ckpt_cb, LRMonitor()]
+    es = trainer_cfg.early_stopping
+    if es.patience is not None:
+        cbs.append(EarlyStopping(monitor, mode, es.patience, es.min_delta))
+    loggers = [CSVLogger(run_dir / "metrics.csv")]
+    if cfg.logging.tensorboard:
+        loggers.append(TensorBoardLogger(run_dir / "tb"))
+    if resume is not None:
+        loggers[0].load()
+    trainer = Trainer(trainer_cfg, callbacks=[*cbs, *callbacks], loggers=loggers)
+    trainer.meta = {"config": to_dict(cfg), "model": cfg.model.name, "data": json.loads(
+        json.dumps(facts, default=_jsonable))}
+    history = trainer.fit(model, task, train_loader, val_loader, optimizer, scheduler,
+                          resume_from=resolve(resume) if resume is not None else None)
+
+    # Test with the best checkpoint's weights (the one a user would ship).
+    best = run_dir / "checkpoints" / "best"
+    if best.exists():
+        weights, _, _ = load_checkpoint(best, with_state=False)
+        load_weights(model, weights, str(best))
+    final = dict(history[-1]) if history else {}
+    test_metrics, cm = {}, None
+    if bundle.test is not None:
+        test_loader = make_loader(bundle.test, cfg.data.eval_batch_size, device=device)
+        test_metrics = trainer.evaluate(model, task, test_loader, prefix="test")
+        if tname == "classification":
+            preds = trainer.predict(model, task, test_loader)["label"]
+            cm = confusion_matrix(bundle.test.y, preds, bundle.num_classes)
+    wall = time.perf_counter() - wall0
+    summary = {
+        "run_dir": str(run_dir), "data": bundle.summary(), "model": cfg.model.name, "task": tname,
+        "params": count_params(model), "epochs": trainer.epoch, "steps": trainer.global_step,
+        "best_epoch": ckpt_cb.best_epoch, "monitor": monitor, "best_monitor": ckpt_cb.best,
+        "final": final, "test": test_metrics,
+        "train_time_s": trainer.train_time, "wall_time_s": wall,
+        "train_samples_per_s": trainer.samples_seen / trainer.train_time if trainer.train_time else None,
+        "device": str(trainer.device), "precision": trainer_cfg.precision, "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2, default=_jsonable))
+    if cfg.logging.plots and history:
+        from lamina.report import plot_confusion, plot_curves
+
+        plot_curves(history, run_dir / "curves.png", title=f"{bundle.name} / {cfg.model.name}")
+        if cm is not None:
+            acc = test_metrics.get("test/acc")
+            plot_confusion(cm.numpy(), bundle.class_names, run_dir / "confusion.png",
+                           title=f"test confusion ({bundle.name}, acc {acc:.4f})" if acc is not None else "")
+    return RunResult(run_dir, summary, history)
+
+
+def confusion_matrix(y: torch.Tensor, pred: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.bincount(y.cpu().long() * k + pred.cpu().long(), minlength=k * k).reshape(k, k)
+
+
+def _jsonable(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+# ----- load a trained run -----------------------------------------------------------------------
+def load_run(path: str | Path, which: str = "best"):
+    """(cfg, model, task, facts, ckpt_dir) for a run folder or checkpoint folder; no data is loaded."""
+    p = Path(path)
+    if (p / "checkpoints").is_dir():
+        cand = p / "checkpoints" / which
+        ckpt = resolve(cand if cand.exists() or (cand.parent / f".{which}.old").exists() else p / "checkpoints" / "last")
+    else:
+        ckpt = resolve(p)
+    meta = read_meta(ckpt)
+    if "config" not in meta:
+        raise CheckpointError(f"{ckpt}/meta.json has no config; it was not written by `lamina train`")
+    cfg = validate(meta["config"])
+    facts = meta["data"]
+    task = make_task(cfg, facts)
+    model = build_model(cfg, facts)
+    weights, _, _ = load_checkpoint(ckpt, with_state=False)
+    try:
+        load_weights(model, weights, str(ckpt))
+    except RuntimeError as e:  # shape mismatch
+        raise CheckpointError(f"{ckpt} does not fit model {cfg.model.name}: {str(e).splitlines()[-1].strip()}") from None
+    return cfg, model, task, facts, ckpt
+
+
+def evaluate(path: str | Path, split: str = "test", which: str = "best") -> dict:
+    cfg, model, task, _, ckpt = load_run(path, which)
+    bundle = load_data(cfg)  # same name, options and seed -> the same split as in training
+    data = getattr(bundle, split, None)
+    if data is None:
+        raise DataError(f"data set '{bundle.name}' has no {split} split; use one of: "
+                        + ", ".join(s for s in ("train", "val", "test") if getattr(bundle, s) is not None))
+    trainer = Trainer(cfg.trainer.model_copy(update={"compile": False}))
+    loader = make_loader(data, cfg.data.eval_batch_size, device=trainer.device)
+    metrics = trainer.evaluate(model, task, loader, prefix=split)
+    return {"checkpoint": str(ckpt), "split": split, "n": len(data), **metrics}
+
+
+def predict(path: str | Path, inputs: list[str], which: str = "best") -> list[dict]:
+    from lamina.data.inputs import read_inputs
+
+    cfg, model, task, facts, ckpt = load_run(path, which)
+    x_parts, names = read_inputs(inputs, facts)
+    trainer = Trainer(cfg.trainer.model_copy(update={"compile": False}))
+    from lamina.data.base import TensorData
+
+    loader = make_loader(TensorData(**x_parts), cfg.data.eval_batch_size, device=trainer.device)
+    out = trainer.predict(model, task, loader)
+    rows = []
+    for i, name in enumerate(names):
+        if "label" in out:
+            label = int(out["label"][i])
+            cls = facts["class_names"][label] if facts.get("class_names") else str(label)
+            rows.append({"input": name, "label": label, "class": cls, "confidence": float(out["confidence"][i])})
+        else:
+            rows.append({"input": name, "value": out["value"][i].tolist()})
+    return rows
+
+
+__all__ = ["train", "evaluate", "predict", "load_run", "RunResult", "LaminaError"]

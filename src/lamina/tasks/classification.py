@@ -1,0 +1,47 @@
+"""Classification: cross-entropy (optional label smoothing); accuracy, macro-F1, NLL; argmax + softmax."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+
+from lamina.tasks.base import model_inputs
+
+
+class ClassificationTask:
+    name = "classification"
+    default_monitor = ("val/acc", "max")
+
+    def __init__(self, num_classes: int, label_smoothing: float = 0.0):
+        self.num_classes = int(num_classes)
+        self.label_smoothing = float(label_smoothing)
+
+    def forward(self, model, batch):
+        args, kwargs = model_inputs(batch)
+        return model(*args, **kwargs)
+
+    def loss(self, outputs, batch):
+        return F.cross_entropy(outputs.float(), batch["y"], label_smoothing=self.label_smoothing)
+
+    def train_stats(self, outputs, batch):
+        # Summed on device; the Trainer syncs once per log interval, not per step.
+        return {"correct": (outputs.detach().argmax(-1) == batch["y"]).sum()}
+
+    def summarize_train(self, sums: dict, n: int) -> dict:
+        return {"acc": float(sums["correct"]) / max(n, 1)}
+
+    def make_metrics(self):
+        kw = {"task": "multiclass", "num_classes": self.num_classes}
+        return torchmetrics.MetricCollection({
+            "acc": torchmetrics.Accuracy(**kw),
+            "f1_macro": torchmetrics.F1Score(average="macro", **kw),
+        })
+
+    def update_metrics(self, metrics, outputs, batch):
+        metrics.update(outputs.float(), batch["y"])
+
+    def predict(self, outputs):
+        probs = outputs.float().softmax(-1)
+        conf, label = probs.max(-1)
+        return {"label": label, "confidence": conf, "probs": probs}
