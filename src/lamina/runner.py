@@ -86,7 +86,7 @@ def build_model(cfg: RunConfig, facts: dict) -> torch.nn.Module:
         opts.setdefault("in_chans", shape[0])
     opts.setdefault("num_classes", facts["num_outputs"])
     model = create_model(cfg.model.name, **opts)
-    check_input_shape(model, shape, name=cfg.model.name)
+    check_input_shape(model, shape)
     return model
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -114,18 +115,17 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return out
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
+
+
 def parse_value(text: str) -> Any:
     """YAML scalar/list parsing, plus numbers YAML 1.1 leaves as strings (1e-3)."""
     try:
         val = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         return text
-    if isinstance(val, str):
-        for conv in (int, float):
-            try:
-                return conv(val)
-            except ValueError:
-                pass
+    if isinstance(val, str) and _NUMBER.fullmatch(val.strip()):
+        return float(val)
     return val
 
 

@@ -13,12 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, N
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class _Open(BaseModel):
     # Free keys are options for the loader/factory named in `name`.
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    model_config = ConfigDict(extra="allow", validate_assignment=True, coerce_numbers_to_str=True)
 
     @property
     def options(self) -> dict[str, Any]:

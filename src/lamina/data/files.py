@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import importlib
 import inspect
 import math
 import os
@@ -58,11 +59,12 @@ def registered(name: str, description: str, task: str, source: str):
     return deco
 
 
-def _require(module: str, extra: str):
+def _require(module: str, extra: str, package: str | None = None):
     try:
-        return __import__(module)
+        return importlib.import_module(module)
     except ImportError:
-        raise MissingDependencyError(f'{module} is needed for this; install it with pip install "lamina[{extra}]"') from None
+        raise MissingDependencyError(
+            f'{package or module} is needed for this; install it with pip install "lamina[{extra}]"') from None
 
 
 def _existing_file(path: PathLike, what: str = "file") -> Path:
@@ -76,7 +78,8 @@ def _class_labels(y: np.ndarray, where: str) -> tuple[torch.Tensor, list[str]]:
     """Map labels to 0..K-1 in sorted order; class names are the original values as strings."""
     classes, codes = np.unique(y, return_inverse=True)
     if len(classes) < 2:
-        raise DataError(f"{where}: labels have a single class ({classes[0] if len(classes) else 'none'}); classification needs at least 2")
+        only = classes[0] if len(classes) else "none"
+        raise DataError(f"{where}: labels have a single class ({only}); classification needs at least 2")
     return torch.from_numpy(codes.reshape(-1).astype(np.int64)), [str(c) for c in classes.tolist()]
 
 
@@ -105,7 +108,8 @@ def read_idx(path: PathLike, limit: int | None = None) -> np.ndarray:
             if len(head) < 4:
                 raise DataError(f"{p}: truncated IDX file: expected a 4-byte magic number, got {len(head)} bytes")
             if head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES or head[3] == 0:
-                raise DataError(f"{p}: not an IDX file: magic bytes {head.hex()}, expected 0000<dtype 08/09/0b/0c/0d/0e><ndim >= 1>")
+                raise DataError(f"{p}: not an IDX file: magic bytes {head.hex()}, "
+                                "expected 0000<dtype 08/09/0b/0c/0d/0e><ndim >= 1>")
             ndim = head[3]
             dim_bytes = f.read(4 * ndim)
             if len(dim_bytes) < 4 * ndim:
@@ -140,7 +144,8 @@ def idx_pair(images: PathLike, labels: PathLike, limit: int | None = None) -> tu
     return idx_images_to_tensor(x), y
 
 
-@registered("idx", "images + labels from a pair of IDX files (.gz or raw), MNIST style", "classification", "path: images=, labels=")
+@registered("idx", "images + labels from a pair of IDX files (.gz or raw), MNIST style", "classification",
+            "path: images=, labels=")
 def idx(*, images: PathLike, labels: PathLike, limit: int | None = None, val_fraction: float = 0.1,
         test_fraction: float = 0.2, seed: int = 0) -> DataBundle:
     """x: float32 (N,1,H,W) for 3-D IDX (uint8 scaled to [0,1]); y: int64 codes of the sorted label values."""
@@ -249,6 +254,12 @@ def _as_str(s):
     return s.astype(str).where(s.notna(), None)
 
 
+def _codes(categories: list[str], values) -> np.ndarray:
+    """Index of each value in `categories`, -1 for unknown or missing (None)."""
+    pd = _require("pandas", "tables")
+    return pd.Index(categories, dtype=object).get_indexer(values.to_numpy(object)).astype(np.int64)
+
+
 def _infer_task(s) -> str:
     """Strings/bools -> classification; integer-valued with <= 20 distinct values -> classification; else regression."""
     pd = _require("pandas", "tables")
@@ -275,7 +286,8 @@ def _train_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def transform_table_rows(meta: dict, df) -> dict[str, torch.Tensor]:
-    """Encode rows exactly as at training: {"x": float32 (N,F)} (+ "x_cat" int64 in embed mode, + "y" if the target is present).
+    """Encode rows exactly as at training: {"x": float32 (N,F)}, + "x_cat" int64 (N,C) in embed mode,
+    + "y" when the target column is present and complete.
 
     Numeric: missing -> train mean, then (v - mean) / std. Categorical: one-hot over train categories
     (unknown/missing -> all zeros) or codes 1..K (0 = unknown/missing).
@@ -283,22 +295,25 @@ def transform_table_rows(meta: dict, df) -> dict[str, torch.Tensor]:
     pd = _require("pandas", "tables")
     _check_columns(df, meta["numeric"] + meta["categorical"], "input column")
     n = len(df)
-    num = df[meta["numeric"]].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64, na_value=np.nan) if meta["numeric"] else np.zeros((n, 0))
+    num = np.zeros((n, 0))
+    if meta["numeric"]:
+        num = df[meta["numeric"]].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64, na_value=np.nan)
     mean, std = np.asarray(meta["mean"], np.float64), np.asarray(meta["std"], np.float64)
     num = (np.where(np.isnan(num), mean, num) - mean) / std
-    codes = [pd.Categorical(_as_str(df[c]), categories=cats).codes.astype(np.int64) + 1
+    codes = [_codes(cats, _as_str(df[c])) + 1
              for c, cats in zip(meta["categorical"], meta["categories"])]
     out: dict[str, torch.Tensor] = {}
     if meta["categorical_mode"] == "embed":
         out["x"] = torch.from_numpy(num.astype(np.float32))
         out["x_cat"] = torch.from_numpy(np.stack(codes, 1) if codes else np.zeros((n, 0), np.int64))
     else:
-        onehot = [(k[:, None] == np.arange(1, len(cats) + 1)[None]).astype(np.float64) for k, cats in zip(codes, meta["categories"])]
+        onehot = [(k[:, None] == np.arange(1, len(cats) + 1)[None]).astype(np.float64)
+                  for k, cats in zip(codes, meta["categories"])]
         out["x"] = torch.from_numpy(np.concatenate([num, *onehot], 1).astype(np.float32))
     t = meta["target"]
     if t in df.columns and bool(df[t].notna().all()):
         if meta["task"] == "classification":
-            y = pd.Categorical(_as_str(df[t]), categories=meta["classes"]).codes.astype(np.int64)
+            y = _codes(meta["classes"], _as_str(df[t]))
             if (y < 0).any():
                 bad = _as_str(df[t])[y < 0].iloc[0]
                 raise DataError(f"target '{t}': label '{bad}' was not seen in training; known: {', '.join(meta['classes'])}")
@@ -344,7 +359,7 @@ def table(*, path: PathLike, target: str, task: str | None = None, categorical: 
             classes = sorted(set(labels))
         if len(classes) < 2:
             raise DataError(f"{path}: target '{target}' has a single class '{classes[0]}'; classification needs at least 2")
-        y_codes = torch.from_numpy(pd.Categorical(labels, categories=classes).codes.astype(np.int64))
+        y_codes = torch.from_numpy(_codes(classes, labels))
         split = split_indices(len(df), val_fraction, test_fraction, seed, stratify=y_codes)
     else:
         classes = None
@@ -360,7 +375,8 @@ def table(*, path: PathLike, target: str, task: str | None = None, categorical: 
         "loader": "table", "target": target, "task": task, "numeric": numeric, "categorical": cat_cols,
         "categorical_mode": categorical, "categories": categories,
         "mean": mean.tolist(), "std": std.tolist(), "classes": classes,
-        "feature_names": numeric + ([] if categorical == "embed" else [f"{c}={v}" for c, cats in zip(cat_cols, categories) for v in cats]),
+        "feature_names": numeric + ([] if categorical == "embed"
+                                    else [f"{c}={v}" for c, cats in zip(cat_cols, categories) for v in cats]),
     }
     if categorical == "embed":
         meta["cat_cardinalities"] = [len(c) + 1 for c in categories]  # index 0 = unknown/missing
@@ -410,7 +426,7 @@ def _hw(size) -> tuple[int, int]:
 
 def load_image_files(paths: Sequence[PathLike], meta: dict) -> torch.Tensor:
     """Images for predict, treated like training ones: mode meta["grayscale"], resized to meta["image_size"], /255."""
-    Image = _require("PIL", "images").Image
+    Image = _require("PIL.Image", "images", "Pillow")
     files = [_existing_file(p, "image file") for p in paths]
     return _to_chw(_decode_images(Image, files, tuple(meta["image_size"]), bool(meta["grayscale"])))
 
@@ -423,7 +439,7 @@ def image_folder(*, path: PathLike, size: int | Sequence[int] | None = None, gra
     size=None keeps the first image's size and requires all to match; grayscale=None means "all images are
     gray". meta: image_size [H, W], grayscale, channels, classes, pixel_max — all `load_image_files` needs.
     """
-    Image = _require("PIL", "images").Image
+    Image = _require("PIL.Image", "images", "Pillow")
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DataError(f"{root}: image folder not found")
@@ -449,7 +465,8 @@ def image_folder(*, path: PathLike, size: int | Sequence[int] | None = None, gra
         w0, h0 = heads[0][1]
         for f, (_, (w, h)) in zip(files, heads):
             if (w, h) != (w0, h0):
-                raise DataError(f"{f}: image is {h}x{w} (HxW) but {files[0]} is {h0}x{w0}; pass size= (e.g. size={h0}) to resize all")
+                raise DataError(f"{f}: image is {h}x{w} (HxW) but {files[0]} is {h0}x{w0}; "
+                                f"pass size= (e.g. size={h0}) to resize all")
         hw = (h0, w0)
     else:
         hw = _hw(size)

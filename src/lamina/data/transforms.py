@@ -86,16 +86,18 @@ class RandomHorizontalFlip:
 
 
 class RandomAffine:
-    """Per-sample rotation (uniform in +-degrees), translation (fraction of width/height) and scale,
-    as one affine_grid + bilinear grid_sample; pixels from outside the image are 0.
+    """Per-sample rotation (uniform in +-degrees, or in [lo, hi] for a pair; positive = counter-clockwise),
+    translation (fraction of width/height) and scale, as one affine_grid + bilinear grid_sample; pixels from
+    outside the image are 0.
 
     theta maps output to input coordinates in normalized [-1, 1] space: in = A (out - t), A = D^-1 R(-a) D / s,
     with D = diag(W/2, H/2) so rotations stay rotations on non-square images.
     """
 
-    def __init__(self, degrees: float = 0.0, translate: float | Sequence[float] = 0.0,
+    def __init__(self, degrees: float | Sequence[float] = 0.0, translate: float | Sequence[float] = 0.0,
                  scale: float | Sequence[float] = 1.0):
-        self.degrees = abs(float(degrees))
+        d = degrees
+        self.degrees = (-abs(float(d)), abs(float(d))) if isinstance(d, (int, float)) else _pair(d, "affine.degrees")
         self.translate = _pair(translate, "affine.translate")
         self.scale = _pair(scale, "affine.scale")
         if min(self.translate) < 0 or min(self.scale) <= 0:
@@ -105,7 +107,7 @@ class RandomAffine:
         x = _images(batch, "affine")
         B, _, H, W = x.shape
         dev = x.device
-        a = _uniform(B, -self.degrees, self.degrees, generator, dev) * (math.pi / 180)
+        a = _uniform(B, *self.degrees, generator, dev) * (-math.pi / 180)  # y points down: negate for counter-clockwise
         tx = _uniform(B, -self.translate[0], self.translate[0], generator, dev) * 2  # fraction -> normalized units
         ty = _uniform(B, -self.translate[1], self.translate[1], generator, dev) * 2
         s = _uniform(B, self.scale[0], self.scale[1], generator, dev)

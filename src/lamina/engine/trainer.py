@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from lamina.config.schema import TrainerConfig
+from lamina.engine.callbacks import ModelCheckpoint
 from lamina.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from lamina.engine.precision import Precision, select_device
 from lamina.engine.seed import rng_state, set_deterministic, set_rng_state
@@ -47,6 +48,9 @@ class Trainer:
         self.train_time = 0.0
         self.samples_seen = 0
         self._epoch_start_loader_state = None
+        self._acc = (None, {})  # running (loss_sum, stats) of the current epoch
+        self._n_seen = 0
+        self._resumed_acc = None
 
     # ----- verbs -----------------------------------------------------------------------------
     def setup(self, model: torch.nn.Module, optimizer=None, scheduler=None, task=None):
@@ -105,9 +109,16 @@ class Trainer:
                 skip = self.batch_in_epoch
                 if skip == 0 and hasattr(train_loader, "state_dict"):
                     self._epoch_start_loader_state = train_loader.state_dict()
+                acc_state = self._resumed_acc if skip else None  # partial-epoch sums of a mid-epoch resume
+                self._resumed_acc = None
                 loss_sum = torch.zeros((), device=self.device)
                 stat_sums: dict[str, torch.Tensor] = {}
                 n_seen = 0
+                if acc_state:
+                    loss_sum += acc_state["loss_sum"].to(self.device)
+                    stat_sums = {k: v.to(self.device) for k, v in acc_state["stats"].items()}
+                    n_seen = acc_state["n_seen"]
+                self._acc = (loss_sum, stat_sums)
                 n_batches = len(train_loader)
                 for i, batch in enumerate(train_loader):
                     if i < skip:  # resume mid-epoch: replay the loader to the same position
@@ -122,6 +133,7 @@ class Trainer:
                         self.optimizer_step()
                     bs = len(batch["y"]) if "y" in batch else len(next(iter(batch.values())))
                     n_seen += bs
+                    self._n_seen = n_seen
                     loss_sum += loss.detach() * bs
                     for k, v in self.task.train_stats(outputs, batch).items():
                         stat_sums[k] = stat_sums[k] + v if k in stat_sums else v
@@ -136,6 +148,7 @@ class Trainer:
                                                            "lr": self.optimizer.param_groups[0]["lr"]})
                     if self._steps_done():
                         self.should_stop = True
+                    if self.should_stop:  # max_steps, or a callback asked (e.g. a time limit)
                         break
                 dt = time.perf_counter() - t0
                 self.train_time += dt
@@ -154,9 +167,9 @@ class Trainer:
                     row.update(self.evaluate(model, task, val_loader, prefix="val"))
                 row["time"] = self.train_time
                 self.last_metrics = row
+                self.history.append(row)  # before callbacks: a checkpoint saved now includes this row
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, row)
-                self.history.append(row)
                 for lg in self.loggers:
                     lg.log_epoch(row)
         finally:
@@ -170,9 +183,9 @@ class Trainer:
         return self.cfg.max_steps is not None and self.global_step >= self.cfg.max_steps
 
     def _non_finite(self, loss: torch.Tensor) -> None:
-        ckpt = next((str(getattr(cb, "dir", "")) + "/last" for cb in self.callbacks if hasattr(cb, "best")), None)
-        kept = f"; last good checkpoint kept at {ckpt}" if ckpt and self.epoch > 0 else ""
-        raise TrainingError(f"loss is {float(loss)} at step {self.global_step + 1} (epoch {self.epoch + 1})"
+        ckpt = next((cb.dir / "last" for cb in self.callbacks if isinstance(cb, ModelCheckpoint)), None)
+        kept = f"; last good checkpoint kept at {ckpt}" if ckpt is not None and ckpt.exists() else ""
+        raise TrainingError(f"loss is {float(loss.detach())} at step {self.global_step + 1} (epoch {self.epoch + 1})"
                             f"{kept}; try a lower optimizer.lr or set trainer.grad_clip")
 
     # ----- evaluate / predict ----------------------------------------------------------------
@@ -223,6 +236,9 @@ class Trainer:
             "rng": rng_state(), "loader": loader_state,
             "callbacks": [cb.state_dict() for cb in self.callbacks],
             "history": self.history,
+            "epoch_acc": ({"loss_sum": self._acc[0].detach().cpu(), "n_seen": self._n_seen,
+                           "stats": {k: v.detach().cpu() for k, v in self._acc[1].items()}}
+                          if self.batch_in_epoch and self._acc[0] is not None else None),
         }
 
     def save_checkpoint(self, path: str | Path, metrics: dict | None = None) -> Path:
@@ -241,6 +257,7 @@ class Trainer:
         self.batch_in_epoch = state["batch_in_epoch"]
         self.train_time, self.samples_seen = state.get("train_time", 0.0), state.get("samples_seen", 0)
         self.history = list(state.get("history", []))
+        self._resumed_acc = state.get("epoch_acc")
         if state.get("loader") is not None and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(state["loader"])
             self._epoch_start_loader_state = state["loader"]
