@@ -54,13 +54,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _split_train_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """[CONFIG] [KEY=VALUE ...]: a first argument without '=' is the config file."""
     if args and "=" not in args[0]:
         return args[0], args[1:]
-    bad = [a for a in args[1:] if "=" not in a]
-    if bad:
-        from lamina.errors import ConfigError
-
-        raise ConfigError(f"'{bad[0]}': expected KEY=VALUE after the config file, e.g. trainer.max_epochs=3")
     return None, args
 
 
@@ -81,8 +77,6 @@ def cmd_train(a, console) -> int:
         from lamina.cli.progress import RichProgress
 
         callbacks.append(RichProgress(console))
-    console.print(f"[bold]lamina train[/]: data [cyan]{cfg.data.name}[/], model [cyan]{cfg.model.name}[/], "
-                  f"{cfg.trainer.max_epochs} epochs, seed {cfg.seed}")
     res = runner.train(cfg, callbacks=callbacks, resume=a.resume)
     s = res.summary
     test = "  ".join(f"{k} {v:.4f}" for k, v in s["test"].items())
@@ -100,7 +94,7 @@ def cmd_eval(a, console) -> int:
     if a.json:
         print(json.dumps(out))
     else:
-        console.print(f"checkpoint {out['checkpoint']}  split {out['split']} (n={out['n']})", highlight=False)
+        print(f"checkpoint {out['checkpoint']}  split {out['split']} (n={out['n']})")
         for k, v in out.items():
             if isinstance(v, float):
                 print(f"{k:<20} {v:.4f}")

@@ -21,6 +21,11 @@ class RichProgress(Callback):
         self._last = 0.0
 
     def on_fit_start(self, trainer):
+        # Printed here, after data, model and config were all accepted: a rejected run prints one line only.
+        m = trainer.meta
+        self.console.print(f"[bold]lamina train[/]: data [cyan]{m.get('data', {}).get('name', '?')}[/], model "
+                           f"[cyan]{m.get('model', '?')}[/], {trainer.cfg.max_epochs} epochs on {trainer.device}"
+                           + (f", resuming at epoch {trainer.epoch + 1}" if trainer.epoch else ""))
         self.progress = Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
             MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
