@@ -131,7 +131,9 @@ class MLP(nn.Module):
             n_cat = len(self.embeds)
             if x_cat is None or x_cat.dim() != 2 or x_cat.shape[1] != n_cat:
                 got = None if x_cat is None else tuple(x_cat.shape)
-                raise InputShapeError(f"model {self._name} expects x_cat of shape (B, {n_cat}) (category codes), got {got}")
+                raise InputShapeError(
+                    f"model {self._name} expects x_cat of shape (B, {n_cat}) (category codes), got {got}"
+                )
             emb = [e(x_cat[:, i].long()) for i, e in enumerate(self.embeds)]  # n_cat x (B, E)
             x = torch.cat([x, *emb], dim=1)  # (B, F + n_cat * E)
         return self.final(self.blocks(self.proj(x)))  # (B, num_features)

@@ -123,9 +123,13 @@ class ResNetConfig:
         if self.shortcut not in ("A", "B"):
             raise ModelError(unknown_name("resnet shortcut", self.shortcut, ("A", "B")))
         if not self.layers or len(self.layers) != len(self.widths) or min(self.layers) < 1:
-            raise ModelError(f"resnet: layers and widths need the same positive length, got {self.layers}, {self.widths}")
+            raise ModelError(
+                f"resnet: layers and widths need the same positive length, got {self.layers}, {self.widths}"
+            )
         if self.in_chans < 1 or self.num_classes < 0:
-            raise ModelError(f"resnet: need in_chans >= 1 and num_classes >= 0, got {self.in_chans}, {self.num_classes}")
+            raise ModelError(
+                f"resnet: need in_chans >= 1 and num_classes >= 0, got {self.in_chans}, {self.num_classes}"
+            )
 
 
 class ResNet(nn.Module):

@@ -1,0 +1,136 @@
+"""Registry-wide contract tests: every registered model, same harness (timm's test_models.py in spirit)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from lamina.errors import InputShapeError, ModelError
+from lamina.models import check_input_shape, create_model, example_input, get_entry, list_models
+
+NUM_CLASSES = 7
+IN_FEATURES = 13
+MODELS = list_models()
+
+
+def build(name: str, **extra) -> torch.nn.Module:
+    kind = get_entry(name).input_kind
+    size = {"in_chans": 1} if kind == "image" else {"in_features": IN_FEATURES}
+    return create_model(name, num_classes=NUM_CLASSES, **size, **extra)
+
+
+def test_registry_lists_the_families():
+    assert {"mlp", "lenet5", "small_cnn", "cnn_medium", "resnet18", "resnet34", "resnet50",
+            "resnet20", "resnet32", "resnet56"} <= set(MODELS)
+    for name in MODELS:
+        entry = get_entry(name)
+        assert entry.description and "\n" not in entry.description
+        assert entry.input_kind in ("image", "vector")
+
+
+def test_unknown_model_name_is_one_line_model_error():
+    with pytest.raises(ModelError, match=r"unknown model 'resnet19' \(did you mean 'resnet18'\?\)"):
+        create_model("resnet19")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_backward_every_parameter_gets_a_gradient(name):
+    torch.manual_seed(0)
+    model = build(name).train()
+    x = example_input(model, batch=2)
+    out = model(x)
+    assert out.shape == (2, NUM_CLASSES)
+    assert torch.isfinite(out).all()
+    F.cross_entropy(out, torch.tensor([1, 2])).backward()
+    total = 0.0
+    for pname, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{name}: {pname} got no gradient"
+            assert torch.isfinite(p.grad).all(), f"{name}: {pname} has a non-finite gradient"
+            total += p.grad.abs().sum().item()
+    assert total > 0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_head_contract(name):
+    torch.manual_seed(0)
+    model = build(name).eval()
+    x = example_input(model, batch=2)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        torch.testing.assert_close(model.forward_head(feats), model(x))
+        pooled = model.forward_head(feats, pre_logits=True)
+        assert pooled.shape == (2, model.num_features)
+        model.reset_classifier(3)
+        assert model(x).shape == (2, 3) and model.num_classes == 3
+        model.reset_classifier(0)
+        assert isinstance(model.forward_head(feats), torch.Tensor)
+        torch.testing.assert_close(model(x), pooled)  # no head: forward returns the pooled features
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_safetensors_round_trip(name, tmp_path):
+    torch.manual_seed(0)
+    model = build(name)
+    x = example_input(model, batch=2)
+    model.train()(x)  # move BN running stats away from their initial values
+    model.eval()
+    path = tmp_path / f"{name}.safetensors"
+    save_file(model.state_dict(), str(path))
+    torch.manual_seed(1)  # a differently initialised twin
+    twin = build(name)
+    twin.load_state_dict(load_file(str(path)))
+    twin.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), twin(x))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_unknown_option_is_model_error(name):
+    with pytest.raises(ModelError, match=f"unknown option for model {name} 'not_an_option'"):
+        create_model(name, not_an_option=1)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_check_input_shape(name):
+    model = build(name)
+    if get_entry(name).input_kind == "image":
+        check_input_shape(model, (1, 28, 28))  # free H, W
+        bad, want, got = (3, 32, 32), "(B, 1, H, W)", "(B, 3, 32, 32)"
+    else:
+        check_input_shape(model, (IN_FEATURES,))
+        bad, want, got = (12,), f"(B, {IN_FEATURES})", "(B, 12)"
+    with pytest.raises(InputShapeError) as err:
+        check_input_shape(model, bad)
+    assert str(err.value) == f"input error: model {name} expects input of shape {want}, got {got}"
+
+
+def test_check_input_shape_rank_mismatch_and_mlp_flattening():
+    cnn = create_model("small_cnn", in_chans=1)
+    with pytest.raises(InputShapeError, match=r"expects input of shape \(B, 1, H, W\), got \(B, 64\)$"):
+        check_input_shape(cnn, (64,))
+    mlp = create_model("mlp", in_features=64)
+    check_input_shape(mlp, (1, 8, 8))  # the MLP flattens 8x8 digits
+    with pytest.raises(InputShapeError):
+        check_input_shape(mlp, (1, 8, 9))
+
+
+def test_example_input_by_name_and_sizes():
+    assert example_input("mlp").shape == (2, 64)
+    assert example_input("resnet18", batch=3).shape == (3, 3, 32, 32)  # ImageNet stem downsamples 32x
+    assert example_input("small_cnn").shape == (2, 1, 8, 8)  # handles digits-sized inputs
+
+
+def test_invalid_option_values_are_model_errors():
+    with pytest.raises(ModelError, match="unknown activation 'relux'"):
+        create_model("mlp", activation="relux")
+    with pytest.raises(ModelError, match="unknown mlp norm 'group'"):
+        create_model("mlp", norm="group")
+    with pytest.raises(ModelError, match="residual=True needs a constant width"):
+        create_model("mlp", depth=2, width=(64, 32), residual=True)
+    with pytest.raises(ModelError, match="unknown resnet shortcut 'C'"):
+        create_model("resnet20", shortcut="C")
+    with pytest.raises(ModelError, match="blocks_per_stage"):
+        create_model("small_cnn", blocks_per_stage=0)
