@@ -252,3 +252,16 @@ def test_max_steps_and_early_stopping(tmp_path):
     res = runner.train(_cfg(tmp_path, "model.name=mlp", "trainer.max_epochs=50", "optimizer.lr=1e-6",
                             "trainer.early_stopping.patience=2", "trainer.early_stopping.min_delta=1"))
     assert res.summary["epochs"] == 3  # epoch 1 sets best; 2 and 3 fail to improve by min_delta
+
+
+def test_channels_last_matches_contiguous():
+    bundle = load_dataset("digits", seed=0)
+    sub = bundle.train.subset(torch.arange(256))
+    params = []
+    for cl in (False, True):
+        torch.manual_seed(0)
+        model = create_model("small_cnn", in_chans=1, num_classes=10)
+        Trainer(max_epochs=1, channels_last=cl, device="cpu").fit(
+            model, ClassificationTask(10), InMemoryLoader(sub, 64), optimizer=torch.optim.SGD(model.parameters(), 0.05))
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.allclose(params[0], params[1], atol=1e-4)

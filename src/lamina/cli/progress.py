@@ -48,7 +48,7 @@ class RichProgress(Callback):
         now = time.perf_counter()
         if now - self._last >= self.refresh_s:  # rate-limited: keeps the hot path cheap
             self._last = now
-            self.progress.update(self._task, completed=self._count, loss=f"{float(loss):.4f}")
+            self.progress.update(self._task, completed=self._count, loss=f"{float(loss.detach()):.4f}")
             self.progress.refresh()
 
     def on_epoch_end(self, trainer, metrics):

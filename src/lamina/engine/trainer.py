@@ -55,13 +55,18 @@ class Trainer:
     # ----- verbs -----------------------------------------------------------------------------
     def setup(self, model: torch.nn.Module, optimizer=None, scheduler=None, task=None):
         self.model = model.to(self.device)
+        if self.cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer, self.scheduler, self.task = optimizer, scheduler, task
         self._forward_model = torch.compile(self.model) if self.cfg.compile else self.model
         return self.model
 
     def to_device(self, batch: dict) -> dict:
         dev = self.device
-        return {k: v.to(dev, non_blocking=True) if v.device != dev else v for k, v in batch.items()}
+        out = {k: v.to(dev, non_blocking=True) if v.device != dev else v for k, v in batch.items()}
+        if self.cfg.channels_last and out.get("x") is not None and out["x"].ndim == 4:
+            out["x"] = out["x"].contiguous(memory_format=torch.channels_last)
+        return out
 
     def train_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """One micro-batch forward: returns (loss, outputs). The override point."""
