@@ -12,6 +12,8 @@ table shows medians.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import time
 import warnings
@@ -89,11 +91,13 @@ def run_lightning(bundle, args, seed):
 
     lit = LitModule(make_model(args.model, seed))
     loader = InMemoryLoader(bundle.train, args.batch_size, shuffle=True, seed=seed)
-    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             num_sanity_val_steps=0)
     t0 = time.perf_counter()
-    trainer.fit(lit, train_dataloaders=loader)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        trainer.fit(lit, train_dataloaders=loader)  # silence Lightning's banner lines; timing unaffected
     return time.perf_counter() - t0, float(trainer.callback_metrics.get("train_loss", float("nan")))
 
 

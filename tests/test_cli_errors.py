@@ -61,7 +61,7 @@ CASES = [
      "config error: trainer.max_epochs: expected a positive integer, got -1"),
     ("unknown key", lambda d, t: ["train", "trainer.max_epoch=3"],
      "config error: trainer.max_epoch: unknown key (did you mean 'max_epochs'?); valid keys: max_epochs, max_steps, "
-     "grad_clip, accumulate, precision, compile, deterministic, device, monitor, monitor_mode, early_stopping, "
+     "grad_clip, accumulate, precision, compile, channels_last, deterministic, device, monitor, monitor_mode, early_stopping, "
      "val_every, log_every, progress, threads"),
     ("unknown optimizer", lambda d, t: ["train", "optimizer.name=rmsprop"],
      "config error: optimizer.name: expected one of 'sgd', 'adam' or 'adamw', got 'rmsprop'"),

@@ -251,12 +251,25 @@ class Trainer:
                 "batch_in_epoch": self.batch_in_epoch, "metrics": metrics or {}}
         return save_checkpoint(path, self.model, self.state_dict(), meta)
 
+    def _restore_scheduler(self, saved: dict | None, step: int) -> None:
+        """Same horizon: load the state (exact resume). A resume that extends the run (more epochs) keeps
+        the new schedule and moves it to `step`: the schedule stretches instead of ending at the old total."""
+        current = self.scheduler.state_dict()
+        horizon = lambda st: (st.get("total_steps"), [d.get("total") if isinstance(d, dict) else None  # noqa: E731
+                                                      for d in st.get("lr_lambdas", [])])
+        if saved is not None and horizon(saved) == horizon(current):
+            self.scheduler.load_state_dict(saved)
+            return
+        self.scheduler.last_epoch = step - 1
+        self.scheduler._step_count = max(self.scheduler._step_count, 2)  # no "step before optimizer" warning
+        self.scheduler.step()
+
     def load_checkpoint(self, path: str | Path) -> dict:
         weights, state, meta = load_checkpoint(path)
         load_weights(self.model, weights, str(path))
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scheduler is not None:
+            self._restore_scheduler(state.get("scheduler"), state["global_step"])
         self.precision.load_state_dict(state.get("precision", {}))
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.batch_in_epoch = state["batch_in_epoch"]
