@@ -86,3 +86,36 @@ def test_regression_table_end_to_end(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "reg"), str(tmp_path / "new.csv")]) == 0
     value = float(capsys.readouterr().out.split()[-1])
     assert value == pytest.approx(2.0, abs=0.4)
+
+
+def test_default_job_reaches_target(tmp_path, capsys, monkeypatch):
+    """`lamina train` with no arguments: digits CNN, >= 98.5% held-out test accuracy."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--no-progress"]) == 0
+    run = Path(capsys.readouterr().out.strip())
+    s = json.loads((tmp_path / run / "summary.json").read_text())
+    assert s["data"]["name"] == "digits" and s["model"] == "small_cnn"
+    assert s["test"]["test/acc"] >= 0.985
+    assert (tmp_path / run / "confusion.png").stat().st_size > 10_000
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="needs the Debian package dataset-fashion-mnist")
+def test_fashion_config_on_a_subset(tmp_path, capsys):
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.yaml"
+    assert main(["train", str(cfg), "data.limit=4000", "trainer.max_epochs=2", f"logging.root={tmp_path}",
+                 *FAST]) == 0
+    s = json.loads((tmp_path / "fashion-mnist-cnn" / "summary.json").read_text())
+    assert s["data"]["test"] == 10000 and s["test"]["test/acc"] >= 0.70  # 4k images, 2 epochs
+
+
+@pytest.mark.slow
+def test_compile_trains(tmp_path):
+    from lamina import runner
+    from lamina.config import load_config
+
+    res = runner.train(load_config(None, ["model.name=mlp", "trainer.compile=true", "trainer.max_epochs=2",
+                                          f"logging.root={tmp_path}", *FAST, "logging.plots=false"]))
+    assert res.summary["test"]["test/acc"] > 0.85
