@@ -30,7 +30,6 @@ class RichProgress(Callback):
             TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
             MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
             TimeRemainingColumn(), console=self.console, transient=True, auto_refresh=False,
-            disable=not self.console.is_terminal and not self.console.is_jupyter and False,
         )
         self.progress.start()
         self._new_epoch(trainer)
