@@ -62,3 +62,13 @@ def test_override_into_value_rejected():
 def test_model_and_data_sections_keep_free_options():
     cfg = RunConfig.model_validate({"model": {"name": "mlp", "depth": 3}, "data": {"name": "iris", "test_fraction": 0.3}})
     assert cfg.model.options == {"depth": 3} and cfg.data.options == {"test_fraction": 0.3}
+
+
+def test_trainer_kwargs_validated_like_yaml():
+    from lamina.engine import Trainer
+
+    with pytest.raises(ConfigError) as e:
+        Trainer(precision="fp8")
+    assert str(e.value) == "config error: trainer.precision: expected one of 'fp32', 'bf16' or 'fp16', got 'fp8'"
+    with pytest.raises(ConfigError, match="trainer.max_epoch: unknown key"):
+        Trainer(max_epoch=3)

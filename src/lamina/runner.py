@@ -27,6 +27,7 @@ from lamina.data import DataBundle, load_dataset, make_loader
 from lamina.data.transforms import build_transforms
 from lamina.engine import (CSVLogger, EarlyStopping, LRMonitor, ModelCheckpoint, TensorBoardLogger, Trainer,
                            build_optimizer, build_scheduler, seed_everything)
+from lamina.engine.precision import Precision, select_device
 from lamina.engine.checkpoint import load_checkpoint, load_weights, read_meta, resolve
 from lamina.errors import CheckpointError, ConfigError, DataError, LaminaError
 from lamina.models import create_model, get_entry
@@ -145,8 +146,8 @@ def train(cfg: RunConfig, callbacks=(), resume: str | Path | None = None, run_di
     monitor, mode = trainer_cfg.monitor, trainer_cfg.monitor_mode
     if bundle.val is None and monitor.startswith("val/"):
         monitor = "train/loss"
-    trainer_probe = Trainer(trainer_cfg)  # validates device/precision before anything is written
-    device = trainer_probe.device
+    device = select_device(trainer_cfg.device)  # device/precision errors before anything is written
+    Precision(trainer_cfg.precision, device)
 
     augment = build_transforms(cfg.data.augment) if cfg.data.augment else None
     train_loader = make_loader(bundle.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed, device=device,

@@ -75,6 +75,18 @@ def validate(raw: dict) -> RunConfig:
         raise ConfigError(_describe(e.errors()[0], RunConfig)) from None
 
 
+def validate_section(cls: type[BaseModel], data: dict, prefix: str) -> BaseModel:
+    """Validate one section (e.g. Trainer(**kwargs) from Python) with the same one-line messages."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        err = dict(e.errors()[0])
+        err["loc"] = (prefix, *err["loc"])
+        from lamina.config.schema import RunConfig as _Root
+
+        raise ConfigError(_describe(err, _Root)) from None
+
+
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():

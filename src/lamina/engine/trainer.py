@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from lamina.config.io import validate_section
 from lamina.config.schema import TrainerConfig
 from lamina.engine.callbacks import ModelCheckpoint
 from lamina.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
@@ -27,8 +28,8 @@ from lamina.errors import TrainingError
 class Trainer:
     def __init__(self, config: TrainerConfig | None = None, callbacks=(), loggers=(), **overrides):
         cfg = config or TrainerConfig()
-        self.cfg = cfg.model_copy(update=overrides) if overrides else cfg
-        TrainerConfig.model_validate(self.cfg.model_dump())  # overrides are validated too
+        # keyword overrides (Trainer(max_epochs=3)) get the same validation and messages as YAML
+        self.cfg = validate_section(TrainerConfig, {**cfg.model_dump(), **overrides}, "trainer") if overrides else cfg
         self.callbacks = list(callbacks)
         self.loggers = list(loggers)
         self.device = select_device(self.cfg.device)
