@@ -6,7 +6,7 @@ ratio measures the engine, not the data pipeline. A fourth row shows the common 
 torch's DataLoader(TensorDataset), which pays per-sample Python. Runs are interleaved and repeated; the
 table shows medians.
 
-    python benchmarks/trainer_overhead.py [--epochs 5] [--repeats 5] [--model small_cnn]
+    python benchmarks/trainer_overhead.py [--epochs 5] [--repeats 9] [--model small_cnn]
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def run_lightning(bundle, args, seed):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--model", default="small_cnn")
     args = ap.parse_args()
