@@ -25,6 +25,7 @@ import torch
 from lamina.config import RunConfig, to_dict, to_yaml, validate
 from lamina.data import DataBundle, load_dataset, make_loader
 from lamina.data.transforms import build_transforms
+from lamina.data.windows import RandomWindowLoader, SequentialWindowLoader
 from lamina.engine import (CSVLogger, EarlyStopping, LRMonitor, ModelCheckpoint, TensorBoardLogger, Trainer,
                            build_optimizer, build_scheduler, seed_everything)
 from lamina.engine.precision import Precision, select_device
@@ -53,9 +54,11 @@ def load_data(cfg: RunConfig) -> DataBundle:
 
 def task_name(cfg: RunConfig, bundle: DataBundle) -> str:
     name = bundle.task if cfg.task.name == "auto" else cfg.task.name
-    if name not in ("classification", "regression"):
-        raise ConfigError(f"task.name: data set '{bundle.name}' is a {name} data set; this trainer supports "
-                          "classification and regression")
+    if name not in ("classification", "regression", "language_modeling"):
+        raise ConfigError(f"task.name: data set '{bundle.name}' is a {name} data set; supported tasks: "
+                          "classification, regression, language_modeling")
+    if (name == "language_modeling") != ("ids" in bundle.train.tensors):
+        raise ConfigError(f"task.name: {name} does not fit data set '{bundle.name}' (task {bundle.task})")
     if name == "classification" and not bundle.num_classes:
         raise ConfigError(f"task.name: classification needs class labels, data set '{bundle.name}' has none")
     return name
@@ -65,6 +68,8 @@ def data_facts(bundle: DataBundle, task: str) -> dict:
     """What a trained model needs to know about its data, saved with every run and checkpoint."""
     if task == "classification":
         outputs = int(bundle.num_classes)
+    elif task == "language_modeling":
+        outputs = int(bundle.meta["vocab_size"])
     else:
         y = bundle.train.y
         outputs = 1 if y.ndim == 1 else int(y.shape[-1])
@@ -76,6 +81,20 @@ def build_model(cfg: RunConfig, facts: dict) -> torch.nn.Module:
     entry = get_entry(cfg.model.name)
     opts = dict(cfg.model.options)
     shape = tuple(facts["input_shape"])
+    if entry.input_kind == "tokens":
+        if facts["task"] != "language_modeling":
+            raise ConfigError(f"model.name: {cfg.model.name} is a token model; data set '{facts['name']}' is "
+                              f"{facts['task']} data; use a token-stream data set such as tiny_shakespeare or text")
+        opts.setdefault("vocab_size", facts["num_outputs"])
+        opts.setdefault("block_size", int(facts["meta"]["block_size"]))
+        model = create_model(cfg.model.name, **opts)
+        if model.block_size < facts["meta"]["block_size"]:
+            raise ConfigError(f"model.block_size: {model.block_size} is shorter than data.block_size "
+                              f"{facts['meta']['block_size']}")
+        return model
+    if facts["task"] == "language_modeling":
+        raise ConfigError(f"model.name: data set '{facts['name']}' is a token stream; use a token model "
+                          "(gpt, gpt_mini, ...), not {cfg.model.name}")
     if entry.input_kind == "vector":
         opts.setdefault("in_features", int(torch.tensor(shape).prod()))
         if facts["meta"].get("cat_cardinalities"):
@@ -95,7 +114,31 @@ def make_task(cfg: RunConfig, facts: dict):
     if facts["task"] == "classification":
         return build_task("classification", num_classes=facts["num_outputs"],
                           label_smoothing=cfg.task.label_smoothing)
+    if facts["task"] == "language_modeling":
+        return build_task("language_modeling", vocab_size=facts["num_outputs"])
     return build_task("regression", num_outputs=facts["num_outputs"])
+
+
+def make_eval_loader(cfg: RunConfig, data, task: str, device, bundle: DataBundle):
+    if task == "language_modeling":
+        return SequentialWindowLoader(data.tensors["ids"], bundle.meta["block_size"], cfg.data.eval_batch_size,
+                                      device=device)
+    return make_loader(data, cfg.data.eval_batch_size, device=device)
+
+
+def make_loaders(cfg: RunConfig, bundle: DataBundle, task: str, device):
+    """(train, val): in-memory batches, or random / sequential windows of a token stream."""
+    if task == "language_modeling":
+        block = bundle.meta["block_size"]
+        ids = bundle.train.tensors["ids"]
+        steps = cfg.data.steps_per_epoch or max(1, len(ids) // (cfg.data.batch_size * block))
+        train = RandomWindowLoader(ids, block, cfg.data.batch_size, steps, seed=cfg.seed, device=device)
+    else:
+        augment = build_transforms(cfg.data.augment) if cfg.data.augment else None
+        train = make_loader(bundle.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed, device=device,
+                            transform=augment)
+    val = make_eval_loader(cfg, bundle.val, task, device, bundle) if bundle.val is not None else None
+    return train, val
 
 
 def _run_dir(cfg: RunConfig) -> Path:
@@ -149,11 +192,7 @@ def train(cfg: RunConfig, callbacks=(), resume: str | Path | None = None, run_di
     device = select_device(trainer_cfg.device)  # device/precision errors before anything is written
     Precision(trainer_cfg.precision, device)
 
-    augment = build_transforms(cfg.data.augment) if cfg.data.augment else None
-    train_loader = make_loader(bundle.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed, device=device,
-                               transform=augment)
-    val_loader = (make_loader(bundle.val, cfg.data.eval_batch_size, device=device)
-                  if bundle.val is not None else None)
+    train_loader, val_loader = make_loaders(cfg, bundle, tname, device)
     steps_per_epoch = max(1, -(-len(train_loader) // trainer_cfg.accumulate))
     total = trainer_cfg.max_steps or steps_per_epoch * trainer_cfg.max_epochs
     optimizer = build_optimizer(model, cfg.optimizer)
@@ -188,7 +227,7 @@ def train(cfg: RunConfig, callbacks=(), resume: str | Path | None = None, run_di
     final = dict(history[-1]) if history else {}
     test_metrics, cm = {}, None
     if bundle.test is not None:
-        test_loader = make_loader(bundle.test, cfg.data.eval_batch_size, device=device)
+        test_loader = make_eval_loader(cfg, bundle.test, tname, device, bundle)
         test_metrics = trainer.evaluate(model, task, test_loader, prefix="test")
         if tname == "classification":
             preds = trainer.predict(model, task, test_loader)["label"]
@@ -201,6 +240,8 @@ def train(cfg: RunConfig, callbacks=(), resume: str | Path | None = None, run_di
         "final": final, "test": test_metrics,
         "train_time_s": trainer.train_time, "wall_time_s": wall,
         "train_samples_per_s": trainer.samples_seen / trainer.train_time if trainer.train_time else None,
+        "train_tokens_per_s": (trainer.samples_seen * bundle.meta["block_size"] / trainer.train_time
+                               if tname == "language_modeling" and trainer.train_time else None),
         "device": str(trainer.device), "precision": trainer_cfg.precision, "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
@@ -260,7 +301,7 @@ def evaluate(path: str | Path, split: str = "test", which: str = "best") -> dict
         raise DataError(f"data set '{bundle.name}' has no {split} split; use one of: "
                         + ", ".join(s for s in ("train", "val", "test") if getattr(bundle, s) is not None))
     trainer = Trainer(cfg.trainer.model_copy(update={"compile": False}))
-    loader = make_loader(data, cfg.data.eval_batch_size, device=trainer.device)
+    loader = make_eval_loader(cfg, data, task.name, trainer.device, bundle)
     metrics = trainer.evaluate(model, task, loader, prefix=split)
     return {"checkpoint": str(ckpt), "split": split, "n": len(data), **metrics}
 
@@ -286,4 +327,28 @@ def predict(path: str | Path, inputs: list[str], which: str = "best") -> list[di
     return rows
 
 
-__all__ = ["train", "evaluate", "predict", "load_run", "RunResult", "LaminaError"]
+def generate(path: str | Path, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, greedy: bool = False, seed: int = 0,
+             stop: str | None = None, on_text=None, which: str = "best") -> str:
+    """Sample text from a trained language-model run; `on_text(str)` receives each new piece (streaming)."""
+    from lamina.data.files import decode_text, encode_text
+    from lamina.models.generation import generate as _generate
+
+    cfg, model, task, facts, ckpt = load_run(path, which)
+    if facts["task"] != "language_modeling":
+        raise ConfigError(f"{path}: generate needs a language-model run; this run is {facts['task']}")
+    meta = facts["meta"]
+    if not prompt:
+        raise DataError("prompt: empty; give at least one character, e.g. --prompt 'ROMEO:'")
+    idx = encode_text(meta, prompt)[None]
+    stop_ids = tuple(encode_text(meta, stop).tolist()) if stop else ()
+    device = select_device(cfg.trainer.device)
+    model = model.to(device).eval()
+    g = torch.Generator(device=device).manual_seed(seed)
+    cb = (lambda tok: on_text(decode_text(meta, tok.reshape(-1)[:1]))) if on_text else None
+    out = _generate(model, idx.to(device), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    greedy=greedy, stop_tokens=stop_ids, generator=g, on_token=cb)
+    return decode_text(meta, out[0, idx.shape[1]:].cpu())
+
+
+__all__ = ["train", "evaluate", "predict", "generate", "load_run", "RunResult", "LaminaError"]

@@ -46,6 +46,19 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="print JSON lines")
     pr.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
+    g = sub.add_parser("generate", help="sample text from a trained language model (streams to stdout)")
+    g.add_argument("path", metavar="RUN_DIR")
+    g.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    g.add_argument("--max-new-tokens", type=int, default=300)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperature/top-k/top-p)")
+    g.add_argument("--stop", default=None, help="stop when this character is generated")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--which", default="best", choices=["best", "last"])
+    g.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
     m = sub.add_parser("models", help="list registered models")
     m.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     d = sub.add_parser("data", help="list built-in data sets and file loaders")
@@ -115,15 +128,36 @@ def cmd_predict(a, console) -> int:
     return 0
 
 
+def cmd_generate(a, console) -> int:
+    from lamina import runner
+
+    if a.max_new_tokens < 1:
+        from lamina.errors import ConfigError
+
+        raise ConfigError(f"--max-new-tokens: expected a positive integer, got {a.max_new_tokens}")
+    sys.stdout.write(a.prompt)
+
+    def stream(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    runner.generate(a.path, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.greedy, a.seed,
+                    a.stop, on_text=stream, which=a.which)
+    sys.stdout.write("\n")
+    return 0
+
+
 def cmd_models(a, console) -> int:
     from rich.table import Table
 
     from lamina.models import create_model, get_entry, list_models
 
-    table = Table("name", "family", "input", "params (10 classes)", "description")
+    table = Table("name", "family", "input", "params", "description")
+    example = {"image": {"num_classes": 10, "in_chans": 3}, "vector": {"num_classes": 10, "in_features": 64},
+               "tokens": {"vocab_size": 65}}  # what the params column assumes (see README)
     for name in list_models():
         e = get_entry(name)
-        kw = {"num_classes": 10, ("in_features" if e.input_kind == "vector" else "in_chans"): 64 if e.input_kind == "vector" else 3}
+        kw = example[e.input_kind]
         n = sum(p.numel() for p in create_model(name, **kw).parameters())
         table.add_row(name, e.family, e.input_kind, f"{n:,}", e.description)
     console.print(table)
@@ -156,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     from lamina.errors import LaminaError
 
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models,
+        return {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "generate": cmd_generate, "models": cmd_models,
                 "data": cmd_data}[a.cmd](a, console)
     except LaminaError as e:
         if debug:

@@ -30,6 +30,7 @@ class DataConfig(_Open):
     batch_size: PositiveInt = 64  # small data: many updates per epoch beat big batches here
     eval_batch_size: PositiveInt = 1024  # evaluation has no gradient memory; bigger is faster
     augment: list[dict[str, Any]] = Field(default_factory=list)  # e.g. [{name: hflip}]
+    steps_per_epoch: PositiveInt | None = None  # token streams: random-window batches between evaluations
 
 
 class ModelConfig(_Open):
@@ -37,7 +38,7 @@ class ModelConfig(_Open):
 
 
 class TaskConfig(_Strict):
-    name: Literal["auto", "classification", "regression"] = "auto"  # auto: what the data set says
+    name: Literal["auto", "classification", "regression", "language_modeling"] = "auto"  # auto: the data set's
     label_smoothing: NonNegativeFloat = 0.1  # regularizes over-confident logits; +0.3 pt on digits
 
 

@@ -3,9 +3,11 @@
 from lamina.errors import ConfigError, unknown_name
 from lamina.tasks.base import Task, model_inputs
 from lamina.tasks.classification import ClassificationTask
+from lamina.tasks.language_modeling import LanguageModelingTask
 from lamina.tasks.regression import RegressionTask
 
-TASKS = {"classification": ClassificationTask, "regression": RegressionTask}
+TASKS = {"classification": ClassificationTask, "regression": RegressionTask,
+         "language_modeling": LanguageModelingTask}
 
 
 def build_task(name: str, **kwargs):
@@ -14,4 +16,4 @@ def build_task(name: str, **kwargs):
     return TASKS[name](**kwargs)
 
 
-__all__ = ["Task", "ClassificationTask", "RegressionTask", "build_task", "model_inputs", "TASKS"]
+__all__ = ["Task", "ClassificationTask", "RegressionTask", "LanguageModelingTask", "build_task", "model_inputs", "TASKS"]
