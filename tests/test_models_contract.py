@@ -7,18 +7,37 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from lamina.engine.checkpoint import _weights
 from lamina.errors import InputShapeError, ModelError
 from lamina.models import check_input_shape, create_model, example_input, get_entry, list_models
 
 NUM_CLASSES = 7
 IN_FEATURES = 13
+VOCAB, BLOCK, SEQ = 50, 16, 12  # token models: vocabulary, context length, test sequence length (< BLOCK)
 MODELS = list_models()
+
+
+def is_tokens(name: str) -> bool:
+    return get_entry(name).input_kind == "tokens"
 
 
 def build(name: str, **extra) -> torch.nn.Module:
     kind = get_entry(name).input_kind
+    if kind == "tokens":  # language models: the head is the vocabulary, no num_classes
+        return create_model(name, vocab_size=VOCAB, block_size=BLOCK, **extra)
     size = {"in_chans": 1} if kind == "image" else {"in_features": IN_FEATURES}
     return create_model(name, num_classes=NUM_CLASSES, **size, **extra)
+
+
+def make_input(name: str, model: torch.nn.Module, batch: int = 2) -> torch.Tensor:
+    if is_tokens(name):
+        return torch.randint(0, VOCAB, (batch, SEQ))
+    return example_input(model, batch=batch)
+
+
+def out_shape(name: str, batch: int, width: int) -> tuple:
+    """Classifiers: (B, classes); token models: a distribution per position (B, T, classes)."""
+    return (batch, SEQ, width) if is_tokens(name) else (batch, width)
 
 
 def test_registry_lists_the_families():
@@ -27,7 +46,8 @@ def test_registry_lists_the_families():
     for name in MODELS:
         entry = get_entry(name)
         assert entry.description and "\n" not in entry.description
-        assert entry.input_kind in ("image", "vector")
+        assert entry.input_kind in ("image", "vector", "tokens")
+    assert {"gpt", "gpt_mini"} <= set(MODELS) and is_tokens("gpt")
 
 
 def test_unknown_model_name_is_one_line_model_error():
@@ -39,11 +59,13 @@ def test_unknown_model_name_is_one_line_model_error():
 def test_forward_backward_every_parameter_gets_a_gradient(name):
     torch.manual_seed(0)
     model = build(name).train()
-    x = example_input(model, batch=2)
+    x = make_input(name, model, batch=2)
     out = model(x)
-    assert out.shape == (2, NUM_CLASSES)
+    width = VOCAB if is_tokens(name) else NUM_CLASSES
+    assert out.shape == out_shape(name, 2, width)
     assert torch.isfinite(out).all()
-    F.cross_entropy(out, torch.tensor([1, 2])).backward()
+    target = torch.randint(0, width, out.shape[:-1])
+    F.cross_entropy(out.reshape(-1, width), target.reshape(-1)).backward()
     total = 0.0
     for pname, p in model.named_parameters():
         if p.requires_grad:
@@ -57,14 +79,14 @@ def test_forward_backward_every_parameter_gets_a_gradient(name):
 def test_head_contract(name):
     torch.manual_seed(0)
     model = build(name).eval()
-    x = example_input(model, batch=2)
+    x = make_input(name, model, batch=2)
     with torch.no_grad():
         feats = model.forward_features(x)
         torch.testing.assert_close(model.forward_head(feats), model(x))
         pooled = model.forward_head(feats, pre_logits=True)
-        assert pooled.shape == (2, model.num_features)
+        assert pooled.shape == out_shape(name, 2, model.num_features)
         model.reset_classifier(3)
-        assert model(x).shape == (2, 3) and model.num_classes == 3
+        assert model(x).shape == out_shape(name, 2, 3) and model.num_classes == 3
         model.reset_classifier(0)
         assert isinstance(model.forward_head(feats), torch.Tensor)
         torch.testing.assert_close(model(x), pooled)  # no head: forward returns the pooled features
@@ -74,17 +96,20 @@ def test_head_contract(name):
 def test_safetensors_round_trip(name, tmp_path):
     torch.manual_seed(0)
     model = build(name)
-    x = example_input(model, batch=2)
+    x = make_input(name, model, batch=2)
     model.train()(x)  # move BN running stats away from their initial values
     model.eval()
     path = tmp_path / f"{name}.safetensors"
-    save_file(model.state_dict(), str(path))
+    # what checkpoints save: unique clones, since safetensors refuses shared tensors (GPT's tied lm_head/wte)
+    save_file(_weights(model), str(path))
     torch.manual_seed(1)  # a differently initialised twin
     twin = build(name)
     twin.load_state_dict(load_file(str(path)))
     twin.eval()
     with torch.no_grad():
         assert torch.equal(model(x), twin(x))
+    if is_tokens(name) and twin.cfg.tie_weights:
+        assert twin.lm_head.weight is twin.wte.weight  # loading keeps the tie
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -99,6 +124,9 @@ def test_check_input_shape(name):
     if get_entry(name).input_kind == "image":
         check_input_shape(model, (1, 28, 28))  # free H, W
         bad, want, got = (3, 32, 32), "(B, 1, H, W)", "(B, 3, 32, 32)"
+    elif is_tokens(name):
+        check_input_shape(model, (SEQ,))  # any length (forward enforces <= block_size)
+        bad, want, got = (2, SEQ), "(B, D0)", f"(B, 2, {SEQ})"
     else:
         check_input_shape(model, (IN_FEATURES,))
         bad, want, got = (12,), f"(B, {IN_FEATURES})", "(B, 12)"
@@ -134,3 +162,16 @@ def test_invalid_option_values_are_model_errors():
         create_model("resnet20", shortcut="C")
     with pytest.raises(ModelError, match="blocks_per_stage"):
         create_model("small_cnn", blocks_per_stage=0)
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if is_tokens(n)])
+def test_token_model_sequence_contract(name):
+    model = build(name).eval()
+    assert model.input_spec == (None,) and model.vocab_size == VOCAB and model.block_size == BLOCK
+    x = make_input(name, model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:, :5]), model(x)[:, :5])  # causal: a prefix's logits ignore the rest
+    with pytest.raises(InputShapeError, match=f"model {name} handles at most block_size={BLOCK} positions"):
+        model(torch.zeros(1, BLOCK + 1, dtype=torch.long))
+    with pytest.raises(InputShapeError, match="expects token ids"):
+        model(x.float())

@@ -1,7 +1,9 @@
 """Model families, one per file; importing this package fills the registry."""
 
-from lamina.models import cnn, lenet, mlp, resnet  # noqa: F401  (registers the families)
+from lamina.models import cnn, gpt, lenet, mlp, resnet  # noqa: F401  (registers the families)
 from lamina.models.contract import check_input_shape, example_input
+from lamina.models.generation import generate
 from lamina.models.registry import create_model, get_entry, list_models, register_model
 
-__all__ = ["create_model", "list_models", "register_model", "get_entry", "check_input_shape", "example_input"]
+__all__ = ["create_model", "list_models", "register_model", "get_entry", "check_input_shape", "example_input",
+           "generate"]

@@ -76,6 +76,8 @@ def example_input(model_or_name: nn.Module | str, batch: int = 2) -> torch.Tenso
     """A random batch matching the model's `input_spec` (free dims -> 32, or 8 when the model allows it)."""
     model = create_model(model_or_name) if isinstance(model_or_name, str) else model_or_name
     spec = tuple(model.input_spec)
+    if hasattr(model, "vocab_size"):  # token models: ids of length min(block_size, 32)
+        return torch.randint(0, model.vocab_size, (batch, min(int(model.block_size), _DEFAULT_SIDE)))
     side = getattr(model, "min_input_size", None)
     free = _DEFAULT_SIDE if side is None else min(_DEFAULT_SIDE, max(_SMALL_SIDE, int(side)))
     shape = tuple(free if d is None else int(d) for d in spec)

@@ -1,0 +1,114 @@
+"""Autoregressive decoding for any model that follows the decoder contract.
+
+The decoder contract (lamina.models.gpt states it in full):
+* `model(idx)` with token ids (B, T) returns next-token logits (B, T, V); `model.block_size` is the longest
+  context it takes
+* optional, for `use_cache=True`: `model.make_cache(batch_size)` returns a cache object and
+  `model(new_idx, cache=cache)` returns logits for just the new tokens, attending to everything cached
+
+Each step: logits of the last position -> / temperature -> keep the top_k -> keep the smallest set whose
+probability reaches top_p -> sample (or argmax when `greedy`). A sequence that emits one of `stop_tokens` is
+finished: its later positions repeat that stop token, and decoding ends when every sequence is finished.
+
+With a cache each step feeds one token. Without one (or when the model has no `make_cache`), each step
+recomputes the last `block_size` tokens. Once a cached sequence would outgrow `block_size`, decoding continues
+without the cache, cropping the context, which is what the uncached path computes too (learned absolute
+positions shift when the window slides, so a cache cannot be reused past that point).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from lamina.errors import InputShapeError, ModelError
+
+
+def _validate(idx, max_new_tokens, temperature, top_k, top_p, greedy) -> None:
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] < 1 or idx.dtype.is_floating_point:
+        got = f"{idx.dtype} tensor of shape {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise InputShapeError(f"generate: idx must be token ids of shape (B, T) with T >= 1, got {got}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ModelError(f"generate: max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if not greedy and not temperature > 0:
+        raise ModelError(f"generate: temperature must be > 0 (or pass greedy=True), got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ModelError(f"generate: top_k must be an integer >= 1 or None, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ModelError(f"generate: top_p must be in (0, 1] or None, got {top_p}")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """(B, V) logits with everything outside the top_k / nucleus (top_p) set to -inf."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p (the top token always stays)
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    stop_tokens: Iterable[int] = (),
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Extend token ids idx (B, T) by up to max_new_tokens; returns (B, T + n), n <= max_new_tokens.
+
+    Runs the model in eval mode (its mode is restored afterwards) without gradients. `generator` seeds the
+    sampling; `on_token(tokens)` gets each step's new tokens (B,) (finished sequences repeat their stop token).
+    """
+    _validate(idx, max_new_tokens, temperature, top_k, top_p, greedy)
+    block_size = int(model.block_size)
+    stops = torch.tensor(sorted({int(t) for t in stop_tokens}), dtype=idx.dtype, device=idx.device)
+    B = idx.shape[0]
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.make_cache(B) if use_cache and hasattr(model, "make_cache") else None
+        out, pending, cached = idx, idx, 0  # pending: tokens not yet fed to the cache; cached: how many were
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        last = torch.zeros(B, dtype=idx.dtype, device=idx.device)  # the stop token a finished sequence emitted
+        for _ in range(max_new_tokens):
+            if cache is not None and cached + pending.shape[1] <= block_size:
+                logits = model(pending, cache=cache)[:, -1, :]  # (B, V)
+                cached += pending.shape[1]
+            else:
+                cache = None  # outgrew the context (or never had a cache): recompute the cropped window
+                logits = model(out[:, -block_size:])[:, -1, :]  # (B, V)
+            if greedy:
+                nxt = logits.argmax(dim=-1)  # (B,)
+            else:
+                logits = filter_logits(logits.float() / temperature, top_k, top_p)
+                probs = torch.softmax(logits, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+            nxt = torch.where(finished, last, nxt.to(idx.dtype))
+            if stops.numel():
+                hit = torch.isin(nxt, stops) & ~finished
+                last = torch.where(hit, nxt, last)
+                finished |= hit
+            out = torch.cat((out, nxt[:, None]), dim=1)  # (B, T + step)
+            pending = nxt[:, None]  # (B, 1)
+            if on_token is not None:
+                on_token(nxt)
+            if stops.numel() and bool(finished.all()):
+                break
+        return out
+    finally:
+        model.train(was_training)

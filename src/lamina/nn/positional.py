@@ -1,0 +1,113 @@
+"""Positional information for sequence models: learned and sinusoidal absolute encodings, rotary embeddings.
+
+* `LearnedPositionalEmbedding(max_len, dim)`: a trained (max_len, dim) table added to the token embeddings
+  (GPT-2, BERT). `forward(x, offset)` returns `x + table[offset : offset + T]`; its parameter is named `weight`
+  so GPT-2 / BERT checkpoints (`wpe.weight`, `position_embeddings.weight`) map one to one.
+* `SinusoidalPositionalEncoding(max_len, dim)`: the fixed encoding of Vaswani et al. 2017,
+  PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(p / 10000^(2i/dim)); a non-persistent buffer
+  (recomputed at construction, never saved in checkpoints).
+* `RotaryEmbedding(head_dim, max_len, base)`: RoPE (Su et al. 2021) in the rotate-half layout of Llama / HF:
+  channel i is paired with channel i + hs/2 and the pair is rotated by angle p * base^(-2i/hs), so
+  `rope(q, k, offset)` returns `q*cos + rotate_half(q)*sin` (same for k). q.k then depends only on the
+  positions' difference. It is applied to q and k inside attention, not added to x.
+
+RoPE's entry point is `forward(q, k, offset)` (alias `rotate`), not `apply`: `nn.Module.apply(fn)` is torch's
+recursive init hook, and overriding it would break `model.apply(init_fn)` on any model holding a RoPE.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from lamina.errors import InputShapeError, ModelError
+
+
+def _check_len(what: str, offset: int, T: int, max_len: int) -> None:
+    if offset + T > max_len:
+        raise InputShapeError(f"{what}: positions {offset}..{offset + T - 1} exceed max_len={max_len}; "
+                              f"build it with a larger max_len or use a shorter sequence")
+
+
+class LearnedPositionalEmbedding(nn.Module):
+    """x (B, T, dim) -> x + weight[offset : offset + T]; weight (max_len, dim) starts at N(0, 0.02^2)."""
+
+    def __init__(self, max_len: int, dim: int):
+        super().__init__()
+        self.max_len, self.dim = max_len, dim
+        self.weight = nn.Parameter(torch.empty(max_len, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.02)  # GPT-2 / BERT's init; N(0, 1) would swamp the token embeddings
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        T = x.shape[1]
+        _check_len("learned positional embedding", offset, T, self.max_len)
+        return x + self.weight[offset:offset + T]  # (B, T, dim) + (T, dim)
+
+    def extra_repr(self) -> str:
+        return f"max_len={self.max_len}, dim={self.dim}"
+
+
+def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
+    """(max_len, dim): PE[p, 2i] = sin(p * w_i), PE[p, 2i+1] = cos(p * w_i), w_i = 10000^(-2i/dim)."""
+    pos = torch.arange(max_len, dtype=torch.float64)[:, None]  # (L, 1); float64 so large p*w stay exact
+    w = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(10000.0) / dim))  # (ceil(dim/2),)
+    pe = torch.zeros(max_len, dim, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(pos * w)
+    pe[:, 1::2] = torch.cos(pos * w)[:, : dim // 2]  # odd dim: one fewer cosine column
+    return pe.float()
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """x (B, T, dim) -> x + PE[offset : offset + T]; PE is fixed (no parameters, not saved)."""
+
+    def __init__(self, max_len: int, dim: int):
+        super().__init__()
+        self.max_len, self.dim = max_len, dim
+        self.register_buffer("pe", sinusoidal_table(max_len, dim), persistent=False)  # (max_len, dim)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        T = x.shape[1]
+        _check_len("sinusoidal positional encoding", offset, T, self.max_len)
+        return x + self.pe[offset:offset + T].to(x.dtype)  # (B, T, dim) + (T, dim)
+
+    def extra_repr(self) -> str:
+        return f"max_len={self.max_len}, dim={self.dim}"
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] over the last dim split in halves (Llama / HF layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE tables cos/sin (max_len, head_dim) as non-persistent buffers; `rope(q, k, offset)` rotates both."""
+
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ModelError(f"rotary embedding: head_dim must be even, got {head_dim}")
+        self.head_dim, self.max_len, self.base = head_dim, max_len, base
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # (hs/2,)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (L, hs/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (L, hs): channel i and i + hs/2 share an angle
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B, nh, T, hs), k (B, n_kv, T, hs) at positions offset .. offset+T-1 -> rotated (q, k)."""
+        T = q.shape[-2]
+        _check_len("rotary embedding", offset, T, self.max_len)
+        cos = self.cos[offset:offset + T].to(q.dtype)  # (T, hs)
+        sin = self.sin[offset:offset + T].to(q.dtype)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    rotate = forward
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, max_len={self.max_len}, base={self.base}"
