@@ -21,8 +21,18 @@ def is_tokens(name: str) -> bool:
     return get_entry(name).input_kind == "tokens"
 
 
+# Token models that are not language models: one label per sequence, or one label per token.
+SEQ_CLASSIFIERS, TAGGERS = {"lstm_classifier"}, {"lstm_tagger"}
+
+
+def is_lm(name: str) -> bool:
+    return is_tokens(name) and name not in SEQ_CLASSIFIERS | TAGGERS
+
+
 def build(name: str, **extra) -> torch.nn.Module:
     kind = get_entry(name).input_kind
+    if kind == "tokens" and not is_lm(name):
+        return create_model(name, vocab_size=VOCAB, block_size=BLOCK, num_classes=NUM_CLASSES, **extra)
     if kind == "tokens":  # language models: the head is the vocabulary, no num_classes
         return create_model(name, vocab_size=VOCAB, block_size=BLOCK, **extra)
     size = {"in_chans": 1} if kind == "image" else {"in_features": IN_FEATURES}
@@ -37,7 +47,7 @@ def make_input(name: str, model: torch.nn.Module, batch: int = 2) -> torch.Tenso
 
 def out_shape(name: str, batch: int, width: int) -> tuple:
     """Classifiers: (B, classes); token models: a distribution per position (B, T, classes)."""
-    return (batch, SEQ, width) if is_tokens(name) else (batch, width)
+    return (batch, SEQ, width) if is_tokens(name) and name not in SEQ_CLASSIFIERS else (batch, width)
 
 
 def test_registry_lists_the_families():
@@ -61,7 +71,7 @@ def test_forward_backward_every_parameter_gets_a_gradient(name):
     model = build(name).train()
     x = make_input(name, model, batch=2)
     out = model(x)
-    width = VOCAB if is_tokens(name) else NUM_CLASSES
+    width = VOCAB if is_lm(name) else NUM_CLASSES
     assert out.shape == out_shape(name, 2, width)
     assert torch.isfinite(out).all()
     target = torch.randint(0, width, out.shape[:-1])
@@ -164,7 +174,7 @@ def test_invalid_option_values_are_model_errors():
         create_model("small_cnn", blocks_per_stage=0)
 
 
-@pytest.mark.parametrize("name", [n for n in MODELS if is_tokens(n)])
+@pytest.mark.parametrize("name", [n for n in MODELS if is_lm(n)])
 def test_token_model_sequence_contract(name):
     model = build(name).eval()
     assert model.input_spec == (None,) and model.vocab_size == VOCAB and model.block_size == BLOCK

@@ -1,6 +1,7 @@
 """Model families, one per file; importing this package fills the registry."""
 
 from lamina.models import cnn, gpt, lenet, mlp, resnet  # noqa: F401  (registers the families)
+from lamina.models import rnn  # noqa: F401  (recurrent family)
 from lamina.models.contract import check_input_shape, example_input
 from lamina.models.generation import generate
 from lamina.models.registry import create_model, get_entry, list_models, register_model
