@@ -76,8 +76,9 @@ CASES = [
     ("not key=value", lambda d, t: ["train", str(_write(t / "ok.yaml", "seed: 1\n")), "trainer"],
      "config error: override 'trainer': expected KEY=VALUE, e.g. trainer.max_epochs=3"),
     ("unknown model", lambda d, t: ["train", "model.name=resnet19", *FAST],
-     "model error: unknown model 'resnet19' (did you mean 'resnet18'?); valid: cnn_medium, gpt, gpt_mini, lenet5, mlp, "
-     "resnet18, resnet20, resnet32, resnet34, resnet50, resnet56, small_cnn"),
+     "model error: unknown model 'resnet19' (did you mean 'resnet18'?); valid: char_gru, char_lstm, char_rnn, cnn_medium, "
+     "gpt, gpt_mini, lenet5, lstm_classifier, lstm_tagger, mlp, resnet18, resnet20, resnet32, resnet34, resnet50, "
+     "resnet56, small_cnn"),
     ("unknown model option", lambda d, t: ["train", "model.depth=4", *FAST], None),
     ("unknown data set", lambda d, t: ["train", "data.name=digitz", *FAST],
      "data error: unknown data set 'digitz' (did you mean 'digits'?); valid: breast_cancer, diabetes, digits, "

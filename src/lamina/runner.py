@@ -88,6 +88,9 @@ def build_model(cfg: RunConfig, facts: dict) -> torch.nn.Module:
         opts.setdefault("vocab_size", facts["num_outputs"])
         opts.setdefault("block_size", int(facts["meta"]["block_size"]))
         model = create_model(cfg.model.name, **opts)
+        if getattr(model, "output_kind", "next_token") != "next_token":
+            raise ConfigError(f"model.name: {cfg.model.name} is not a language model (it predicts one label per "
+                              f"{'sequence' if model.output_kind == 'sequence' else 'token'}); use gpt, char_lstm, ...")
         if model.block_size < facts["meta"]["block_size"]:
             raise ConfigError(f"model.block_size: {model.block_size} is shorter than data.block_size "
                               f"{facts['meta']['block_size']}")
