@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from lamina.cli.main import main
+from lamina.data import list_datasets
+from lamina.models import list_models
 
 FAST = ["trainer.progress=false", "logging.tensorboard=false", "logging.plots=false"]
 
@@ -76,13 +78,10 @@ CASES = [
     ("not key=value", lambda d, t: ["train", str(_write(t / "ok.yaml", "seed: 1\n")), "trainer"],
      "config error: override 'trainer': expected KEY=VALUE, e.g. trainer.max_epochs=3"),
     ("unknown model", lambda d, t: ["train", "model.name=resnet19", *FAST],
-     "model error: unknown model 'resnet19' (did you mean 'resnet18'?); valid: char_gru, char_lstm, char_rnn, cnn_medium, "
-     "gpt, gpt_mini, lenet5, lstm_classifier, lstm_tagger, mlp, resnet18, resnet20, resnet32, resnet34, resnet50, "
-     "resnet56, small_cnn"),
+     "model error: unknown model 'resnet19' (did you mean 'resnet18'?); valid: " + ", ".join(list_models())),
     ("unknown model option", lambda d, t: ["train", "model.depth=4", *FAST], None),
     ("unknown data set", lambda d, t: ["train", "data.name=digitz", *FAST],
-     "data error: unknown data set 'digitz' (did you mean 'digits'?); valid: breast_cancer, diabetes, digits, "
-     "fashion_mnist, idx, image_folder, iris, table, text, tiny_shakespeare, wine"),
+     "data error: unknown data set 'digitz' (did you mean 'digits'?); valid: " + ", ".join(list_datasets())),
     ("fp16 on cpu", lambda d, t: ["train", "trainer.precision=fp16", "trainer.device=cpu", *FAST],
      "config error: trainer.precision: fp16 needs a CUDA device (got cpu); use bf16 or fp32"),
     ("image model on table", lambda d, t: ["train", "data.name=iris", "model.name=small_cnn", *FAST],

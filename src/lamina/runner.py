@@ -30,7 +30,7 @@ from lamina.engine import (CSVLogger, EarlyStopping, LRMonitor, ModelCheckpoint,
                            build_optimizer, build_scheduler, seed_everything)
 from lamina.engine.precision import Precision, select_device
 from lamina.engine.checkpoint import load_checkpoint, load_weights, read_meta, resolve
-from lamina.errors import CheckpointError, ConfigError, DataError, LaminaError
+from lamina.errors import CheckpointError, ConfigError, DataError, LaminaError, unknown_name
 from lamina.models import create_model, get_entry
 from lamina.models.contract import check_input_shape
 from lamina.tasks import build_task
@@ -52,11 +52,21 @@ def load_data(cfg: RunConfig) -> DataBundle:
         raise ConfigError(f"data.{bad}: not an option of data set '{cfg.data.name}'") from None
 
 
+_CORE_TASKS = ("classification", "regression", "language_modeling")
+
+
 def task_name(cfg: RunConfig, bundle: DataBundle) -> str:
+    from lamina.tasks import TASKS
+
     name = bundle.task if cfg.task.name == "auto" else cfg.task.name
-    if name not in ("classification", "regression", "language_modeling"):
-        raise ConfigError(f"task.name: data set '{bundle.name}' is a {name} data set; supported tasks: "
-                          "classification, regression, language_modeling")
+    if name not in TASKS:
+        raise ConfigError(f"task.name: {unknown_name('task', name, TASKS)}"
+                          if cfg.task.name != "auto" else f"data set '{bundle.name}' has task {name}, which no "
+                          f"registered task handles; supported: {', '.join(sorted(TASKS))}")
+    if name not in _CORE_TASKS or bundle.task not in _CORE_TASKS:  # token tasks: the data set decides
+        if name != bundle.task:
+            raise ConfigError(f"task.name: {name} does not fit data set '{bundle.name}' (task {bundle.task})")
+        return name
     if (name == "language_modeling") != ("ids" in bundle.train.tensors):
         raise ConfigError(f"task.name: {name} does not fit data set '{bundle.name}' (task {bundle.task})")
     if name == "classification" and not bundle.num_classes:
@@ -70,6 +80,8 @@ def data_facts(bundle: DataBundle, task: str) -> dict:
         outputs = int(bundle.num_classes)
     elif task == "language_modeling":
         outputs = int(bundle.meta["vocab_size"])
+    elif task not in _CORE_TASKS:
+        outputs = int(bundle.meta.get("num_outputs") or bundle.num_classes or 0)
     else:
         y = bundle.train.y
         outputs = 1 if y.ndim == 1 else int(y.shape[-1])
@@ -81,6 +93,16 @@ def build_model(cfg: RunConfig, facts: dict) -> torch.nn.Module:
     entry = get_entry(cfg.model.name)
     opts = dict(cfg.model.options)
     shape = tuple(facts["input_shape"])
+    if facts["task"] not in _CORE_TASKS:  # the task says what the model needs from the data
+        from lamina.tasks import TASKS
+
+        task_cls = TASKS[facts["task"]]
+        opts = {**task_cls.model_options(facts), **opts}
+        model = create_model(cfg.model.name, **opts)
+        check = getattr(task_cls, "check_model", None)
+        if check is not None:
+            check(model, facts)  # e.g. "seq2seq needs an encoder-decoder model"
+        return model
     if entry.input_kind == "tokens":
         if facts["task"] != "language_modeling":
             raise ConfigError(f"model.name: {cfg.model.name} is a token model; data set '{facts['name']}' is "
@@ -114,6 +136,11 @@ def build_model(cfg: RunConfig, facts: dict) -> torch.nn.Module:
 
 
 def make_task(cfg: RunConfig, facts: dict):
+    if facts["task"] not in _CORE_TASKS:
+        from lamina.tasks import TASKS
+
+        return TASKS[facts["task"]].from_facts(facts, {"label_smoothing": cfg.task.label_smoothing,
+                                                       **cfg.task.options})
     if facts["task"] == "classification":
         return build_task("classification", num_classes=facts["num_outputs"],
                           label_smoothing=cfg.task.label_smoothing)
@@ -126,7 +153,7 @@ def make_eval_loader(cfg: RunConfig, data, task: str, device, bundle: DataBundle
     if task == "language_modeling":
         return SequentialWindowLoader(data.tensors["ids"], bundle.meta["block_size"], cfg.data.eval_batch_size,
                                       device=device)
-    return make_loader(data, cfg.data.eval_batch_size, device=device)
+    return make_loader(data, cfg.data.eval_batch_size, device=device, trim=bundle.meta.get("pad_trim"))
 
 
 def make_loaders(cfg: RunConfig, bundle: DataBundle, task: str, device):
@@ -139,7 +166,7 @@ def make_loaders(cfg: RunConfig, bundle: DataBundle, task: str, device):
     else:
         augment = build_transforms(cfg.data.augment) if cfg.data.augment else None
         train = make_loader(bundle.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed, device=device,
-                            transform=augment)
+                            transform=augment, trim=bundle.meta.get("pad_trim"), bucket=bundle.meta.get("bucket"))
     val = make_eval_loader(cfg, bundle.val, task, device, bundle) if bundle.val is not None else None
     return train, val
 
@@ -232,6 +259,8 @@ def train(cfg: RunConfig, callbacks=(), resume: str | Path | None = None, run_di
     if bundle.test is not None:
         test_loader = make_eval_loader(cfg, bundle.test, tname, device, bundle)
         test_metrics = trainer.evaluate(model, task, test_loader, prefix="test")
+        if hasattr(task, "test_extras"):  # metrics that need decoding, e.g. BLEU of beam-searched outputs
+            test_metrics.update(task.test_extras(model, bundle, "test", trainer.device, run_dir=run_dir))
         if tname == "classification":
             preds = trainer.predict(model, task, test_loader)["label"]
             cm = confusion_matrix(bundle.test.y, preds, bundle.num_classes)

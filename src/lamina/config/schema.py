@@ -37,8 +37,9 @@ class ModelConfig(_Open):
     name: str = "small_cnn"  # a registered model (`lamina models`)
 
 
-class TaskConfig(_Strict):
-    name: Literal["auto", "classification", "regression", "language_modeling"] = "auto"  # auto: the data set's
+class TaskConfig(_Open):
+    # auto: the data set's task. Free keys are options of the task (e.g. task.beam_size=4 for seq2seq).
+    name: str = "auto"
     label_smoothing: NonNegativeFloat = 0.1  # regularizes over-confident logits; +0.3 pt on digits
 
 
