@@ -187,6 +187,9 @@ REFERENCE = {
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
     "gelu": F.gelu,
+    # tanh approximation, written out: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    "gelu_tanh": lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))),
+    "relu6": lambda x: x.clamp(0, 6),
     "silu": F.silu,
     "elu": F.elu,
     "identity": lambda x: x,
@@ -203,5 +206,5 @@ def test_activation_values_and_errors():
     assert set(ACTIVATIONS) == set(REFERENCE)
     assert get_activation("relu") is not get_activation("relu")  # fresh module each call
     torch.testing.assert_close(get_activation("leaky_relu")(torch.tensor([-2.0])), torch.tensor([-0.02]))
-    with pytest.raises(ModelError, match=r"unknown activation 'gleu' \(did you mean 'gelu'\?\); valid: elu, gelu"):
+    with pytest.raises(ModelError, match=r"unknown activation 'gleu' \(did you mean 'gelu'\?\); valid: elu, gelu, gelu_tanh"):
         get_activation("gleu")

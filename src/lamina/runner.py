@@ -44,9 +44,13 @@ class RunResult:
 
 
 # ----- building blocks ------------------------------------------------------------------------
-def load_data(cfg: RunConfig) -> DataBundle:
+def load_data(cfg: RunConfig, tokenizer: Path | None = None) -> DataBundle:
+    """The run's data set; `tokenizer`: a saved tokenizer.json to reuse instead of training one."""
+    opts = dict(cfg.data.options)
+    if tokenizer is not None and tokenizer.is_file():
+        opts["tokenizer"] = str(tokenizer)
     try:
-        return load_dataset(cfg.data.name, seed=cfg.seed, **cfg.data.options)
+        return load_dataset(cfg.data.name, seed=cfg.seed, **opts)
     except TypeError as e:  # unknown loader option
         bad = str(e).split("'")[1] if "'" in str(e) else str(e)
         raise ConfigError(f"data.{bad}: not an option of data set '{cfg.data.name}'") from None
@@ -232,6 +236,8 @@ def train(cfg: RunConfig, callbacks=(), resume: str | Path | None = None, run_di
     run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(run_dir / "config.yaml", to_yaml(cfg))
     _atomic_write(run_dir / "data.json", json.dumps(facts, indent=2, default=_jsonable))
+    if "tokenizer" in bundle.extras:  # text runs: the tokenizer travels with the run
+        bundle.extras["tokenizer"].save(run_dir / "tokenizer.json")
 
     ckpt_cb = ModelCheckpoint(run_dir / "checkpoints", monitor=monitor, mode=mode)
     cbs = [ckpt_cb, LRMonitor()]
@@ -325,9 +331,13 @@ def load_run(path: str | Path, which: str = "best"):
     return cfg, model, task, facts, ckpt
 
 
+def _run_tokenizer(ckpt: Path) -> Path:
+    return ckpt.parent.parent / "tokenizer.json"  # runs/<name>/checkpoints/<which> -> runs/<name>/tokenizer.json
+
+
 def evaluate(path: str | Path, split: str = "test", which: str = "best") -> dict:
     cfg, model, task, _, ckpt = load_run(path, which)
-    bundle = load_data(cfg)  # same name, options and seed -> the same split as in training
+    bundle = load_data(cfg, _run_tokenizer(ckpt))  # same name, options and seed -> the same split as in training
     data = getattr(bundle, split, None)
     if data is None:
         raise DataError(f"data set '{bundle.name}' has no {split} split; use one of: "
@@ -335,6 +345,8 @@ def evaluate(path: str | Path, split: str = "test", which: str = "best") -> dict
     trainer = Trainer(cfg.trainer.model_copy(update={"compile": False}))
     loader = make_eval_loader(cfg, data, task.name, trainer.device, bundle)
     metrics = trainer.evaluate(model, task, loader, prefix=split)
+    if hasattr(task, "test_extras"):
+        metrics.update(task.test_extras(model, bundle, split, trainer.device))
     return {"checkpoint": str(ckpt), "split": split, "n": len(data), **metrics}
 
 
@@ -367,6 +379,18 @@ def generate(path: str | Path, prompt: str = "\n", max_new_tokens: int = 200, te
     from lamina.models.generation import generate as _generate
 
     cfg, model, task, facts, ckpt = load_run(path, which)
+    if facts["task"] == "seq2seq":  # translate the prompt (one line per sentence)
+        from lamina.data.tokenizers import load_tokenizer
+
+        if not prompt.strip():
+            raise DataError("prompt: empty; give a sentence to translate, e.g. --prompt 'A dog runs.'")
+        tok = load_tokenizer(_run_tokenizer(ckpt))
+        lines = [line for line in prompt.splitlines() if line.strip()]
+        out = task.translate(model, tok, lines, select_device(cfg.trainer.device))
+        text = "\n".join(out)
+        if on_text:
+            on_text(text)
+        return text
     if facts["task"] != "language_modeling":
         raise ConfigError(f"{path}: generate needs a language-model run; this run is {facts['task']}")
     meta = facts["meta"]

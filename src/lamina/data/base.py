@@ -59,6 +59,8 @@ class DataBundle:
     num_classes: int | None = None
     class_names: list[str] | None = None
     meta: dict = field(default_factory=dict)
+    # Live objects that are not saved with a run: a trained tokenizer, raw texts for BLEU references, ...
+    extras: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         return {

@@ -112,3 +112,103 @@ def generate(
         return out
     finally:
         model.train(was_training)
+
+
+# ----- encoder-decoder decoding ------------------------------------------------------------------------------
+def length_penalty(length: torch.Tensor | int, alpha: float) -> torch.Tensor | float:
+    """GNMT's length normalizer ((5 + |Y|) / 6) ** alpha (Wu et al. 2016); alpha 0 = raw log-probability."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+@torch.no_grad()
+def seq2seq_generate(model: nn.Module, src: torch.Tensor, src_mask: torch.Tensor | None = None,
+                     beam_size: int = 4, max_len: int | None = None, alpha: float = 0.6) -> torch.Tensor:
+    """Decode target ids (B, L) for source ids (B, S) with a model that keeps the seq2seq contract
+    (lamina.models.t5: encode / decode / make_cache / bos_id / eos_id / pad_id).
+
+    beam_size 1 is greedy decoding. Beam search keeps the `beam_size` best partial hypotheses per sentence by
+    summed log-probability; when ending a beam with </s> ranks among the step's `beam_size` best candidates,
+    that hypothesis is finished and scored by its sum / length_penalty(len, alpha); the best finished one is
+    returned. A sentence stops early once no live beam can beat its best finished one (live scores only fall,
+    and the penalty is at most length_penalty(max_len)). Output rows start after <s>,
+    end with </s> where one was produced and are right-padded with pad_id.
+    """
+    if beam_size < 1:
+        raise ModelError(f"seq2seq_generate: beam_size must be >= 1, got {beam_size}")
+    was_training = model.training
+    model.eval()
+    try:
+        if src_mask is None:
+            src_mask = src != model.pad_id
+        if beam_size == 1:
+            return _greedy(model, src, src_mask, max_len or model.block_size)
+        return _beam_search(model, src, src_mask, beam_size, max_len or model.block_size, alpha)
+    finally:
+        model.train(was_training)
+
+
+def _greedy(model, src, src_mask, max_len: int) -> torch.Tensor:
+    B, dev = src.shape[0], src.device
+    memory = model.encode(src, src_mask)
+    cache = model.make_cache(B, max_len, dtype=memory.dtype, device=dev)
+    tok = torch.full((B, 1), model.bos_id, dtype=torch.long, device=dev)
+    out, finished = [], torch.zeros(B, dtype=torch.bool, device=dev)
+    for _ in range(max_len):
+        tok = model.decode(tok, memory, src_mask, cache=cache)[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        tok = tok.masked_fill(finished[:, None], model.pad_id)  # after </s>: padding
+        out.append(tok)
+        finished |= tok[:, 0] == model.eos_id
+        if bool(finished.all()):
+            break
+    return torch.cat(out, dim=1)
+
+
+def _beam_search(model, src, src_mask, K: int, max_len: int, alpha: float) -> torch.Tensor:
+    B, dev = src.shape[0], src.device
+    bos, eos, pad = model.bos_id, model.eos_id, model.pad_id
+    memory = model.encode(src, src_mask)  # (B, S, C)
+    memory = memory.repeat_interleave(K, dim=0)  # (B*K, S, C): beam k of sentence b is row b*K + k
+    mem_mask = src_mask.repeat_interleave(K, dim=0)
+    cache = model.make_cache(B * K, max_len, dtype=memory.dtype, device=dev)
+    tokens = torch.full((B * K, 1), bos, dtype=torch.long, device=dev)
+    scores = torch.full((B, K), float("-inf"), device=dev)
+    scores[:, 0] = 0.0  # all beams start identical: keep one alive so the first step does not pick K copies
+    fin_score = torch.full((B,), float("-inf"), device=dev)
+    fin_tokens = torch.full((B, max_len + 1), pad, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    base = (torch.arange(B, device=dev) * K)[:, None]  # (B, 1)
+    for step in range(1, max_len + 1):
+        logits = model.decode(tokens[:, -1:], memory, mem_mask, cache=cache)[:, -1]  # (B*K, V)
+        logp = torch.log_softmax(logits.float(), dim=-1).view(B, K, -1)
+        V = logp.shape[-1]
+        cand = scores[:, :, None] + logp  # (B, K, V)
+        # hypotheses that end here (</s> among the K best candidates): the best one per sentence replaces the
+        # finished one if it scores higher after length normalization
+        kth = cand.view(B, -1).topk(K, dim=1).values[:, -1:]  # (B, 1)
+        eos_norm = torch.where(cand[:, :, eos] >= kth, cand[:, :, eos], float("-inf")) / length_penalty(step, alpha)
+        best, best_k = eos_norm.max(dim=1)
+        better = (best > fin_score) & ~done
+        if better.any():
+            rows = (base[:, 0] + best_k)[better]
+            fin_tokens[better, :step] = torch.cat(
+                [tokens[rows, 1:], torch.full((len(rows), 1), eos, dtype=torch.long, device=dev)], dim=1)
+            fin_tokens[better, step:] = pad
+            fin_score = torch.where(better, best, fin_score)
+        cand[:, :, eos] = float("-inf")  # live beams continue with other tokens
+        top, idx = cand.view(B, K * V).topk(K, dim=1)  # (B, K)
+        parent = (base + idx // V).view(-1)  # (B*K,) rows of the beams extended
+        for c in cache:
+            c.reorder(parent)
+        tokens = torch.cat([tokens[parent], (idx % V).view(-1, 1)], dim=1)
+        scores = top
+        # no live beam can still win: its score only falls, its penalty grows at most to max_len's
+        done |= (scores.max(dim=1).values / length_penalty(max_len, alpha) < fin_score)
+        if bool(done.all()):
+            break
+    out = fin_tokens
+    unfinished = fin_score == float("-inf")  # no </s> within max_len: return the best live beam
+    if unfinished.any():
+        best_live = (base[:, 0] + scores.argmax(dim=1))[unfinished]
+        out[unfinished, :tokens.shape[1] - 1] = tokens[best_live, 1:]
+    lengths = (out != pad).sum(dim=1)
+    return out[:, :max(1, int(lengths.max()))]

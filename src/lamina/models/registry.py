@@ -23,7 +23,7 @@ class ModelEntry:
     factory: Callable[..., nn.Module]
     description: str
     # Default input for the registry-wide contract tests and `lamina models`: per-sample shape.
-    input_kind: str  # "image" | "vector" | "tokens"
+    input_kind: str  # "image" | "vector" | "tokens" | "seq2seq" (source + target ids) | "multimodal"
 
 
 _REGISTRY: dict[str, ModelEntry] = {}

@@ -16,10 +16,12 @@ from lamina.errors import ModelError, unknown_name
 # instance across layers would make printed models and hooks confusing).
 _FACTORIES: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
+    "relu6": nn.ReLU6,  # MobileNet / EfficientNet-Lite: bounded, quantizes well
     "leaky_relu": lambda: nn.LeakyReLU(0.01),  # torch's default slope; init.py uses the same slope for its gain
     "sigmoid": nn.Sigmoid,
     "tanh": nn.Tanh,
     "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),  # GPT-2's / T5 v1.1's "gelu_new"
     "silu": nn.SiLU,
     "elu": nn.ELU,
     "identity": nn.Identity,

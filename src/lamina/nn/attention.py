@@ -19,6 +19,10 @@
   the current length and attends over everything cached so far. Decoding runs without gradients; a cache is not
   meant to be backpropagated through across steps (its buffers are written in place).
 
+* `attn_bias` (float, broadcastable to (B, nh, T, S)) is added to the scores before the softmax: T5's
+  relative position bias, ALiBi. `scale` replaces 1/sqrt(hs) (T5 folds the scale into its init: scale=1).
+* `KVCache.reorder(idx)` selects batch rows (beam search keeps the caches of the surviving beams).
+
 `reference_attention` is the explicit softmax(QK^T / sqrt(d)) V, kept for parity tests and benchmarks.
 """
 
@@ -47,11 +51,15 @@ def causal_mask(T: int, S: int, device=None) -> torch.Tensor:
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
-                      causal: bool = False) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hs)) with a boolean mask (True = attend): (B, nh, T, S); fully masked rows are 0."""
+                      causal: bool = False, bias: torch.Tensor | None = None,
+                      scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) with a boolean mask (True = attend): (B, nh, T, S); fully masked rows are 0.
+    scale defaults to 1/sqrt(hs)."""
     k = repeat_kv(k, q.shape[1] // k.shape[1])  # (B, nh, S, hs)
     T, S = q.shape[-2], k.shape[-2]
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, S)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)  # (B, nh, T, S)
+    if bias is not None:
+        att = att + bias
     if causal:
         cm = causal_mask(T, S, q.device)
         mask = cm if mask is None else mask & cm
@@ -62,10 +70,12 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | Non
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                        causal: bool = False) -> torch.Tensor:
-    """Explicit softmax(q k^T / sqrt(hs)) v; q (B, nh, T, hs), k/v (B, n_kv, S, hs), mask bool broadcastable
-    to (B, nh, T, S) with True = attend. The ground truth for the SDPA path."""
-    return attention_weights(q, k, mask, causal) @ repeat_kv(v, q.shape[1] // v.shape[1])  # (B, nh, T, hs)
+                        causal: bool = False, bias: torch.Tensor | None = None,
+                        scale: float | None = None) -> torch.Tensor:
+    """Explicit softmax(q k^T / sqrt(hs) + bias) v; q (B, nh, T, hs), k/v (B, n_kv, S, hs), mask bool
+    broadcastable to (B, nh, T, S) with True = attend. The ground truth for the SDPA path."""
+    att = attention_weights(q, k, mask, causal, bias, scale)
+    return att @ repeat_kv(v, q.shape[1] // v.shape[1])  # (B, nh, T, hs)
 
 
 class KVCache:
@@ -84,6 +94,11 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+    def reorder(self, idx: torch.Tensor) -> None:
+        """Keep batch rows `idx` (B',) of the filled part, e.g. the parents of the beams that survive a step."""
+        self.k = self.k.index_select(0, idx)
+        self.v = self.v.index_select(0, idx)
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k, v (B, n_kv, T, hs); return every cached key/value so far, (B, n_kv, length, hs)."""
@@ -106,7 +121,7 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: int | None = None, dropout: float = 0.0,
                  bias: bool = True, causal: bool = False, rope: nn.Module | None = None,
-                 kv_dim: int | None = None):
+                 kv_dim: int | None = None, scale: float | None = None):
         super().__init__()
         n_kv_head = n_head if n_kv_head is None else n_kv_head
         if d_model % n_head:
@@ -116,7 +131,7 @@ class MultiHeadAttention(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ModelError(f"attention: dropout must be in [0, 1), got {dropout}")
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, d_model // n_head
-        self.dropout, self.causal, self.rope = dropout, causal, rope
+        self.dropout, self.causal, self.rope, self.scale = dropout, causal, rope, scale
         kv_dim = d_model if kv_dim is None else kv_dim
         self.q_proj = nn.Linear(d_model, n_head * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(kv_dim, n_kv_head * self.head_dim, bias=bias)
@@ -131,9 +146,11 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None,
                 key_padding_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                need_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                need_weights: bool = False, attn_bias: torch.Tensor | None = None,
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C); kv (B, S, kv_dim) for cross-attention; key_padding_mask (B, S) bool, True = keep,
-        covering every key (cached ones included); cache: self-attention only, T new positions are appended."""
+        covering every key (cached ones included); cache: self-attention only, T new positions are appended;
+        attn_bias: float, broadcastable to (B, nh, T, S), added to the scaled scores."""
         B, T, C = x.shape
         if kv is not None and (cache is not None or self.rope is not None):
             raise ModelError("attention: a kv cache and rotary embeddings apply to self-attention only, "
@@ -149,29 +166,33 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)  # (B, n_kv, offset + T, hs)
             S = k.shape[2]
-        mask, is_causal = self._mask(B, T, S, key_padding_mask, x.device)
+        mask, is_causal = self._mask(B, T, S, key_padding_mask, x.device, explicit=attn_bias is not None)
 
         if need_weights:
-            att = attention_weights(q, k, mask, causal=is_causal)  # (B, nh, T, S)
+            att = attention_weights(q, k, mask, is_causal, attn_bias, self.scale)  # (B, nh, T, S)
             y = self.attn_drop(att) @ repeat_kv(v, self.n_head // self.n_kv_head)  # (B, nh, T, hs)
         else:
             gqa = self.n_kv_head != self.n_head
             if gqa and not _SDPA_GQA:
                 k, v = repeat_kv(k, self.n_head // self.n_kv_head), repeat_kv(v, self.n_head // self.n_kv_head)
+            if attn_bias is not None:  # SDPA takes one float mask: the bias, with -inf where masked
+                bias = attn_bias.to(q.dtype)
+                mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
+                scale=self.scale,
                 **({"enable_gqa": True} if gqa and _SDPA_GQA else {}),
             )  # (B, nh, T, hs)
         y = self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))  # (B, T, C)
         return (y, att) if need_weights else y
 
     def _mask(self, B: int, T: int, S: int, key_padding_mask: torch.Tensor | None,
-              device) -> tuple[torch.Tensor | None, bool]:
+              device, explicit: bool = False) -> tuple[torch.Tensor | None, bool]:
         """(mask, is_causal): a boolean (B | 1, 1, T, S) mask, or None plus `is_causal` for SDPA's own causal
-        kernels when causal is all there is (no padding mask, no cache offset)."""
+        kernels when causal is all there is (no padding mask, no cache offset, no bias: `explicit` False)."""
         # One query (T == 1) under a bottom-right causal mask sees every key: decoding steps need no mask.
         causal = self.causal and T > 1
-        if key_padding_mask is None and (not causal or T == S):
+        if key_padding_mask is None and (not causal or (T == S and not explicit)):
             return None, causal
         mask = causal_mask(T, S, device)[None, None] if causal else None  # (1, 1, T, S)
         if key_padding_mask is not None:

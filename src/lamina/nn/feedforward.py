@@ -34,13 +34,20 @@ class FeedForward(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """(B, T, dim) -> (B, T, dim): out_proj(silu(gate_proj(x)) * up_proj(x))."""
+    """(B, T, dim) -> (B, T, dim): out_proj(drop(act(gate_proj(x)) * up_proj(x))); act = silu by default.
 
-    def __init__(self, dim: int, hidden: int, bias: bool = False):
+    Other gates are the same block with another activation: GEGLU (T5 v1.1's "gated-gelu") is
+    `SwiGLU(dim, hidden, activation="gelu_tanh")`."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False, activation: str | nn.Module = "silu",
+                 dropout: float = 0.0):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.out_proj = nn.Linear(hidden, dim, bias=bias)
+        self.act = F.silu if activation == "silu" else (
+            get_activation(activation) if isinstance(activation, str) else activation)
+        self.drop = nn.Dropout(dropout)  # T5 drops the gated hidden units before out_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, hidden) -> (B, T, dim)
+        return self.out_proj(self.drop(self.act(self.gate_proj(x)) * self.up_proj(x)))  # (B,T,hidden) -> (B,T,dim)

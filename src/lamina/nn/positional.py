@@ -111,3 +111,48 @@ class RotaryEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, max_len={self.max_len}, base={self.base}"
+
+
+def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool = True, num_buckets: int = 32,
+                             max_distance: int = 128) -> torch.Tensor:
+    """T5's bucketing of key_pos - query_pos (Raffel et al. 2020, sec. 2.1): half the buckets are exact small
+    offsets, the rest grow logarithmically up to max_distance (everything beyond shares the last bucket).
+    Bidirectional (encoder) splits the buckets by sign; unidirectional (decoder) sees only the past."""
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)  # future keys (> 0) are masked anyway; map them to 0
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    # log-spaced buckets between max_exact and max_distance; the float division is safe where is_small
+    large = max_exact + (torch.log(distance.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).long()
+    large = large.clamp(max=num_buckets - 1)
+    return buckets + torch.where(is_small, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+    """T5 relative position bias: a learned scalar per (bucket, head), added to the attention scores.
+
+    `forward(T, S, offset)` -> (1, n_head, T, S) for queries at positions offset .. offset+T-1 and keys at
+    0 .. S-1 (offset = the KV cache length while decoding)."""
+
+    def __init__(self, n_head: int, num_buckets: int = 32, max_distance: int = 128, bidirectional: bool = True):
+        super().__init__()
+        self.n_head, self.num_buckets, self.max_distance = n_head, num_buckets, max_distance
+        self.bidirectional = bidirectional
+        self.relative_attention_bias = nn.Embedding(num_buckets, n_head)
+
+    def forward(self, T: int, S: int, offset: int = 0) -> torch.Tensor:
+        device = self.relative_attention_bias.weight.device
+        q_pos = torch.arange(offset, offset + T, device=device)[:, None]  # (T, 1)
+        k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+        buckets = relative_position_bucket(k_pos - q_pos, self.bidirectional, self.num_buckets, self.max_distance)
+        return self.relative_attention_bias(buckets).permute(2, 0, 1)[None]  # (T, S, nh) -> (1, nh, T, S)
+
+    def extra_repr(self) -> str:
+        return f"n_head={self.n_head}, buckets={self.num_buckets}, max_distance={self.max_distance}, " \
+               f"bidirectional={self.bidirectional}"

@@ -1,0 +1,132 @@
+"""Sequence to sequence (translation): teacher forcing, label-smoothed cross-entropy, BLEU with sacrebleu.
+
+Batches come from lamina.data.parallel: src (B, S), tgt = <s> y </s> (B, T), right-padded with pad_id.
+The model reads tgt[:, :-1] and predicts tgt[:, 1:]; padding positions are ignored by the loss and metrics.
+
+Per-epoch validation reports what is cheap (token loss, perplexity, token accuracy). BLEU needs decoding,
+so it runs once at test time (`test_extras`): beam search (beam_size, GNMT length penalty alpha), detokenize
+with the run's tokenizer, and sacrebleu's corpus BLEU against the untouched reference strings (its default
+13a tokenization: the comparable, "detokenized" BLEU of the WMT tables). The translations are written beside
+the run (translations_<split>.txt) so a score can always be checked by eye.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torchmetrics.text import Perplexity
+
+from lamina.errors import ConfigError, MissingDependencyError, unknown_name
+
+
+class Seq2SeqTask:
+    name = "seq2seq"
+    default_monitor = ("val/loss", "min")
+    OPTIONS = ("label_smoothing", "beam_size", "alpha", "max_len_a", "max_len_b", "decode_batch_size")
+
+    def __init__(self, vocab_size: int, pad_id: int = 0, label_smoothing: float = 0.1, beam_size: int = 4,
+                 alpha: float = 0.6, max_len_a: float = 1.5, max_len_b: int = 10, decode_batch_size: int = 128):
+        self.vocab_size, self.pad_id = int(vocab_size), int(pad_id)
+        self.label_smoothing = float(label_smoothing)
+        if not isinstance(beam_size, int) or beam_size < 1:
+            raise ConfigError(f"task.beam_size: expected an integer >= 1, got {beam_size!r}")
+        self.beam_size, self.alpha = beam_size, float(alpha)
+        # decode at most a * source length + b tokens (fairseq's max_len_a/b): translations are rarely longer
+        self.max_len_a, self.max_len_b = float(max_len_a), int(max_len_b)
+        self.decode_batch_size = int(decode_batch_size)
+
+    @classmethod
+    def from_facts(cls, facts: dict, options: dict) -> "Seq2SeqTask":
+        bad = [k for k in options if k not in cls.OPTIONS]
+        if bad:
+            raise ConfigError(f"task.{bad[0]}: {unknown_name('seq2seq option', bad[0], cls.OPTIONS)}")
+        meta = facts["meta"]
+        return cls(meta["vocab_size"], meta.get("pad_id", 0), **options)
+
+    @staticmethod
+    def model_options(facts: dict) -> dict:
+        meta = facts["meta"]
+        return {"vocab_size": int(meta["vocab_size"]), "pad_id": meta.get("pad_id", 0),
+                "bos_id": meta.get("bos_id", 2), "eos_id": meta.get("eos_id", 3)}
+
+    @staticmethod
+    def check_model(model, facts: dict) -> None:
+        if getattr(model, "output_kind", None) != "seq2seq":
+            raise ConfigError(f"model.name: {getattr(model, 'model_name', type(model).__name__)} is not an "
+                              "encoder-decoder model; seq2seq data needs one such as t5_mini")
+
+    # ----- training ------------------------------------------------------------------------------------
+    def forward(self, model, batch):
+        src = batch["src"]
+        return model(src, batch["tgt"][:, :-1], src != self.pad_id)  # (B, T-1, V)
+
+    def loss(self, outputs, batch):
+        y = batch["tgt"][:, 1:]
+        return F.cross_entropy(outputs.float().reshape(-1, outputs.size(-1)), y.reshape(-1),
+                               ignore_index=self.pad_id, label_smoothing=self.label_smoothing)
+
+    def train_stats(self, outputs, batch):
+        y = batch["tgt"][:, 1:]
+        real = y != self.pad_id
+        return {"correct": ((outputs.detach().argmax(-1) == y) & real).sum(), "tokens": real.sum()}
+
+    def summarize_train(self, sums: dict, n: int) -> dict:
+        return {"acc": float(sums["correct"]) / max(float(sums["tokens"]), 1.0)}
+
+    def make_metrics(self):
+        return torchmetrics.MetricCollection({
+            "ppl": Perplexity(ignore_index=self.pad_id),
+            "acc": torchmetrics.Accuracy(task="multiclass", num_classes=self.vocab_size, ignore_index=self.pad_id),
+        })
+
+    def update_metrics(self, metrics, outputs, batch):
+        out, y = outputs.float(), batch["tgt"][:, 1:]
+        metrics["ppl"].update(out, y)
+        metrics["acc"].update(out.reshape(-1, out.size(-1)), y.reshape(-1))
+
+    def predict(self, outputs):
+        probs = outputs.float().softmax(-1)
+        conf, label = probs.max(-1)
+        return {"label": label, "confidence": conf}
+
+    # ----- decoding and BLEU ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def translate(self, model, tokenizer, sources: list[str], device=None, max_len: int | None = None,
+                  on_batch=None) -> list[str]:
+        """Beam-search translations of raw source strings, detokenized."""
+        from lamina.models.generation import seq2seq_generate
+
+        device = device or next(model.parameters()).device
+        model = model.to(device).eval()
+        ids = tokenizer.encode_batch(sources)
+        cap = max_len or getattr(model, "block_size", 128)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths per batch: less padding
+        out: list[str] = [""] * len(ids)
+        for b in range(0, len(order), self.decode_batch_size):
+            rows = order[b:b + self.decode_batch_size]
+            src, src_len = tokenizer.pad([ids[i] for i in rows], eos=True, max_len=cap)
+            limit = min(cap, int(self.max_len_a * int(src_len.max()) + self.max_len_b))
+            hyp = seq2seq_generate(model, src.to(device), beam_size=self.beam_size, max_len=limit,
+                                   alpha=self.alpha)
+            for i, text in zip(rows, tokenizer.decode_batch(hyp.cpu())):
+                out[i] = text
+            if on_batch is not None:
+                on_batch(len(rows))
+        return out
+
+    def test_extras(self, model, bundle, split: str, device, run_dir: Path | None = None) -> dict:
+        try:
+            import sacrebleu
+        except ImportError:
+            raise MissingDependencyError('sacrebleu is needed for BLEU; install it with pip install "lamina[text]"'
+                                         ) from None
+        sources, refs = bundle.extras["text"][split]
+        hyps = self.translate(model, bundle.extras["tokenizer"], sources, device)
+        bleu = sacrebleu.corpus_bleu(hyps, [refs])
+        chrf = sacrebleu.corpus_chrf(hyps, [refs])
+        if run_dir is not None:
+            (Path(run_dir) / f"translations_{split}.txt").write_text("\n".join(hyps) + "\n", encoding="utf-8")
+        return {f"{split}/bleu": round(bleu.score, 2), f"{split}/chrf": round(chrf.score, 2)}
