@@ -170,3 +170,18 @@ def test_errors_are_one_line():
         model(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ModelError, match="beam_size must be >= 1"):
         seq2seq_generate(model, torch.ones(1, 3, dtype=torch.long), beam_size=0)
+
+
+def test_scaled_attention_is_a_reparameterization_of_t5():
+    """scaled_attention=True computes softmax(q k / sqrt(d_kv)); with q weights multiplied by sqrt(d_kv) it is the
+    very same function as T5's unscaled scores (only what Adam sees changes)."""
+    a = small()
+    b = small(scaled_attention=True)
+    sd = a.state_dict()
+    hs = a.cfg.d_model // a.cfg.n_head
+    b.load_state_dict({k: v * hs ** 0.5 if k.endswith("q_proj.weight") else v for k, v in sd.items()})
+    src, tgt = torch.randint(5, 100, (2, 9)), torch.randint(5, 100, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(b(src, tgt), a(src, tgt), atol=1e-5, rtol=1e-5)
+    q_std = b.encoder.blocks[0].self_attn.q_proj.weight.std().item()
+    assert abs(q_std - a.cfg.d_model ** -0.5) < 0.03  # init: C^-0.5 instead of (C * d_kv)^-0.5

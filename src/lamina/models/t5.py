@@ -60,6 +60,14 @@ class T5Config:
     ffn: str = "gated-gelu"  # T5 v1.1; "relu" is the original T5 feed-forward
     tie_weights: bool = True  # lm_head = shared embedding (scaled by d_model^-0.5), as T5 v1.0
     norm_eps: float = 1e-6  # T5's layer_norm_epsilon
+    # T5 inits embeddings N(0, 1) for Adafactor, whose updates scale with each tensor's RMS; under Adam(W) an
+    # N(0, 1) table moves ~50x slower relative to its size than the rest of the net: give a smaller std there
+    embed_std: float = 1.0
+    # T5 scores q.k unscaled and puts 1/sqrt(d_kv) into q's init (std (C * d_kv)^-0.5, ~0.008 at C=256). That
+    # is built for Adafactor's relative updates; AdamW's absolute steps of ~1e-3 move such a q by >10% per step
+    # and training goes unstable. True: the usual 1/sqrt(d_kv) score scale and q init C^-0.5, the same function
+    # family, well conditioned for Adam. False keeps T5's exact parameterization (pretrained T5 weights).
+    scaled_attention: bool = False
     block_size: int = 128  # longest target sequence the decoder produces (relative positions have no hard limit)
     pad_id: int = 0  # lamina tokenizers: <pad>=0, <s>=2, </s>=3
     bos_id: int = 2  # decoder start token (HF T5 uses pad=0; any id works as long as training agrees)
@@ -103,7 +111,8 @@ class T5Block(nn.Module):
     def __init__(self, cfg: T5Config, decoder: bool):
         super().__init__()
         C, nh = cfg.d_model, cfg.n_head
-        attn = dict(dropout=cfg.dropout, bias=False, scale=1.0)  # T5: no 1/sqrt(d) (it is in the init)
+        # T5: no 1/sqrt(d) (it is in the init), unless scaled_attention (see T5Config)
+        attn = dict(dropout=cfg.dropout, bias=False, scale=None if cfg.scaled_attention else 1.0)
         self.ln_self = RMSNorm(C, eps=cfg.norm_eps)
         self.self_attn = MultiHeadAttention(C, nh, causal=decoder, **attn)
         if decoder:
@@ -167,12 +176,12 @@ class T5(nn.Module):
     def _init_weights(self) -> None:
         """T5's init (Mesh TensorFlow): the 1/sqrt(fan_in) scales that make unscaled attention work."""
         C, hs, ff = self.cfg.d_model, self.cfg.d_model // self.cfg.n_head, self.cfg.d_ff
-        nn.init.normal_(self.shared.weight, std=1.0)
+        nn.init.normal_(self.shared.weight, std=self.cfg.embed_std)
         if not self.cfg.tie_weights:
             nn.init.normal_(self.lm_head.weight, std=C ** -0.5)
         for name, m in self.named_modules():
             if isinstance(m, MultiHeadAttention):
-                nn.init.normal_(m.q_proj.weight, std=(C * hs) ** -0.5)
+                nn.init.normal_(m.q_proj.weight, std=C ** -0.5 if self.cfg.scaled_attention else (C * hs) ** -0.5)
                 nn.init.normal_(m.k_proj.weight, std=C ** -0.5)
                 nn.init.normal_(m.v_proj.weight, std=C ** -0.5)
                 nn.init.normal_(m.out_proj.weight, std=C ** -0.5)
