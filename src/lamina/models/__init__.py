@@ -2,6 +2,8 @@
 
 from lamina.models import cnn, gpt, lenet, mlp, resnet  # noqa: F401  (registers the families)
 from lamina.models import rnn  # noqa: F401  (recurrent family)
+from lamina.models import llama  # noqa: F401  (Llama decoder-only LMs)
+from lamina.models import t5  # noqa: F401  (T5 encoder-decoder)
 from lamina.models.contract import check_input_shape, example_input
 from lamina.models.generation import generate
 from lamina.models.registry import create_model, get_entry, list_models, register_model
