@@ -186,7 +186,8 @@ def test_cli_trains_t5_on_a_multi30k_slice_and_translates(tmp_path, capsys):
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert summary["task"] == "seq2seq" and 0.0 <= summary["test"]["test/bleu"] <= 100.0
     assert (tmp_path / "t" / "tokenizer.json").is_file()
-    assert len((tmp_path / "t" / "translations_test.txt").read_text().splitlines()) == 1000
+    lines = (tmp_path / "t" / "translations_test.txt").read_text(encoding="utf-8").split("\n")
+    assert len(lines) == 1001 and lines[-1] == ""  # one line per test sentence
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "t"), "--prompt", "A dog runs."]) == 0
     assert capsys.readouterr().out.strip()  # some German-looking text; quality is what BLEU measures

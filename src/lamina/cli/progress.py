@@ -9,7 +9,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from lamina.engine.callbacks import Callback
 
-_SHOW = ("train/loss", "train/acc", "train/mae", "val/loss", "val/acc", "val/mae", "val/r2")
+_SHOW = ("train/loss", "train/acc", "train/mae", "val/loss", "val/acc", "val/ppl", "val/mae", "val/r2", "val/zero_shot_acc",
+         "val/i2t_top1")
 
 
 class RichProgress(Callback):

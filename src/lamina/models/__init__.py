@@ -3,6 +3,10 @@
 from lamina.models import cnn, gpt, lenet, mlp, resnet  # noqa: F401  (registers the families)
 from lamina.models import rnn  # noqa: F401  (recurrent family)
 from lamina.models import llama  # noqa: F401  (Llama decoder-only LMs)
+from lamina.models import vit  # noqa: F401  (Vision Transformers)
+from lamina.models import efficientnet  # noqa: F401  (EfficientNet B0 / Lite0)
+from lamina.models import bert  # noqa: F401  (BERT encoders: masked LM, sequence classifiers)
+from lamina.models import multimodal  # noqa: F401  (CLIP-style dual encoder, fusion classifier)
 from lamina.models import t5  # noqa: F401  (T5 encoder-decoder)
 from lamina.models.contract import check_input_shape, example_input
 from lamina.models.generation import generate

@@ -9,9 +9,11 @@ from lamina.nn.attention import (
     reference_attention,
     repeat_kv,
 )
+from lamina.nn.droppath import DropPath, drop_path
 from lamina.nn.feedforward import FeedForward, SwiGLU
 from lamina.nn.init import init_weights
 from lamina.nn.norms import NORM_KINDS, RMSNorm, make_norm
+from lamina.nn.patch import PatchEmbed
 from lamina.nn.positional import (
     LearnedPositionalEmbedding,
     RotaryEmbedding,
@@ -27,4 +29,5 @@ __all__ = [
     "sinusoidal_table",
     "RMSNorm", "make_norm", "NORM_KINDS",
     "FeedForward", "SwiGLU",
+    "PatchEmbed", "DropPath", "drop_path",
 ]

@@ -5,9 +5,19 @@ from lamina.tasks.base import Task, model_inputs
 from lamina.tasks.classification import ClassificationTask
 from lamina.tasks.language_modeling import LanguageModelingTask
 from lamina.tasks.regression import RegressionTask
+from lamina.tasks.masked_lm import MaskedLMTask
+from lamina.tasks.sequence_classification import SequenceClassificationTask
 
 TASKS = {"classification": ClassificationTask, "regression": RegressionTask,
          "language_modeling": LanguageModelingTask}
+TASKS["masked_lm"] = MaskedLMTask
+TASKS["sequence_classification"] = SequenceClassificationTask
+from lamina.tasks.seq2seq import Seq2SeqTask  # noqa: E402
+TASKS["seq2seq"] = Seq2SeqTask
+from lamina.tasks.contrastive import ContrastiveTask  # noqa: E402
+TASKS["contrastive"] = ContrastiveTask
+from lamina.tasks.fusion import FusionTask  # noqa: E402
+TASKS["fusion"] = FusionTask
 
 
 def build_task(name: str, **kwargs):

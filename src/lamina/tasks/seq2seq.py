@@ -128,5 +128,7 @@ class Seq2SeqTask:
         bleu = sacrebleu.corpus_bleu(hyps, [refs])
         chrf = sacrebleu.corpus_chrf(hyps, [refs])
         if run_dir is not None:
-            (Path(run_dir) / f"translations_{split}.txt").write_text("\n".join(hyps) + "\n", encoding="utf-8")
+            # one line per source; a byte-level model can emit line breaks, which would break the alignment
+            lines = [" ".join(h.splitlines()) for h in hyps]
+            (Path(run_dir) / f"translations_{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         return {f"{split}/bleu": round(bleu.score, 2), f"{split}/chrf": round(chrf.score, 2)}
