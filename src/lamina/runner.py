@@ -8,6 +8,11 @@
     runs/<name>/summary.json       final metrics, parameters, wall time, throughput
     runs/<name>/curves.png, confusion.png
 
+Under torchrun (`trainer.strategy=ddp|fsdp`) every rank runs `train`; rank 0 picks the run folder and writes
+every file; all ranks train, evaluate and checkpoint together (engine/distributed.py). When torchrun restarts
+the workers after a failure (`--max-restarts`), the restarted ranks find the run folder of the first attempt
+(runs/.elastic/<rdzv id>) and resume from its last checkpoint.
+
 The CLI is a thin shell over `train`, `evaluate` and `predict` here; nothing in this module prints.
 """
 
@@ -29,7 +34,8 @@ from lamina.data.windows import RandomWindowLoader, SequentialWindowLoader
 from lamina.engine import (CSVLogger, EarlyStopping, LRMonitor, ModelCheckpoint, TensorBoardLogger, Trainer,
                            build_optimizer, build_scheduler, seed_everything)
 from lamina.engine.precision import Precision, select_device
-from lamina.engine.checkpoint import load_checkpoint, load_weights, read_meta, resolve
+from lamina.engine.checkpoint import load_model_weights, read_meta, resolve
+from lamina.engine.distributed import Distributed, launched_by_torchrun, restart_count
 from lamina.errors import CheckpointError, ConfigError, DataError, LaminaError, unknown_name
 from lamina.models import create_model, get_entry
 from lamina.models.contract import check_input_shape
@@ -184,6 +190,28 @@ def _run_dir(cfg: RunConfig) -> Path:
     return d
 
 
+def _elastic_run_dir(cfg: RunConfig, dist: Distributed) -> tuple[Path, Path | None]:
+    """(run folder, checkpoint to resume or None) under torchrun. The first attempt creates the folder and
+    records it under the rendezvous id; a restart after a lost worker reads it back and resumes from `last`."""
+    choice = None
+    if dist.is_main:
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        pointer = Path(cfg.logging.root) / ".elastic" / f"{run_id}.txt"
+        if restart_count() > 0 and pointer.is_file():
+            d = Path(pointer.read_text().strip())
+            last = d / "checkpoints" / "last"
+            ok = last.exists() or (last.parent / ".last.old").exists()
+            choice = (str(d), str(d) if ok else None)
+        else:
+            d = _run_dir(cfg)
+            d.mkdir(parents=True, exist_ok=True)
+            pointer.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(pointer, str(d))
+            choice = (str(d), None)
+    d, resume = dist.broadcast_object(choice)
+    return Path(d), Path(resume) if resume else None
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -209,6 +237,18 @@ def train(cfg: RunConfig, callbacks=(), resume: str | Path | None = None, run_di
           ) -> RunResult:
     """Train per config. `resume`: a run folder or checkpoint; training continues in that run folder."""
     wall0 = time.perf_counter()
+    device = select_device(cfg.trainer.device)  # device/precision errors before anything is written
+    Precision(cfg.trainer.precision, device)
+    dist = Distributed.from_config(cfg.trainer, device)
+    try:
+        return _train(cfg, dist, callbacks, resume, run_dir, wall0)
+    finally:
+        dist.close()
+
+
+def _train(cfg: RunConfig, dist: Distributed, callbacks, resume, run_dir, wall0) -> RunResult:
+    if resume is None and run_dir is None and launched_by_torchrun():
+        run_dir, resume = _elastic_run_dir(cfg, dist)
     if resume is not None:
         ckpt = resolve(resume)
         run_dir = Path(run_dir) if run_dir else ckpt.parent.parent
@@ -223,8 +263,8 @@ def train(cfg: RunConfig, callbacks=(), resume: str | Path | None = None, run_di
     monitor, mode = trainer_cfg.monitor, trainer_cfg.monitor_mode
     if bundle.val is None and monitor.startswith("val/"):
         monitor = "train/loss"
-    device = select_device(trainer_cfg.device)  # device/precision errors before anything is written
-    Precision(trainer_cfg.precision, device)
+    device = dist.device
+    main = dist.is_main
 
     train_loader, val_loader = make_loaders(cfg, bundle, tname, device)
     steps_per_epoch = max(1, -(-len(train_loader) // trainer_cfg.accumulate))
@@ -232,24 +272,29 @@ def train(cfg: RunConfig, callbacks=(), resume: str | Path | None = None, run_di
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.schedule, total, steps_per_epoch, cfg.optimizer.lr)
 
-    run_dir = Path(run_dir) if run_dir else _run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run_dir / "config.yaml", to_yaml(cfg))
-    _atomic_write(run_dir / "data.json", json.dumps(facts, indent=2, default=_jsonable))
-    if "tokenizer" in bundle.extras:  # text runs: the tokenizer travels with the run
-        bundle.extras["tokenizer"].save(run_dir / "tokenizer.json")
+    if run_dir is None:
+        run_dir = dist.broadcast_object(str(_run_dir(cfg)) if main else None)
+    run_dir = Path(run_dir)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(run_dir / "config.yaml", to_yaml(cfg))
+        _atomic_write(run_dir / "data.json", json.dumps(facts, indent=2, default=_jsonable))
+        if "tokenizer" in bundle.extras:  # text runs: the tokenizer travels with the run
+            bundle.extras["tokenizer"].save(run_dir / "tokenizer.json")
+    if dist.rank > 0:  # same init everywhere (FSDP shards it as is), then rank-specific dropout streams
+        torch.manual_seed(cfg.seed + dist.rank)
 
     ckpt_cb = ModelCheckpoint(run_dir / "checkpoints", monitor=monitor, mode=mode)
     cbs = [ckpt_cb, LRMonitor()]
     es = trainer_cfg.early_stopping
     if es.patience is not None:
         cbs.append(EarlyStopping(monitor, mode, es.patience, es.min_delta))
-    loggers = [CSVLogger(run_dir / "metrics.csv")]
-    if cfg.logging.tensorboard:
+    loggers = [CSVLogger(run_dir / "metrics.csv")] if main else []
+    if cfg.logging.tensorboard and main:
         loggers.append(TensorBoardLogger(run_dir / "tb"))
-    if resume is not None:
+    if resume is not None and main:
         loggers[0].load()
-    trainer = Trainer(trainer_cfg, callbacks=[*cbs, *callbacks], loggers=loggers)
+    trainer = Trainer(trainer_cfg, callbacks=[*cbs, *(callbacks if main else ())], loggers=loggers, dist=dist)
     trainer.meta = {"config": to_dict(cfg), "model": cfg.model.name, "data": json.loads(
         json.dumps(facts, default=_jsonable))}
     history = trainer.fit(model, task, train_loader, val_loader, optimizer, scheduler,
@@ -257,16 +302,17 @@ def train(cfg: RunConfig, callbacks=(), resume: str | Path | None = None, run_di
 
     # Test with the best checkpoint's weights (the one a user would ship).
     best = run_dir / "checkpoints" / "best"
-    if best.exists():
-        weights, _, _ = load_checkpoint(best, with_state=False)
-        load_weights(model, weights, str(best))
+    if dist.broadcast_object(best.exists()):
+        load_model_weights(best, model)
     final = dict(history[-1]) if history else {}
     test_metrics, cm = {}, None
     if bundle.test is not None:
         test_loader = make_eval_loader(cfg, bundle.test, tname, device, bundle)
         test_metrics = trainer.evaluate(model, task, test_loader, prefix="test")
-        if hasattr(task, "test_extras"):  # metrics that need decoding, e.g. BLEU of beam-searched outputs
-            test_metrics.update(task.test_extras(model, bundle, "test", trainer.device, run_dir=run_dir))
+        if hasattr(task, "test_extras") and not dist.sharded_checkpoints:
+            # metrics that need decoding (BLEU of beam-searched outputs): rank 0 alone, on its full replica
+            extras = task.test_extras(model, bundle, "test", trainer.device, run_dir=run_dir) if main else None
+            test_metrics.update(dist.broadcast_object(extras))
         if tname == "classification":
             preds = trainer.predict(model, task, test_loader)["label"]
             cm = confusion_matrix(bundle.test.y, preds, bundle.num_classes)
@@ -281,8 +327,11 @@ def train(cfg: RunConfig, callbacks=(), resume: str | Path | None = None, run_di
         "train_tokens_per_s": (trainer.samples_seen * bundle.meta["block_size"] / trainer.train_time
                                if tname == "language_modeling" and trainer.train_time else None),
         "device": str(trainer.device), "precision": trainer_cfg.precision, "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "strategy": dist.strategy, "world_size": dist.world_size,
+        "context_parallel": dist.cp,
     }
+    if not main:
+        return RunResult(run_dir, summary, history)
     _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2, default=_jsonable))
     if cfg.logging.plots and history:
         from lamina.report import plot_confusion, plot_curves
@@ -323,9 +372,8 @@ def load_run(path: str | Path, which: str = "best"):
     facts = meta["data"]
     task = make_task(cfg, facts)
     model = build_model(cfg, facts)
-    weights, _, _ = load_checkpoint(ckpt, with_state=False)
     try:
-        load_weights(model, weights, str(ckpt))
+        load_model_weights(ckpt, model)
     except RuntimeError as e:  # shape mismatch
         raise CheckpointError(f"{ckpt} does not fit model {cfg.model.name}: {str(e).splitlines()[-1].strip()}") from None
     return cfg, model, task, facts, ckpt

@@ -86,11 +86,15 @@ def cmd_train(a, console) -> int:
         print(to_yaml(cfg), end="")
         return 0
     callbacks = []
-    if cfg.trainer.progress and not a.no_progress:
+    import os
+
+    if cfg.trainer.progress and not a.no_progress and os.environ.get("RANK", "0") == "0":
         from lamina.cli.progress import RichProgress
 
         callbacks.append(RichProgress(console))
     res = runner.train(cfg, callbacks=callbacks, resume=a.resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports for everyone
+        return 0
     s = res.summary
     test = "  ".join(f"{k} {v:.4f}" for k, v in s["test"].items())
     console.print(f"[bold green]done[/] in {s['wall_time_s']:.1f}s ({s['train_samples_per_s'] or 0:.0f} samples/s)"

@@ -83,6 +83,10 @@ class TrainerConfig(_Strict):
     log_every: PositiveInt = 20  # steps between train-loss log rows
     progress: bool = True  # live progress bar (CLI)
     threads: PositiveInt | None = None  # torch intra-op threads; None keeps torch's default
+    # auto: DDP when launched by torchrun with > 1 process, else one process. fsdp: FSDP2 (fully_shard) with
+    # sharded DCP checkpoints. data.batch_size stays the global batch whatever the number of processes.
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    context_parallel: PositiveInt = 1  # ranks that split each sequence (ring attention; GPT/Llama language models)
 
 
 class LoggingConfig(_Strict):

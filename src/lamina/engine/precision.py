@@ -28,12 +28,12 @@ def select_device(name: str = "auto") -> torch.device:
 
 
 class Precision:
-    def __init__(self, precision: str, device: torch.device):
+    def __init__(self, precision: str, device: torch.device, autocast: bool = True):
         if precision == "fp16" and device.type != "cuda":
             raise ConfigError(f"trainer.precision: fp16 needs a CUDA device (got {device.type}); use bf16 or fp32")
         self.precision, self.device = precision, device
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self._dtype = dtype
+        self._dtype = dtype if autocast else None  # autocast=False: FSDP's MixedPrecisionPolicy casts instead
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
     def autocast(self):

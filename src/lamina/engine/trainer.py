@@ -3,6 +3,12 @@ save_checkpoint) and `fit()` as a convenience loop over them. Override `train_st
 micro-batch does; everything else (precision, accumulation, clipping, scheduling, checkpoints, resume)
 stays the same.
 
+Distributed (`trainer.strategy=ddp|fsdp` under torchrun, see engine/distributed.py): the Trainer is the same
+on every rank. It wraps the model (DDP / FSDP2), gives each rank its part of every global batch, averages the
+epoch's training sums and the evaluation metrics over ranks, writes logs and plain checkpoints on rank 0 only,
+and writes sharded (DCP) checkpoints from every rank. Checkpoints keep every rank's RNG state, so a restart at
+the same world size continues exactly; at another world size, rank r takes the state of saved rank r % N.
+
 Hot-path rules: no host sync per step (training stats are summed on device and read once per log
 interval; the NaN check reads one bool per step only on CPU, where it costs nothing), callbacks without
 `on_train_batch_end` are not called per step, and in-memory data is indexed in whole batches.
@@ -10,6 +16,7 @@ interval; the NaN check reads one bool per step only on CPU, where it costs noth
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -19,21 +26,25 @@ import torch
 from lamina.config.io import validate_section
 from lamina.config.schema import TrainerConfig
 from lamina.engine.callbacks import ModelCheckpoint
-from lamina.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from lamina.engine.checkpoint import (load_checkpoint, load_sharded_into, load_weights, save_checkpoint,
+                                      save_sharded_checkpoint)
+from lamina.engine.distributed import Distributed
 from lamina.engine.precision import Precision, select_device
 from lamina.engine.seed import rng_state, set_deterministic, set_rng_state
-from lamina.errors import TrainingError
+from lamina.errors import CheckpointError, TrainingError
 
 
 class Trainer:
-    def __init__(self, config: TrainerConfig | None = None, callbacks=(), loggers=(), **overrides):
+    def __init__(self, config: TrainerConfig | None = None, callbacks=(), loggers=(), dist: Distributed | None = None,
+                 **overrides):
         cfg = config or TrainerConfig()
         # keyword overrides (Trainer(max_epochs=3)) get the same validation and messages as YAML
         self.cfg = validate_section(TrainerConfig, {**cfg.model_dump(), **overrides}, "trainer") if overrides else cfg
         self.callbacks = list(callbacks)
         self.loggers = list(loggers)
-        self.device = select_device(self.cfg.device)
-        self.precision = Precision(self.cfg.precision, self.device)
+        self.dist = dist if dist is not None else Distributed.from_config(self.cfg, select_device(self.cfg.device))
+        self.device = self.dist.device
+        self.precision = Precision(self.cfg.precision, self.device, autocast=not self.dist.fsdp_mixed_precision)
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         set_deterministic(self.cfg.deterministic)
@@ -59,7 +70,12 @@ class Trainer:
         if self.cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer, self.scheduler, self.task = optimizer, scheduler, task
-        self._forward_model = torch.compile(self.model) if self.cfg.compile else self.model
+        if self.dist.cp > 1:  # ring attention in place of SDPA; batches are split along the sequence
+            from lamina.engine.context_parallel import apply_context_parallel
+
+            apply_context_parallel(self.model, self.dist.cp_group)
+        wrapped = self.dist.wrap(self.model, optimizer)  # DDP wrapper, or the model itself sharded in place
+        self._forward_model = torch.compile(wrapped) if self.cfg.compile else wrapped
         return self.model
 
     def to_device(self, batch: dict) -> dict:
@@ -71,13 +87,18 @@ class Trainer:
 
     def train_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """One micro-batch forward: returns (loss, outputs). The override point."""
+        if self.dist.cp > 1:
+            from lamina.engine.context_parallel import shard_batch
+
+            batch = shard_batch(batch, self.dist.cp_group)
         with self.precision.autocast():
             outputs = self.task.forward(self._forward_model, batch)
             loss = self.task.loss(outputs, batch)
         return loss, outputs
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.precision.backward(loss / self.cfg.accumulate if self.cfg.accumulate > 1 else loss)
+        scale = getattr(self.train_loader, "loss_scale", 1.0) / self.cfg.accumulate  # see ShardedLoader
+        self.precision.backward(loss * scale if scale != 1.0 else loss)
 
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         self.precision.unscale(self.optimizer)
@@ -97,6 +118,7 @@ class Trainer:
             resume_from: str | Path | None = None) -> list[dict]:
         optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-3)
         self.setup(model, optimizer, scheduler, task)
+        train_loader = self.dist.shard(train_loader)
         self.train_loader, self.val_loader = train_loader, val_loader
         if hasattr(train_loader, "to"):
             train_loader.to(self.device)
@@ -130,12 +152,14 @@ class Trainer:
                     if i < skip:  # resume mid-epoch: replay the loader to the same position
                         continue
                     batch = self.to_device(batch)
-                    loss, outputs = self.train_step(batch)
-                    if check_finite and not math.isfinite(loss.item()):
-                        self._non_finite(loss)
-                    self.backward(loss)
+                    boundary = (i + 1) % acc == 0 or i + 1 == n_batches
+                    with self.dist.no_sync(self._forward_model) if not boundary else contextlib.nullcontext():
+                        loss, outputs = self.train_step(batch)
+                        if check_finite and not math.isfinite(loss.item()):
+                            self._non_finite(loss)
+                        self.backward(loss)
                     self.batch_in_epoch = i + 1
-                    if self.batch_in_epoch % acc == 0 or self.batch_in_epoch == n_batches:
+                    if boundary:
                         self.optimizer_step()
                     bs = len(batch["y"]) if "y" in batch else len(next(iter(batch.values())))
                     n_seen += bs
@@ -156,6 +180,8 @@ class Trainer:
                         self.should_stop = True
                     if self.should_stop:  # max_steps, or a callback asked (e.g. a time limit)
                         break
+                if self.dist.world_size > 1:  # epoch sums over all ranks (context-parallel peers count alike)
+                    loss_sum, n_seen, stat_sums = self._reduce_epoch_sums(loss_sum, n_seen, stat_sums)
                 dt = time.perf_counter() - t0
                 self.train_time += dt
                 self.samples_seen += n_seen
@@ -185,6 +211,13 @@ class Trainer:
                 lg.close()
         return self.history
 
+    def _reduce_epoch_sums(self, loss_sum, n_seen, stat_sums):
+        keys = sorted(stat_sums)
+        flat = torch.stack([loss_sum.float(), torch.tensor(float(n_seen), device=loss_sum.device),
+                            *[stat_sums[k].float().reshape(()) for k in keys]])
+        flat = self.dist.all_reduce_sum(flat) / self.dist.cp  # cp peers saw the same samples
+        return flat[0], int(round(float(flat[1]))), {k: flat[2 + i] for i, k in enumerate(keys)}
+
     def _steps_done(self) -> bool:
         return self.cfg.max_steps is not None and self.global_step >= self.cfg.max_steps
 
@@ -202,30 +235,51 @@ class Trainer:
         model.eval()
         metrics = task.make_metrics().to(self.device)
         loss_sum, n = 0.0, 0
-        for batch in loader:
-            batch = self.to_device(batch)
-            with self.precision.autocast():
-                outputs = task.forward(model, batch)
-                loss = task.loss(outputs, batch)
-            bs = len(outputs)
-            loss_sum += float(loss) * bs
-            n += bs
-            task.update_metrics(metrics, outputs, batch)
+        # Evaluation splits every batch over all ranks; context parallelism is for long training sequences,
+        # so its ring kernels step aside (each rank evaluates whole sequences).
+        loader = self.dist.shard(loader, train=False, ranks=self.dist.world_size, rank=self.dist.rank)
+        with self._without_context_parallel(model):
+            for batch in loader:
+                batch = self.to_device(batch)
+                with self.precision.autocast():
+                    outputs = task.forward(model, batch)
+                    loss = task.loss(outputs, batch)
+                if getattr(loader, "ignore_batch", False):  # an empty shard's stand-in (see ShardedLoader)
+                    continue
+                bs = len(outputs)
+                loss_sum += float(loss) * bs
+                n += bs
+                task.update_metrics(metrics, outputs, batch)
+        if self.dist.world_size > 1:
+            sums = self.dist.all_reduce_sum(torch.tensor([loss_sum, float(n)], dtype=torch.float64, device=self.device))
+            loss_sum, n = float(sums[0]), int(sums[1])
         out = {f"{prefix}/loss": loss_sum / max(n, 1)}
-        out.update({f"{prefix}/{k}": float(v) for k, v in metrics.compute().items()})
+        out.update({f"{prefix}/{k}": float(v) for k, v in metrics.compute().items()})  # torchmetrics syncs ranks
         model.train(was_training)
         return out
+
+    def _without_context_parallel(self, model):
+        if self.dist.cp == 1:
+            return contextlib.nullcontext()
+        from lamina.engine.context_parallel import context_parallel_disabled
+
+        return context_parallel_disabled(model)
 
     @torch.no_grad()
     def predict(self, model, task, loader) -> dict[str, torch.Tensor]:
         model = model.to(self.device).eval()
         parts: dict[str, list] = {}
-        for batch in loader:
-            batch = self.to_device(batch)
-            with self.precision.autocast():
-                outputs = task.forward(model, batch)
-            for k, v in task.predict(outputs).items():
-                parts.setdefault(k, []).append(v.cpu())
+        loader = self.dist.shard(loader, train=False, ranks=self.dist.world_size, rank=self.dist.rank)
+        with self._without_context_parallel(model):
+            for batch in loader:
+                batch = self.to_device(batch)
+                with self.precision.autocast():
+                    outputs = task.forward(model, batch)
+                for k, v in task.predict(outputs).items():
+                    parts.setdefault(k, []).append(v[:0].cpu() if getattr(loader, "ignore_batch", False) else v.cpu())
+        if self.dist.world_size > 1:  # batch b of the input = rank 0's part of b, rank 1's part of b, ...
+            every = self.dist.all_gather_object(parts)
+            parts = {k: [p[k][b] for b in range(len(parts[k])) for p in every] for k in parts}
         return {k: torch.cat(v) for k, v in parts.items()}
 
     # ----- checkpoints -----------------------------------------------------------------------
@@ -236,21 +290,37 @@ class Trainer:
         return {
             "epoch": self.epoch, "global_step": self.global_step, "batch_in_epoch": self.batch_in_epoch,
             "train_time": self.train_time, "samples_seen": self.samples_seen,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": None if self.dist.sharded_checkpoints else self.optimizer.state_dict(),  # sharded: in DCP
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "precision": self.precision.state_dict(),
-            "rng": rng_state(), "loader": loader_state,
+            "rng": self.dist.all_gather_object(rng_state()) if self.dist.world_size > 1 else rng_state(),
+            "world_size": self.dist.world_size, "loader": loader_state,
             "callbacks": [cb.state_dict() for cb in self.callbacks],
             "history": self.history,
-            "epoch_acc": ({"loss_sum": self._acc[0].detach().cpu(), "n_seen": self._n_seen,
-                           "stats": {k: v.detach().cpu() for k, v in self._acc[1].items()}}
-                          if self.batch_in_epoch and self._acc[0] is not None else None),
+            "epoch_acc": self._epoch_acc_state(),
         }
 
+    def _epoch_acc_state(self) -> dict | None:
+        """The current epoch's running sums (mid-epoch checkpoints), summed over ranks: rank 0 resumes them."""
+        if not self.batch_in_epoch or self._acc[0] is None:
+            return None
+        loss_sum, n_seen, stats = self._acc[0].detach(), self._n_seen, dict(self._acc[1])
+        if self.dist.world_size > 1:
+            loss_sum, n_seen, stats = self._reduce_epoch_sums(loss_sum.clone(), n_seen,
+                                                              {k: v.detach().clone() for k, v in stats.items()})
+        return {"loss_sum": loss_sum.cpu(), "n_seen": n_seen, "stats": {k: v.detach().cpu() for k, v in stats.items()}}
+
     def save_checkpoint(self, path: str | Path, metrics: dict | None = None) -> Path:
+        """Collective under torchrun: every rank calls it (ModelCheckpoint does); rank 0 or DCP writes."""
         meta = {**self.meta, "epoch": self.epoch, "global_step": self.global_step,
                 "batch_in_epoch": self.batch_in_epoch, "metrics": metrics or {}}
-        return save_checkpoint(path, self.model, self.state_dict(), meta)
+        state = self.state_dict()  # gathers every rank's RNG: all ranks take part
+        if self.dist.sharded_checkpoints:
+            return save_sharded_checkpoint(path, self.model, self.optimizer, state, meta, self.dist)
+        if self.dist.is_main:
+            save_checkpoint(path, self.model, state, meta)
+        self.dist.barrier()  # no rank runs ahead (and, e.g., reads `last`) before it is complete
+        return Path(path)
 
     def _restore_scheduler(self, saved: dict | None, step: int) -> None:
         """Same horizon: load the state (exact resume). A resume that extends the run (more epochs) keeps
@@ -267,8 +337,14 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path) -> dict:
         weights, state, meta = load_checkpoint(path)
-        load_weights(self.model, weights, str(path))
-        self.optimizer.load_state_dict(state["optimizer"])
+        if meta.get("sharded"):  # resharded by DCP onto this world size, sharded or plain model
+            load_sharded_into(path, self.model, self.optimizer)
+        elif self.dist.sharded_checkpoints:
+            raise CheckpointError(f"{path} is a plain (unsharded) checkpoint; resume it with trainer.strategy=ddp "
+                                  "or none; trainer.strategy=fsdp resumes sharded checkpoints written by fsdp")
+        else:
+            load_weights(self.model, weights, str(path))
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self._restore_scheduler(state.get("scheduler"), state["global_step"])
         self.precision.load_state_dict(state.get("precision", {}))
@@ -276,11 +352,12 @@ class Trainer:
         self.batch_in_epoch = state["batch_in_epoch"]
         self.train_time, self.samples_seen = state.get("train_time", 0.0), state.get("samples_seen", 0)
         self.history = list(state.get("history", []))
-        self._resumed_acc = state.get("epoch_acc")
+        self._resumed_acc = state.get("epoch_acc") if self.dist.rank == 0 else None  # sums over all ranks
         if state.get("loader") is not None and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(state["loader"])
             self._epoch_start_loader_state = state["loader"]
         for cb, s in zip(self.callbacks, state.get("callbacks", [])):
             cb.load_state_dict(s)
-        set_rng_state(state["rng"])
+        rng = state["rng"]
+        set_rng_state(rng[self.dist.rank % len(rng)] if isinstance(rng, list) else rng)
         return meta
