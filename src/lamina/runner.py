@@ -328,7 +328,7 @@ def _train(cfg: RunConfig, dist: Distributed, callbacks, resume, run_dir, wall0)
                                if tname == "language_modeling" and trainer.train_time else None),
         "device": str(trainer.device), "precision": trainer_cfg.precision, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "strategy": dist.strategy, "world_size": dist.world_size,
-        "context_parallel": dist.cp,
+        "context_parallel": dist.cp, "restarts": restart_count(),
     }
     if not main:
         return RunResult(run_dir, summary, history)

@@ -84,7 +84,14 @@ class Distributed:
             if torchrun:
                 if device.type == "cuda":
                     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-                dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+                # torchrun's store outlives a restart, and the dead attempt's gloo/NCCL addresses are still in
+                # it (pytorch/pytorch#167288: restarted ranks dial the old peers): a key prefix per attempt.
+                from torch.distributed.rendezvous import rendezvous
+
+                timeout = datetime.timedelta(minutes=30)
+                store, rank, world = next(rendezvous("env://", timeout=timeout))
+                store = dist.PrefixStore(f"lamina/attempt_{restart_count()}", store)
+                dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
             else:  # one process (e.g. resuming a sharded run alone): a private one-rank group, no network
                 dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
             owns = True

@@ -90,7 +90,7 @@ class Trainer:
         if self.dist.cp > 1:
             from lamina.engine.context_parallel import shard_batch
 
-            batch = shard_batch(batch, self.dist.cp_group)
+            batch, _ = shard_batch(batch, self.dist.cp_group)
         with self.precision.autocast():
             outputs = self.task.forward(self._forward_model, batch)
             loss = self.task.loss(outputs, batch)

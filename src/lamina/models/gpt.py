@@ -23,6 +23,10 @@ Incremental decoding with a KV cache (what `lamina.models.generation.generate` u
 
 With a cache, `idx` holds only the new tokens; their positions start at the cache's length (no `start_pos`
 to pass, so the two cannot disagree). Cached decoding gives the same logits as recomputing the whole prefix.
+
+`forward(idx, positions=p)` takes the tokens' global positions, long (T,) or (B, T) (HF's `position_ids`),
+instead of 0 .. T-1: a context-parallel rank holds a zigzag shard of the sequence (lamina.engine.
+context_parallel swaps ring attention into the blocks from outside; the model itself knows nothing of it).
 """
 
 from __future__ import annotations
@@ -39,6 +43,21 @@ from lamina.models.registry import register_model
 from lamina.nn import FeedForward, KVCache, LearnedPositionalEmbedding, MultiHeadAttention, make_norm
 
 _INT_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding accepts
+
+
+def check_positions(name: str, positions: torch.Tensor, idx: torch.Tensor, block_size: int) -> None:
+    """positions for token ids idx (B, T): integer (T,) or (B, T), every value in 0 .. block_size-1. One host
+    read per forward (the layers skip their own range check off the CPU)."""
+    B, T = idx.shape
+    if positions.dtype not in _INT_DTYPES or tuple(positions.shape) not in ((T,), (B, T)):
+        raise InputShapeError(f"model {name}: positions must be an int64 tensor of shape (T,) or (B, T) = "
+                              f"({B}, {T}), got {str(positions.dtype).removeprefix('torch.')} "
+                              f"{tuple(positions.shape)}")
+    if positions.numel():
+        lo, hi = torch.stack(torch.aminmax(positions)).tolist()
+        if lo < 0 or hi + 1 > block_size:
+            raise InputShapeError(f"model {name} handles positions 0 .. {block_size - 1} (block_size={block_size}), "
+                                  f"got positions {lo} .. {hi}")
 
 
 @dataclass
@@ -79,8 +98,9 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)  # residual dropout on both branches (nanoGPT's resid_dropout)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x), key_padding_mask=key_padding_mask, cache=cache))  # (B, T, C)
+                cache: KVCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), key_padding_mask=key_padding_mask, cache=cache,
+                                    positions=positions))  # (B, T, C)
         return x + self.drop(self.mlp(self.ln_2(x)))  # (B, T, C)
 
 
@@ -130,10 +150,13 @@ class GPT(nn.Module):
     def _name(self) -> str:
         return getattr(self, "model_name", "gpt")
 
-    def _check_idx(self, idx: torch.Tensor, offset: int) -> None:
+    def _check_idx(self, idx: torch.Tensor, offset: int, positions: torch.Tensor | None = None) -> None:
         if idx.dim() != 2 or idx.dtype not in _INT_DTYPES:
             got = f"{str(idx.dtype).removeprefix('torch.')} tensor of shape {tuple(idx.shape)}"
             raise InputShapeError(f"model {self._name} expects token ids of shape (B, T) and dtype int64, got {got}")
+        if positions is not None:
+            check_positions(self._name, positions, idx, self.block_size)
+            return
         T = idx.shape[1]
         if offset + T > self.block_size:
             where = f"T={T}" if offset == 0 else f"T={T} after {offset} cached positions"
@@ -146,24 +169,31 @@ class GPT(nn.Module):
         max_len = self.block_size if max_len is None else min(int(max_len), self.block_size)
         return [blk.attn.make_cache(batch_size, max_len, dtype, device) for blk in self.blocks]
 
-    def forward_features(self, idx: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> hidden states (B, T, C) after ln_f. With a cache, idx holds only the new tokens."""
+    def forward_features(self, idx: torch.Tensor, cache: list[KVCache] | None = None,
+                         positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> hidden states (B, T, C) after ln_f. With a cache, idx holds only the new tokens;
+        positions (T,) or (B, T), long: the tokens' positions instead of 0 .. T-1."""
         if cache is not None and len(cache) != len(self.blocks):
             raise ModelError(f"{self._name}: cache has {len(cache)} layers, the model {len(self.blocks)}; "
                              f"make it with model.make_cache(batch_size)")
+        if cache is not None and positions is not None:
+            raise ModelError(f"{self._name}: pass either a cache (positions continue from its length) or "
+                             f"positions, not both")
         offset = cache[0].length if cache else 0
-        self._check_idx(idx, offset)
-        x = self.drop(self.wpe(self.wte(idx), offset))  # (B, T, C)
+        self._check_idx(idx, offset, positions)
+        x = self.drop(self.wpe(self.wte(idx), offset, positions=positions))  # (B, T, C)
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cache=None if cache is None else cache[i])  # (B, T, C)
+            x = blk(x, cache=None if cache is None else cache[i])  # (B, T, C); wpe placed the positions
         return self.ln_f(x)  # (B, T, C)
 
     def forward_head(self, h: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return h if pre_logits else self.lm_head(h)  # (B, T, num_classes)
 
-    def forward(self, idx: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> next-token logits (B, T, vocab_size); see the module docstring for `cache`."""
-        return self.forward_head(self.forward_features(idx, cache))
+    def forward(self, idx: torch.Tensor, cache: list[KVCache] | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> next-token logits (B, T, vocab_size); see the module docstring for `cache` and
+        `positions`."""
+        return self.forward_head(self.forward_features(idx, cache, positions))
 
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh (n_embd -> num_classes) head, untied from wte; 0 -> no head (forward returns h)."""

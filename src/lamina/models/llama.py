@@ -16,8 +16,9 @@ Llama also scales with depth.
 
 Sequence contract: the same as GPT's (see lamina.models.gpt): `input_spec = (None,)`, `vocab_size`,
 `block_size`, `num_features = n_embd`, `num_classes`, `forward_features` / `forward_head` / `reset_classifier`,
-`make_cache(batch_size)` and `forward(idx, cache=None)` with `idx` holding only the new tokens when a cache
-is given. RoPE's positions start at the cache's length, so cached decoding equals recomputing the prefix.
+`make_cache(batch_size)` and `forward(idx, cache=None, positions=None)` with `idx` holding only the new tokens
+when a cache is given. RoPE's positions start at the cache's length, so cached decoding equals recomputing the
+prefix; explicit `positions` (T,) or (B, T) (a context-parallel rank's zigzag shard) go to RoPE instead.
 
 Hugging Face weights: `hf_llama_key_map(n_layer)` maps every `LlamaForCausalLM` state-dict name to lamina's and
 `llama_config_from_hf(config_dict)` turns a `config.json` into a LlamaConfig. HF's q_proj/k_proj rows are
@@ -35,7 +36,7 @@ import torch.nn as nn
 
 from lamina.errors import InputShapeError, ModelError
 from lamina.models.contract import build_model
-from lamina.models.gpt import Block
+from lamina.models.gpt import Block, check_positions
 from lamina.models.registry import register_model
 from lamina.nn import KVCache, MultiHeadAttention, RotaryEmbedding, SwiGLU, make_norm
 
@@ -148,10 +149,13 @@ class Llama(nn.Module):
     def _name(self) -> str:
         return getattr(self, "model_name", "llama")
 
-    def _check_idx(self, idx: torch.Tensor, offset: int) -> None:
+    def _check_idx(self, idx: torch.Tensor, offset: int, positions: torch.Tensor | None = None) -> None:
         if idx.dim() != 2 or idx.dtype not in _INT_DTYPES:
             got = f"{str(idx.dtype).removeprefix('torch.')} tensor of shape {tuple(idx.shape)}"
             raise InputShapeError(f"model {self._name} expects token ids of shape (B, T) and dtype int64, got {got}")
+        if positions is not None:
+            check_positions(self._name, positions, idx, self.block_size)
+            return
         T = idx.shape[1]
         if offset + T > self.block_size:
             where = f"T={T}" if offset == 0 else f"T={T} after {offset} cached positions"
@@ -164,23 +168,30 @@ class Llama(nn.Module):
         max_len = self.block_size if max_len is None else min(int(max_len), self.block_size)
         return [blk.attn.make_cache(batch_size, max_len, dtype, device) for blk in self.blocks]
 
-    def forward_features(self, idx: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> hidden states (B, T, C) after ln_f. With a cache, idx holds only the new tokens."""
+    def forward_features(self, idx: torch.Tensor, cache: list[KVCache] | None = None,
+                         positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> hidden states (B, T, C) after ln_f. With a cache, idx holds only the new tokens;
+        positions (T,) or (B, T), long: the tokens' positions (for RoPE) instead of 0 .. T-1."""
         if cache is not None and len(cache) != len(self.blocks):
             raise ModelError(f"{self._name}: cache has {len(cache)} layers, the model {len(self.blocks)}; "
                              f"make it with model.make_cache(batch_size)")
-        self._check_idx(idx, cache[0].length if cache else 0)
+        if cache is not None and positions is not None:
+            raise ModelError(f"{self._name}: pass either a cache (positions continue from its length) or "
+                             f"positions, not both")
+        self._check_idx(idx, cache[0].length if cache else 0, positions)
         x = self.wte(idx)  # (B, T, C); positions enter inside attention, through RoPE on q and k
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cache=None if cache is None else cache[i])  # (B, T, C)
+            x = blk(x, cache=None if cache is None else cache[i], positions=positions)  # (B, T, C)
         return self.ln_f(x)  # (B, T, C)
 
     def forward_head(self, h: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return h if pre_logits else self.lm_head(h)  # (B, T, num_classes)
 
-    def forward(self, idx: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> next-token logits (B, T, vocab_size); see lamina.models.gpt for `cache`."""
-        return self.forward_head(self.forward_features(idx, cache))
+    def forward(self, idx: torch.Tensor, cache: list[KVCache] | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> next-token logits (B, T, vocab_size); see lamina.models.gpt for `cache` and
+        `positions`."""
+        return self.forward_head(self.forward_features(idx, cache, positions))
 
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh (n_embd -> num_classes) head, untied from wte; 0 -> no head (forward returns h)."""

@@ -31,3 +31,17 @@ __all__ = [
     "FeedForward", "SwiGLU",
     "PatchEmbed", "DropPath", "drop_path",
 ]
+
+# Blockwise (flash-style) exact attention and the chunk primitives ring attention builds on.
+from lamina.nn.blockwise_attention import (  # noqa: E402
+    BlockwiseAttention,
+    attention_chunk_backward,
+    attention_chunk_forward,
+    blockwise_attention,
+    merge_attention,
+)
+
+__all__ += [
+    "blockwise_attention", "BlockwiseAttention", "attention_chunk_forward", "attention_chunk_backward",
+    "merge_attention",
+]

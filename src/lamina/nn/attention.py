@@ -22,6 +22,13 @@
 * `attn_bias` (float, broadcastable to (B, nh, T, S)) is added to the scores before the softmax: T5's
   relative position bias, ALiBi. `scale` replaces 1/sqrt(hs) (T5 folds the scale into its init: scale=1).
 * `KVCache.reorder(idx)` selects batch rows (beam search keeps the caches of the surviving beams).
+* `positions` (T,) or (B, T), long: the tokens' positions for RoPE (HF's `position_ids`), when they are not
+  offset .. offset+T-1 (a context-parallel rank's zigzag shard).
+* `kernel`: a swappable component, None by default (SDPA). When set, plain self-attention calls (no kv, no
+  cache, no padding mask, no bias, no weights) go to `kernel(q, k, v, causal=, scale=, dropout_p=)` with
+  q (B, nh, T, hs), k/v (B, n_kv, T, hs); that is how lamina.engine.context_parallel swaps in ring attention
+  from outside. A cached call (decoding) still runs SDPA; a masked, biased or weights call raises, since a
+  kernel computing over a sharded sequence would make those silently wrong.
 
 `reference_attention` is the explicit softmax(QK^T / sqrt(d)) V, kept for parity tests and benchmarks.
 """
@@ -138,6 +145,7 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(kv_dim, n_kv_head * self.head_dim, bias=bias)
         self.out_proj = nn.Linear(n_head * self.head_dim, d_model, bias=bias)  # writes into the residual stream
         self.attn_drop = nn.Dropout(dropout)  # explicit path only; SDPA takes dropout_p
+        self.kernel = None  # swapped in from outside (e.g. RingAttention); None = SDPA
 
     def make_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None) -> KVCache:
@@ -147,10 +155,12 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None,
                 key_padding_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 need_weights: bool = False, attn_bias: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None,
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C); kv (B, S, kv_dim) for cross-attention; key_padding_mask (B, S) bool, True = keep,
         covering every key (cached ones included); cache: self-attention only, T new positions are appended;
-        attn_bias: float, broadcastable to (B, nh, T, S), added to the scaled scores."""
+        attn_bias: float, broadcastable to (B, nh, T, S), added to the scaled scores; positions (T,) or
+        (B, T) long: RoPE positions instead of offset .. offset+T-1."""
         B, T, C = x.shape
         if kv is not None and (cache is not None or self.rope is not None):
             raise ModelError("attention: a kv cache and rotary embeddings apply to self-attention only, "
@@ -162,7 +172,15 @@ class MultiHeadAttention(nn.Module):
         v = self.v_proj(src).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, S, hs)
         offset = cache.length if cache is not None else 0
         if self.rope is not None:
-            q, k = self.rope(q, k, offset)
+            q, k = self.rope(q, k, offset) if positions is None else self.rope(q, k, positions=positions)
+        if self.kernel is not None and kv is None and cache is None:
+            if need_weights or attn_bias is not None or key_padding_mask is not None:
+                raise ModelError(f"attention: the swapped-in kernel {type(self.kernel).__name__} takes plain "
+                                 f"self-attention only; need_weights, attn_bias and key_padding_mask are not "
+                                 f"supported with it (remove the kernel to use them)")
+            y = self.kernel(q, k, v, causal=self.causal, scale=self.scale,
+                            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+            return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))  # (B, T, C)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, n_kv, offset + T, hs)
             S = k.shape[2]

@@ -3,13 +3,16 @@
 * `LearnedPositionalEmbedding(max_len, dim)`: a trained (max_len, dim) table added to the token embeddings
   (GPT-2, BERT). `forward(x, offset)` returns `x + table[offset : offset + T]`; its parameter is named `weight`
   so GPT-2 / BERT checkpoints (`wpe.weight`, `position_embeddings.weight`) map one to one.
+* Every encoding also takes explicit `positions`, a long tensor (T,) or (B, T) (HF's `position_ids`), instead
+  of `offset`: a context-parallel rank holds tokens that are not contiguous in the sequence (zigzag shards),
+  so their positions cannot be an offset. positions = arange(offset, offset + T) gives the same numbers.
 * `SinusoidalPositionalEncoding(max_len, dim)`: the fixed encoding of Vaswani et al. 2017,
   PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(p / 10000^(2i/dim)); a non-persistent buffer
   (recomputed at construction, never saved in checkpoints).
 * `RotaryEmbedding(head_dim, max_len, base)`: RoPE (Su et al. 2021) in the rotate-half layout of Llama / HF:
   channel i is paired with channel i + hs/2 and the pair is rotated by angle p * base^(-2i/hs), so
-  `rope(q, k, offset)` returns `q*cos + rotate_half(q)*sin` (same for k). q.k then depends only on the
-  positions' difference. It is applied to q and k inside attention, not added to x.
+  `rope(q, k, offset)` (or `rope(q, k, positions=p)`) returns `q*cos + rotate_half(q)*sin` (same for k). q.k
+  then depends only on the positions' difference. It is applied to q and k inside attention, not added to x.
 
 RoPE's entry point is `forward(q, k, offset)` (alias `rotate`), not `apply`: `nn.Module.apply(fn)` is torch's
 recursive init hook, and overriding it would break `model.apply(init_fn)` on any model holding a RoPE.
@@ -31,6 +34,20 @@ def _check_len(what: str, offset: int, T: int, max_len: int) -> None:
                               f"build it with a larger max_len or use a shorter sequence")
 
 
+def _check_positions(what: str, positions: torch.Tensor, T: int, max_len: int) -> None:
+    """positions: integer (T,) or (B, T) with values in [0, max_len). The range is read only on the CPU: on an
+    accelerator that read is a host sync per layer, and the models check the range once per forward."""
+    if positions.dtype not in (torch.int64, torch.int32) or positions.dim() not in (1, 2) \
+            or positions.shape[-1] != T:
+        raise InputShapeError(f"{what}: positions must be an int64 tensor of shape (T,) or (B, T) with T={T}, "
+                              f"got {str(positions.dtype).removeprefix('torch.')} {tuple(positions.shape)}")
+    if positions.device.type == "cpu" and positions.numel():
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= max_len:
+            raise InputShapeError(f"{what}: positions {lo}..{hi} are outside 0..{max_len - 1} (max_len={max_len}); "
+                                  f"build it with a larger max_len or use a shorter sequence")
+
+
 class LearnedPositionalEmbedding(nn.Module):
     """x (B, T, dim) -> x + weight[offset : offset + T]; weight (max_len, dim) starts at N(0, 0.02^2)."""
 
@@ -43,8 +60,12 @@ class LearnedPositionalEmbedding(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=0.02)  # GPT-2 / BERT's init; N(0, 1) would swamp the token embeddings
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offset: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, dim) at positions offset .. offset+T-1, or at `positions` (T,) / (B, T) when given."""
         T = x.shape[1]
+        if positions is not None:
+            _check_positions("learned positional embedding", positions, T, self.max_len)
+            return x + self.weight[positions]  # (B, T, dim) + (T, dim) or (B, T, dim)
         _check_len("learned positional embedding", offset, T, self.max_len)
         return x + self.weight[offset:offset + T]  # (B, T, dim) + (T, dim)
 
@@ -70,8 +91,12 @@ class SinusoidalPositionalEncoding(nn.Module):
         self.max_len, self.dim = max_len, dim
         self.register_buffer("pe", sinusoidal_table(max_len, dim), persistent=False)  # (max_len, dim)
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offset: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, dim) at positions offset .. offset+T-1, or at `positions` (T,) / (B, T) when given."""
         T = x.shape[1]
+        if positions is not None:
+            _check_positions("sinusoidal positional encoding", positions, T, self.max_len)
+            return x + self.pe[positions].to(x.dtype)  # (B, T, dim) + (T, dim) or (B, T, dim)
         _check_len("sinusoidal positional encoding", offset, T, self.max_len)
         return x + self.pe[offset:offset + T].to(x.dtype)  # (B, T, dim) + (T, dim)
 
@@ -99,12 +124,21 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """q (B, nh, T, hs), k (B, n_kv, T, hs) at positions offset .. offset+T-1 -> rotated (q, k)."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B, nh, T, hs), k (B, n_kv, T, hs) at positions offset .. offset+T-1, or at `positions` (T,) or
+        (B, T) when given -> rotated (q, k)."""
         T = q.shape[-2]
-        _check_len("rotary embedding", offset, T, self.max_len)
-        cos = self.cos[offset:offset + T].to(q.dtype)  # (T, hs)
-        sin = self.sin[offset:offset + T].to(q.dtype)
+        if positions is not None:
+            _check_positions("rotary embedding", positions, T, self.max_len)
+            cos = self.cos[positions].to(q.dtype)  # (T, hs) or (B, T, hs)
+            sin = self.sin[positions].to(q.dtype)
+            if positions.dim() == 2:  # (B, T, hs) -> (B, 1, T, hs): the same angles for every head
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        else:
+            _check_len("rotary embedding", offset, T, self.max_len)
+            cos = self.cos[offset:offset + T].to(q.dtype)  # (T, hs)
+            sin = self.sin[offset:offset + T].to(q.dtype)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
     rotate = forward

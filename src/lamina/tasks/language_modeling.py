@@ -15,6 +15,8 @@ class LanguageModelingTask:
         self.vocab_size, self.label_smoothing, self.ignore_index = int(vocab_size), label_smoothing, ignore_index
 
     def forward(self, model, batch):
+        if batch.get("positions") is not None:  # a context-parallel shard (lamina.engine.context_parallel)
+            return model(batch["x"], positions=batch["positions"])  # (B, T, V)
         return model(batch["x"])  # (B, T, V)
 
     def loss(self, outputs, batch):

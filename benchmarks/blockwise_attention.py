@@ -1,0 +1,267 @@
+"""Blockwise (flash-style) attention vs explicit attention vs SDPA: time and peak memory by length.
+
+Paths, all on q, k, v of shape (B, H, L, D) (default B=1, H=1, D=64, fp32):
+* blockwise: `lamina.nn.blockwise_attention(q, k, v, causal=..., block_size=...)`, pure-PyTorch online softmax
+  over (block x block) score tiles, custom backward that recomputes the tiles; memory linear in L.
+* explicit: `lamina.nn.attention.reference_attention(q, k, v, causal=...)`, which materializes the (B, H, L, L)
+  scores, their softmax (and, causal, masked copies), and autograd keeps them for backward.
+* sdpa: `torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=...)`, PyTorch's fused kernel
+  (on CPU a flash kernel in C++): the bar for speed.
+
+Each (mode, mask) section runs every length: mode `forward` (under torch.no_grad()) and/or `backward`
+(forward + backward of a fixed random upstream gradient), mask `none` and/or `causal`.
+
+Time and peak memory are measured exactly as in benchmarks/attention.py (whose helpers this script imports):
+medians of interleaved rounds after one warm-up; long lengths get fewer rounds (repeats * 1024 / L, at least
+`--min-repeats`). Peak memory on CPU: each (path, length) runs once in a FRESH subprocess, which resets the
+resident-set high-water mark through /proc/self/clear_refs and reports VmHWM - VmRSS around the one call (see
+attention.py's docstring); on CUDA, torch.cuda.max_memory_allocated.
+
+A path is skipped at a length when its predicted peak exceeds `--mem-budget-gb` (default 12): the prediction
+is the path's measured peak at the previous length scaled by (L / L_prev)^2 (quadratic even for the linear
+paths, to stay on the safe side), or, for the first length, 6 (forward) or 9 (forward + backward) L x L fp32
+score matrices.
+
+    python benchmarks/blockwise_attention.py [--lengths 1024 2048 4096 8192 16384] [--mode forward backward]
+        [--mask none causal] [--heads 1] [--block-size 512] [--mem-budget-gb 12] [--threads N]
+
+Results go to results/blockwise_attention.json. On a shared machine use `--threads 1`; the 1-minute load
+average before and after is printed and saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from _common import median, print_table, write_result
+from attention import _status_kib, make_inputs, sync_fn  # same inputs and VmHWM reader as the attention bench
+from lamina.nn import blockwise_attention
+from lamina.nn.attention import reference_attention
+
+MiB = 2**20
+PATHS = ["blockwise", "explicit", "sdpa"]
+
+
+def make_call(path, args, inp, causal, backward):
+    """A zero-argument function running one forward (or forward + backward) of `path` on `inp`."""
+    q, k, v, go = inp["q"], inp["k"], inp["v"], inp["go"]
+    if path == "blockwise":
+        fwd = lambda: blockwise_attention(q, k, v, causal=causal, block_size=args.block_size)  # noqa: E731
+    elif path == "explicit":
+        fwd = lambda: reference_attention(q, k, v, causal=causal)  # noqa: E731
+    else:
+        fwd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+    if backward:
+        def call():
+            fwd().backward(go)
+            q.grad = k.grad = v.grad = None
+    else:
+        def call():
+            with torch.no_grad():
+                fwd()
+    return call
+
+
+# ----------------------------------------------------------------------------------------------- memory
+def child_peak(args):
+    """Runs in a fresh process: one call of (path, L, mode, mask); prints {"peak_mib": ..., "method": ...}."""
+    torch.set_num_threads(args.threads)
+    path, L, causal, backward = args._child_path, args._child_len, args._child_causal, args._child_backward
+    cpu = torch.device("cpu")
+    tiny = make_inputs(args, 64, cpu, backward)
+    make_call(path, args, tiny, causal, backward)()  # load kernels, thread pools, oneDNN caches
+    inp = make_inputs(args, L, cpu, backward)
+    call = make_call(path, args, inp, causal, backward)
+    del tiny
+    gc.collect()
+    before = _status_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        method = "VmHWM after clear_refs"
+    except OSError:
+        method = "ru_maxrss (clear_refs not writable)"
+    call()
+    if method.startswith("VmHWM"):
+        peak = _status_kib("VmHWM")
+    else:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mib": (peak - before) / 1024, "method": method}))
+
+
+def measure_peak(path, L, args, device, causal, backward):
+    """Peak extra memory (MiB) of one call; CUDA in-process, CPU in a fresh subprocess."""
+    if device.type == "cuda":
+        inp = make_inputs(args, L, device, backward)
+        call = make_call(path, args, inp, causal, backward)
+        call()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        call()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / MiB, "torch.cuda.max_memory_allocated"
+    cmd = [sys.executable, __file__, "--_child-path", path, "--_child-len", str(L), "--threads", str(args.threads),
+           "--batch", str(args.batch), "--heads", str(args.heads), "--head-dim", str(args.head_dim),
+           "--block-size", str(args.block_size)]
+    cmd += ["--_child-causal"] * causal + ["--_child-backward"] * backward
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory child for {path} L={L} failed:\n{out.stderr[-2000:]}")
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    return res["peak_mib"], f"fresh subprocess, {res['method']}"
+
+
+# ----------------------------------------------------------------------------------------------- one section
+def parity(args, device, causal, backward):
+    """max |blockwise - SDPA| over the output (and, with backward, the q/k/v grads) at the smallest length."""
+    inp = make_inputs(args, min(args.lengths), device, backward)
+    q, k, v = inp["q"], inp["k"], inp["v"]
+    with torch.set_grad_enabled(backward):
+        a = blockwise_attention(q, k, v, causal=causal, block_size=args.block_size)
+        b = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    diff = (a - b).abs().max().item()
+    if backward:
+        ga = torch.autograd.grad(a, (q, k, v), inp["go"])
+        gb = torch.autograd.grad(b, (q, k, v), inp["go"])
+        diff = max([diff] + [(x - y).abs().max().item() for x, y in zip(ga, gb)])
+    return diff
+
+
+def run_section(args, device, causal, backward):
+    sync = sync_fn(device)
+    B, H = args.batch, args.heads
+    n_mat = 9 if backward else 6
+    budget_mib = args.mem_budget_gb * 1024
+    results, last_peak = {}, {}
+    for L in args.lengths:
+        score_mib = B * H * L * L * 4 / MiB
+        res = {p: {"skipped": None, "times_s": [], "peak_mib": None} for p in PATHS}
+        for p in PATHS:
+            pred = last_peak[p][1] * (L / last_peak[p][0]) ** 2 if p in last_peak else n_mat * score_mib
+            if pred > budget_mib:
+                res[p]["skipped"] = f"predicted peak {pred / 1024:.3g} GB > budget {args.mem_budget_gb:g} GB"
+                continue
+            peak, method = measure_peak(p, L, args, device, causal, backward)
+            res[p]["peak_mib"], res[p]["mem_method"] = peak, method
+            last_peak[p] = (L, max(peak, 1e-3))
+        live = [p for p in PATHS if res[p]["skipped"] is None]
+        inp = make_inputs(args, L, device, backward)
+        calls = {p: make_call(p, args, inp, causal, backward) for p in live}
+        for p in live:  # warm-up
+            calls[p]()
+            sync()
+        reps = max(args.min_repeats, min(args.repeats, args.repeats * 1024 // L))
+        for r in range(reps):
+            order = live if r % 2 == 0 else live[::-1]  # alternate so drift hits every path alike
+            for p in order:
+                t0 = time.perf_counter()
+                calls[p]()
+                sync()
+                res[p]["times_s"].append(time.perf_counter() - t0)
+        del inp, calls
+        gc.collect()
+        for p in live:
+            res[p]["median_ms"] = median(res[p]["times_s"]) * 1e3
+        results[L] = {"score_matrix_mib": score_mib, "repeats": reps, "paths": res}
+        print(f"  L={L}: " + ", ".join(f"{p} {res[p]['median_ms']:.1f} ms / {res[p]['peak_mib']:.1f} MiB"
+                                      if res[p]["skipped"] is None else f"{p} skipped" for p in PATHS), flush=True)
+    return results
+
+
+def section_rows(results):
+    def val(r, key):
+        return "skipped" if r["skipped"] else r[key]
+
+    def ratio(a, b, key):
+        ok = a["skipped"] is None and b["skipped"] is None
+        return a[key] / max(b[key], 1e-3) if ok else None
+
+    rows = []
+    for L, res in results.items():
+        r = res["paths"]
+        bw, ex, sd = r["blockwise"], r["explicit"], r["sdpa"]
+        res["mem_ratio_blockwise_over_explicit"] = ratio(bw, ex, "peak_mib")
+        res["time_ratio_blockwise_over_explicit"] = ratio(bw, ex, "median_ms")
+        res["time_ratio_blockwise_over_sdpa"] = ratio(bw, sd, "median_ms")
+        notes = [f"{p}: {r[p]['skipped']}" for p in PATHS if r[p]["skipped"]]
+        rows.append([L, res["repeats"], val(bw, "median_ms"), val(ex, "median_ms"), val(sd, "median_ms"),
+                     val(bw, "peak_mib"), val(ex, "peak_mib"), val(sd, "peak_mib"),
+                     res["mem_ratio_blockwise_over_explicit"] or "-", res["time_ratio_blockwise_over_explicit"] or "-",
+                     res["time_ratio_blockwise_over_sdpa"] or "-", res["score_matrix_mib"], "; ".join(notes)])
+    return rows
+
+
+HEADERS = ["L", "reps", "blockwise ms", "explicit ms", "SDPA ms", "blockwise MiB", "explicit MiB", "SDPA MiB",
+           "mem bw/expl", "time bw/expl", "time bw/SDPA", "LxL MiB", "note"]
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    ap.add_argument("--mode", nargs="+", choices=["forward", "backward"], default=["forward", "backward"],
+                    help="backward = forward + backward")
+    ap.add_argument("--mask", nargs="+", choices=["none", "causal"], default=["none", "causal"])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=1)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--block-size", type=int, default=512, help="blockwise key (and query) block size")
+    ap.add_argument("--repeats", type=int, default=5, help="rounds at L <= 1024; scaled by 1024 / L above")
+    ap.add_argument("--min-repeats", type=int, default=2)
+    ap.add_argument("--mem-budget-gb", type=float, default=12.0, help="skip a path at a length predicted above this")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    ap.add_argument("--_child-path", dest="_child_path", help=argparse.SUPPRESS)
+    ap.add_argument("--_child-len", dest="_child_len", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--_child-causal", dest="_child_causal", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--_child-backward", dest="_child_backward", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._child_path:
+        return child_peak(args)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    B, H, D = args.batch, args.heads, args.head_dim
+
+    load_before = os.getloadavg()
+    t_start = time.perf_counter()
+    sections, tables = {}, []
+    for mode in args.mode:
+        for mask in args.mask:
+            backward, causal = mode == "backward", mask == "causal"
+            name = f"{'forward+backward' if backward else 'forward'}, {'causal' if causal else 'non-causal'}"
+            print(f"{name}:", flush=True)
+            diff = parity(args, device, causal, backward)
+            results = run_section(args, device, causal, backward)
+            sections[name] = {"mode": mode, "causal": causal, "parity_max_abs_diff": diff, "rows": results}
+    wall = time.perf_counter() - t_start
+    load_after = os.getloadavg()
+
+    method = next((r["mem_method"] for s in sections.values() for v in s["rows"].values()
+                   for r in v["paths"].values() if r.get("mem_method")), "-")
+    print(f"\nblockwise attention vs explicit vs SDPA, B={B} H={H} D={D} fp32, block_size={args.block_size}, "
+          f"{device.type} {args.threads} thread{'s' if args.threads > 1 else ''}; medians; peak memory: {method}")
+    for name, s in sections.items():
+        print(f"\n{name} (max |blockwise - SDPA| at L={min(args.lengths)}: {s['parity_max_abs_diff']:.2e})")
+        table = print_table(HEADERS, section_rows(s["rows"]))
+        s["table"] = table
+        tables.append(f"{name}\n{table}")
+    print(f"(benchmark wall time {wall:.0f} s; 1-min load average {load_before[0]:.1f} -> {load_after[0]:.1f})")
+    write_result("blockwise_attention", {
+        "config": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "mem_method": method,
+        "wall_s": wall, "loadavg_before_after": [load_before, load_after], "tables": tables,
+        "sections": {n: {**s, "rows": {str(L): v for L, v in s["rows"].items()}} for n, s in sections.items()}})
+
+
+if __name__ == "__main__":
+    main()

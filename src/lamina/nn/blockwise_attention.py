@@ -1,0 +1,435 @@
+"""Exact attention computed in key/value blocks with an online softmax (FlashAttention-style), in pure PyTorch.
+
+    q (B, H, T, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv)  ->  out (B, H, T, Dv)
+    out = softmax(q k^T * scale + mask) v, never holding a T x S matrix: memory is linear in T and S.
+
+Why write it when PyTorch has SDPA: SDPA's fused kernels are the fast path and `MultiHeadAttention` keeps using
+them, but they are opaque. Ring attention (nn/ring_attention.py) needs the pieces a fused kernel hides: a
+forward over one (query chunk, key chunk) pair that returns the logsumexp, a merge of two partial results, and
+a backward against the *global* output and logsumexp. This module provides those pieces and builds exact
+attention from them; it is also a readable reference for how flash attention works.
+
+Forward (online softmax, Milakov & Gimelshein 2018; Dao et al. 2022). For each query block (Bq rows) we walk
+the key blocks (Bk keys) keeping a running row max m, running sum l and unnormalized output acc:
+
+    s = q_blk k_blk^T * scale                       # (.., Bq, Bk): the only score tile alive at a time
+    m' = max(m, rowmax(s));  p = exp(s - m');  a = exp(m - m')
+    l = a * l + rowsum(p);   acc = a * acc + p v_blk;  m = m'
+    out = acc / l,  lse = m + log(l)
+
+Backward (FlashAttention-2): autograd saves only q, k, v, out and lse; with D = rowsum(dO * O), for each key
+block (outer loop, so dK/dV accumulate locally) and each query block that can see it:
+
+    P = exp(S - lse);  dV += P^T dO;  dP = dO V^T;  dS = P * (dP - D);  dQ += dS K * scale;  dK += dS^T Q * scale
+
+Memory: the inputs, out, lse (B, H, T) and, in backward, fp32 copies of q / dO / dQ; plus a few (Bq x Bk) tiles
+per (batch, head). Nothing scales with T * S.
+
+Conventions (the same as lamina.nn.attention):
+* `causal` is aligned bottom-right: query i of T sees keys j <= i + (S - T). Key blocks entirely above the
+  diagonal are skipped, not masked, so causal attention does about half the work.
+* `key_padding_mask` is (B, S) bool, True = keep.
+* A query row with no visible key outputs zeros (not NaN), gets lse = -inf and zero gradients.
+* Grouped-query attention: kv head g serves query heads g*rep ... g*rep + rep - 1 (rep = H // Hkv). k and v are
+  never repeated: the rep query heads of a group are stacked as extra rows against the group's one k/v block,
+  so dK/dV sum over the group for free. (q, dO and dQ are permuted once to that row layout; a linear copy.)
+* Precision: fp32 and fp64 compute in their own dtype; bf16/fp16 inputs are upcast to fp32 for every
+  matmul and accumulator (tiles and running statistics in fp32), and the result is cast back.
+
+Public API
+----------
+`blockwise_attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, block_size=512,
+q_block_size=None) -> out` is exact attention with autograd (a custom `torch.autograd.Function` whose backward
+recomputes the score tiles). `scale` defaults to 1/sqrt(D); `block_size` is Bk, `q_block_size` Bq (default Bk).
+
+`BlockwiseAttention(block_size=512, q_block_size=None)` is a module with SDPA's call signature,
+`(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False)`, so it can stand
+where `torch.nn.functional.scaled_dot_product_attention` is called (as in `MultiHeadAttention.forward`). Like
+SDPA, its `is_causal` is top-left aligned (query i sees keys j <= i) and `attn_mask` is bool (True = attend)
+or float (added to the scores; not differentiated), broadcastable to (B, H, T, S). A dense mask is itself
+T x S, so for long sequences pass `causal` / `key_padding_mask` to `blockwise_attention` instead.
+`dropout_p > 0` is refused (no dropout in this kernel).
+
+Primitives for ring attention (one query chunk against one key/value chunk; no autograd graph is recorded, the
+caller wraps them in its own autograd.Function):
+
+* `attention_chunk_forward(q, k, v, *, scale, causal_offset=None, key_padding_mask=None, block_size=512,
+  q_block_size=None, out_dtype=None) -> (out, lse)`: out (B, H, T, Dv) in `out_dtype` (default q's dtype; pass
+  torch.float32 to merge bf16 chunks without rounding each step), lse (B, H, T) fp32 (fp64 for fp64 inputs).
+  `causal_offset` None = no causal mask; an int c = query i sees key j iff j <= i + c. For a query chunk
+  starting at global position q0 and a key chunk starting at k0 of a causal sequence with T_total queries and
+  S_total keys, c = q0 - k0 + (S_total - T_total); c = S - T on whole sequences is `causal=True`.
+  Rows with no visible key get out 0 and lse -inf. `key_padding_mask` is (B, S_chunk).
+* `merge_attention(out_a, lse_a, out_b, lse_b) -> (out, lse)`: combine two partial results over disjoint key
+  sets: lse = log(e^lse_a + e^lse_b), out = (e^(lse_a - lse) out_a + e^(lse_b - lse) out_b). -inf on both sides
+  gives out 0, lse -inf. Computed in fp32 (fp64 if an input is); out comes back in out_a's dtype.
+* `attention_chunk_backward(q, k, v, out, lse, dout, *, scale, causal_offset=None, key_padding_mask=None,
+  block_size=512, q_block_size=None, grad_dtype=None) -> (dq, dk, dv)`: `out` and `lse` must be the FINAL
+  output and logsumexp of these queries over ALL keys (every chunk merged). Then P = exp(S - lse) are the true
+  global probabilities of this chunk's keys, and summing dq over the key chunks, and taking each chunk's dk/dv,
+  gives exactly the full-attention gradients. dk/dv are shaped like k/v (summed over each GQA group's query
+  heads); grads come back in `grad_dtype` (default: the dtype of q / k / v).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+import torch.nn as nn
+
+from lamina.errors import InputShapeError
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NEG_INF = float("-inf")
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 stays fp64 (gradcheck needs it); everything else accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_qkv(fn: str, q, k, v, key_padding_mask=None) -> tuple[int, int, int, int, int, int]:
+    """Validate q (B, H, T, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), mask (B, S); return (B, H, Hkv, T, S, D)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise InputShapeError(f"{fn}: {name} must be a tensor, got {type(t).__name__}")
+        if t.ndim != 4:
+            raise InputShapeError(f"{fn}: {name} must be 4-D (B, heads, length, head_dim), got shape "
+                                  f"{tuple(t.shape)}")
+        if t.dtype not in _FLOATS:
+            raise InputShapeError(f"{fn}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise InputShapeError(f"{fn}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise InputShapeError(f"{fn}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, H, T, D = q.shape
+    Bk, Hkv, S, Dk = k.shape
+    if k.shape[:3] != v.shape[:3]:
+        raise InputShapeError(f"{fn}: k and v must agree in (B, Hkv, S), got k {tuple(k.shape)} and "
+                              f"v {tuple(v.shape)}")
+    if Bk != B:
+        raise InputShapeError(f"{fn}: q and k must have the same batch size, got q {tuple(q.shape)} and "
+                              f"k {tuple(k.shape)}")
+    if Dk != D:
+        raise InputShapeError(f"{fn}: q and k must have the same head_dim, got q {tuple(q.shape)} (D={D}) and "
+                              f"k {tuple(k.shape)} (D={Dk})")
+    if Hkv < 1 or H % Hkv:
+        raise InputShapeError(f"{fn}: query heads ({H}) must be a multiple of key/value heads ({Hkv}), "
+                              f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if key_padding_mask is not None and (not isinstance(key_padding_mask, torch.Tensor)
+                                         or key_padding_mask.dtype != torch.bool
+                                         or tuple(key_padding_mask.shape) != (B, S)):
+        got = (f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+               if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__)
+        raise InputShapeError(f"{fn}: key_padding_mask must be a bool tensor of shape (B, S) = ({B}, {S}) "
+                              f"(True = keep), got {got}")
+    return B, H, Hkv, T, S, D
+
+
+def _check_blocks(fn: str, block_size, q_block_size) -> tuple[int, int]:
+    q_block_size = block_size if q_block_size is None else q_block_size
+    for name, b in (("block_size", block_size), ("q_block_size", q_block_size)):
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise InputShapeError(f"{fn}: {name} must be a positive integer, got {b!r}")
+    return q_block_size, block_size
+
+
+def _check_scale(fn: str, scale, D: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale):
+        raise InputShapeError(f"{fn}: scale must be a finite number or None (= 1/sqrt(head_dim)), got {scale!r}")
+    return float(scale)
+
+
+def _check_offset(fn: str, causal_offset) -> int | None:
+    if causal_offset is not None and (isinstance(causal_offset, bool) or not isinstance(causal_offset, int)):
+        raise InputShapeError(f"{fn}: causal_offset must be an int (query i sees key j iff j <= i + offset) "
+                              f"or None (no causal mask), got {causal_offset!r}")
+    return causal_offset
+
+
+def _prep_attn_mask(fn: str, mask, B: int, H: int, Hkv: int, T: int, S: int, dtype) -> torch.Tensor | None:
+    """SDPA-style attn_mask broadcastable to (B, H, T, S) -> a view (Bm, Hkv|1, Tm, rep|1, Sm) in row layout."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise InputShapeError(f"{fn}: attn_mask must be a bool (True = attend) or float (added) tensor, got {got}")
+    if mask.dtype != torch.bool and mask.requires_grad:
+        raise InputShapeError(f"{fn}: a float attn_mask that requires grad (a learned bias) is not "
+                              f"differentiated by blockwise attention; use SDPA for learned biases")
+    full = (B, H, T, S)
+    shape = (1,) * (4 - mask.ndim) + tuple(mask.shape)
+    if mask.ndim > 4 or any(m not in (1, f) for m, f in zip(shape, full)):
+        raise InputShapeError(f"{fn}: attn_mask of shape {tuple(mask.shape)} does not broadcast to "
+                              f"(B, H, T, S) = {full}")
+    mask = mask.reshape(shape)
+    if mask.dtype != torch.bool:
+        mask = mask.to(_compute_dtype(dtype))
+    if shape[1] == 1:
+        return mask[:, :, :, None, :]  # (Bm, 1, Tm, 1, Sm)
+    return mask.unflatten(1, (Hkv, H // Hkv)).transpose(2, 3)  # (Bm, Hkv, Tm, rep, Sm)
+
+
+# ----------------------------------------------------------------------------------------------- layout
+def _to_rows(x: torch.Tensor, Hkv: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, T, *F) -> (B, Hkv, T * rep, *F): the rep query heads of a kv group become rows t*rep + r, so a
+    query block [i0, i1) is the contiguous row slice [i0*rep, i1*rep) and meets its group's k/v with no copy."""
+    B, H, T = x.shape[:3]
+    x = x.unflatten(1, (Hkv, H // Hkv)).transpose(2, 3)  # (B, Hkv, T, rep, *F)
+    return x.reshape(B, Hkv, T * (H // Hkv), *x.shape[4:]).to(dtype).contiguous()
+
+
+def _from_rows(x: torch.Tensor, H: int, T: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of _to_rows: (B, Hkv, T * rep, *F) -> (B, H, T, *F)."""
+    B, Hkv = x.shape[:2]
+    x = x.reshape(B, Hkv, T, H // Hkv, *x.shape[3:]).transpose(2, 3)  # (B, Hkv, rep, T, *F)
+    return x.reshape(B, H, T, *x.shape[4:]).to(dtype)
+
+
+class _Tiles:
+    """Which tiles exist and how to mask one: shared by forward and backward so they mask identically."""
+
+    def __init__(self, B, Hkv, rep, T, S, bq, bk, causal_offset, kpm, attn_mask):
+        self.B, self.Hkv, self.rep, self.T, self.S, self.bq, self.bk = B, Hkv, rep, T, S, bq, bk
+        self.c = causal_offset
+        self.kpm = None if kpm is None else kpm[:, None, None, None, :]  # (B, 1, 1, 1, S)
+        self.attn = attn_mask  # (Bm, Hkv|1, Tm, rep|1, Sm) bool or float, or None
+
+    def q_blocks(self):
+        return range(0, self.T, self.bq)
+
+    def k_blocks(self):
+        return range(0, self.S, self.bk)
+
+    def k_blocks_for(self, i0: int, i1: int):
+        """Key blocks that query rows [i0, i1) can see: under a causal mask, stop past the diagonal (the last
+        row, i1 - 1, sees keys up to i1 - 1 + c)."""
+        stop = self.S if self.c is None else max(0, min(self.S, i1 + self.c))
+        return range(0, stop, self.bk)
+
+    def q_blocks_for(self, j0: int):
+        """Query blocks that can see key block j0: under a causal mask, rows i >= j0 - c."""
+        start = 0 if self.c is None else max(0, j0 - self.c)
+        return range(start - start % self.bq, self.T, self.bq)
+
+    def scores(self, qb: torch.Tensor, kb: torch.Tensor, i0: int, j0: int) -> torch.Tensor:
+        """q rows of query block i0 against key block j0: masked, scaled scores (B, Hkv, bq * rep, bk)."""
+        s = qb @ kb.transpose(-2, -1)  # (B, Hkv, bq * rep, bk); q is prescaled
+        bq, bk = qb.shape[2] // self.rep, kb.shape[2]
+        i1, j1 = i0 + bq, j0 + bk
+        s5 = s.view(self.B, self.Hkv, bq, self.rep, bk)
+        if self.attn is not None:
+            a = self.attn
+            a = a[:, :, i0:i1] if a.shape[2] > 1 else a
+            a = a[..., j0:j1] if a.shape[4] > 1 else a
+            if a.dtype == torch.bool:
+                s5.masked_fill_(~a, _NEG_INF)
+            else:
+                s5.add_(a)
+        if self.kpm is not None:
+            s5.masked_fill_(~self.kpm[..., j0:j1], _NEG_INF)
+        if self.c is not None and j1 - 1 > i0 + self.c:  # the tile crosses the causal diagonal
+            i = torch.arange(i0, i1, device=s.device)[:, None, None]  # (bq, 1, 1)
+            j = torch.arange(j0, j1, device=s.device)  # (bk,)
+            s5.masked_fill_(j > i + self.c, _NEG_INF)
+        return s
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+def _forward(q, k, v, scale, causal_offset, kpm, attn_mask, bq, bk, out_dtype):
+    """Online-softmax forward: returns out (B, H, T, Dv) in out_dtype and lse (B, H, T) in the compute dtype."""
+    B, H, T, D = q.shape
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    rep, cdt = H // Hkv, _compute_dtype(q.dtype)
+    tiles = _Tiles(B, Hkv, rep, T, S, bq, bk, causal_offset, kpm, attn_mask)
+    qr = _to_rows(q, Hkv, cdt) * scale  # (B, Hkv, T * rep, D), prescaled once; never in place (may alias q)
+    kc, vc = k.to(cdt).contiguous(), v.to(cdt).contiguous()  # (B, Hkv, S, D|Dv); no copy for contiguous fp32
+    out = torch.empty(B, Hkv, T * rep, Dv, dtype=cdt, device=q.device)
+    lse = torch.empty(B, Hkv, T * rep, dtype=cdt, device=q.device)
+    for i0 in tiles.q_blocks():
+        i1 = min(i0 + bq, T)
+        qb = qr[:, :, i0 * rep:i1 * rep]  # (B, Hkv, R, D), R = (i1 - i0) * rep
+        R = qb.shape[2]
+        m = torch.full((B, Hkv, R, 1), _NEG_INF, dtype=cdt, device=q.device)  # running row max
+        l = torch.zeros(B, Hkv, R, 1, dtype=cdt, device=q.device)  # running row sum of exp(s - m)  # noqa: E741
+        acc = torch.zeros(B, Hkv, R, Dv, dtype=cdt, device=q.device)  # running unnormalized output
+        for j0 in tiles.k_blocks_for(i0, i1):
+            j1 = min(j0 + bk, S)
+            s = tiles.scores(qb, kc[:, :, j0:j1], i0, j0)  # (B, Hkv, R, bk)
+            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+            m_safe = m_new.masked_fill(m_new == _NEG_INF, 0.0)  # rows with nothing visible yet: avoid inf - inf
+            p = s.sub_(m_safe).exp_()  # masked entries -> exp(-inf) = 0
+            alpha = (m - m_safe).exp_()  # rescales the old statistics to the new max (0 while m was -inf)
+            l.mul_(alpha).add_(p.sum(-1, keepdim=True))
+            acc.mul_(alpha).add_(p @ vc[:, :, j0:j1])
+            m = m_new
+        seen = l > 0  # rows that saw at least one key
+        out[:, :, i0 * rep:i1 * rep] = acc / torch.where(seen, l, 1.0)  # unseen rows: acc is 0 -> out 0
+        lse[:, :, i0 * rep:i1 * rep] = torch.where(seen, m + l.log(), _NEG_INF).squeeze(-1)
+    return _from_rows(out, H, T, out_dtype), _from_rows(lse, H, T, cdt)
+
+
+def _backward(q, k, v, out, lse, dout, scale, causal_offset, kpm, attn_mask, bq, bk, grad_dtype):
+    """FlashAttention-2 backward against the (global) out and lse; returns dq, dk, dv in grad_dtype."""
+    B, H, T, D = q.shape
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    rep, cdt = H // Hkv, _compute_dtype(q.dtype)
+    tiles = _Tiles(B, Hkv, rep, T, S, bq, bk, causal_offset, kpm, attn_mask)
+    qr = _to_rows(q, Hkv, cdt) * scale  # (B, Hkv, T * rep, D); not in place: may alias q
+    dor = _to_rows(dout, Hkv, cdt)  # (B, Hkv, T * rep, Dv)
+    Dr = (dor * _to_rows(out, Hkv, cdt)).sum(-1, keepdim=True)  # (B, Hkv, T * rep, 1): rowsum(dO * O)
+    # rows that saw no key: lse -inf -> +inf makes P = exp(s - inf) = 0 even where s is -inf too
+    lser = _to_rows(lse, Hkv, cdt)
+    lser = lser.masked_fill(lser == _NEG_INF, float("inf")).unsqueeze(-1)  # (B, Hkv, T * rep, 1); a new tensor
+    kc, vc = k.to(cdt).contiguous(), v.to(cdt).contiguous()
+    dqr = torch.zeros_like(qr)  # (B, Hkv, T * rep, D): accumulated over key blocks
+    dk = torch.zeros(B, Hkv, S, D, dtype=cdt, device=q.device)
+    dv = torch.zeros(B, Hkv, S, Dv, dtype=cdt, device=q.device)
+    for j0 in tiles.k_blocks():
+        j1 = min(j0 + bk, S)
+        kb, vb = kc[:, :, j0:j1], vc[:, :, j0:j1]  # (B, Hkv, bk, D|Dv)
+        dkb, dvb = dk[:, :, j0:j1], dv[:, :, j0:j1]  # views: accumulate in place, per key block
+        for i0 in tiles.q_blocks_for(j0):
+            i1 = min(i0 + bq, T)
+            r0, r1 = i0 * rep, i1 * rep
+            qb, dob = qr[:, :, r0:r1], dor[:, :, r0:r1]  # (B, Hkv, R, D|Dv)
+            p = tiles.scores(qb, kb, i0, j0).sub_(lser[:, :, r0:r1]).exp_()  # (B, Hkv, R, bk) global probs
+            dvb.add_(p.transpose(-2, -1) @ dob)  # sums the rep heads of the group: (B, Hkv, bk, Dv)
+            ds = (dob @ vb.transpose(-2, -1)).sub_(Dr[:, :, r0:r1]).mul_(p)  # dS = P * (dP - D)
+            dqr[:, :, r0:r1].add_(ds @ kb)  # times scale below
+            dkb.add_(ds.transpose(-2, -1) @ qb)  # q is prescaled: dS^T Q * scale
+    dq = _from_rows(dqr.mul_(scale), H, T, grad_dtype)
+    return dq, dk.to(grad_dtype), dv.to(grad_dtype)
+
+
+class _BlockwiseAttentionFn(torch.autograd.Function):
+    """out = attention(q, k, v); saves q, k, v, out, lse and recomputes score tiles in backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kpm, attn_mask, scale, causal_offset, bq, bk):
+        out, lse = _forward(q, k, v, scale, causal_offset, kpm, attn_mask, bq, bk, q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.masks = (kpm, attn_mask)  # not differentiated; held by reference, no copy
+        ctx.args = (scale, causal_offset, bq, bk)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        scale, causal_offset, bq, bk = ctx.args
+        kpm, attn_mask = ctx.masks
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, scale, causal_offset, kpm, attn_mask, bq, bk, q.dtype)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------- public API
+def blockwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                        key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
+                        block_size: int = 512, q_block_size: int | None = None) -> torch.Tensor:
+    """Exact softmax(q k^T * scale + mask) v with memory linear in the lengths; differentiable.
+
+    q (B, H, T, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) with H % Hkv == 0; key_padding_mask (B, S) bool,
+    True = keep; `causal` bottom-right aligned (query i sees keys j <= i + S - T). Returns (B, H, T, Dv)."""
+    fn = "blockwise_attention"
+    B, H, Hkv, T, S, D = _check_qkv(fn, q, k, v, key_padding_mask)
+    bq, bk = _check_blocks(fn, block_size, q_block_size)
+    scale = _check_scale(fn, scale, D)
+    offset = S - T if causal else None
+    return _BlockwiseAttentionFn.apply(q, k, v, key_padding_mask, None, scale, offset, bq, bk)
+
+
+class BlockwiseAttention(nn.Module):
+    """Drop-in for `F.scaled_dot_product_attention` (same call signature) computed blockwise; no parameters.
+
+    `is_causal` is top-left aligned as in SDPA; `attn_mask` bool (True = attend) or float (added, not
+    differentiated), broadcastable to (B, H, T, S); GQA is handled whether or not `enable_gqa` is passed."""
+
+    def __init__(self, block_size: int = 512, q_block_size: int | None = None):
+        super().__init__()
+        self.q_block_size, self.block_size = _check_blocks("BlockwiseAttention", block_size, q_block_size)
+
+    def extra_repr(self) -> str:
+        return f"block_size={self.block_size}, q_block_size={self.q_block_size}"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                enable_gqa: bool = False) -> torch.Tensor:
+        fn = "BlockwiseAttention"
+        if dropout_p:
+            raise InputShapeError(f"{fn}: attention dropout is not supported (dropout_p must be 0), got "
+                                  f"dropout_p={dropout_p}; use SDPA or dropout=0 when training")
+        B, H, Hkv, T, S, D = _check_qkv(fn, q, k, v)
+        mask = _prep_attn_mask(fn, attn_mask, B, H, Hkv, T, S, q.dtype)
+        return _BlockwiseAttentionFn.apply(q, k, v, None, mask, _check_scale(fn, scale, D),
+                                           0 if is_causal else None, self.q_block_size, self.block_size)
+
+
+def attention_chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None,
+                            causal_offset: int | None = None, key_padding_mask: torch.Tensor | None = None,
+                            block_size: int = 512, q_block_size: int | None = None,
+                            out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query chunk against one key/value chunk: (out (B, H, T, Dv), lse (B, H, T) fp32, fp64 for fp64).
+
+    causal_offset c: query i sees key j iff j <= i + c (None: no causal mask). Rows with no visible key: out 0,
+    lse -inf. Records no autograd graph. scale None = 1/sqrt(D)."""
+    fn = "attention_chunk_forward"
+    B, H, Hkv, T, S, D = _check_qkv(fn, q, k, v, key_padding_mask)
+    bq, bk = _check_blocks(fn, block_size, q_block_size)
+    with torch.no_grad():
+        return _forward(q, k, v, _check_scale(fn, scale, D), _check_offset(fn, causal_offset), key_padding_mask,
+                        None, bq, bk, q.dtype if out_dtype is None else out_dtype)
+
+
+def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                    lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine partial attention over two disjoint key sets: out (B, H, T, Dv) in out_a's dtype, lse (B, H, T).
+
+    Stable: weights are exp(lse_x - lse) <= 1; a row that is -inf in both stays out 0, lse -inf."""
+    fn = "merge_attention"
+    if out_a.shape != out_b.shape or lse_a.shape != lse_b.shape or tuple(lse_a.shape) != tuple(out_a.shape[:-1]):
+        raise InputShapeError(f"{fn}: expected out_a, out_b of one shape (..., T, Dv) and lse_a, lse_b of shape "
+                              f"(..., T), got out {tuple(out_a.shape)}, {tuple(out_b.shape)} and lse "
+                              f"{tuple(lse_a.shape)}, {tuple(lse_b.shape)}")
+    cdt = torch.float64 if torch.float64 in (out_a.dtype, out_b.dtype, lse_a.dtype, lse_b.dtype) else torch.float32
+    la, lb = lse_a.to(cdt), lse_b.to(cdt)
+    m = torch.maximum(la, lb)
+    m_safe = m.masked_fill(m == _NEG_INF, 0.0)  # both empty: exp(-inf - 0) = 0 on both sides
+    wa, wb = (la - m_safe).exp(), (lb - m_safe).exp()  # in [0, 1]
+    total = wa + wb
+    seen = total > 0
+    lse = torch.where(seen, m_safe + total.log(), _NEG_INF)
+    inv = torch.where(seen, total, 1.0).reciprocal()
+    out = out_a.to(cdt) * (wa * inv)[..., None] + out_b.to(cdt) * (wb * inv)[..., None]
+    return out.to(out_a.dtype), lse.to(torch.promote_types(lse_a.dtype, lse_b.dtype))
+
+
+def attention_chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                             lse: torch.Tensor, dout: torch.Tensor, *, scale: float | None,
+                             causal_offset: int | None = None, key_padding_mask: torch.Tensor | None = None,
+                             block_size: int = 512, q_block_size: int | None = None,
+                             grad_dtype: torch.dtype | None = None,
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of one (query chunk, key chunk) pair: (dq like q, dk like k, dv like v).
+
+    `out` (B, H, T, Dv) and `lse` (B, H, T) must be the FINAL output / logsumexp of these queries over all keys;
+    then dq summed over key chunks and each chunk's dk, dv equal the full-attention gradients."""
+    fn = "attention_chunk_backward"
+    B, H, Hkv, T, S, D = _check_qkv(fn, q, k, v, key_padding_mask)
+    want = (B, H, T, v.shape[3])
+    for name, t in (("out", out), ("dout", dout)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise InputShapeError(f"{fn}: {name} must have shape (B, H, T, Dv) = {want}, got {got}")
+    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (B, H, T):
+        got = tuple(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__
+        raise InputShapeError(f"{fn}: lse must have shape (B, H, T) = {(B, H, T)}, got {got}")
+    bq, bk = _check_blocks(fn, block_size, q_block_size)
+    with torch.no_grad():
+        return _backward(q, k, v, out, lse, dout, _check_scale(fn, scale, D), _check_offset(fn, causal_offset),
+                         key_padding_mask, None, bq, bk, q.dtype if grad_dtype is None else grad_dtype)

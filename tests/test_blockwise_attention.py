@@ -1,0 +1,328 @@
+"""Blockwise (flash-style) attention: parity with SDPA forward and backward (causal, padding, GQA, odd block
+sizes), fp64 gradcheck, fully masked rows, the ring-attention primitives (chunked forward + merge, summed chunk
+backwards), linear memory, the SDPA drop-in inside MultiHeadAttention, and input errors."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lamina.nn.attention as attention_module
+from lamina.errors import InputShapeError
+from lamina.nn import (
+    BlockwiseAttention,
+    MultiHeadAttention,
+    attention_chunk_backward,
+    attention_chunk_forward,
+    blockwise_attention,
+    causal_mask,
+    merge_attention,
+    reference_attention,
+)
+
+ATOL = 1e-5
+
+
+def close(a, b, atol=ATOL):
+    torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+def make_qkv(B, H, Hkv, T, S, D, dtype=torch.float32, seed=0, Dv=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, D, generator=g, dtype=dtype).requires_grad_()
+    k = torch.randn(B, Hkv, S, D, generator=g, dtype=dtype).requires_grad_()
+    v = torch.randn(B, Hkv, S, Dv or D, generator=g, dtype=dtype).requires_grad_()
+    return q, k, v
+
+
+def sdpa_mask(T, S, causal, kpm):
+    """The same masking as bool attn_mask for SDPA: (B | 1, 1, T, S) or None."""
+    mask = causal_mask(T, S)[None, None] if causal else None
+    if kpm is not None:
+        mask = kpm[:, None, None, :] if mask is None else mask & kpm[:, None, None, :]
+    return mask
+
+
+def padding(B, S, kind):
+    if kind is None:
+        return None
+    keep = torch.ones(B, S, dtype=torch.bool)
+    if kind == "right":  # sequence 1 keeps its first 2/3 keys
+        keep[1, 2 * S // 3:] = False
+    elif kind == "random":
+        keep = torch.rand(B, S, generator=torch.Generator().manual_seed(1)) > 0.3
+        keep[:, 0] = True
+    return keep
+
+
+# name, B, H, Hkv, T, S, D, causal, padding, block_size, q_block_size, scale
+CASES = [
+    ("noncausal", 2, 3, 3, 40, 40, 16, False, None, 16, None, None),
+    ("causal_square", 2, 3, 3, 40, 40, 16, True, None, 16, 8, None),
+    ("causal_bottom_right_T_lt_S", 2, 2, 2, 24, 53, 16, True, None, 16, 8, None),
+    ("padding", 2, 2, 2, 30, 45, 16, False, "random", 16, None, None),
+    ("causal_padding", 2, 2, 2, 33, 33, 8, True, "right", 8, 16, None),
+    ("gqa", 2, 4, 2, 29, 35, 16, False, None, 16, None, None),
+    ("mqa_causal_padding", 2, 4, 1, 29, 35, 16, True, "random", 8, 8, None),
+    ("not_divisible", 1, 2, 2, 37, 37, 8, True, None, 16, 10, None),
+    ("block_larger_than_sequence", 2, 2, 2, 20, 27, 16, False, None, 512, None, None),
+    ("custom_scale", 2, 2, 1, 25, 25, 16, True, None, 8, None, 0.37),
+    ("value_dim_differs", 2, 2, 2, 19, 23, 8, False, "right", 8, None, None),
+]
+
+
+@pytest.mark.parametrize("name, B, H, Hkv, T, S, D, causal, pad, bs, qbs, scale", CASES, ids=[c[0] for c in CASES])
+def test_matches_sdpa_forward_and_backward(name, B, H, Hkv, T, S, D, causal, pad, bs, qbs, scale):
+    q, k, v = make_qkv(B, H, Hkv, T, S, D, Dv=12 if name == "value_dim_differs" else None)
+    kpm = padding(B, S, pad)
+    out = blockwise_attention(q, k, v, causal=causal, key_padding_mask=kpm, scale=scale, block_size=bs,
+                              q_block_size=qbs)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(T, S, causal, kpm), scale=scale,
+                                         enable_gqa=H != Hkv)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    close(out, ref)
+    go = torch.randn_like(out)
+    for a, b, n in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go), "qkv"):
+        assert torch.isfinite(a).all(), n
+        close(a, b)
+
+
+def test_fp64_gradcheck_tiny_gqa_causal_padding():
+    q, k, v = make_qkv(1, 2, 1, 5, 7, 3, dtype=torch.float64)
+    kpm = torch.tensor([[True, True, False, True, True, True, True]])
+    fn = lambda q, k, v: blockwise_attention(q, k, v, causal=True, key_padding_mask=kpm,  # noqa: E731
+                                             block_size=2, q_block_size=3)
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_fully_masked_rows_are_zero_without_nan():
+    B, H, T, S, D = 2, 2, 10, 6, 8  # causal with T > S: query i sees keys j <= i - 4, rows 0-3 see nothing
+    q, k, v = make_qkv(B, H, H, T, S, D)
+    kpm = torch.ones(B, S, dtype=torch.bool)
+    kpm[1] = False  # sequence 1: every key padded
+    out = blockwise_attention(q, k, v, causal=True, key_padding_mask=kpm, block_size=4, q_block_size=3)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[:, :, :4], torch.zeros_like(out[:, :, :4]))
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    close(out, reference_attention(q, k, v, mask=kpm[:, None, None, :], causal=True))
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    for g in (dq, dk, dv):
+        assert torch.isfinite(g).all()
+    assert torch.equal(dq[:, :, :4], torch.zeros_like(dq[:, :, :4]))
+    assert torch.equal(dq[1], torch.zeros_like(dq[1]))
+    assert torch.equal(dk[1], torch.zeros_like(dk[1])) and torch.equal(dv[1], torch.zeros_like(dv[1]))
+    # chunk forward reports those rows as lse -inf
+    _, lse = attention_chunk_forward(q, k, v, scale=None, causal_offset=S - T, key_padding_mask=kpm, block_size=4)
+    assert torch.isneginf(lse[:, :, :4]).all() and torch.isneginf(lse[1]).all()
+    assert torch.isfinite(lse[0, :, 4:]).all()
+
+
+def test_bf16_accumulates_in_fp32():
+    q, k, v = make_qkv(1, 4, 2, 70, 70, 32, dtype=torch.bfloat16)
+    out = blockwise_attention(q, k, v, causal=True, block_size=16)
+    assert out.dtype == torch.bfloat16
+    ref = F.scaled_dot_product_attention(*(t.float() for t in (q, k, v)), is_causal=True, enable_gqa=True)
+    close(out.float(), ref, atol=2e-2)  # bf16 output rounding only: the sums ran in fp32
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    reff = F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, enable_gqa=True)
+    for a, b in zip(grads, torch.autograd.grad(reff, (qf, kf, vf), go.float())):
+        assert a.dtype == torch.bfloat16
+        close(a.float(), b, atol=5e-2)
+
+
+# --- primitives: what ring attention relies on ------------------------------------------------------------
+
+@pytest.mark.parametrize("splits", [(20,), (9, 30)], ids=["2_key_chunks", "3_key_chunks"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_chunked_forward_merge_and_summed_backward_equal_full(splits, causal):
+    """Ring attention's contract: queries in 2 chunks, keys in 2 or 3; per query chunk, merge the chunk forwards
+    over the key chunks; then every (query chunk, key chunk) backward against the merged out / lse adds up."""
+    B, H, Hkv, T, S, D = 2, 4, 2, 31, 45, 8
+    q, k, v = make_qkv(B, H, Hkv, T, S, D)
+    kpm = padding(B, S, "random")
+    full = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(T, S, causal, kpm), enable_gqa=True)
+    go = torch.randn_like(full)
+    dq_ref, dk_ref, dv_ref = torch.autograd.grad(full, (q, k, v), go)
+
+    def pairs(bounds):
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    q_chunks, k_chunks = pairs([0, 13, T]), pairs([0, *splits, S])
+
+    def kw(i0, j0, j1):  # query i0 + i sees key j0 + j iff j0 + j <= i0 + i + S - T
+        return dict(scale=None, key_padding_mask=kpm[:, j0:j1], block_size=8, q_block_size=7,
+                    causal_offset=i0 - j0 + (S - T) if causal else None)
+
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for i0, i1 in q_chunks:
+        qc, out, lse = q[:, :, i0:i1], None, None
+        for j0, j1 in k_chunks:
+            o, l = attention_chunk_forward(qc, k[:, :, j0:j1], v[:, :, j0:j1], **kw(i0, j0, j1))
+            assert l.shape == (B, H, i1 - i0) and l.dtype == torch.float32 and not o.requires_grad
+            out, lse = (o, l) if out is None else merge_attention(out, lse, o, l)
+        close(out, full[:, :, i0:i1].detach())
+        close(lse, attention_chunk_forward(qc, k, v, **kw(i0, 0, S))[1])
+        for j0, j1 in k_chunks:  # against the final, merged out and lse, chunk gradients simply add up
+            gq, gk, gv = attention_chunk_backward(qc, k[:, :, j0:j1], v[:, :, j0:j1], out, lse, go[:, :, i0:i1],
+                                                  **kw(i0, j0, j1))
+            assert gq.shape == qc.shape and gk.shape == (B, Hkv, j1 - j0, D) and gv.shape == gk.shape
+            dq[:, :, i0:i1] += gq
+            dk[:, :, j0:j1] += gk
+            dv[:, :, j0:j1] += gv
+    close(dq, dq_ref)
+    close(dk, dk_ref)
+    close(dv, dv_ref)
+
+
+def test_merge_attention_handles_empty_sides():
+    out_a, out_b = torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4)
+    lse_a = torch.tensor([[[0.5, float("-inf"), float("-inf")]]])
+    lse_b = torch.tensor([[[float("-inf"), 2.0, float("-inf")]]])
+    out, lse = merge_attention(out_a, lse_a, out_b, lse_b)
+    close(out[..., 0, :], out_a[..., 0, :])  # only a saw keys
+    close(out[..., 1, :], out_b[..., 1, :])
+    assert torch.equal(out[..., 2, :], torch.zeros(1, 1, 4)) and torch.isneginf(lse[..., 2]).all()
+    close(lse[..., :2], torch.tensor([[[0.5, 2.0]]]))
+    # both sides present: the weights are the softmax of the two lse
+    out2, lse2 = merge_attention(out_a, torch.full_like(lse_a, 1.0), out_b, torch.full_like(lse_b, 3.0))
+    wa = 1 / (1 + torch.exp(torch.tensor(2.0)))
+    close(out2, wa * out_a + (1 - wa) * out_b)
+    close(lse2, torch.full_like(lse2, 3.0 + torch.log1p(torch.exp(torch.tensor(-2.0))).item()))
+
+
+def test_chunk_out_dtype_fp32_for_bf16_inputs():
+    q, k, v = make_qkv(1, 2, 2, 9, 9, 8, dtype=torch.bfloat16)
+    out, lse = attention_chunk_forward(q, k, v, scale=None, block_size=4, out_dtype=torch.float32)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    dq, dk, dv = attention_chunk_backward(q, k, v, out, lse, torch.ones_like(out), scale=None, block_size=4,
+                                          grad_dtype=torch.float32)
+    assert dq.dtype == dk.dtype == dv.dtype == torch.float32
+
+
+# --- memory: linear in the sequence length ----------------------------------------------------------------
+
+def saved_bytes(fn, T, D=16):
+    q, k, v = make_qkv(1, 1, 1, T, T, D)
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(q, k, v)
+    return total
+
+
+def test_saved_for_backward_grows_linearly():
+    blockwise = lambda q, k, v: blockwise_attention(q, k, v, causal=True, block_size=256)  # noqa: E731
+    ratio = saved_bytes(blockwise, 4096) / saved_bytes(blockwise, 2048)
+    assert 1.8 < ratio < 2.2, ratio
+    # the check can fail: the explicit path saves T x S matrices, so its bytes grow ~4x
+    explicit = lambda q, k, v: reference_attention(q, k, v, causal=True)  # noqa: E731
+    assert saved_bytes(explicit, 1024) / saved_bytes(explicit, 512) > 3.5
+
+
+def test_no_tensor_as_large_as_the_score_matrix_in_forward_or_backward():
+    dispatch = pytest.importorskip("torch.utils._python_dispatch")
+
+    class Largest(dispatch.TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    T, D = 512, 16
+    q, k, v = make_qkv(1, 1, 1, T, T, D)
+    with Largest():
+        out = blockwise_attention(q, k, v, causal=True, block_size=64)
+        out.backward(torch.ones_like(out))
+    assert Largest.numel <= max(64 * 64, T * D), Largest.numel  # a (64 x 64) tile or a (T, D) tensor, not T x S
+
+
+# --- drop-in for SDPA -------------------------------------------------------------------------------------
+
+def test_drop_in_for_sdpa_call_signature():
+    q, k, v = make_qkv(2, 4, 2, 13, 21, 8)
+    kernel = BlockwiseAttention(block_size=8, q_block_size=4)
+    bias = torch.randn(1, 4, 13, 21)
+    bias[..., 5] = float("-inf")
+    for kw in ({"is_causal": True}, {"attn_mask": torch.rand(2, 1, 13, 21) > 0.2}, {"attn_mask": bias},
+               {"attn_mask": torch.rand(13, 21) > 0.5, "scale": 0.5}):
+        out = kernel(q, k, v, enable_gqa=True, **kw)
+        ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)  # is_causal: top-left, as SDPA
+        close(out, ref)
+        go = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
+            close(a, b)
+
+
+def test_drop_in_inside_multihead_attention(monkeypatch):
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(32, 4, n_kv_head=2, causal=True)
+    x = torch.randn(2, 11, 32, requires_grad=True)
+    kpm = torch.ones(2, 11, dtype=torch.bool)
+    kpm[1, :3] = False  # left padding: rows 0-2 of sequence 1 see no key
+    for pad in (None, kpm):
+        y = mha(x, key_padding_mask=pad)
+        gx, = torch.autograd.grad(y.sum(), x)
+        with monkeypatch.context() as m:  # attention.py calls F.scaled_dot_product_attention: swap in the kernel
+            m.setattr(attention_module, "F", types.SimpleNamespace(
+                scaled_dot_product_attention=BlockwiseAttention(block_size=4)))
+            y2 = mha(x, key_padding_mask=pad)
+            gx2, = torch.autograd.grad(y2.sum(), x)
+        close(y2, y)
+        close(gx2, gx)
+
+
+# --- errors -----------------------------------------------------------------------------------------------
+
+def _t(*shape, dtype=torch.float32):
+    return torch.zeros(shape, dtype=dtype)
+
+
+BAD = [  # name, call, words the message must contain
+    ("q_3d", lambda: blockwise_attention(_t(2, 5, 8), _t(2, 1, 5, 8), _t(2, 1, 5, 8)), ["q", "4-D", "(2, 5, 8)"]),
+    ("head_dim", lambda: blockwise_attention(_t(1, 2, 5, 8), _t(1, 2, 5, 4), _t(1, 2, 5, 4)), ["head_dim", "D=8"]),
+    ("heads", lambda: blockwise_attention(_t(1, 3, 5, 8), _t(1, 2, 5, 8), _t(1, 2, 5, 8)), ["multiple", "(3)"]),
+    ("kv_len", lambda: blockwise_attention(_t(1, 2, 5, 8), _t(1, 2, 5, 8), _t(1, 2, 6, 8)), ["k and v"]),
+    ("batch", lambda: blockwise_attention(_t(1, 2, 5, 8), _t(2, 2, 5, 8), _t(2, 2, 5, 8)), ["batch"]),
+    ("dtype_mix", lambda: blockwise_attention(_t(1, 1, 5, 8), _t(1, 1, 5, 8, dtype=torch.float64),
+                                              _t(1, 1, 5, 8)), ["one dtype"]),
+    ("int_dtype", lambda: blockwise_attention(_t(1, 1, 5, 8, dtype=torch.int64), _t(1, 1, 5, 8, dtype=torch.int64),
+                                              _t(1, 1, 5, 8, dtype=torch.int64)), ["float32", "int64"]),
+    ("mask_shape", lambda: blockwise_attention(_t(2, 1, 5, 8), _t(2, 1, 6, 8), _t(2, 1, 6, 8),
+                                               key_padding_mask=_t(2, 5, dtype=torch.bool)), ["(2, 6)", "(2, 5)"]),
+    ("mask_dtype", lambda: blockwise_attention(_t(2, 1, 5, 8), _t(2, 1, 6, 8), _t(2, 1, 6, 8),
+                                               key_padding_mask=_t(2, 6)), ["bool", "float32"]),
+    ("block_size", lambda: blockwise_attention(_t(1, 1, 5, 8), _t(1, 1, 5, 8), _t(1, 1, 5, 8), block_size=0),
+     ["block_size", "positive"]),
+    ("attn_mask", lambda: BlockwiseAttention()(_t(1, 2, 5, 8), _t(1, 2, 6, 8), _t(1, 2, 6, 8),
+                                               attn_mask=_t(3, 6, dtype=torch.bool)), ["broadcast", "(1, 2, 5, 6)"]),
+    ("dropout", lambda: BlockwiseAttention()(_t(1, 1, 5, 8), _t(1, 1, 5, 8), _t(1, 1, 5, 8), dropout_p=0.1),
+     ["dropout"]),
+    ("chunk_lse", lambda: attention_chunk_backward(_t(1, 1, 5, 8), _t(1, 1, 5, 8), _t(1, 1, 5, 8), _t(1, 1, 5, 8),
+                                                   _t(1, 5), _t(1, 1, 5, 8), scale=None), ["lse", "(1, 1, 5)"]),
+    ("causal_offset", lambda: attention_chunk_forward(_t(1, 1, 5, 8), _t(1, 1, 5, 8), _t(1, 1, 5, 8), scale=None,
+                                                      causal_offset=True), ["causal_offset", "int"]),
+]
+
+
+@pytest.mark.parametrize("name, call, words", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_raises_input_shape_error(name, call, words):
+    with pytest.raises(InputShapeError) as err:
+        call()
+    msg = str(err.value)
+    assert msg.startswith("input error: ") and "\n" not in msg
+    for w in words:
+        assert w in msg, (w, msg)
