@@ -48,7 +48,7 @@ def worker_pid(parent: int, rank: int) -> int | None:
             stat = (p / "stat").read_text()
         except OSError:
             continue
-        if f"RANK={rank}".encode() in env and f"TORCHELASTIC_RUN_ID".encode() in b"".join(env):
+        if f"RANK={rank}".encode() in env and any(e.startswith(b"TORCHELASTIC_RUN_ID=") for e in env):
             ppid = int(stat.rsplit(")", 1)[1].split()[1])
             if ppid == parent or _descends(ppid, parent):
                 return int(p.name)

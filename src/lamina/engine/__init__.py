@@ -1,5 +1,6 @@
 from lamina.engine.callbacks import Callback, EarlyStopping, LRMonitor, ModelCheckpoint
-from lamina.engine.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from lamina.engine.checkpoint import load_checkpoint, load_model_weights, read_meta, save_checkpoint
+from lamina.engine.distributed import Distributed, ShardedLoader
 from lamina.engine.loggers import CSVLogger, TensorBoardLogger
 from lamina.engine.optim import build_optimizer, build_scheduler
 from lamina.engine.precision import Precision, select_device
@@ -8,4 +9,5 @@ from lamina.engine.trainer import Trainer
 
 __all__ = ["Trainer", "Callback", "ModelCheckpoint", "EarlyStopping", "LRMonitor", "CSVLogger",
            "TensorBoardLogger", "build_optimizer", "build_scheduler", "Precision", "select_device",
-           "seed_everything", "save_checkpoint", "load_checkpoint", "read_meta"]
+           "seed_everything", "save_checkpoint", "load_checkpoint", "load_model_weights", "read_meta", "Distributed",
+           "ShardedLoader"]

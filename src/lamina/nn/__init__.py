@@ -35,6 +35,8 @@ __all__ = [
 # Blockwise (flash-style) exact attention and the chunk primitives ring attention builds on.
 from lamina.nn.blockwise_attention import (  # noqa: E402
     BlockwiseAttention,
+    BlockwiseKernel,
+    use_blockwise_attention,
     attention_chunk_backward,
     attention_chunk_forward,
     blockwise_attention,
@@ -43,5 +45,8 @@ from lamina.nn.blockwise_attention import (  # noqa: E402
 
 __all__ += [
     "blockwise_attention", "BlockwiseAttention", "attention_chunk_forward", "attention_chunk_backward",
-    "merge_attention",
+    "merge_attention", "BlockwiseKernel", "use_blockwise_attention", "ring_attention", "RingAttention",
 ]
+
+# Ring attention (context parallelism over a torch.distributed process group).
+from lamina.nn.ring_attention import RingAttention, ring_attention  # noqa: E402

@@ -28,7 +28,10 @@
   cache, no padding mask, no bias, no weights) go to `kernel(q, k, v, causal=, scale=, dropout_p=)` with
   q (B, nh, T, hs), k/v (B, n_kv, T, hs); that is how lamina.engine.context_parallel swaps in ring attention
   from outside. A cached call (decoding) still runs SDPA; a masked, biased or weights call raises, since a
-  kernel computing over a sharded sequence would make those silently wrong.
+  kernel computing over a sharded sequence would make those silently wrong. A kernel with
+  `supports_padding_mask = True` (lamina.nn.blockwise_attention.BlockwiseKernel) also gets
+  `key_padding_mask=`: blockwise attention keeps memory linear in T where SDPA would fall back to a
+  materialized mask.
 
 `reference_attention` is the explicit softmax(QK^T / sqrt(d)) V, kept for parity tests and benchmarks.
 """
@@ -174,12 +177,14 @@ class MultiHeadAttention(nn.Module):
         if self.rope is not None:
             q, k = self.rope(q, k, offset) if positions is None else self.rope(q, k, positions=positions)
         if self.kernel is not None and kv is None and cache is None:
-            if need_weights or attn_bias is not None or key_padding_mask is not None:
+            masks_ok = getattr(self.kernel, "supports_padding_mask", False)
+            if need_weights or attn_bias is not None or (key_padding_mask is not None and not masks_ok):
                 raise ModelError(f"attention: the swapped-in kernel {type(self.kernel).__name__} takes plain "
                                  f"self-attention only; need_weights, attn_bias and key_padding_mask are not "
                                  f"supported with it (remove the kernel to use them)")
+            extra = {"key_padding_mask": key_padding_mask} if key_padding_mask is not None else {}
             y = self.kernel(q, k, v, causal=self.causal, scale=self.scale,
-                            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+                            dropout_p=self.dropout if self.training else 0.0, **extra)  # (B, nh, T, hs)
             return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))  # (B, T, C)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, n_kv, offset + T, hs)

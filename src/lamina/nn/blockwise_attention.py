@@ -433,3 +433,37 @@ def attention_chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     with torch.no_grad():
         return _backward(q, k, v, out, lse, dout, _check_scale(fn, scale, D), _check_offset(fn, causal_offset),
                          key_padding_mask, None, bq, bk, q.dtype if grad_dtype is None else grad_dtype)
+
+
+class BlockwiseKernel:
+    """The `MultiHeadAttention.kernel` protocol on blockwise attention: `use_blockwise_attention(model)` swaps it
+    into every self-attention of a model, from outside, e.g. for long padded sequences where SDPA's fused CPU
+    kernels would need a materialized (B, 1, T, S) mask and fall back to the math path. Causal is bottom-right
+    aligned and padding masks are (B, S) bool, as in MultiHeadAttention."""
+
+    supports_padding_mask = True
+
+    def __init__(self, block_size: int = 512, q_block_size: int | None = None):
+        self.block_size, self.q_block_size = block_size, q_block_size
+
+    def __call__(self, q, k, v, *, causal: bool = False, scale: float | None = None, dropout_p: float = 0.0,
+                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if dropout_p:
+            raise InputShapeError(f"blockwise attention: attention dropout is not supported, got dropout_p="
+                                  f"{dropout_p} in training; build the model with dropout=0 or remove the kernel")
+        return blockwise_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+                                   block_size=self.block_size, q_block_size=self.q_block_size)
+
+    def __repr__(self) -> str:
+        return f"BlockwiseKernel(block_size={self.block_size})"
+
+
+def use_blockwise_attention(model: torch.nn.Module, block_size: int = 512, enable: bool = True) -> int:
+    """Swap blockwise attention into (enable=False: out of) every MultiHeadAttention of `model`; returns how many."""
+    from lamina.nn.attention import MultiHeadAttention
+
+    kernel, n = BlockwiseKernel(block_size) if enable else None, 0
+    for m in model.modules():
+        if isinstance(m, MultiHeadAttention) and (enable or isinstance(m.kernel, BlockwiseKernel)):
+            m.kernel, n = kernel, n + 1
+    return n
