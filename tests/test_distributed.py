@@ -107,6 +107,43 @@ def test_one_process_without_torchrun_is_the_plain_trainer(monkeypatch):
     assert d.shard(["a", "b"]) == ["a", "b"] and not torch.distributed.is_initialized()
 
 
+def test_sharded_checkpoint_in_one_process_round_trips_into_a_plain_model_and_detects_corruption(tmp_path, monkeypatch):
+    """strategy=fsdp without torchrun: a private one-rank group; the DCP checkpoint loads into a plain model."""
+    from lamina.engine import ModelCheckpoint, Trainer
+    from lamina.engine.checkpoint import load_model_weights
+    from lamina.errors import CheckpointError
+    from lamina.models import create_model
+    from lamina.tasks import ClassificationTask
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    torch.manual_seed(0)
+    data = TensorData(x=torch.randn(64, 8), y=torch.randint(0, 3, (64,)))
+    model = create_model("mlp", in_features=8, num_classes=3, depth=2, width=16)
+    trainer = Trainer(max_epochs=2, strategy="fsdp", callbacks=[ModelCheckpoint(tmp_path / "ck", monitor="train/loss")])
+    try:
+        assert torch.distributed.is_initialized() and trainer.dist.world_size == 1
+        trainer.fit(model, ClassificationTask(3), InMemoryLoader(data, 16, shuffle=True),
+                    optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+        assert type(next(model.parameters())).__name__ == "DTensor"
+        x = data.tensors["x"][:5]
+        with torch.no_grad():
+            ref = model.eval()(x)
+    finally:
+        trainer.dist.close()
+    assert not torch.distributed.is_initialized()
+    plain = create_model("mlp", in_features=8, num_classes=3, depth=2, width=16).eval()
+    load_model_weights(tmp_path / "ck" / "last", plain)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), ref, atol=1e-6)
+    shard = next((tmp_path / "ck" / "last" / "shards").glob("*.distcp"))
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model_weights(tmp_path / "ck" / "last", plain)
+
+
 # ----- torchrun ---------------------------------------------------------------------------------------------
 def test_ddp_two_processes_match_one_and_a_two_process_checkpoint_resumes_on_one(tmp_path):
     ddp = _train(tmp_path, 2, "name=ddp2")
@@ -155,6 +192,10 @@ def test_fsdp_trains_the_gpt_with_sharded_checkpoints_that_resume_on_one_process
     assert rows[2]["val/loss"] < rows[1]["val/loss"]
     plain3 = _train(tmp_path, 0, *TINY_GPT, "trainer.max_epochs=3", "trainer.threads=1", "name=plain3")
     assert abs(rows[2]["val/loss"] - _rows(plain3)[2]["val/loss"]) < 1e-4  # same as never stopping
+    # bf16 compute through FSDP's MixedPrecisionPolicy (fp32 master weights and gradient reduction)
+    bf16 = _train(tmp_path, 2, *TINY_GPT, "trainer.max_epochs=2", "trainer.strategy=fsdp", "trainer.precision=bf16",
+                  "name=fsdp_bf16")
+    assert abs(_rows(bf16)[1]["val/loss"] - _rows(fsdp)[1]["val/loss"]) < 0.05
     # `lamina eval` reads the sharded best checkpoint into a plain model
     p = subprocess.run([sys.executable, "-m", "lamina.cli.main", "eval", str(fsdp), "--split", "val", "--json"],
                        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
