@@ -144,12 +144,14 @@ def test_translate_and_bleu_on_a_memorized_corpus(tmp_path):
                      tokenizer_kind="bpe", vocab_size=300)
     tok = b.extras["tokenizer"]
     torch.manual_seed(0)
-    model = create_model("t5_mini", vocab_size=tok.vocab_size, d_model=64, n_head=2, d_ff=128, n_enc_layer=1,
+    # 4 heads: with 2, the decoder can settle on attending to the current token only, and then cannot tell the
+    # "hr" of "fährt" from the one of "Fahrrad" (loss stuck at ln 2 on those two positions; tokenizers 0.23 BPE)
+    model = create_model("t5_mini", vocab_size=tok.vocab_size, d_model=64, n_head=4, d_ff=128, n_enc_layer=1,
                          n_dec_layer=1, dropout=0.0, block_size=40)
     task = Seq2SeqTask(tok.vocab_size, beam_size=2, label_smoothing=0.0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     batch = b.train.tensors
-    for _ in range(1000):  # until memorized: teacher-forced argmax right at every position (~500 steps)
+    for _ in range(1000):  # until memorized (~470 steps)
         loss = task.loss(task.forward(model, batch), batch)
         opt.zero_grad()
         loss.backward()
