@@ -213,6 +213,28 @@ def test_context_parallel_training_through_the_cli_equals_one_process(tmp_path):
         assert abs(a["train/loss"] - b["train/loss"]) < 1e-4 and abs(a["val/loss"] - b["val/loss"]) < 1e-4, (a, b)
 
 
+def test_two_node_launch_with_c10d_rendezvous(tmp_path):
+    """`torchrun --nnodes 2 --node-rank {0,1} --rdzv-backend c10d --rdzv-endpoint HOST:PORT`, both nodes on this
+    machine: one run, world size 2, and the same numbers as a single-node 2-process run."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["trainer.max_epochs=3", "name=twonode", *QUIET, "--no-progress"]
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                               f"--node-rank={r}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                               "--rdzv-id=twonode", "-m", "lamina.cli.main", "train", *args],
+                              cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
+    two_node = _summary(tmp_path / "runs" / "twonode")
+    assert (two_node["world_size"], two_node["strategy"]) == (2, "ddp")
+    single = _summary(_train(tmp_path, 2, "trainer.max_epochs=3", "name=single"))
+    assert two_node["test"] == single["test"]
+
+
 def test_killing_a_worker_mid_training_recovers_to_the_same_final_metrics(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "fault_test.py"), "--workdir", str(tmp_path),
                         "trainer.max_epochs=5", "data.batch_size=16"],

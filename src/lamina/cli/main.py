@@ -24,7 +24,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train a model (no arguments: CNN on handwritten digits)")
+    t = sub.add_parser(
+        "train", help="train a model (no arguments: CNN on handwritten digits)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="several processes / machines: launch the same command with torchrun, e.g.\n"
+               "  torchrun --standalone --nproc-per-node 2 -m lamina.cli.main train [CONFIG] trainer.strategy=ddp\n"
+               "  torchrun --nnodes 2 --nproc-per-node 8 --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\\n"
+               "      --rdzv-id JOB --max-restarts 3 -m lamina.cli.main train CONFIG trainer.strategy=fsdp\n"
+               "trainer.strategy: auto|none|ddp|fsdp; trainer.context_parallel=N splits sequences (GPT/Llama);\n"
+               "data.batch_size is the global batch. With --max-restarts a restarted job resumes from its last checkpoint.")
     t.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]",
                    help="a YAML config and/or dotted overrides such as trainer.max_epochs=3")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
