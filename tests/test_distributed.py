@@ -243,3 +243,12 @@ def test_killing_a_worker_mid_training_recovers_to_the_same_final_metrics(tmp_pa
     result = json.loads((tmp_path / "fault_test.json").read_text())
     assert result["restarted"] and result["killed_pid"] and result["differ"] == []
     assert result["compared"] >= 20
+
+
+def test_a_bad_distributed_config_is_one_line_from_rank_0_and_exit_2(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                        "lamina.cli.main", "train", "trainer.context_parallel=2", "--no-progress"],
+                       cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.startswith("config error")]
+    assert p.returncode != 0 and lines == ["config error: trainer.context_parallel: 2 applies to language-model "
+                                           "runs (gpt, llama on token streams); this run is classification"], lines

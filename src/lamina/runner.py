@@ -259,6 +259,14 @@ def _train(cfg: RunConfig, dist: Distributed, callbacks, resume, run_dir, wall0)
     facts = data_facts(bundle, tname)
     task = make_task(cfg, facts)
     model = build_model(cfg, facts)
+    if dist.cp > 1:  # ring attention splits each training sequence into 2 * cp zigzag chunks
+        block = (facts.get("meta") or {}).get("block_size")
+        if tname != "language_modeling" or not block:
+            raise ConfigError(f"trainer.context_parallel: {dist.cp} applies to language-model runs (gpt, llama on "
+                              f"token streams); this run is {tname}")
+        if block % (2 * dist.cp):
+            raise ConfigError(f"data.block_size: {block} must be a multiple of 2 * trainer.context_parallel = "
+                              f"{2 * dist.cp} (zigzag chunks), e.g. {-(-block // (2 * dist.cp)) * 2 * dist.cp}")
     trainer_cfg = cfg.trainer
     monitor, mode = trainer_cfg.monitor, trainer_cfg.monitor_mode
     if bundle.val is None and monitor.startswith("val/"):

@@ -213,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     except LaminaError as e:
         if debug:
             raise
-        print(str(e), file=sys.stderr)
+        import os
+
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: one line, from rank 0
+            print(str(e), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted: the last completed checkpoint is intact", file=sys.stderr)
