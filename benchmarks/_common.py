@@ -59,3 +59,33 @@ def write_result(name: str, payload: dict) -> Path:
     out.write_text(json.dumps(payload, indent=2))
     print(f"wrote {out}")
     return out
+
+
+def _status_kib(field: str) -> int:
+    import re
+
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+
+def peak_rss_mib(call) -> tuple[float, str]:
+    """(peak extra resident memory in MiB while `call()` runs, how it was measured), on Linux CPU.
+
+    torch keeps no CPU allocator statistics and tracemalloc does not see its allocations, so: reset the
+    process's high-water mark (writing "5" to /proc/self/clear_refs sets VmHWM to the current VmRSS, Linux
+    >= 4.0), run the call, read VmHWM. Run it in a fresh process so freed-but-cached heap cannot hide an
+    allocation. Without a writable clear_refs it falls back to ru_maxrss (the import's own peak may mask a
+    small call's)."""
+    before = _status_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        method = "VmHWM after clear_refs"
+    except OSError:
+        method = "ru_maxrss (clear_refs not writable)"
+    call()
+    if method.startswith("VmHWM"):
+        peak = _status_kib("VmHWM")
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (peak - before) / 1024, method

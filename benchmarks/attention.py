@@ -43,7 +43,6 @@ import argparse
 import gc
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -53,7 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _common import median, print_table, write_result
+from _common import median, peak_rss_mib, print_table, write_result
 from lamina.nn.attention import MultiHeadAttention, reference_attention
 
 MiB = 2**20
@@ -122,10 +121,6 @@ def sync_fn(device):
 
 
 # ----------------------------------------------------------------------------------------------- memory
-def _status_kib(field):
-    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
-
-
 def child_peak(args):
     """Runs in a fresh process: one call of (path, L) on the CPU, prints {"peak_mib": ..., "method": ...}."""
     torch.set_num_threads(args.threads)
@@ -136,19 +131,8 @@ def child_peak(args):
     call = make_call(path, args, inp, torch.device("cpu"))
     del tiny
     gc.collect()
-    before = _status_kib("VmRSS")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        method = "VmHWM after clear_refs"
-    except OSError:
-        method = "ru_maxrss (clear_refs not writable)"
-    call()
-    if method.startswith("VmHWM"):
-        peak = _status_kib("VmHWM")
-    else:
-        import resource
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": (peak - before) / 1024, "method": method}))
+    peak_mib, method = peak_rss_mib(call)
+    print(json.dumps({"peak_mib": peak_mib, "method": method}))
 
 
 def measure_peak(path, L, args, device):

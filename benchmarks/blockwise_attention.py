@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _common import median, print_table, write_result
-from attention import _status_kib, make_inputs, sync_fn  # same inputs and VmHWM reader as the attention bench
+from _common import median, peak_rss_mib, print_table, write_result
+from attention import make_inputs, sync_fn  # same inputs as the attention bench
 from lamina.nn import blockwise_attention
 from lamina.nn.attention import reference_attention
 
@@ -84,19 +84,8 @@ def child_peak(args):
     call = make_call(path, args, inp, causal, backward)
     del tiny
     gc.collect()
-    before = _status_kib("VmRSS")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        method = "VmHWM after clear_refs"
-    except OSError:
-        method = "ru_maxrss (clear_refs not writable)"
-    call()
-    if method.startswith("VmHWM"):
-        peak = _status_kib("VmHWM")
-    else:
-        import resource
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": (peak - before) / 1024, "method": method}))
+    peak_mib, method = peak_rss_mib(call)
+    print(json.dumps({"peak_mib": peak_mib, "method": method}))
 
 
 def measure_peak(path, L, args, device, causal, backward):

@@ -56,8 +56,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from _common import median, print_table, write_result
-from attention import _status_kib, make_call, make_inputs, measure_peak
+from _common import median, peak_rss_mib, print_table, write_result
+from attention import make_call, make_inputs, measure_peak
 
 MiB = 2**20
 
@@ -112,25 +112,14 @@ def ring_worker(rank, n, args, backward, out_dir):
         call = _ring_call(qkv, go, backward)
         gc.collect()
         dist.barrier()
-        before = _status_kib("VmRSS")
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-            method = "VmHWM after clear_refs"
-        except OSError:
-            method = "ru_maxrss (clear_refs not writable)"
-        call()
-        if method.startswith("VmHWM"):
-            peak = _status_kib("VmHWM")
-        else:
-            import resource
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_mib, method = peak_rss_mib(call)
         times = []
         for _ in range(args.repeats):
             dist.barrier()
             t0 = time.perf_counter()
             call()
             times.append(time.perf_counter() - t0)
-        res = {"peak_mib": (peak - before) / 1024, "method": method, "times_s": times, "parity": diff}
+        res = {"peak_mib": peak_mib, "method": method, "times_s": times, "parity": diff}
         (out_dir / f"ring_{n}_{int(backward)}_rank{rank}.json").write_text(json.dumps(res))
     finally:
         dist.destroy_process_group()

@@ -228,35 +228,20 @@ class Trainer:
                             f"{kept}; try a lower optimizer.lr or set trainer.grad_clip")
 
     # ----- evaluate / predict ----------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, model, task, loader, prefix: str = "val") -> dict:
-        model = model.to(self.device)
-        was_training = model.training
-        model.eval()
-        metrics = task.make_metrics().to(self.device)
-        loss_sum, n = 0.0, 0
-        # Evaluation splits every batch over all ranks; context parallelism is for long training sequences,
-        # so its ring kernels step aside (each rank evaluates whole sequences).
+    def _eval_outputs(self, model, task, loader, with_loss: bool):
+        """(batch, outputs, loss or None, is_stand_in) per batch of this rank's share of `loader`, no grad.
+
+        Evaluation splits every batch over all ranks; context parallelism is for long training sequences, so its
+        ring kernels step aside (each rank evaluates whole sequences). `is_stand_in`: an empty shard's
+        placeholder batch (see ShardedLoader), run only so FSDP's collectives line up; count nothing of it."""
         loader = self.dist.shard(loader, train=False, ranks=self.dist.world_size, rank=self.dist.rank)
-        with self._without_context_parallel(model):
+        with torch.no_grad(), self._without_context_parallel(model):
             for batch in loader:
                 batch = self.to_device(batch)
                 with self.precision.autocast():
                     outputs = task.forward(model, batch)
-                    loss = task.loss(outputs, batch)
-                if getattr(loader, "ignore_batch", False):  # an empty shard's stand-in (see ShardedLoader)
-                    continue
-                bs = len(outputs)
-                loss_sum += float(loss) * bs
-                n += bs
-                task.update_metrics(metrics, outputs, batch)
-        if self.dist.world_size > 1:
-            sums = self.dist.all_reduce_sum(torch.tensor([loss_sum, float(n)], dtype=torch.float64, device=self.device))
-            loss_sum, n = float(sums[0]), int(sums[1])
-        out = {f"{prefix}/loss": loss_sum / max(n, 1)}
-        out.update({f"{prefix}/{k}": float(v) for k, v in metrics.compute().items()})  # torchmetrics syncs ranks
-        model.train(was_training)
-        return out
+                    loss = task.loss(outputs, batch) if with_loss else None
+                yield batch, outputs, loss, getattr(loader, "ignore_batch", False)
 
     def _without_context_parallel(self, model):
         if self.dist.cp == 1:
@@ -266,17 +251,34 @@ class Trainer:
         return context_parallel_disabled(model)
 
     @torch.no_grad()
+    def evaluate(self, model, task, loader, prefix: str = "val") -> dict:
+        model = model.to(self.device)
+        was_training = model.training
+        model.eval()
+        metrics = task.make_metrics().to(self.device)
+        loss_sum, n = 0.0, 0
+        for batch, outputs, loss, stand_in in self._eval_outputs(model, task, loader, with_loss=True):
+            if stand_in:
+                continue
+            bs = len(outputs)
+            loss_sum += float(loss) * bs
+            n += bs
+            task.update_metrics(metrics, outputs, batch)
+        if self.dist.world_size > 1:
+            sums = self.dist.all_reduce_sum(torch.tensor([loss_sum, float(n)], dtype=torch.float64, device=self.device))
+            loss_sum, n = float(sums[0]), int(sums[1])
+        out = {f"{prefix}/loss": loss_sum / max(n, 1)}
+        out.update({f"{prefix}/{k}": float(v) for k, v in metrics.compute().items()})  # torchmetrics syncs ranks
+        model.train(was_training)
+        return out
+
+    @torch.no_grad()
     def predict(self, model, task, loader) -> dict[str, torch.Tensor]:
         model = model.to(self.device).eval()
         parts: dict[str, list] = {}
-        loader = self.dist.shard(loader, train=False, ranks=self.dist.world_size, rank=self.dist.rank)
-        with self._without_context_parallel(model):
-            for batch in loader:
-                batch = self.to_device(batch)
-                with self.precision.autocast():
-                    outputs = task.forward(model, batch)
-                for k, v in task.predict(outputs).items():
-                    parts.setdefault(k, []).append(v[:0].cpu() if getattr(loader, "ignore_batch", False) else v.cpu())
+        for _, outputs, _, stand_in in self._eval_outputs(model, task, loader, with_loss=False):
+            for k, v in task.predict(outputs).items():
+                parts.setdefault(k, []).append(v[:0].cpu() if stand_in else v.cpu())
         if self.dist.world_size > 1:  # batch b of the input = rank 0's part of b, rank 1's part of b, ...
             every = self.dist.all_gather_object(parts)
             parts = {k: [p[k][b] for b in range(len(parts[k])) for p in every] for k in parts}
