@@ -143,7 +143,8 @@ def main(argv=None) -> int:
     diff = [k for k in keys if m_clean.get(k) != m_faulty.get(k)]
     final = [k for k in keys if k.startswith("test/")] or keys[-4:]
     print(f"workdir {work}")
-    print(f"killed rank 1 (pid {killed[0]}) after the epoch-{killed[1]} checkpoint; torchrun restarted the "
+    print(f"killed rank 1 (pid {killed[0]}) during epoch {killed[1] + 1} (last checkpoint: epoch {killed[1]}); "
+          f"torchrun restarted the "
           f"workers ({restarts} restart(s)) and resumed from checkpoints/last")
     print(f"{'metric':<28} {'undisturbed':>14} {'killed+restarted':>18}")
     for k in final:
