@@ -20,3 +20,35 @@ def _fixed_threads():
 def needs_shared(rel: str):
     path = SHARED_DATA / rel
     return pytest.mark.skipif(not path.exists(), reason=f"needs ../shared/data/{rel} (absent here)")
+
+
+# A string a tiny character-level LM can learn by heart: test_gpt, test_llama and test_rnn overfit it.
+REPEATED_TEXT = "hello lamina! " * 40
+REPEATED_CHARS = sorted(set(REPEATED_TEXT))  # the vocabulary: vocab_size=len(REPEATED_CHARS)
+
+
+def overfit_repeated_text(model, opt, steps: int, window: int) -> float:
+    """Train a char-level LM on REPEATED_TEXT for `steps` steps: each a batch of 16 random windows of `window`
+    next-token pairs (start offsets from a Generator seeded 0), cross-entropy, one opt step. Returns the last
+    batch's loss."""
+    import torch.nn.functional as F
+
+    data = torch.tensor([REPEATED_CHARS.index(c) for c in REPEATED_TEXT])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        start = torch.randint(0, len(data) - window - 1, (16,), generator=g)
+        batch = torch.stack([data[s:s + window + 1] for s in start])  # (16, window + 1)
+        x, y = batch[:, :-1], batch[:, 1:]
+        loss = F.cross_entropy(model(x).reshape(-1, len(REPEATED_CHARS)), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+def greedy_text(model, prompt: str, max_new_tokens: int) -> str:
+    """Greedy continuation of `prompt` (characters of REPEATED_CHARS) by a char-level LM, prompt included."""
+    from lamina.models import generate
+
+    out = generate(model, torch.tensor([[REPEATED_CHARS.index(c) for c in prompt]]), max_new_tokens, greedy=True)
+    return "".join(REPEATED_CHARS[i] for i in out[0].tolist())

@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lamina.errors import ModelError
-from lamina.models import create_model, generate
+from lamina.models import create_model
 from lamina.models.gpt import GPT, GPTConfig
+
+from conftest import REPEATED_CHARS, greedy_text, overfit_repeated_text
 
 
 def n_params(model) -> int:
@@ -59,22 +60,8 @@ def test_bad_config_is_model_error():
 
 
 def test_tiny_gpt_overfits_a_repeated_string():
-    text = "hello lamina! " * 40
-    chars = sorted(set(text))
-    data = torch.tensor([chars.index(c) for c in text])
     torch.manual_seed(0)
-    model = create_model("gpt", vocab_size=len(chars), block_size=32, n_layer=2, n_head=2, n_embd=64)
+    model = create_model("gpt", vocab_size=len(REPEATED_CHARS), block_size=32, n_layer=2, n_head=2, n_embd=64)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        start = torch.randint(0, len(data) - 33, (16,), generator=g)
-        batch = torch.stack([data[s:s + 33] for s in start])  # (16, 33)
-        x, y = batch[:, :-1], batch[:, 1:]
-        loss = F.cross_entropy(model(x).reshape(-1, len(chars)), y.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.1
-    prompt = torch.tensor([[chars.index(c) for c in "hello "]])
-    out = generate(model, prompt, 14, greedy=True)
-    assert "".join(chars[i] for i in out[0].tolist()) == "hello lamina! hello "
+    assert overfit_repeated_text(model, opt, steps=200, window=32) < 0.1
+    assert greedy_text(model, "hello ", 14) == "hello lamina! hello "

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lamina.errors import ModelError
 from lamina.models import create_model, generate
 from lamina.models.llama import Llama, LlamaConfig, hf_llama_key_map, llama_config_from_hf
+
+from conftest import REPEATED_CHARS, greedy_text, overfit_repeated_text
 
 
 @pytest.fixture(autouse=True)
@@ -156,25 +157,12 @@ def test_init_scales_residual_projections():
 
 
 def test_tiny_llama_overfits_a_repeated_string():
-    text = "hello lamina! " * 40
-    chars = sorted(set(text))
-    data = torch.tensor([chars.index(c) for c in text])
     torch.manual_seed(0)
-    model = create_model("llama", vocab_size=len(chars), block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
+    model = create_model("llama", vocab_size=len(REPEATED_CHARS), block_size=32, n_layer=2, n_head=2, n_kv_head=1,
+                         n_embd=32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # high lr, small model: ~1 s on one CPU thread
-    g = torch.Generator().manual_seed(0)
-    for _ in range(80):
-        start = torch.randint(0, len(data) - 25, (16,), generator=g)
-        batch = torch.stack([data[s:s + 25] for s in start])  # (16, 25)
-        x, y = batch[:, :-1], batch[:, 1:]
-        loss = F.cross_entropy(model(x).reshape(-1, len(chars)), y.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.1
-    prompt = torch.tensor([[chars.index(c) for c in "hello "]])
-    out = generate(model, prompt, 14, greedy=True)
-    assert "".join(chars[i] for i in out[0].tolist()) == "hello lamina! hello "
+    assert overfit_repeated_text(model, opt, steps=80, window=24) < 0.1
+    assert greedy_text(model, "hello ", 14) == "hello lamina! hello "
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lamina.errors import InputShapeError, ModelError
 from lamina.models import create_model, generate
 from lamina.models.rnn import RNNCache
+
+from conftest import REPEATED_CHARS, greedy_text, overfit_repeated_text
 
 V = 23  # vocabulary of the small test models
 
@@ -181,23 +182,9 @@ def test_lengths_are_checked():
 
 
 def test_tiny_char_lstm_overfits_a_repeated_string():
-    text = "hello lamina! " * 40
-    chars = sorted(set(text))
-    data = torch.tensor([chars.index(c) for c in text])
     torch.manual_seed(0)
-    model = create_model("char_lstm", vocab_size=len(chars), block_size=32, embed_dim=16, hidden_size=64,
+    model = create_model("char_lstm", vocab_size=len(REPEATED_CHARS), block_size=32, embed_dim=16, hidden_size=64,
                          num_layers=1)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(120):
-        start = torch.randint(0, len(data) - 33, (16,), generator=g)
-        batch = torch.stack([data[s:s + 33] for s in start])  # (16, 33)
-        x, y = batch[:, :-1], batch[:, 1:]
-        loss = F.cross_entropy(model(x).reshape(-1, len(chars)), y.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.1
-    prompt = torch.tensor([[chars.index(c) for c in "hello "]])
-    out = generate(model, prompt, 40, greedy=True)  # 46 tokens: past block_size=32
-    assert "".join(chars[i] for i in out[0].tolist()) == ("hello lamina! " * 4)[:46]
+    assert overfit_repeated_text(model, opt, steps=120, window=32) < 0.1
+    assert greedy_text(model, "hello ", 40) == ("hello lamina! " * 4)[:46]  # 46 tokens: past block_size=32

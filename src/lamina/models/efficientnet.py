@@ -46,7 +46,9 @@ Module names otherwise follow timm's InvertedResidual, so timm checkpoints load 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -55,15 +57,15 @@ import torch.nn.functional as F
 from lamina.errors import ModelError, unknown_name
 from lamina.models.contract import build_model
 from lamina.models.registry import register_model
-from lamina.nn import DropPath, init_weights
+from lamina.nn import DropPath, get_activation, init_weights
 
 # (expand ratio, kernel, stride, output channels, repeats) per stage: Table 1 of the paper (EfficientNet-B0).
 B0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
     (1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
     (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1),
 )
-# ReLU6 is not in lamina.nn.ACTIVATIONS (only EfficientNet-Lite/MobileNet use it), so the family maps its own.
-ACTS = {"silu": nn.SiLU, "relu6": nn.ReLU6, "relu": nn.ReLU}
+# The activations this family is defined with (SiLU: B0, ReLU6: Lite); modules come from lamina.nn.get_activation.
+ACTS = ("silu", "relu6", "relu")
 PADDINGS = ("symmetric", "same")
 
 
@@ -146,7 +148,7 @@ def make_conv(padding: str):
 class SqueezeExcite(nn.Module):
     """Channel gate from global context: x * sigmoid(conv_expand(act(conv_reduce(mean_hw(x)))))."""
 
-    def __init__(self, channels: int, reduced: int, act: type[nn.Module]):
+    def __init__(self, channels: int, reduced: int, act: Callable[[], nn.Module]):
         super().__init__()
         self.conv_reduce = nn.Conv2d(channels, reduced, 1)  # 1x1 convs with bias: the reference's layout
         self.act = act()
@@ -163,7 +165,7 @@ class MBConv(nn.Module):
     def __init__(self, cin: int, cout: int, expand: int, kernel: int, stride: int, cfg: EfficientNetConfig,
                  drop_path: float):
         super().__init__()
-        conv, act = make_conv(cfg.padding), ACTS[cfg.activation]
+        conv, act = make_conv(cfg.padding), partial(get_activation, cfg.activation)
         mid = cin * expand
 
         def bn(c: int) -> nn.BatchNorm2d:
@@ -195,7 +197,7 @@ class EfficientNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.input_spec = (cfg.in_chans, None, None)
-        conv, act = make_conv(cfg.padding), ACTS[cfg.activation]
+        conv, act = make_conv(cfg.padding), partial(get_activation, cfg.activation)
         bn = dict(eps=cfg.bn_eps, momentum=cfg.bn_momentum)
         fixed = cfg.fix_stem_head
         stem = cfg.stem_width if fixed else round_channels(cfg.stem_width, cfg.width_mult)

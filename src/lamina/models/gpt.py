@@ -37,27 +37,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from lamina.errors import InputShapeError, ModelError
+from lamina.errors import ModelError
+from lamina.models._decoder import (
+    cache_offset,
+    check_idx,
+    check_positions,  # noqa: F401  (re-exported: lamina.models.gpt.check_positions, as before)
+    make_kv_caches,
+    new_lm_head,
+)
 from lamina.models.contract import build_model
 from lamina.models.registry import register_model
 from lamina.nn import FeedForward, KVCache, LearnedPositionalEmbedding, MultiHeadAttention, make_norm
-
-_INT_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding accepts
-
-
-def check_positions(name: str, positions: torch.Tensor, idx: torch.Tensor, block_size: int) -> None:
-    """positions for token ids idx (B, T): integer (T,) or (B, T), every value in 0 .. block_size-1. One host
-    read per forward (the layers skip their own range check off the CPU)."""
-    B, T = idx.shape
-    if positions.dtype not in _INT_DTYPES or tuple(positions.shape) not in ((T,), (B, T)):
-        raise InputShapeError(f"model {name}: positions must be an int64 tensor of shape (T,) or (B, T) = "
-                              f"({B}, {T}), got {str(positions.dtype).removeprefix('torch.')} "
-                              f"{tuple(positions.shape)}")
-    if positions.numel():
-        lo, hi = torch.stack(torch.aminmax(positions)).tolist()
-        if lo < 0 or hi + 1 > block_size:
-            raise InputShapeError(f"model {name} handles positions 0 .. {block_size - 1} (block_size={block_size}), "
-                                  f"got positions {lo} .. {hi}")
 
 
 @dataclass
@@ -150,37 +140,18 @@ class GPT(nn.Module):
     def _name(self) -> str:
         return getattr(self, "model_name", "gpt")
 
-    def _check_idx(self, idx: torch.Tensor, offset: int, positions: torch.Tensor | None = None) -> None:
-        if idx.dim() != 2 or idx.dtype not in _INT_DTYPES:
-            got = f"{str(idx.dtype).removeprefix('torch.')} tensor of shape {tuple(idx.shape)}"
-            raise InputShapeError(f"model {self._name} expects token ids of shape (B, T) and dtype int64, got {got}")
-        if positions is not None:
-            check_positions(self._name, positions, idx, self.block_size)
-            return
-        T = idx.shape[1]
-        if offset + T > self.block_size:
-            where = f"T={T}" if offset == 0 else f"T={T} after {offset} cached positions"
-            raise InputShapeError(f"model {self._name} handles at most block_size={self.block_size} positions, "
-                                  f"got {where}; crop the context to the last {self.block_size} tokens")
-
     def make_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None) -> list[KVCache]:
         """One KVCache per block with room for `max_len` (default block_size) positions."""
         max_len = self.block_size if max_len is None else min(int(max_len), self.block_size)
-        return [blk.attn.make_cache(batch_size, max_len, dtype, device) for blk in self.blocks]
+        return make_kv_caches((blk.attn for blk in self.blocks), batch_size, max_len, dtype, device)
 
     def forward_features(self, idx: torch.Tensor, cache: list[KVCache] | None = None,
                          positions: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) -> hidden states (B, T, C) after ln_f. With a cache, idx holds only the new tokens;
         positions (T,) or (B, T), long: the tokens' positions instead of 0 .. T-1."""
-        if cache is not None and len(cache) != len(self.blocks):
-            raise ModelError(f"{self._name}: cache has {len(cache)} layers, the model {len(self.blocks)}; "
-                             f"make it with model.make_cache(batch_size)")
-        if cache is not None and positions is not None:
-            raise ModelError(f"{self._name}: pass either a cache (positions continue from its length) or "
-                             f"positions, not both")
-        offset = cache[0].length if cache else 0
-        self._check_idx(idx, offset, positions)
+        offset = cache_offset(self._name, cache, len(self.blocks), positions)
+        check_idx(self._name, idx, self.block_size, offset, positions)
         x = self.drop(self.wpe(self.wte(idx), offset, positions=positions))  # (B, T, C)
         for i, blk in enumerate(self.blocks):
             x = blk(x, cache=None if cache is None else cache[i])  # (B, T, C); wpe placed the positions
@@ -198,11 +169,7 @@ class GPT(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh (n_embd -> num_classes) head, untied from wte; 0 -> no head (forward returns h)."""
         self.num_classes = num_classes
-        if num_classes > 0:
-            self.lm_head = nn.Linear(self.num_features, num_classes, bias=False)
-            nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.02)
-        else:
-            self.lm_head = nn.Identity()
+        self.lm_head = new_lm_head(self.num_features, num_classes)
 
 
 @register_model("gpt", input_kind="tokens")

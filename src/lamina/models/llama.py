@@ -34,13 +34,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from lamina.errors import InputShapeError, ModelError
+from lamina.errors import ModelError
+from lamina.models._decoder import cache_offset, check_idx, make_kv_caches, new_lm_head
 from lamina.models.contract import build_model
-from lamina.models.gpt import Block, check_positions
+from lamina.models.gpt import Block
 from lamina.models.registry import register_model
 from lamina.nn import KVCache, MultiHeadAttention, RotaryEmbedding, SwiGLU, make_norm
-
-_INT_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding accepts
 
 
 def _positive_int(value) -> bool:
@@ -149,36 +148,18 @@ class Llama(nn.Module):
     def _name(self) -> str:
         return getattr(self, "model_name", "llama")
 
-    def _check_idx(self, idx: torch.Tensor, offset: int, positions: torch.Tensor | None = None) -> None:
-        if idx.dim() != 2 or idx.dtype not in _INT_DTYPES:
-            got = f"{str(idx.dtype).removeprefix('torch.')} tensor of shape {tuple(idx.shape)}"
-            raise InputShapeError(f"model {self._name} expects token ids of shape (B, T) and dtype int64, got {got}")
-        if positions is not None:
-            check_positions(self._name, positions, idx, self.block_size)
-            return
-        T = idx.shape[1]
-        if offset + T > self.block_size:
-            where = f"T={T}" if offset == 0 else f"T={T} after {offset} cached positions"
-            raise InputShapeError(f"model {self._name} handles at most block_size={self.block_size} positions, "
-                                  f"got {where}; crop the context to the last {self.block_size} tokens")
-
     def make_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None) -> list[KVCache]:
         """One KVCache per block with room for `max_len` (default block_size) positions, n_kv_head heads wide."""
         max_len = self.block_size if max_len is None else min(int(max_len), self.block_size)
-        return [blk.attn.make_cache(batch_size, max_len, dtype, device) for blk in self.blocks]
+        return make_kv_caches((blk.attn for blk in self.blocks), batch_size, max_len, dtype, device)
 
     def forward_features(self, idx: torch.Tensor, cache: list[KVCache] | None = None,
                          positions: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) -> hidden states (B, T, C) after ln_f. With a cache, idx holds only the new tokens;
         positions (T,) or (B, T), long: the tokens' positions (for RoPE) instead of 0 .. T-1."""
-        if cache is not None and len(cache) != len(self.blocks):
-            raise ModelError(f"{self._name}: cache has {len(cache)} layers, the model {len(self.blocks)}; "
-                             f"make it with model.make_cache(batch_size)")
-        if cache is not None and positions is not None:
-            raise ModelError(f"{self._name}: pass either a cache (positions continue from its length) or "
-                             f"positions, not both")
-        self._check_idx(idx, cache[0].length if cache else 0, positions)
+        offset = cache_offset(self._name, cache, len(self.blocks), positions)
+        check_idx(self._name, idx, self.block_size, offset, positions)
         x = self.wte(idx)  # (B, T, C); positions enter inside attention, through RoPE on q and k
         for i, blk in enumerate(self.blocks):
             x = blk(x, cache=None if cache is None else cache[i], positions=positions)  # (B, T, C)
@@ -196,11 +177,7 @@ class Llama(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh (n_embd -> num_classes) head, untied from wte; 0 -> no head (forward returns h)."""
         self.num_classes = num_classes
-        if num_classes > 0:
-            self.lm_head = nn.Linear(self.num_features, num_classes, bias=False)
-            nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.02)
-        else:
-            self.lm_head = nn.Identity()
+        self.lm_head = new_lm_head(self.num_features, num_classes)
 
 
 def hf_llama_key_map(n_layer: int) -> dict[str, str]:

@@ -37,12 +37,12 @@ import torch
 import torch.nn as nn
 
 from lamina.errors import InputShapeError, ModelError
+from lamina.models._decoder import check_token_ids, make_kv_caches, new_lm_head
 from lamina.models.contract import build_model
 from lamina.models.registry import register_model
 from lamina.nn import FeedForward, KVCache, MultiHeadAttention, RMSNorm, SwiGLU
 from lamina.nn.positional import RelativePositionBias
 
-_INT_DTYPES = (torch.int64, torch.int32)
 FFN_KINDS = ("gated-gelu", "relu")
 
 
@@ -197,16 +197,13 @@ class T5(nn.Module):
         return getattr(self, "model_name", "t5")
 
     def _check_ids(self, ids: torch.Tensor, what: str) -> None:
-        if ids.dim() != 2 or ids.dtype not in _INT_DTYPES:
-            got = f"{str(ids.dtype).removeprefix('torch.')} tensor of shape {tuple(ids.shape)}"
-            raise InputShapeError(f"model {self._name} expects {what} token ids of shape (B, L) and dtype int64, "
-                                  f"got {got}")
+        check_token_ids(self._name, ids, f"{what} token ids", "(B, L)")
 
     def make_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None) -> list[KVCache]:
         """One self-attention KVCache per decoder block (cross-attention keys are recomputed from memory)."""
         max_len = self.block_size if max_len is None else int(max_len)
-        return [blk.self_attn.make_cache(batch_size, max_len, dtype, device) for blk in self.decoder.blocks]
+        return make_kv_caches((blk.self_attn for blk in self.decoder.blocks), batch_size, max_len, dtype, device)
 
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Source ids (B, S) -> memory (B, S, C)."""
@@ -249,11 +246,7 @@ class T5(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh untied (d_model -> num_classes) output layer; 0 -> none (forward returns decoder states)."""
         self.num_classes = num_classes
-        if num_classes > 0:
-            self.lm_head = nn.Linear(self.num_features, num_classes, bias=False)
-            nn.init.normal_(self.lm_head.weight, std=self.num_features ** -0.5)
-        else:
-            self.lm_head = nn.Identity()
+        self.lm_head = new_lm_head(self.num_features, num_classes, std=self.num_features ** -0.5)
 
 
 def hf_t5_key_map(cfg: T5Config) -> dict[str, str]:

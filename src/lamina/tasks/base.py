@@ -6,10 +6,21 @@ sync per step; evaluation metrics use torchmetrics.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import torch
 import torch.nn as nn
+
+from lamina.errors import ConfigError, unknown_name
+
+
+def check_options(what: str, options: Mapping, allowed: Sequence[str]) -> None:
+    """A task's `from_facts` options: the first key not in `allowed` is a ConfigError
+    `task.<key>: unknown <what> '<key>' ...; valid: ...` (what: e.g. "option of task masked_lm")."""
+    bad = [k for k in options if k not in allowed]
+    if bad:
+        raise ConfigError(f"task.{bad[0]}: {unknown_name(what, bad[0], allowed)}")
 
 
 def model_inputs(batch: dict) -> tuple[tuple, dict]:

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 
-from lamina.errors import ConfigError, DataError, unknown_name
+from lamina.errors import ConfigError, DataError
+from lamina.tasks.base import check_options
 
 
 def info_nce(logits_per_image: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -109,9 +110,7 @@ class ContrastiveTask:
     # ----- runner protocol -------------------------------------------------------------------------
     @classmethod
     def from_facts(cls, facts: dict, options: dict) -> "ContrastiveTask":
-        bad = [k for k in options if k not in cls.OPTIONS]
-        if bad:
-            raise ConfigError(f"task.{bad[0]}: {unknown_name('option of task contrastive', bad[0], cls.OPTIONS)}")
+        check_options("option of task contrastive", options, cls.OPTIONS)
         meta = facts.get("meta") or {}
         return cls(meta.get("prompts"), facts.get("num_classes"), **options)
 

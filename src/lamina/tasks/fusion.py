@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 
-from lamina.errors import ConfigError, DataError, unknown_name
+from lamina.errors import ConfigError, DataError
+from lamina.tasks.base import check_options
 from lamina.tasks.contrastive import text_mask
 
 MODALITIES = ("image", "text", "audio")
@@ -72,9 +73,7 @@ class FusionTask:
     # ----- runner protocol -------------------------------------------------------------------------
     @classmethod
     def from_facts(cls, facts: dict, options: dict) -> "FusionTask":
-        bad = [k for k in options if k not in cls.OPTIONS]
-        if bad:
-            raise ConfigError(f"task.{bad[0]}: {unknown_name('option of task fusion', bad[0], cls.OPTIONS)}")
+        check_options("option of task fusion", options, cls.OPTIONS)
         meta = facts.get("meta") or {}
         n = facts.get("num_classes") or facts.get("num_outputs")
         return cls(int(n or 0), tuple(meta.get("modalities", MODALITIES)), **options)

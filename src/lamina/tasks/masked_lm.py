@@ -28,7 +28,8 @@ import torch.nn.functional as F
 import torchmetrics
 from torchmetrics.text import Perplexity
 
-from lamina.errors import ConfigError, DataError, unknown_name
+from lamina.errors import ConfigError, DataError
+from lamina.tasks.base import check_options
 
 IGNORE = -100  # label of positions that are not scored (torch's cross-entropy default ignore_index)
 
@@ -87,9 +88,7 @@ class MaskedLMTask:
     # ----- runner protocol ----------------------------------------------------------------------
     @classmethod
     def from_facts(cls, facts: dict, options: dict) -> "MaskedLMTask":
-        bad = [k for k in options if k not in cls.OPTIONS]
-        if bad:
-            raise ConfigError(f"task.{bad[0]}: {unknown_name('option of task masked_lm', bad[0], cls.OPTIONS)}")
+        check_options("option of task masked_lm", options, cls.OPTIONS)
         meta = facts["meta"]
         for key in ("vocab_size", "mask_id"):
             if key not in meta:

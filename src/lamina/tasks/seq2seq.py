@@ -19,7 +19,8 @@ import torch.nn.functional as F
 import torchmetrics
 from torchmetrics.text import Perplexity
 
-from lamina.errors import ConfigError, MissingDependencyError, unknown_name
+from lamina.errors import ConfigError, MissingDependencyError
+from lamina.tasks.base import check_options
 
 
 class Seq2SeqTask:
@@ -40,9 +41,7 @@ class Seq2SeqTask:
 
     @classmethod
     def from_facts(cls, facts: dict, options: dict) -> "Seq2SeqTask":
-        bad = [k for k in options if k not in cls.OPTIONS]
-        if bad:
-            raise ConfigError(f"task.{bad[0]}: {unknown_name('seq2seq option', bad[0], cls.OPTIONS)}")
+        check_options("seq2seq option", options, cls.OPTIONS)
         meta = facts["meta"]
         return cls(meta["vocab_size"], meta.get("pad_id", 0), **options)
 

@@ -12,7 +12,8 @@ contract that lstm_classifier and the bert_* classifiers share (output_kind "seq
 
 from __future__ import annotations
 
-from lamina.errors import ConfigError, DataError, unknown_name
+from lamina.errors import ConfigError, DataError
+from lamina.tasks.base import check_options
 from lamina.tasks.classification import ClassificationTask
 
 
@@ -23,10 +24,7 @@ class SequenceClassificationTask(ClassificationTask):
 
     @classmethod
     def from_facts(cls, facts: dict, options: dict) -> "SequenceClassificationTask":
-        bad = [k for k in options if k not in cls.OPTIONS]
-        if bad:
-            what = "option of task sequence_classification"
-            raise ConfigError(f"task.{bad[0]}: {unknown_name(what, bad[0], cls.OPTIONS)}")
+        check_options("option of task sequence_classification", options, cls.OPTIONS)
         n = facts.get("num_classes") or facts.get("num_outputs")
         if not n or int(n) < 2:
             raise DataError(f"data set '{facts.get('name')}' has {n} classes; sequence classification needs at least 2")
