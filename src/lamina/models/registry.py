@@ -55,12 +55,15 @@ def create_model(name: str, **kwargs) -> nn.Module:
     """Build a registered model; unknown names and unknown/invalid options raise ModelError (one line)."""
     entry = get_entry(name)
     try:
-        return entry.factory(**kwargs)
+        model = entry.factory(**kwargs)
     except TypeError as e:  # unexpected keyword -> say which ones the family accepts
         msg = str(e)
         if "unexpected keyword" in msg or "got an unexpected" in msg:
             raise ModelError(f"{name}: {msg.split(': ', 1)[-1] if ': ' in msg else msg}") from None
         raise
+    # how to build it again (lamina.hub.save_pretrained / from_pretrained): the name and the options given
+    model.lamina_spec = {"name": name, "options": dict(kwargs)}
+    return model
 
 
 def build_config(cfg_cls, name: str, base, overrides: dict):

@@ -1,0 +1,200 @@
+"""GGUF files (llama.cpp's format) mapped onto lamina's Llama, every tensor dequantized to fp32 and checked.
+
+    model, info = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
+    info == {"format": "gguf", "family": "llama", "config": {...hyperparameters read...}, "tokenizer": <HF tokenizer>,
+             "chat_template": "...", "bos_id": 1, "eos_id": 2, "file_type": 3, "path": "..."}
+
+The file is read with the `gguf` package (GGUFReader) and each tensor dequantized with gguf.quants.dequantize.
+Names: GGUF's names come from the gguf package's own HF -> GGUF table (gguf.get_tensor_name_map), applied to
+lamina's HF key map (lamina.models.llama.hf_llama_key_map), so this file holds no third copy of them. Strict: a
+GGUF tensor with no place in the model, a model tensor the file lacks, or a shape that disagrees with the
+metadata is a CheckpointError naming them.
+
+RoPE layout: llama.cpp's converter permutes the rows of attn_q / attn_k from HF's rotate-half layout into its
+interleaved (GPT-J style) one, per head: HF row (i, half h, j) -> GGUF row (i, j, h). It is undone here
+(transformers' LlamaTensorProcessor._reverse_permute_weights), after which the tensors are exactly what HF and
+lamina's rotate-half RotaryEmbedding expect.
+
+The tokenizer is rebuilt from the metadata (tokenizer.ggml.*) by transformers' GGUF converter, imported lazily
+(transformers is an optional dependency); with tokenizer=False or without transformers, info["tokenizer"] is None.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lamina.errors import CheckpointError, MissingDependencyError
+
+_OPTIONS = ("dtype", "block_size", "tokenizer")
+
+
+def _names(keys, n: int = 5) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation: (n_head, head_dim/2, 2, C) -> (n_head, 2, head_dim/2, C)."""
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise CheckpointError(f"hub: gguf: a q/k projection with {rows} rows does not split into {n_head} heads "
+                              "of an even size")
+    return np.ascontiguousarray(
+        w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def _llama_config(reader, path, block_size):
+    from lamina.models.llama import LlamaConfig
+
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"hub: {path}: GGUF architecture {arch!r} is not supported; accepted: llama")
+
+    def need(key):
+        value = _field(reader, f"llama.{key}")
+        if value is None:
+            raise CheckpointError(f"hub: {path}: GGUF metadata lacks llama.{key}, which a Llama config needs")
+        return value
+
+    n_embd, n_head = int(need("embedding_length")), int(need("attention.head_count"))
+    n_kv = int(_field(reader, "llama.attention.head_count_kv", n_head))
+    rope_dim = _field(reader, "llama.rope.dimension_count")
+    if rope_dim is not None and int(rope_dim) != n_embd // n_head:
+        raise CheckpointError(f"hub: {path}: partial rotary embeddings (rope.dimension_count {rope_dim} != head "
+                              f"size {n_embd // n_head}) are not supported")
+    if _field(reader, "llama.rope.scaling.type") not in (None, "none"):
+        raise CheckpointError(f"hub: {path}: RoPE scaling is not supported; only the default rotary embedding")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = _field(reader, "llama.vocab_size") or (len(tokens.data) if tokens is not None else None)
+    if vocab is None:
+        raise CheckpointError(f"hub: {path}: GGUF metadata has neither llama.vocab_size nor tokenizer.ggml.tokens")
+    ctx = int(_field(reader, "llama.context_length", 2048))
+    tied = not any(t.name == "output.weight" for t in reader.tensors)  # llama.cpp omits output.weight when tied
+    hp = {
+        "vocab_size": int(vocab), "block_size": int(block_size or ctx), "n_layer": int(need("block_count")),
+        "n_head": n_head, "n_kv_head": n_kv, "n_embd": n_embd, "ffn_hidden": int(need("feed_forward_length")),
+        "rope_base": float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        "norm_eps": float(need("attention.layer_norm_rms_epsilon")), "tie_weights": tied,
+    }
+    return LlamaConfig(**hp), {**hp, "context_length": ctx}
+
+
+def read_llama_state(reader, cfg, path) -> dict[str, torch.Tensor]:
+    """lamina Llama state (name -> fp32 tensor) from a GGUFReader, every name and shape checked."""
+    import gguf
+
+    from lamina.models.llama import hf_llama_key_map
+
+    key_map = hf_llama_key_map(cfg.n_layer)  # HF name -> lamina name
+    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layer)
+    to_lamina = {}
+    for hf, ours in key_map.items():
+        g = table.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if g is None:
+            raise CheckpointError(f"hub: gguf: the gguf package has no GGUF name for {hf}")
+        to_lamina[g] = (hf, ours)
+    tied = {"lm_head.weight"} if cfg.tie_weights else set()
+    from lamina.models.llama import Llama
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Llama(cfg).state_dict().items()}
+    q_k = {f"blocks.{i}.attn.{p}_proj.weight": (cfg.n_head if p == "q" else cfg.n_kv_head)
+           for i in range(cfg.n_layer) for p in "qk"}
+    state, unknown, bad = {}, [], []
+    for t in reader.tensors:
+        if t.name not in to_lamina or to_lamina[t.name][1] in tied:
+            unknown.append(t.name)
+            continue
+        ours = to_lamina[t.name][1]
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
+        if shape != expected[ours]:
+            bad.append(f"{t.name} {shape} (lamina's {ours} expects {expected[ours]})")
+            continue
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+        if ours in q_k:
+            w = unpermute_rope_rows(w, q_k[ours])
+        state[ours] = torch.from_numpy(np.array(w, copy=True))
+    missing = [k for k in expected if k not in state and k not in tied]
+    if unknown or missing or bad:
+        parts = []
+        if unknown:
+            parts.append(f"{len(unknown)} tensor(s) with no place in lamina's llama: {_names(unknown)}")
+        if missing:
+            parts.append(f"{len(missing)} model tensor(s) not in the file: {_names(missing)}")
+        if bad:
+            parts.append(f"{len(bad)} shape mismatch(es): {_names(bad, 3)}")
+        raise CheckpointError(f"hub: {path}: " + "; ".join(parts))
+    return state
+
+
+def gguf_tokenizer(path: Path):
+    """A transformers fast tokenizer rebuilt from the file's tokenizer.ggml.* metadata (needs transformers)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise MissingDependencyError("hub: building a tokenizer from GGUF metadata needs transformers "
+                                     "(pip install transformers); or pass tokenizer=False") from None
+    path = Path(path)
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def load_gguf(path: str | Path, **options):
+    """(model, info) for a GGUF file; see the module docstring. Options: dtype (a torch dtype, default fp32),
+    block_size (context length to build RoPE tables and KV caches for; default the file's context_length),
+    tokenizer (True: build it, needs transformers; False: skip; default True when transformers is installed)."""
+    path = Path(path)
+    unknown_opts = set(options) - set(_OPTIONS)
+    if unknown_opts:
+        raise CheckpointError(f"hub: unknown option(s) {', '.join(sorted(unknown_opts))} for a GGUF file; "
+                              f"accepted: {', '.join(_OPTIONS)}")
+    try:
+        import gguf
+    except ImportError:
+        raise MissingDependencyError("hub: reading GGUF files needs the gguf package (pip install gguf)") from None
+    if not path.is_file():
+        raise CheckpointError(f"hub: {path}: no such GGUF file")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt/unsupported file
+        raise CheckpointError(f"hub: {path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+    from lamina.models.llama import Llama
+
+    cfg, hp = _llama_config(reader, path, options.get("block_size"))
+    state = read_llama_state(reader, cfg, path)
+    model = Llama(cfg)
+    model.model_name = "llama"
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # checked above
+    if options.get("dtype") is not None:
+        model = model.to(options["dtype"])
+    model.eval()
+
+    want_tok = options.get("tokenizer")
+    tok = None
+    if want_tok or want_tok is None:
+        try:
+            tok = gguf_tokenizer(path)
+        except MissingDependencyError:
+            if want_tok:
+                raise
+    bos, eos = _field(reader, "tokenizer.ggml.bos_token_id"), _field(reader, "tokenizer.ggml.eos_token_id")
+    info = {"format": "gguf", "family": "llama", "config": hp, "tokenizer": tok,
+            "chat_template": _field(reader, "tokenizer.chat_template"),
+            "bos_id": None if bos is None else int(bos), "eos_id": None if eos is None else int(eos),
+            "file_type": _field(reader, "general.file_type"), "name": _field(reader, "general.name"),
+            "path": str(path)}
+    return model, info
+
+
+__all__ = ["gguf_tokenizer", "load_gguf", "read_llama_state", "unpermute_rope_rows"]

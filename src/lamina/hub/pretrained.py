@@ -1,0 +1,99 @@
+"""lamina's own pretrained format: a folder a fine-tuned model round-trips through.
+
+    <dir>/model.safetensors     the weights (tied weights saved once per name, as in checkpoints)
+    <dir>/lamina_model.json     {"format": ..., "model": registered name, "options": factory options, ...extra}
+
+`create_model` records the name and options on every model it builds (`model.lamina_spec`), so
+`save_pretrained(model, dir)` needs nothing else, and `from_pretrained(dir)` rebuilds the same architecture
+and loads the weights strictly (every tensor present, every shape equal). Files are written to a temporary
+folder and renamed into place, like checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lamina.errors import CheckpointError
+
+FORMAT = "lamina-pretrained-1"
+
+
+def _jsonable(v):
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, list):
+        return [_jsonable(x) for x in v]
+    raise CheckpointError(f"save_pretrained: model option value {v!r} ({type(v).__name__}) cannot be saved as JSON")
+
+
+def _tuples(v):
+    # configs take tuples (channels, cat_cardinalities, ...); JSON gives lists back
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+
+
+def save_pretrained(model: torch.nn.Module, path: str | Path, extra: dict | None = None) -> Path:
+    from lamina.engine.checkpoint import _fsync, _publish, _weights
+
+    spec = getattr(model, "lamina_spec", None)
+    if spec is None:
+        raise CheckpointError("save_pretrained: the model was not built by lamina.models.create_model (no "
+                              "lamina_spec), so it could not be rebuilt; build it with create_model(name, ...)")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file(_weights(model), str(tmp / "model.safetensors"))
+        meta = {"format": FORMAT, "model": spec["name"], "options": _jsonable(spec["options"]),
+                "params": sum(p.numel() for p in model.parameters()), **(extra or {})}
+        (tmp / "lamina_model.json").write_text(json.dumps(meta, indent=2))
+        for n in ("model.safetensors", "lamina_model.json"):
+            _fsync(tmp / n)
+        _publish(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_pretrained_meta(path: str | Path) -> dict:
+    p = Path(path) / "lamina_model.json"
+    if not p.is_file():
+        raise CheckpointError(f"{path} is not a lamina pretrained folder (no lamina_model.json); make one with "
+                              "lamina.hub.save_pretrained(model, folder)")
+    meta = json.loads(p.read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{p}: not a {FORMAT} file")
+    return meta
+
+
+def from_pretrained(path: str | Path, **overrides) -> torch.nn.Module:
+    """The model saved by save_pretrained, weights loaded strictly; `overrides` change factory options that do
+    not touch the weights' shapes (e.g. dropout)."""
+    from lamina.models import create_model
+
+    meta = read_pretrained_meta(path)
+    opts = {k: _tuples(v) for k, v in meta["options"].items()}
+    model = create_model(meta["model"], **{**opts, **overrides})
+    weights = load_file(str(Path(path) / "model.safetensors"))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    bad = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in own
+           if k in weights and weights[k].shape != own[k].shape]
+    if missing or unexpected or bad:
+        raise CheckpointError(f"{path} does not fit model {meta['model']}: missing {missing[:3]} ({len(missing)}), "
+                              f"unexpected {unexpected[:3]} ({len(unexpected)}), shape mismatches {bad[:3]}")
+    model.load_state_dict(weights)
+    return model
+
+

@@ -1,0 +1,130 @@
+"""Torch state files (.pt/.pth/.bin/.ckpt) mapped onto lamina's model families, every tensor checked.
+
+    model, info = load_torch_file("efficientnet-lite0-57934424.pth", family="efficientnet_lite0")
+    info == {"format": "torch", "family": "efficientnet_lite0", "path": "...", "factory": {...},
+             "preprocess": {"resize": 256, "crop": 224, "mean": [0.498, ...], "std": [0.502, ...]}}
+
+Files are read with `torch.load(weights_only=True, map_location="cpu")` only (zip and legacy formats both work);
+a file that needs arbitrary unpickling is refused with the global it asked for. A container dict
+({"state_dict": ...}, {"model": ...}) is unwrapped, a "module." prefix (DataParallel) stripped. Each family is
+one FAMILIES entry: model factory kwargs, a key map (source name -> lamina name, built from the model) and the
+preprocessing its weights expect; add a family by adding an entry.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lamina.errors import CheckpointError
+
+# Lite variants (TF EfficientNet-Lite, and lukemelas' Lite fork) were trained on RGB scaled as (x*255 - 127) / 128,
+# i.e. mean 127/255, std 128/255 -- not the usual ImageNet mean/std (espresso photo: p=0.95 vs 0.84 with those).
+# Eval as in the TF reference: centre crop with 32 px crop padding (= resize 256, crop 224), bicubic.
+_LITE_PREPROCESS = {"resize": 256, "crop": 224, "mean": [127.0 / 255] * 3, "std": [128.0 / 255] * 3,
+                    "interpolation": "bicubic"}
+
+
+def _lukemelas_map(model: nn.Module) -> dict[str, str]:
+    from lamina.models.efficientnet import lukemelas_key_map
+
+    return lukemelas_key_map(model)
+
+
+# family -> (model name for create_model, factory kwargs, key-map builder, preprocessing)
+FAMILIES: dict[str, tuple[str, dict, Callable[[nn.Module], dict[str, str]], dict]] = {
+    "efficientnet_lite0": ("efficientnet_lite0", {"padding": "same"}, _lukemelas_map, _LITE_PREPROCESS),
+}
+
+_CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "params")
+
+
+def _read(path: Path) -> dict:
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # weights_only refusal or a corrupt / non-torch file
+        msg = str(e)
+        m = re.search(r"(Unsupported global: GLOBAL \S+|Unsupported operand \S+|WeightsUnpickler error: [^\n.]+)", msg)
+        if m:
+            raise CheckpointError(f"hub: {path}: torch.load(weights_only=True) refused it: {m.group(1)}; lamina "
+                                  "reads tensor-only state files (re-save with torch.save(model.state_dict()))") from None
+        first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+        raise CheckpointError(f"hub: {path}: not a readable torch file ({type(e).__name__}: {first})") from None
+    return obj
+
+
+def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
+    for _ in range(3):  # {"state_dict": {...}} / {"model": {"state_dict": ...}} / plain
+        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        if isinstance(obj, dict):
+            inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), dict)), None)
+            if inner is not None:
+                obj = inner
+                continue
+        kind = type(obj).__name__
+        keys = sorted(map(str, obj))[:8] if isinstance(obj, dict) else []
+        raise CheckpointError(f"hub: {path}: expected a state dict of tensors (or one under "
+                              f"{'/'.join(_CONTAINER_KEYS)}), got {kind} with keys {keys}")
+    if not (isinstance(obj, dict) and obj):
+        raise CheckpointError(f"hub: {path}: no tensors found")
+    sd = dict(obj)
+    if all(k.startswith("module.") for k in sd):  # saved from DataParallel / DDP
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _listing(names, n: int = 8) -> str:
+    names = sorted(names)
+    more = f" (+{len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def load_torch_file(path: str | Path, family: str | None = None, **options):
+    """(model in eval mode, info) for a torch state file of a known family; every name and shape is checked.
+
+    options go to the model factory, over the family's defaults (every tensor must still match by name and shape).
+    """
+    from lamina.models.registry import create_model
+
+    path = Path(path)
+    if family is None:
+        raise CheckpointError(f"hub: {path}: a torch state file carries no architecture; pass family= one of "
+                              f"{sorted(FAMILIES)}")
+    if family not in FAMILIES:
+        from lamina.errors import did_you_mean
+
+        raise CheckpointError(f"hub: unknown torch-file family {family!r}{did_you_mean(family, FAMILIES)}; "
+                              f"known: {sorted(FAMILIES)}")
+    name, kwargs, key_map_fn, preprocess = FAMILIES[family]
+    factory = {**kwargs, **options}
+    sd = _unwrap(_read(path), path)
+    model = create_model(name, **factory)
+    key_map = key_map_fn(model)
+    ours = model.state_dict()
+
+    unmatched = set(sd) - set(key_map)
+    missing = set(key_map) - set(sd)
+    if unmatched or missing:
+        parts = []
+        if unmatched:
+            parts.append(f"unmatched in file: {_listing(unmatched)}")
+        if missing:
+            parts.append(f"missing from file: {_listing(missing)}")
+        raise CheckpointError(f"hub: {path}: not a {family} checkpoint in the expected layout; " + "; ".join(parts))
+    bad = [f"{k} {tuple(sd[k].shape)} vs {key_map[k]} {tuple(ours[key_map[k]].shape)}"
+           for k in sd if tuple(sd[k].shape) != tuple(ours[key_map[k]].shape)]
+    if bad:
+        raise CheckpointError(f"hub: {path}: shape mismatch for {len(bad)} tensors: {_listing(bad, 4)}")
+    model.load_state_dict({key_map[k]: v for k, v in sd.items()}, strict=True)
+    model.eval()
+    info = {"format": "torch", "family": family, "path": str(path), "factory": factory,
+            "preprocess": dict(preprocess), "tensors": len(sd)}
+    return model, info
+
+
+__all__ = ["FAMILIES", "load_torch_file"]
