@@ -50,6 +50,6 @@ def load(source: str | Path, family: str | None = None, **options):
                           "safetensors), .pt/.pth/.bin (torch state), .gguf")
 
 
-from lamina.hub.pretrained import from_pretrained, save_pretrained  # noqa: E402
+from lamina.hub.pretrained import from_pretrained, save_pretrained
 
-__all__ = ["load", "save_pretrained", "from_pretrained"]
+__all__ = ["from_pretrained", "load", "save_pretrained"]

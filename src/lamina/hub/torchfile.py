@@ -46,13 +46,15 @@ _CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "
 def _read(path: Path) -> dict:
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:  # weights_only refusal or a corrupt / non-torch file
+    except Exception as e:  # noqa: BLE001 - weights_only refusal or any corrupt / non-torch file
         msg = str(e)
-        m = re.search(r"(Unsupported global: GLOBAL \S+|Unsupported operand \S+|WeightsUnpickler error: [^\n.]+)", msg)
-        if m:
-            raise CheckpointError(f"hub: {path}: torch.load(weights_only=True) refused it: {m.group(1)}; lamina "
-                                  "reads tensor-only state files (re-save with torch.save(model.state_dict()))") from None
-        first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+        glob = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
+        if glob:  # a pickled class/function: weights_only refuses to import it
+            raise CheckpointError(f"hub: {path}: torch.load(weights_only=True) refused it: Unsupported global: "
+                                  f"{glob.group(1)} (it pickles a Python object, not only tensors); re-save with "
+                                  "torch.save(model.state_dict())") from None
+        detail = re.search(r"WeightsUnpickler error: ([^\n]+)", msg)
+        first = detail.group(1) if detail else (msg.strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"hub: {path}: not a readable torch file ({type(e).__name__}: {first})") from None
     return obj
 
