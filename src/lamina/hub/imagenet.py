@@ -40,7 +40,7 @@ def preprocess_image(img, preprocess: dict) -> torch.Tensor:
     if a.ndim != 3 or a.shape[-1] not in (3, 4):
         raise InputShapeError(f"preprocess_image: expected an (H, W, 3) RGB image, got shape {a.shape}")
     a = a[..., :3]
-    x = torch.as_tensor(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float()
+    x = torch.from_numpy(np.array(a)).permute(2, 0, 1)[None].float()  # a writable copy
     if a.dtype == np.uint8:
         x = x / 255.0
     crop = int(preprocess.get("crop", 224))
@@ -71,4 +71,29 @@ def top5(model: nn.Module, x: torch.Tensor, names: list[str] | None = None, k: i
     return [(int(j), names[int(j)], float(q)) for q, j in zip(p, i)]
 
 
-__all__ = ["IMAGENET_CLASSES", "preprocess_image", "top5"]
+__all__ = ["IMAGENET_CLASSES", "classify_files", "preprocess_image", "top5"]
+
+
+def classify_files(model: nn.Module, info: dict, paths: list[str], k: int = 5) -> list[dict]:
+    """Top-k ImageNet classes of image files (any format Pillow reads) with the checkpoint's preprocessing."""
+    from lamina.errors import DataError
+
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        from lamina.errors import MissingDependencyError
+
+        raise MissingDependencyError("reading images needs Pillow: pip install pillow") from None
+    rows = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                img = np.asarray(im.convert("RGB"))
+        except FileNotFoundError:
+            raise DataError(f"{path}: no such file") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"{path}: not a readable image ({e.__class__.__name__}); accepted: PNG, JPEG, ...") \
+                from None
+        top = top5(model, preprocess_image(img, info["preprocess"]), k=k)
+        rows.append({"input": path, "top": [{"class": i, "name": n, "prob": p} for i, n, p in top]})
+    return rows

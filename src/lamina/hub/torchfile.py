@@ -2,7 +2,7 @@
 
     model, info = load_torch_file("efficientnet-lite0-57934424.pth", family="efficientnet_lite0")
     info == {"format": "torch", "family": "efficientnet_lite0", "path": "...", "factory": {...},
-             "preprocess": {"resize": 256, "crop": 224, "mean": [0.498, ...], "std": [0.502, ...]}}
+             "preprocess": {"resize": 224, "crop": 224, "mean": [0.498, ...], "std": [0.502, ...]}}
 
 Files are read with `torch.load(weights_only=True, map_location="cpu")` only (zip and legacy formats both work);
 a file that needs arbitrary unpickling is refused with the global it asked for. A container dict
@@ -24,9 +24,11 @@ from lamina.errors import CheckpointError
 
 # Lite variants (TF EfficientNet-Lite, and lukemelas' Lite fork) were trained on RGB scaled as (x*255 - 127) / 128,
 # i.e. mean 127/255, std 128/255 -- not the usual ImageNet mean/std (espresso photo: p=0.95 vs 0.84 with those).
-# Eval as in the TF reference: centre crop with 32 px crop padding (= resize 256, crop 224), bicubic.
-_LITE_PREPROCESS = {"resize": 256, "crop": 224, "mean": [127.0 / 255] * 3, "std": [128.0 / 255] * 3,
-                    "interpolation": "bicubic"}
+# Geometry as in the PyTorch port these weights ship for (lukemelas' EfficientNet-PyTorch and its Lite fork,
+# whose documented eval transform is Resize(224) + CenterCrop(224), bilinear): the short side to 224, no crop
+# margin. (TF's 32 px crop padding = resize 256 crops the cat photo's face and flips tiger cat / Egyptian cat.)
+_LITE_PREPROCESS = {"resize": 224, "crop": 224, "mean": [127.0 / 255] * 3, "std": [128.0 / 255] * 3,
+                    "interpolation": "bilinear"}
 
 
 def _lukemelas_map(model: nn.Module) -> dict[str, str]:

@@ -50,3 +50,20 @@ __all__ += [
 
 # Ring attention (context parallelism over a torch.distributed process group).
 from lamina.nn.ring_attention import RingAttention, ring_attention  # noqa: E402
+
+# LoRA: a low-rank adapter swapped in for nn.Linear from outside (apply_lora), plus merge / save helpers.
+from lamina.nn.lora import (  # noqa: E402
+    LoRALinear,
+    apply_lora,
+    load_lora_state_dict,
+    lora_state_dict,
+    merge_lora,
+    remove_lora,
+    trainable_fraction,
+    unmerge_lora,
+)
+
+__all__ += [
+    "LoRALinear", "apply_lora", "merge_lora", "unmerge_lora", "remove_lora", "lora_state_dict",
+    "load_lora_state_dict", "trainable_fraction",
+]
