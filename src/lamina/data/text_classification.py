@@ -37,7 +37,7 @@ import torch
 from lamina.data.base import DataBundle, TensorData
 from lamina.data.builtin import shared_data_dir
 from lamina.data.files import PathLike, registered
-from lamina.data.splits import apply_split, check_fraction, split_indices
+from lamina.data.splits import check_fraction, split_indices
 from lamina.data.tokenizers import SPECIALS, load_tokenizer, train_tokenizer
 from lamina.errors import DataError, did_you_mean
 

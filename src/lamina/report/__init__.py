@@ -1,1 +1,3 @@
 from lamina.report.plots import plot_confusion, plot_curves
+
+__all__ = ["plot_confusion", "plot_curves"]
