@@ -100,6 +100,12 @@ def data_facts(bundle: DataBundle, task: str) -> dict:
 
 
 def build_model(cfg: RunConfig, facts: dict) -> torch.nn.Module:
+    if cfg.model.pretrained:  # pretrained weights, fitted to this data (channels, size, scale, new head)
+        from lamina import hub
+        from lamina.hub.adapt import adapt_pretrained
+
+        model, info = hub.load(cfg.model.pretrained)
+        return adapt_pretrained(model, info, facts, cfg.finetune.input_size)
     entry = get_entry(cfg.model.name)
     opts = dict(cfg.model.options)
     shape = tuple(facts["input_shape"])
@@ -142,7 +148,47 @@ def build_model(cfg: RunConfig, facts: dict) -> torch.nn.Module:
     opts.setdefault("num_classes", facts["num_outputs"])
     model = create_model(cfg.model.name, **opts)
     check_input_shape(model, shape)
+    if cfg.finetune.input_size:  # same input resize as a pretrained run gets: comparisons at equal resolution
+        from lamina.hub.adapt import add_input_preprocessing
+
+        add_input_preprocessing(model, None, cfg.finetune.input_size, shape[0])
     return model
+
+
+def _finetune_setup(cfg: RunConfig, model: torch.nn.Module):
+    """(optimizer, callbacks) for cfg.finetune: what trains (full / linear probe / LoRA / gradual unfreezing,
+    frozen patterns) and at which rate (layer-wise lr decay). Plain training is mode full, nothing else set."""
+    from lamina.engine import transfer
+
+    ft = cfg.finetune
+    callbacks = []
+    if ft.freeze:
+        transfer.freeze(model, ft.freeze)
+    if ft.mode == "linear_probe":
+        transfer.linear_probe(model)
+    elif ft.mode == "lora":
+        from lamina.nn.lora import apply_lora
+
+        head = transfer.head_parameter_names(model)
+        apply_lora(model, ft.lora_targets, rank=ft.lora_rank, alpha=ft.lora_alpha)
+        params = dict(model.named_parameters())
+        for n in head:  # the new head is trained in full
+            params[n].requires_grad_(True)
+    elif ft.mode == "gradual":
+        callbacks.append(transfer.GradualUnfreezing(ft.unfreeze_every))
+    if ft.lr_decay:
+        groups = transfer.param_groups_layerwise_lr_decay(model, cfg.optimizer.lr, ft.lr_decay,
+                                                          cfg.optimizer.weight_decay,
+                                                          include_frozen=ft.mode == "gradual")
+        for g in groups:
+            g.pop("names", None)
+        o = cfg.optimizer
+        optimizer = (torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+                     if o.name == "sgd" else
+                     (torch.optim.Adam if o.name == "adam" else torch.optim.AdamW)(groups, lr=o.lr, betas=o.betas))
+    else:
+        optimizer = build_optimizer(model, cfg.optimizer)
+    return optimizer, callbacks
 
 
 def make_task(cfg: RunConfig, facts: dict):
@@ -277,8 +323,9 @@ def _train(cfg: RunConfig, dist: Distributed, callbacks, resume, run_dir, wall0)
     train_loader, val_loader = make_loaders(cfg, bundle, tname, device)
     steps_per_epoch = max(1, -(-len(train_loader) // trainer_cfg.accumulate))
     total = trainer_cfg.max_steps or steps_per_epoch * trainer_cfg.max_epochs
-    optimizer = build_optimizer(model, cfg.optimizer)
-    scheduler = build_scheduler(optimizer, cfg.schedule, total, steps_per_epoch, cfg.optimizer.lr)
+    optimizer, ft_callbacks = _finetune_setup(cfg, model)
+    scheduler = build_scheduler(optimizer, cfg.schedule, total, steps_per_epoch,
+                                [g["lr"] for g in optimizer.param_groups] if cfg.finetune.lr_decay else cfg.optimizer.lr)
 
     if run_dir is None:
         run_dir = dist.broadcast_object(str(_run_dir(cfg)) if main else None)
@@ -302,7 +349,8 @@ def _train(cfg: RunConfig, dist: Distributed, callbacks, resume, run_dir, wall0)
         loggers.append(TensorBoardLogger(run_dir / "tb"))
     if resume is not None and main:
         loggers[0].load()
-    trainer = Trainer(trainer_cfg, callbacks=[*cbs, *(callbacks if main else ())], loggers=loggers, dist=dist)
+    trainer = Trainer(trainer_cfg, callbacks=[*cbs, *ft_callbacks, *(callbacks if main else ())], loggers=loggers,
+                      dist=dist)
     trainer.meta = {"config": to_dict(cfg), "model": cfg.model.name, "data": json.loads(
         json.dumps(facts, default=_jsonable))}
     history = trainer.fit(model, task, train_loader, val_loader, optimizer, scheduler,

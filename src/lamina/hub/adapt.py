@@ -1,0 +1,79 @@
+"""Fit a pretrained model to a run's data: input channels, input size and scale, and a new head.
+
+* Channels: a pretrained RGB stem on 1-channel images gets its kernels summed over RGB (a gray image equals the
+  same value in all three channels, so the summed conv computes exactly what the RGB conv would on it); other
+  channel counts repeat the RGB kernels and rescale them by 3 / C (timm's `adapt_input_conv` rule).
+* Scale and size: a forward pre-hook (applied from outside, the model code is untouched) resizes images to
+  `input_size` and normalizes them with the pretrained preprocessing's mean/std, at training and evaluation.
+* Head: `reset_classifier(num_classes)` (the zoo's classifier contract).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lamina.errors import ConfigError
+
+
+def adapt_input_channels(model: nn.Module, in_chans: int) -> str | None:
+    """Change the first Conv2d to take `in_chans` channels (pretrained kernels kept); returns its name."""
+    for name, conv in model.named_modules():
+        if isinstance(conv, nn.Conv2d):
+            if conv.in_channels == in_chans:
+                return None
+            w = conv.weight.detach()  # (out, 3, k, k)
+            if in_chans == 1:
+                new_w = w.sum(1, keepdim=True)
+            else:
+                reps = -(-in_chans // w.shape[1])
+                new_w = w.repeat(1, reps, 1, 1)[:, :in_chans] * (w.shape[1] / in_chans)
+            new = type(conv)(in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+            with torch.no_grad():
+                new.weight.copy_(new_w)
+                if conv.bias is not None:
+                    new.bias.copy_(conv.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+            return name
+    raise ConfigError("pretrained: the model has no Conv2d to take the images' channels")
+
+
+def add_input_preprocessing(model: nn.Module, preprocess: dict | None, input_size: int | None, in_chans: int):
+    """A forward pre-hook: resize (B, C, H, W) inputs to input_size and normalize with the pretrained mean/std."""
+    pre = preprocess or {}
+    mean, std = pre.get("mean"), pre.get("std")
+    if mean is not None and in_chans != len(mean):  # gray input: the channel mean of the RGB statistics
+        mean, std = [sum(mean) / len(mean)] * in_chans, [sum(std) / len(std)] * in_chans
+    mean_t = torch.tensor(mean).view(1, -1, 1, 1) if mean is not None else None
+    std_t = torch.tensor(std).view(1, -1, 1, 1) if std is not None else None
+    mode = pre.get("interpolation", "bilinear")
+
+    def hook(module, args):
+        x, *rest = args
+        if input_size is not None and x.shape[-1] != input_size:
+            x = F.interpolate(x.float(), size=(input_size, input_size), mode=mode, align_corners=False,
+                              antialias=mode in ("bilinear", "bicubic") and x.shape[-1] > input_size)
+        if mean_t is not None:
+            x = (x - mean_t.to(x.device, x.dtype)) / std_t.to(x.device, x.dtype)
+        return (x, *rest)
+
+    model.register_forward_pre_hook(hook)
+    model.input_preprocessing = {"input_size": input_size, "mean": mean, "std": std}  # shown in summaries
+
+
+def adapt_pretrained(model: nn.Module, info: dict, facts: dict, input_size: int | None = None) -> nn.Module:
+    """The pretrained `model` (from lamina.hub.load) made to fit a run's data facts (see the module docstring)."""
+    task, shape = facts["task"], tuple(facts["input_shape"])
+    if task != "classification" or len(shape) != 3:
+        raise ConfigError(f"model.pretrained: fine-tuning from pretrained weights supports image classification "
+                          f"runs so far (this run: {task}, input {shape}); text encoders: use `lamina embed`")
+    if not hasattr(model, "reset_classifier"):
+        raise ConfigError(f"model.pretrained: the {info.get('family')} model has no classifier head to replace")
+    adapt_input_channels(model, shape[0])
+    add_input_preprocessing(model, info.get("preprocess"), input_size, shape[0])
+    model.reset_classifier(int(facts["num_outputs"]))
+    model.train()
+    return model

