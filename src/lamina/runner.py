@@ -50,11 +50,26 @@ class RunResult:
 
 
 # ----- building blocks ------------------------------------------------------------------------
+def _pretrained_tokenizer(cfg: RunConfig) -> Path | None:
+    """Text runs from a pretrained encoder cut their text with the encoder's own tokenizer.json."""
+    if not cfg.model.pretrained:
+        return None
+    from lamina.hub import pretrained_tokenizer
+
+    return pretrained_tokenizer(cfg.model.pretrained)
+
+
 def load_data(cfg: RunConfig, tokenizer: Path | None = None) -> DataBundle:
     """The run's data set; `tokenizer`: a saved tokenizer.json to reuse instead of training one."""
     opts = dict(cfg.data.options)
     if tokenizer is not None and tokenizer.is_file():
         opts["tokenizer"] = str(tokenizer)
+    elif opts.get("tokenizer") and not Path(str(opts["tokenizer"])).expanduser().exists():
+        from lamina.hub import pretrained_tokenizer  # data.tokenizer=<pretrained source>: its tokenizer.json
+
+        found = pretrained_tokenizer(str(opts["tokenizer"]))
+        if found is not None:
+            opts["tokenizer"] = str(found)
     try:
         return load_dataset(cfg.data.name, seed=cfg.seed, **opts)
     except TypeError as e:  # unknown loader option
@@ -299,7 +314,7 @@ def _train(cfg: RunConfig, dist: Distributed, callbacks, resume, run_dir, wall0)
         ckpt = resolve(resume)
         run_dir = Path(run_dir) if run_dir else ckpt.parent.parent
     seed_everything(cfg.seed)
-    bundle = load_data(cfg)
+    bundle = load_data(cfg, _pretrained_tokenizer(cfg))
     _check_finite_data(bundle)
     tname = task_name(cfg, bundle)
     facts = data_facts(bundle, tname)

@@ -141,7 +141,8 @@ def token_meta(name: str, tok, max_len: int) -> dict:
     """What the model, the tasks and `predict` need: vocabulary size, special ids, block size, padding."""
     return {"loader": name, "tokenizer": tok.kind, "vocab_size": tok.vocab_size, "num_outputs": tok.vocab_size,
             "block_size": max_len, "pad_id": tok.pad_id, "unk_id": tok.unk_id, "bos_id": tok.bos_id,
-            "eos_id": tok.eos_id, "mask_id": tok.mask_id, "special_ids": list(range(len(SPECIALS))),
+            "eos_id": tok.eos_id, "mask_id": tok.mask_id,
+            "special_ids": list(tok.specials) if tok.kind == "pretrained" else list(range(len(SPECIALS))),
             "pad_trim": {"ids": "lengths"}, "bucket": "lengths"}
 
 

@@ -45,11 +45,12 @@ class _Specials:
             max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded ids (N, L) int64 and lengths (N,), optionally wrapped in <s> ... </s>; rows longer
         than max_len (specials included) are truncated, keeping </s> last."""
-        rows = [([BOS_ID] if bos else []) + list(r) + ([EOS_ID] if eos else []) for r in rows]
+        b_id, e_id = self.bos_id, self.eos_id
+        rows = [([b_id] if bos else []) + list(r) + ([e_id] if eos else []) for r in rows]
         if max_len is not None:
-            rows = [r if len(r) <= max_len else r[:max_len - 1] + [EOS_ID] if eos else r[:max_len] for r in rows]
+            rows = [r if len(r) <= max_len else r[:max_len - 1] + [e_id] if eos else r[:max_len] for r in rows]
         lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-        out = torch.full((len(rows), int(lengths.max()) if rows else 0), PAD_ID, dtype=torch.long)
+        out = torch.full((len(rows), int(lengths.max()) if rows else 0), self.pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
             out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         return out, lengths
@@ -148,6 +149,53 @@ class BPETokenizer(_Specials):
         return _atomic_write(Path(path), self.to_json())
 
 
+class PretrainedTokenizer(_Specials):
+    """A pretrained model's own tokenizer.json (e.g. BERT's WordPiece: [PAD] [UNK] [CLS] [SEP] [MASK]), so text
+    is cut into the ids the pretrained weights know. Its special ids are the file's: bos = [CLS] (or <s>),
+    eos = [SEP] (or </s>); samples are `[CLS] tokens [SEP]` padded with [PAD], as BERT was trained."""
+
+    kind = "pretrained"
+    _NAMES = {"pad_id": ("[PAD]", "<pad>"), "unk_id": ("[UNK]", "<unk>"), "bos_id": ("[CLS]", "<s>"),
+              "eos_id": ("[SEP]", "</s>"), "mask_id": ("[MASK]", "<mask>")}
+
+    def __init__(self, tok):
+        self.tok = tok
+        tok.no_padding()
+        tok.no_truncation()  # lamina pads and truncates (pad / max_len)
+        for attr, names in self._NAMES.items():
+            ids = [tok.token_to_id(n) for n in names if tok.token_to_id(n) is not None]
+            if not ids and attr != "mask_id":
+                raise DataError(f"pretrained tokenizer: no {' or '.join(names)} token in its vocabulary")
+            setattr(self, attr, ids[0] if ids else self.unk_id)
+        self.specials = tuple(sorted({self.pad_id, self.unk_id, self.bos_id, self.eos_id, self.mask_id}))
+
+    @staticmethod
+    def looks_like(tok) -> bool:
+        return tok.token_to_id("[CLS]") is not None or tok.token_to_id("<s>") not in (None, BOS_ID)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        if self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        return self.tok.decode([i for i in ids if i not in self.specials])
+
+    def to_json(self) -> str:
+        return self.tok.to_str()
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return _atomic_write(Path(path), self.to_json())
+
+
 def _atomic_write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -173,7 +221,10 @@ def tokenizer_from_json(text: str):
     if data.get("lamina_tokenizer") == "char":
         return CharTokenizer(data["chars"])
     tk = _tokenizers()
-    return BPETokenizer(tk.Tokenizer.from_str(text))
+    tok = tk.Tokenizer.from_str(text)
+    if tok.token_to_id("<s>") != BOS_ID and PretrainedTokenizer.looks_like(tok):  # not lamina's own layout
+        return PretrainedTokenizer(tok)
+    return BPETokenizer(tok)
 
 
 def load_tokenizer(path: str | os.PathLike):

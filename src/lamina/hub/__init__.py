@@ -18,6 +18,23 @@ from pathlib import Path
 from lamina.errors import CheckpointError
 
 
+def resolve_source(source: str | Path) -> Path | None:
+    """The file or folder behind a source (an installed package's weights), or None if there is none."""
+    p = Path(source)
+    if p.exists():
+        return p
+    from lamina.hub.packages import find_package_weights
+
+    found = find_package_weights(str(source))
+    return found[0] if found else None
+
+
+def pretrained_tokenizer(source: str | Path) -> Path | None:
+    """The tokenizer.json that ships with a pretrained folder / package, if any (text data is cut with it)."""
+    p = resolve_source(source)
+    return p / "tokenizer.json" if p is not None and p.is_dir() and (p / "tokenizer.json").is_file() else None
+
+
 def load(source: str | Path, family: str | None = None, **options):
     """(model, info) for a folder, file or installed package name; see the module docstring."""
     p = Path(source)
@@ -52,4 +69,4 @@ def load(source: str | Path, family: str | None = None, **options):
 
 from lamina.hub.pretrained import from_pretrained, save_pretrained
 
-__all__ = ["from_pretrained", "load", "save_pretrained"]
+__all__ = ["from_pretrained", "load", "pretrained_tokenizer", "resolve_source", "save_pretrained"]
