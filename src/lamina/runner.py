@@ -170,7 +170,17 @@ def build_model(cfg: RunConfig, facts: dict) -> torch.nn.Module:
     return model
 
 
-def _finetune_setup(cfg: RunConfig, model: torch.nn.Module):
+def _lora_head(model: torch.nn.Module, task: str) -> list[str]:
+    """Parameters trained in full next to LoRA adapters: a classifier's new head; none for a language model
+    (its output layer is the pretrained vocabulary projection, often tied to the embedding)."""
+    if task == "language_modeling":
+        return []
+    from lamina.engine.transfer import head_parameter_names
+
+    return head_parameter_names(model)
+
+
+def _finetune_setup(cfg: RunConfig, model: torch.nn.Module, task: str = "classification"):
     """(optimizer, callbacks) for cfg.finetune: what trains (full / linear probe / LoRA / gradual unfreezing,
     frozen patterns) and at which rate (layer-wise lr decay). Plain training is mode full, nothing else set."""
     from lamina.engine import transfer
@@ -184,10 +194,10 @@ def _finetune_setup(cfg: RunConfig, model: torch.nn.Module):
     elif ft.mode == "lora":
         from lamina.nn.lora import apply_lora
 
-        head = transfer.head_parameter_names(model)
+        head = _lora_head(model, task)
         apply_lora(model, ft.lora_targets, rank=ft.lora_rank, alpha=ft.lora_alpha)
-        params = dict(model.named_parameters())
-        for n in head:  # the new head is trained in full
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for n in head:  # a classifier's new head is trained in full
             params[n].requires_grad_(True)
     elif ft.mode == "gradual":
         callbacks.append(transfer.GradualUnfreezing(ft.unfreeze_every))
@@ -338,7 +348,7 @@ def _train(cfg: RunConfig, dist: Distributed, callbacks, resume, run_dir, wall0)
     train_loader, val_loader = make_loaders(cfg, bundle, tname, device)
     steps_per_epoch = max(1, -(-len(train_loader) // trainer_cfg.accumulate))
     total = trainer_cfg.max_steps or steps_per_epoch * trainer_cfg.max_epochs
-    optimizer, ft_callbacks = _finetune_setup(cfg, model)
+    optimizer, ft_callbacks = _finetune_setup(cfg, model, tname)
     scheduler = build_scheduler(optimizer, cfg.schedule, total, steps_per_epoch,
                                 [g["lr"] for g in optimizer.param_groups] if cfg.finetune.lr_decay else cfg.optimizer.lr)
 
@@ -403,6 +413,15 @@ def _train(cfg: RunConfig, dist: Distributed, callbacks, resume, run_dir, wall0)
     }
     if not main:
         return RunResult(run_dir, summary, history)
+    if cfg.finetune.mode == "lora":  # the adapters alone (plus the new head): what a LoRA run needs to ship
+        from safetensors.torch import save_file
+
+        from lamina.nn.lora import lora_state_dict, trainable_fraction
+
+        own = model.state_dict()
+        adapters = {**lora_state_dict(model), **{n: own[n] for n in _lora_head(model, tname) if n in own}}
+        save_file({k: v.detach().contiguous().cpu() for k, v in adapters.items()}, str(run_dir / "adapters.safetensors"))
+        summary["trainable_fraction"] = trainable_fraction(model)
     _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2, default=_jsonable))
     if cfg.logging.plots and history:
         from lamina.report import plot_confusion, plot_curves
