@@ -4,12 +4,16 @@
     info == {"format": "hf", "family": "bert", "config": {...config.json...}, "tokenizer": ".../tokenizer.json",
              "pooling": "mean", "architecture": "BertModel", "files": [...], "unused": ["pooler.dense.weight", ...]}
 
-Families: "bert" (BertModel, BertForMaskedLM, BertForSequenceClassification). The names come from the family's
-own key map (lamina.models.bert.hf_bert_key_map), so this file holds no second copy of them; every tensor is
+Families: "bert" (BertModel, BertForMaskedLM, BertForSequenceClassification), "llama" (LlamaForCausalLM) and
+"gpt2" (GPT2LMHeadModel, GPT2Model; lamina's GPT). The family comes from config.json's model_type (else its
+architectures). BERT and Llama names come from the family's own key map (lamina.models.bert.hf_bert_key_map,
+lamina.models.llama.hf_llama_key_map), so this file holds no second copy of them; GPT-2's Conv1D weights are
+stored (in, out) and c_attn fuses q, k, v, so they are transposed and split here. Every tensor is
 matched by name and its shape checked before it is copied (nanoGPT's from_pretrained). Strict: a tensor whose
 name the family does not know, or a model tensor the folder does not provide, is a CheckpointError naming the
 first few and the counts. Tensors the family knows but this model has no place for (the [CLS] pooler of a
-mean-pooling encoder) and HF buffers (position_ids) are skipped and listed in info["unused"].
+mean-pooling encoder, an lm_head that a tied model shares with its embedding) and HF buffers (position_ids,
+GPT-2's attn.bias mask) are skipped and listed in info["unused"].
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ import torch
 
 from lamina.errors import CheckpointError
 
-FAMILIES = ("bert",)
+FAMILIES = ("bert", "llama", "gpt2")
+_ARCHITECTURES = {"BertModel": "bert", "BertForMaskedLM": "bert", "BertForSequenceClassification": "bert",
+                  "LlamaForCausalLM": "llama", "GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2"}
 _HF_BUFFERS = ("embeddings.position_ids",)  # HF registers these as persistent buffers; nothing to load
+_DECODER_BUFFERS = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")  # older transformers saved these
 _POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
                   "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len"}
 
@@ -158,6 +165,152 @@ def map_bert_state(model, state: dict[str, torch.Tensor], source: str) -> list[s
     return sorted(unused)
 
 
+# ----- decoders: Llama, GPT-2 -------------------------------------------------------------------------------
+def _map_decoder_state(model, state: dict[str, torch.Tensor], convert, hf_name, family: str,
+                       source: str) -> list[str]:
+    """Copy an HF decoder state dict into `model`, every shape checked; strict both ways (CheckpointError), as
+    map_bert_state. `convert(key, value)` gives the (lamina name, tensor) pairs of one checkpoint tensor, or None
+    for a name the family does not know; `hf_name(name)` the checkpoint name a missing lamina tensor comes from.
+    Returns the checkpoint keys loaded nowhere (buffers, a tied lm_head)."""
+    ours = model.state_dict()
+    tied = {"lm_head.weight"} if model.lm_head.weight is model.wte.weight else set()  # it is wte
+    staged: dict[str, torch.Tensor] = {}
+    unknown, unused = [], []
+    for key, value in state.items():
+        if key.endswith(_DECODER_BUFFERS):
+            unused.append(key)
+            continue
+        pairs = convert(key, value)
+        if pairs is None or any(name not in ours for name, _ in pairs):  # e.g. a layer past n_layer
+            unknown.append(key)
+            continue
+        if all(name in tied for name, _ in pairs):
+            unused.append(key)
+            continue
+        for name, tensor in pairs:
+            if tuple(tensor.shape) != tuple(ours[name].shape):
+                raise CheckpointError(f"hub: {source}: {key} has shape {tuple(value.shape)}, lamina's {name} "
+                                      f"expects {tuple(ours[name].shape)}; config.json and the weights disagree")
+            staged[name] = tensor
+    missing = [k for k in ours if k not in staged and k not in tied]
+    if unknown or missing:
+        parts = []
+        if unknown:
+            parts.append(f"{len(unknown)} tensor(s) with no place in lamina's {family}: {_names(unknown)}")
+        if missing:
+            parts.append(f"{len(missing)} model tensor(s) not in the checkpoint: "
+                         f"{_names(f'{k} ({hf_name(k)})' for k in missing)}")
+        raise CheckpointError(f"hub: {source}: " + "; ".join(parts))
+    with torch.no_grad():  # only now: a failed load leaves the model untouched
+        for name, tensor in staged.items():
+            ours[name].copy_(tensor.to(ours[name].dtype))  # state_dict tensors share the parameters' storage
+    return sorted(unused)
+
+
+def _llama_model(config: dict, path: Path, dtype):
+    """lamina's Llama for a LlamaForCausalLM config.json (lamina.models.llama.llama_config_from_hf), in eval mode."""
+    from lamina.errors import ModelError
+    from lamina.models.llama import Llama, llama_config_from_hf
+
+    try:
+        cfg = llama_config_from_hf(config)
+    except KeyError as e:
+        raise CheckpointError(f"hub: {path}/config.json: missing {e.args[0]!r}, which a Llama config needs") from None
+    except ModelError as e:
+        raise CheckpointError(f"hub: {path}/config.json: {e}") from None
+    model = Llama(cfg)
+    model.model_name = "llama"
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def map_llama_state(model, state: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Copy an HF LlamaForCausalLM state dict into lamina's Llama by lamina.models.llama.hf_llama_key_map (HF's
+    q/k rows are already in the rotate-half RoPE layout lamina uses: no permutation)."""
+    from lamina.models.llama import hf_llama_key_map
+
+    key_map = hf_llama_key_map(model.cfg.n_layer)
+    hf_names = {ours: hf for hf, ours in key_map.items()}
+    return _map_decoder_state(model, state, lambda k, v: [(key_map[k], v)] if k in key_map else None,
+                              lambda name: hf_names.get(name, "?"), "llama", source)
+
+
+_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
+def _gpt2_model(config: dict, path: Path, dtype):
+    """lamina's GPT for a GPT-2 config.json: learned positions, LayerNorm with biases, tanh-GELU MLP, in eval mode."""
+    from lamina.models.gpt import GPT, GPTConfig
+
+    act = config.get("activation_function", "gelu_new")
+    checks = (("activation_function", act in _GPT2_ACTIVATIONS, ", ".join(_GPT2_ACTIVATIONS)),
+              ("n_inner", config.get("n_inner") in (None, 4 * config.get("n_embd", 0)), "null or 4 * n_embd"),
+              ("scale_attn_weights", config.get("scale_attn_weights", True) is True, "true"),
+              ("scale_attn_by_inverse_layer_idx", not config.get("scale_attn_by_inverse_layer_idx"), "false"),
+              ("add_cross_attention", not config.get("add_cross_attention"), "false"))
+    for key, ok, accepted in checks:
+        if not ok:
+            raise CheckpointError(f"hub: {path}/config.json: {key}={config.get(key, act)!r} is not supported by "
+                                  f"lamina's gpt; accepted: {accepted}")
+    try:
+        cfg = GPTConfig(vocab_size=config["vocab_size"],
+                        block_size=config.get("n_positions") or config["max_position_embeddings"],
+                        n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
+                        dropout=config.get("resid_pdrop", 0.1), bias=True,
+                        tie_weights=bool(config.get("tie_word_embeddings", True)),
+                        activation=_GPT2_ACTIVATIONS[act], norm_eps=float(config.get("layer_norm_epsilon", 1e-5)))
+    except KeyError as e:
+        raise CheckpointError(f"hub: {path}/config.json: missing {e.args[0]!r}, which a GPT-2 config needs") from None
+    model = GPT(cfg)
+    model.model_name = "gpt"
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def _gpt2_convert(key: str, value: torch.Tensor):
+    """GPT-2 name (with or without "transformer.") -> lamina GPT pairs; Conv1D weights (in, out) transposed,
+    c_attn split into q, k, v (rows of the transposed weight, in that order)."""
+    name = key.removeprefix("transformer.")
+    if name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "lm_head.weight"):
+        return [(name, value)]
+    parts = name.split(".")
+    if len(parts) < 4 or parts[0] != "h" or not parts[1].isdigit():
+        return None
+    block, rest = f"blocks.{parts[1]}", ".".join(parts[2:])
+    conv = value.t() if value.dim() == 2 and rest.endswith(".weight") else value  # Conv1D: (in, out) -> (out, in)
+    if rest in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias"):
+        return [(f"{block}.{rest}", value)]
+    if rest in ("attn.c_attn.weight", "attn.c_attn.bias"):
+        kind = rest.rsplit(".", 1)[1]
+        if conv.shape[0] % 3:
+            return [(f"{block}.attn.q_proj.{kind}", conv)]  # the shape check reports it
+        return [(f"{block}.attn.{p}_proj.{kind}", t) for p, t in zip("qkv", conv.chunk(3, dim=0))]
+    simple = {"attn.c_proj": "attn.out_proj", "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.out_proj"}
+    module, _, kind = rest.rpartition(".")
+    if module in simple and kind in ("weight", "bias"):
+        return [(f"{block}.{simple[module]}.{kind}", conv)]
+    return None
+
+
+def _gpt2_name(name: str) -> str:
+    """The GPT2LMHeadModel name a lamina GPT tensor is loaded from (for error messages)."""
+    if not name.startswith("blocks."):
+        return name if name == "lm_head.weight" else f"transformer.{name}"
+    _, i, rest = name.split(".", 2)
+    for ours, hf in (("attn.q_proj", "attn.c_attn"), ("attn.k_proj", "attn.c_attn"), ("attn.v_proj", "attn.c_attn"),
+                     ("attn.out_proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.out_proj", "mlp.c_proj")):
+        if rest.startswith(ours + "."):
+            rest = hf + rest[len(ours):]
+    return f"transformer.h.{i}.{rest}"
+
+
+def map_gpt2_state(model, state: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Copy an HF GPT-2 state dict (GPT2LMHeadModel or GPT2Model) into lamina's GPT, every shape checked."""
+    return _map_decoder_state(model, state, _gpt2_convert, _gpt2_name, "gpt", source)
+
+
 # ----- the folder ----------------------------------------------------------------------------------------
 def load_hf_folder(path: str | Path, family: str | None = None, **options):
     """(model, info) for a Hugging Face-layout folder; see the module docstring. Options: dtype (a torch dtype)."""
@@ -171,19 +324,35 @@ def load_hf_folder(path: str | Path, family: str | None = None, **options):
         raise CheckpointError(f"hub: {path}: no config.json; an HF-layout folder needs config.json and "
                               "*.safetensors")
     config = _read_json(cfg_path)
-    family = family or config.get("model_type")
+    arch = (config.get("architectures") or [None])[0]
+    family = family or config.get("model_type") or _ARCHITECTURES.get(arch)
     if family not in FAMILIES:
         raise CheckpointError(f"hub: {path}: family {family!r} (config.json model_type) is not supported for HF "
                               f"folders; accepted: {', '.join(FAMILIES)}")
-    pooling = read_pooling(path)
+    if family != "bert" and arch is not None and _ARCHITECTURES.get(arch) != family:
+        accepted = ", ".join(a for a, f in _ARCHITECTURES.items() if f == family)
+        raise CheckpointError(f"hub: {path}/config.json: architecture {arch!r} is not supported for {family}; "
+                              f"accepted: {accepted}")
+    dtype = options.get("dtype")
+    pooling = read_pooling(path) if family == "bert" else None
     state, files = read_safetensors(path)
-    model = _bert_model(config, pooling, state, path, options.get("dtype"))
-    unused = map_bert_state(model, state, f"{path}/{files[0] if len(files) == 1 else '*.safetensors'}")
+    source = f"{path}/{files[0] if len(files) == 1 else '*.safetensors'}"
+    if family == "bert":
+        model = _bert_model(config, pooling, state, path, dtype)
+        unused = map_bert_state(model, state, source)
+    elif family == "llama":
+        model = _llama_model(config, path, dtype)
+        unused = map_llama_state(model, state, source)
+    else:
+        model = _gpt2_model(config, path, dtype)
+        unused = map_gpt2_state(model, state, source)
     tok = path / "tokenizer.json"
+    default_arch = {"bert": "BertModel", "llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}[family]
     info = {"format": "hf", "family": family, "config": config, "tokenizer": str(tok) if tok.exists() else None,
             "pooling": pooling or getattr(model.cfg, "pool", None),
-            "architecture": (config.get("architectures") or ["BertModel"])[0], "files": files, "unused": unused}
+            "architecture": arch or default_arch, "files": files, "unused": unused}
     return model, info
 
 
-__all__ = ["load_hf_folder", "map_bert_state", "read_pooling", "read_safetensors"]
+__all__ = ["load_hf_folder", "map_bert_state", "map_gpt2_state", "map_llama_state", "read_pooling",
+           "read_safetensors"]

@@ -60,6 +60,8 @@ class GPTConfig:
     dropout: float = 0.0  # off when data is plentiful; 0.1-0.2 once a small corpus starts to overfit
     bias: bool = True  # GPT-2 checkpoints have biases in Linear and LayerNorm; False is slightly faster, as good
     tie_weights: bool = True  # lm_head shares wte (Press & Wolf 2017): V*C fewer params, better at small scale
+    activation: str = "gelu"  # MLP activation (lamina.nn.get_activation); GPT-2 checkpoints use "gelu_tanh" (gelu_new)
+    norm_eps: float = 1e-5  # LayerNorm epsilon (HF layer_norm_epsilon); GPT-2's and torch's default
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -70,6 +72,8 @@ class GPTConfig:
             raise ModelError(f"gpt: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ModelError(f"gpt: dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.norm_eps, (int, float)) or isinstance(self.norm_eps, bool) or self.norm_eps <= 0:
+            raise ModelError(f"gpt: norm_eps must be a positive number, got {self.norm_eps!r}")
 
 
 # Named sizes: registered factories below pick one; overrides apply on top.
@@ -99,9 +103,9 @@ def gpt_block(cfg: GPTConfig) -> Block:
     C = cfg.n_embd
     return Block(
         attn=MultiHeadAttention(C, cfg.n_head, dropout=cfg.dropout, bias=cfg.bias, causal=True),
-        mlp=FeedForward(C, 4 * C, activation="gelu", dropout=0.0, bias=cfg.bias),  # Block applies the dropout
-        ln_1=make_norm("layer", C, bias=cfg.bias),
-        ln_2=make_norm("layer", C, bias=cfg.bias),
+        mlp=FeedForward(C, 4 * C, activation=cfg.activation, dropout=0.0, bias=cfg.bias),  # Block drops out
+        ln_1=make_norm("layer", C, eps=cfg.norm_eps, bias=cfg.bias),
+        ln_2=make_norm("layer", C, eps=cfg.norm_eps, bias=cfg.bias),
         dropout=cfg.dropout,
     )
 
@@ -118,7 +122,7 @@ class GPT(nn.Module):
         self.wpe = LearnedPositionalEmbedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(gpt_block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = make_norm("layer", cfg.n_embd, bias=cfg.bias)
+        self.ln_f = make_norm("layer", cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.wte.weight  # one (V, C) tensor: embeds tokens and scores them
