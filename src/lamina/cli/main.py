@@ -33,20 +33,9 @@ def _parser() -> argparse.ArgumentParser:
                "      --rdzv-id JOB --max-restarts 3 -m lamina.cli.main train CONFIG trainer.strategy=fsdp\n"
                "trainer.strategy: auto|none|ddp|fsdp; trainer.context_parallel=N splits sequences (GPT/Llama);\n"
                "data.batch_size is the global batch. With --max-restarts a restarted job resumes from its last checkpoint.")
-    t.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]",
-                   help="a YAML config and/or dotted overrides such as trainer.max_epochs=3")
-    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    t.add_argument("--resume", metavar="RUN_DIR|CHECKPOINT", help="continue a run from its last checkpoint")
-    t.add_argument("--no-progress", action="store_true", help="no live progress bar")
-    t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-
+    _run_args(t, "a YAML config and/or dotted overrides such as trainer.max_epochs=3")
     ft = sub.add_parser("finetune", help="fine-tune pretrained weights (model.pretrained=SOURCE; finetune.* options)")
-    ft.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]",
-                    help="a YAML config with model.pretrained, and/or dotted overrides (finetune.mode=linear_probe)")
-    ft.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    ft.add_argument("--resume", metavar="RUN_DIR|CHECKPOINT", help="continue a run from its last checkpoint")
-    ft.add_argument("--no-progress", action="store_true", help="no live progress bar")
-    ft.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    _run_args(ft, "a YAML config with model.pretrained, and/or dotted overrides (finetune.mode=linear_probe)")
 
     e = sub.add_parser("eval", help="evaluate a trained run or checkpoint")
     e.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
@@ -101,6 +90,15 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="list built-in data sets and file loaders")
     d.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return p
+
+
+def _run_args(p: argparse.ArgumentParser, config_help: str) -> None:
+    """The arguments `train` and `finetune` share."""
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]", help=config_help)
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume", metavar="RUN_DIR|CHECKPOINT", help="continue a run from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
 
 def _split_train_args(args: list[str]) -> tuple[str | None, list[str]]:

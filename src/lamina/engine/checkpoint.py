@@ -66,23 +66,31 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, state: dict, meta: dict) -> Path:
+def write_folder(path: str | Path, write) -> Path:
+    """Atomically create folder `path`: `write(tmp)` fills a temp folder beside it, every file is fsynced, then
+    the temp folder is renamed into place (see the module docstring); on failure nothing replaces `path`."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        save_file(_weights(model), str(tmp / "model.safetensors"))
-        torch.save(state, tmp / "state.pt")
-        meta = {**meta, "format": FORMAT,
-                "sha256": {n: _sha256(tmp / n) for n in ("model.safetensors", "state.pt")}}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-        for n in ("model.safetensors", "state.pt", "meta.json"):
+        write(tmp)
+        for n in _files(tmp):
             _fsync(tmp / n)
         _publish(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, state: dict, meta: dict) -> Path:
+    def write(tmp: Path) -> None:
+        save_file(_weights(model), str(tmp / "model.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        full = {**meta, "format": FORMAT, "sha256": {n: _sha256(tmp / n) for n in ("model.safetensors", "state.pt")}}
+        (tmp / "meta.json").write_text(json.dumps(full, indent=2, default=str))
+
+    return write_folder(path, write)
 
 
 def _publish(tmp: Path, target: Path) -> None:

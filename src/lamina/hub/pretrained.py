@@ -12,8 +12,6 @@ folder and renamed into place, like checkpoints.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -42,27 +40,19 @@ def _tuples(v):
 
 
 def save_pretrained(model: torch.nn.Module, path: str | Path, extra: dict | None = None) -> Path:
-    from lamina.engine.checkpoint import _fsync, _publish, _weights
+    from lamina.engine.checkpoint import _weights, write_folder
 
     spec = getattr(model, "lamina_spec", None)
     if spec is None:
         raise CheckpointError("save_pretrained: the model was not built by lamina.models.create_model (no "
                               "lamina_spec), so it could not be rebuilt; build it with create_model(name, ...)")
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    def write(tmp: Path) -> None:
         save_file(_weights(model), str(tmp / "model.safetensors"))
         meta = {"format": FORMAT, "model": spec["name"], "options": _jsonable(spec["options"]),
                 "params": sum(p.numel() for p in model.parameters()), **(extra or {})}
         (tmp / "lamina_model.json").write_text(json.dumps(meta, indent=2))
-        for n in ("model.safetensors", "lamina_model.json"):
-            _fsync(tmp / n)
-        _publish(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    return write_folder(path, write)
 
 
 def read_pretrained_meta(path: str | Path) -> dict:
