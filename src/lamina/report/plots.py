@@ -28,12 +28,7 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
         ax.set_title(m)
         ax.grid(alpha=0.3)
         ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, title)
 
 
 def plot_confusion(cm: np.ndarray, class_names: list[str] | None, path: str | Path, title: str = "") -> Path:
@@ -56,6 +51,13 @@ def plot_confusion(cm: np.ndarray, class_names: list[str] | None, path: str | Pa
                         color="white" if norm[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
     ax.set_title(title or f"confusion matrix (acc {np.trace(cm) / max(cm.sum(), 1):.4f})")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path, title: str = "") -> Path:
+    """The project's figure finish: optional suptitle, tight layout, 110 dpi PNG, figure closed."""
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

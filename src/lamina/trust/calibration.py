@@ -118,7 +118,7 @@ class TemperatureScaler:
 # ----- plot ------------------------------------------------------------------------------------
 def plot_reliability(bins_before: dict, bins_after: dict | None, path: str | Path, title: str = "") -> Path:
     """Reliability diagram: accuracy per confidence bin (bars) against the diagonal, before / after."""
-    from lamina.report.plots import plt  # the project's Agg backend set-up
+    from lamina.report.plots import plt, save_figure  # the project's Agg backend set-up
 
     panels = [("before", bins_before)] + ([("after", bins_after)] if bins_after is not None else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
@@ -138,12 +138,7 @@ def plot_reliability(bins_before: dict, bins_after: dict | None, path: str | Pat
         ax.set_title(f"{name} (ECE {ece_from_bins(b):.4f})")
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, title)
 
 
 # ----- a trained run ---------------------------------------------------------------------------
