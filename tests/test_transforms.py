@@ -106,3 +106,20 @@ def test_cuda_matches_cpu():
     gpu = t({k: v.cuda() for k, v in bt.items()}, gen(3))["x"]
     assert gpu.is_cuda
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=0)
+
+
+def test_normalize_in_augment_is_applied_at_evaluation_too(tmp_path):
+    """A normalize step in data.augment changes the input scale: evaluation and prediction must see it as well."""
+    from lamina import runner
+    from lamina.config import load_config
+    from lamina.data import load_dataset
+
+    cfg = load_config(None, ["data.augment=[{name: hflip}, {name: normalize, mean: 0.5, std: 0.25}]",
+                             "logging.tensorboard=false", "logging.plots=false", "trainer.progress=false",
+                             "trainer.max_epochs=2", f"logging.root={tmp_path}"])
+    bundle = load_dataset("digits", seed=0)
+    loader = runner.make_eval_loader(cfg, bundle.test, "classification", torch.device("cpu"), bundle)
+    x = next(iter(loader))["x"]
+    torch.testing.assert_close(x, (bundle.test.tensors["x"][:len(x)] - 0.5) / 0.25)  # normalized, never flipped
+    res = runner.train(cfg)
+    assert runner.evaluate(res.run_dir)["test/acc"] == pytest.approx(res.summary["test"]["test/acc"])

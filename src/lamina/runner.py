@@ -29,7 +29,7 @@ import torch
 
 from lamina.config import RunConfig, to_dict, to_yaml, validate
 from lamina.data import DataBundle, load_dataset, make_loader
-from lamina.data.transforms import build_transforms
+from lamina.data.transforms import build_transforms, eval_transforms
 from lamina.data.windows import RandomWindowLoader, SequentialWindowLoader
 from lamina.engine import (CSVLogger, EarlyStopping, LRMonitor, ModelCheckpoint, TensorBoardLogger, Trainer,
                            build_optimizer, build_scheduler, seed_everything)
@@ -234,7 +234,8 @@ def make_eval_loader(cfg: RunConfig, data, task: str, device, bundle: DataBundle
     if task == "language_modeling":
         return SequentialWindowLoader(data.tensors["ids"], bundle.meta["block_size"], cfg.data.eval_batch_size,
                                       device=device)
-    return make_loader(data, cfg.data.eval_batch_size, device=device, trim=bundle.meta.get("pad_trim"))
+    return make_loader(data, cfg.data.eval_batch_size, device=device, trim=bundle.meta.get("pad_trim"),
+                       transform=eval_transforms(cfg.data.augment))  # e.g. normalize: same scale as training
 
 
 def make_loaders(cfg: RunConfig, bundle: DataBundle, task: str, device):
@@ -496,7 +497,8 @@ def predict(path: str | Path, inputs: list[str], which: str = "best") -> list[di
     trainer = Trainer(cfg.trainer.model_copy(update={"compile": False}))
     from lamina.data.base import TensorData
 
-    loader = make_loader(TensorData(**x_parts), cfg.data.eval_batch_size, device=trainer.device)
+    loader = make_loader(TensorData(**x_parts), cfg.data.eval_batch_size, device=trainer.device,
+                         transform=eval_transforms(cfg.data.augment))
     out = trainer.predict(model, task, loader)
     rows = []
     for i, name in enumerate(names):

@@ -120,7 +120,9 @@ class RandomAffine:
 
 
 class Normalize:
-    """(x - mean) / std per channel; deterministic."""
+    """(x - mean) / std per channel; deterministic, so evaluation and prediction apply it too (eval_transforms)."""
+
+    deterministic = True
 
     def __init__(self, mean: float | Sequence[float], std: float | Sequence[float]):
         self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
@@ -168,3 +170,10 @@ def build_transforms(spec: Sequence[dict] | None) -> Compose:
                 raise DataError(f"transforms[{i}] ({name}): {unknown_name('option', k, params)}")
         out.append(TRANSFORMS[name](**kwargs))
     return Compose(out)
+
+
+def eval_transforms(spec: Sequence[dict] | None) -> Compose | None:
+    """The deterministic part of a training transform list (normalize): what evaluation and prediction must apply
+    so the model sees inputs on the scale it was trained on. Random augmentations are training-only."""
+    kept = [t for t in build_transforms(spec).transforms if getattr(t, "deterministic", False)]
+    return Compose(kept) if kept else None
