@@ -116,6 +116,17 @@ def make_call(path, args, inp, device):
     return call
 
 
+def time_interleaved(calls: dict, live: list, reps: int, sync, res: dict) -> None:
+    """`reps` rounds of every live path, the order alternating so drift hits every path alike; each call's
+    seconds go to res[path]["times_s"]."""
+    for r in range(reps):
+        for p in (live if r % 2 == 0 else live[::-1]):
+            t0 = time.perf_counter()
+            calls[p]()
+            sync()
+            res[p]["times_s"].append(time.perf_counter() - t0)
+
+
 def sync_fn(device):
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -215,13 +226,7 @@ def main():
             calls[p]()
             sync()
         reps = max(args.min_repeats, min(args.repeats, args.repeats * 1024 // L))
-        for r in range(reps):
-            order = live if r % 2 == 0 else live[::-1]  # alternate the order so drift hits both paths alike
-            for p in order:
-                t0 = time.perf_counter()
-                calls[p]()
-                sync()
-                res[p]["times_s"].append(time.perf_counter() - t0)
+        time_interleaved(calls, live, reps, sync, res)
         del inp, calls
         gc.collect()
         for p in live:

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from _common import median, peak_rss_mib, print_table, write_result
-from attention import make_inputs, sync_fn  # same inputs as the attention bench
+from attention import make_inputs, sync_fn, time_interleaved  # same inputs and timing as the attention bench
 from lamina.nn import blockwise_attention
 from lamina.nn.attention import reference_attention
 
@@ -151,13 +151,7 @@ def run_section(args, device, causal, backward):
             calls[p]()
             sync()
         reps = max(args.min_repeats, min(args.repeats, args.repeats * 1024 // L))
-        for r in range(reps):
-            order = live if r % 2 == 0 else live[::-1]  # alternate so drift hits every path alike
-            for p in order:
-                t0 = time.perf_counter()
-                calls[p]()
-                sync()
-                res[p]["times_s"].append(time.perf_counter() - t0)
+        time_interleaved(calls, live, reps, sync, res)
         del inp, calls
         gc.collect()
         for p in live:

@@ -52,3 +52,13 @@ def greedy_text(model, prompt: str, max_new_tokens: int) -> str:
 
     out = generate(model, torch.tensor([[REPEATED_CHARS.index(c) for c in prompt]]), max_new_tokens, greedy=True)
     return "".join(REPEATED_CHARS[i] for i in out[0].tolist())
+
+
+def scramble(module: torch.nn.Module, seed: int = 0) -> None:
+    """Weights far from init, norm weights and biases far from 1 / 0: logits of order 1 that depend on every
+    parameter (parity tests against reference implementations)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():  # a tied tensor is visited once
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1.0 + 0.3 * noise if p.dim() == 1 else 0.15 * noise)

@@ -9,6 +9,8 @@ import json
 import pytest
 import torch
 
+from conftest import scramble
+
 import lamina.hub
 from lamina.errors import CheckpointError
 
@@ -20,13 +22,6 @@ def _one_thread():
     torch.set_num_threads(1)  # tiny models on a busy machine (conftest restores the count)
 
 
-def scramble(module: torch.nn.Module, seed: int = 0) -> None:
-    """Weights far from init, norm weights and biases far from 1 / 0: every tensor shows in the logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():  # a tied tensor is visited once
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.3 * noise if p.dim() == 1 else 0.15 * noise)
 
 
 def tiny_llama(tied: bool):

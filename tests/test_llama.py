@@ -9,7 +9,7 @@ from lamina.errors import ModelError
 from lamina.models import create_model, generate
 from lamina.models.llama import Llama, LlamaConfig, hf_llama_key_map, llama_config_from_hf
 
-from conftest import REPEATED_CHARS, greedy_text, overfit_repeated_text
+from conftest import REPEATED_CHARS, greedy_text, overfit_repeated_text, scramble
 
 
 @pytest.fixture(autouse=True)
@@ -22,13 +22,6 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())  # tied tensors count once
 
 
-def scramble(module: torch.nn.Module, seed: int = 0) -> None:
-    """Weights far from init, norm weights far from 1: logits of order 1 that depend on every parameter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():  # a tied tensor is visited once
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.3 * noise if p.dim() == 1 else 0.15 * noise)
 
 
 def load_hf_weights(model: Llama, hf_state: dict[str, torch.Tensor]) -> None:

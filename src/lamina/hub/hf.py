@@ -80,6 +80,14 @@ def read_safetensors(folder: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
 
 
 # ----- BERT ----------------------------------------------------------------------------------------------
+def _finish(model, name: str, dtype):
+    """Name the built model (messages, `lamina models`), cast it if asked, eval mode (weights come next)."""
+    model.model_name = name
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
 def _bert_model(config: dict, pooling: str | None, state: dict, path: Path, dtype):
     """Build the lamina BERT model that config.json describes, in eval mode, uninitialised weights aside."""
     from lamina.models.bert import (
@@ -115,10 +123,7 @@ def _bert_model(config: dict, pooling: str | None, state: dict, path: Path, dtyp
     else:
         raise CheckpointError(f"hub: {path}/config.json: architecture {arch!r} is not supported; accepted: "
                               "BertModel, BertForMaskedLM, BertForSequenceClassification")
-    model.model_name = name
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
+    return _finish(model, name, dtype)
 
 
 def map_bert_state(model, state: dict[str, torch.Tensor], source: str) -> list[str]:
@@ -219,10 +224,7 @@ def _llama_model(config: dict, path: Path, dtype):
     except ModelError as e:
         raise CheckpointError(f"hub: {path}/config.json: {e}") from None
     model = Llama(cfg)
-    model.model_name = "llama"
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
+    return _finish(model, "llama", dtype)
 
 
 def map_llama_state(model, state: dict[str, torch.Tensor], source: str) -> list[str]:
@@ -263,10 +265,7 @@ def _gpt2_model(config: dict, path: Path, dtype):
     except KeyError as e:
         raise CheckpointError(f"hub: {path}/config.json: missing {e.args[0]!r}, which a GPT-2 config needs") from None
     model = GPT(cfg)
-    model.model_name = "gpt"
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
+    return _finish(model, "gpt", dtype)
 
 
 def _gpt2_convert(key: str, value: torch.Tensor):
