@@ -71,10 +71,30 @@ def load_data(cfg: RunConfig, tokenizer: Path | None = None) -> DataBundle:
         if found is not None:
             opts["tokenizer"] = str(found)
     try:
-        return load_dataset(cfg.data.name, seed=cfg.seed, **opts)
+        bundle = load_dataset(cfg.data.name, seed=cfg.seed, **opts)
     except TypeError as e:  # unknown loader option
         bad = str(e).split("'")[1] if "'" in str(e) else str(e)
         raise ConfigError(f"data.{bad}: not an option of data set '{cfg.data.name}'") from None
+    if cfg.data.train_fraction < 1.0:
+        bundle.train = train_subset(bundle.train, cfg.data.train_fraction, cfg.seed, bundle.task)
+    return bundle
+
+
+def train_subset(data, fraction: float, seed: int, task: str):
+    """`fraction` of a training split: per class in proportion for classification (a small subset keeps every
+    class), a prefix for token streams (windows need contiguous text), a seeded random sample otherwise."""
+    n = len(data)
+    if task == "language_modeling":
+        return data.subset(torch.arange(max(1, int(n * fraction))))
+    g = torch.Generator().manual_seed(seed + 7919)  # independent of the split's own permutation
+    y = data.tensors.get("y")
+    if task == "classification" and y is not None and y.ndim == 1 and not y.is_floating_point():
+        keep = []
+        for c in torch.unique(y):
+            idx = (y == c).nonzero().flatten()
+            keep.append(idx[torch.randperm(len(idx), generator=g)[:max(1, round(len(idx) * fraction))]])
+        return data.subset(torch.cat(keep).sort().values)
+    return data.subset(torch.randperm(n, generator=g)[:max(1, int(n * fraction))].sort().values)
 
 
 _CORE_TASKS = ("classification", "regression", "language_modeling")

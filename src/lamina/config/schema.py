@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeFloat
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeFloat, model_validator
 
 
 class _Strict(BaseModel):
@@ -31,6 +31,8 @@ class DataConfig(_Open):
     eval_batch_size: PositiveInt = 1024  # evaluation has no gradient memory; bigger is faster
     augment: list[dict[str, Any]] = Field(default_factory=list)  # e.g. [{name: hflip}]
     steps_per_epoch: PositiveInt | None = None  # token streams: random-window batches between evaluations
+    train_fraction: float = Field(1.0, gt=0, le=1)  # learning curves / quick checks: a seeded, class-stratified
+    # subset of the training split (token streams: a prefix); val and test stay whole
 
 
 class ModelConfig(_Open):
@@ -83,6 +85,25 @@ class EarlyStoppingConfig(_Strict):
     min_delta: NonNegativeFloat = 0.0
 
 
+class AdversarialConfig(_Strict):
+    # none: plain training. pgd: train on PGD examples (Madry et al. 2018). trades: CE(clean) + beta * KL(f(x) ||
+    # f(x_adv)) with x_adv maximizing the KL (Zhang et al. 2019). Attacks act on inputs before any normalize step.
+    method: Literal["none", "pgd", "trades"] = "none"
+    eps: NonNegativeFloat = 0.1  # perturbation budget in input units; 0.1 of the [0, 1] pixel range (Fashion-MNIST)
+    alpha: PositiveFloat | None = None  # attack step size; None: 2.5 * eps / steps (reaches the ball's edge)
+    steps: PositiveInt = 7  # attack steps per batch: 7 is the usual training-time PGD budget; cost ~ (1 + steps)x
+    norm: Literal["linf", "l2"] = "linf"  # L-inf: the standard image threat model
+    beta: NonNegativeFloat = 6.0  # trades: weight of the robust KL term; 6 is the paper's best trade-off
+    clean_fraction: float = Field(0.0, ge=0, lt=1)  # pgd: share of the loss on clean inputs (0: pure PGD-AT)
+    clamp: tuple[float, float] | None = (0.0, 1.0)  # input value range kept by the attack; None: unbounded
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.clamp is not None and not self.clamp[0] < self.clamp[1]:
+            raise ValueError(f"clamp: expected [low, high] with low < high, got {list(self.clamp)}")
+        return self
+
+
 class TrainerConfig(_Strict):
     max_epochs: PositiveInt = 20  # the default job (digits) needs ~20 short epochs
     max_steps: PositiveInt | None = None  # stop after this many optimizer steps
@@ -104,6 +125,7 @@ class TrainerConfig(_Strict):
     # sharded DCP checkpoints. data.batch_size stays the global batch whatever the number of processes.
     strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     context_parallel: PositiveInt = 1  # ranks that split each sequence (ring attention; GPT/Llama language models)
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)  # adversarial training (trust/robust)
 
 
 class LoggingConfig(_Strict):

@@ -1,0 +1,190 @@
+"""Overfitting and data needs: when did validation stop following training, and would more data help?
+
+    overfitting_onset(history)        per-epoch generalization gap; the epoch overfitting began (or None)
+    OverfittingMonitor(patience=2)    a Callback: warns once during `fit`, naming that epoch and what to do
+    learning_curve(cfg, fractions)    trains the same config on growing training subsets; metric vs n + plot,
+                                      and a power-law fit of the error that says what more data would buy
+
+Onset rule: the first epoch after the best validation loss, provided validation loss then stays above that
+best for `patience` epochs while training loss keeps falling. Requiring both halves separates overfitting
+(train improves, val worsens) from noise or a too-high learning rate (both worsen). The gap itself is
+val - train of the same metric; with augmentation or dropout on, train loss is measured under them, so the
+gap can start negative: its trend, not its sign, carries the signal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from lamina.engine.callbacks import Callback
+from lamina.errors import ConfigError, DataError
+
+
+def _series(history: list[dict], key: str) -> list[float | None]:
+    out = []
+    for row in history:
+        v = row.get(key)
+        try:
+            v = float(v) if v not in (None, "") else None
+        except (TypeError, ValueError):
+            v = None
+        out.append(v if v is not None and math.isfinite(v) else None)
+    return out
+
+
+def overfitting_onset(history: list[dict], train_key: str = "train/loss", val_key: str = "val/loss",
+                      patience: int = 2, min_rise: float = 0.0) -> dict:
+    """Gap per epoch and the epoch overfitting began. `history`: rows of metrics.csv (or Trainer.fit's
+    return). `min_rise`: relative amount val must exceed its best by to count (0.01 = 1%)."""
+    if patience < 1:
+        raise ConfigError(f"patience: expected a positive integer, got {patience}")
+    rows = [(r.get("epoch"), t, v) for r, t, v in zip(history, _series(history, train_key), _series(history, val_key))
+            if t is not None and v is not None]
+    if not rows:
+        raise DataError(f"overfitting check needs '{train_key}' and '{val_key}' in the history; "
+                        f"found: {', '.join(sorted({k for r in history for k in r})) or 'no rows'}")
+    epochs = [int(float(e)) if e not in (None, "") else i + 1 for i, (e, _, _) in enumerate(rows)]
+    train = np.array([t for _, t, _ in rows])
+    val = np.array([v for _, _, v in rows])
+    best = int(np.argmin(val))
+    onset = None
+    after = val[best + 1:]
+    if len(after) >= patience and (after > val[best] * (1 + min_rise)).all() and train[-1] < train[best]:
+        onset = epochs[best + 1]
+    gap = (val - train).tolist()
+    out = {"train_key": train_key, "val_key": val_key, "epochs": epochs, "gap": gap,
+           "best_epoch": epochs[best], "best_val": float(val[best]), "overfitting": onset is not None,
+           "onset_epoch": onset, "final_gap": gap[-1], "gap_at_best": gap[best],
+           "val_rise": float(val[-1] - val[best]), "train_drop_since_best": float(train[best] - train[-1])}
+    if onset is not None:
+        out["advice"] = (f"validation loss has risen since epoch {onset} (best {val[best]:.4f} at epoch "
+                         f"{epochs[best]}, now {val[-1]:.4f}) while training loss fell: stop at the best epoch "
+                         "(trainer.early_stopping.patience), add data or augmentation (data.augment), or "
+                         "regularize (optimizer.weight_decay, dropout)")
+    return out
+
+
+class OverfittingMonitor(Callback):
+    """Warns once, during training, when `overfitting_onset` fires on the history so far."""
+
+    def __init__(self, patience: int = 2, train_key: str = "train/loss", val_key: str = "val/loss"):
+        self.patience, self.train_key, self.val_key = patience, train_key, val_key
+        self.rows: list[dict] = []
+        self.found: dict | None = None
+
+    def on_epoch_end(self, trainer, metrics: dict) -> None:
+        self.rows.append(dict(metrics))
+        if self.found is not None or self.val_key not in metrics:
+            return
+        try:
+            res = overfitting_onset(self.rows, self.train_key, self.val_key, self.patience)
+        except DataError:
+            return
+        if res["overfitting"]:
+            self.found = res
+            warnings.warn(f"overfitting: {res['advice']}", stacklevel=2)
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows, "found": self.found}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows, self.found = list(state.get("rows", [])), state.get("found")
+
+
+# ----- learning curve -------------------------------------------------------------------------------
+def fit_power_law(n: list[float], err: list[float]) -> dict | None:
+    """err ~ a * n^-b by least squares in log-log space (Hestness et al. 2017's small-data regime); None when
+    the errors do not fall with n (no power law to extrapolate)."""
+    pts = [(x, e) for x, e in zip(n, err) if x > 0 and e > 0]
+    if len(pts) < 2:
+        return None
+    lx, le = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+    slope, icpt = np.polyfit(lx, le, 1)
+    if slope >= 0:
+        return None
+    return {"a": float(math.exp(icpt)), "b": float(-slope)}
+
+
+def samples_for(power: dict, target_err: float) -> float:
+    """Training samples the fitted power law needs to reach `target_err`."""
+    return (power["a"] / target_err) ** (1.0 / power["b"])
+
+
+def learning_curve(cfg, fractions=(0.1, 0.25, 0.5, 1.0), out: str | Path | None = None, metric: str | None = None,
+                   equal_steps: bool = True, progress=None) -> dict:
+    """Train `cfg` (a RunConfig) once per training fraction; each run is a normal run folder under
+    <out>/runs. Records n_train, train/val/test metric and loss; fits a power law to the test error and
+    writes learning_curve.json + learning_curve.png into `out`. `equal_steps`: a subset of fraction f trains
+    max_epochs / f epochs, so every point gets the same number of updates and differs only in data (with
+    equal epochs a 10% run gets a tenth of the steps and the curve mixes data with compute).
+    `progress(i, total, fraction)` is called before each run."""
+    from lamina.runner import train
+
+    fr = sorted({float(f) for f in fractions})
+    if not fr or fr[0] <= 0 or fr[-1] > 1:
+        raise ConfigError(f"fractions: expected values in (0, 1], got {list(fractions)}")
+    out = Path(out or Path(cfg.logging.root) / f"{cfg.name or cfg.data.name}-learning-curve")
+    out.mkdir(parents=True, exist_ok=True)
+    rows, m = [], metric
+    for i, f in enumerate(fr):
+        if progress is not None:
+            progress(i, len(fr), f)
+        run_cfg = cfg.model_copy(deep=True)
+        run_cfg.data.train_fraction = f
+        run_cfg.name = f"frac-{f:g}"
+        run_cfg.logging.root = str(out / "runs")
+        run_cfg.logging.tensorboard = False
+        run_cfg.trainer.progress = False
+        if equal_steps and run_cfg.trainer.max_steps is None:
+            run_cfg.trainer.max_epochs = math.ceil(cfg.trainer.max_epochs / f)
+        res = train(run_cfg)
+        s, hist = res.summary, res.history
+        m = m or ("acc" if "test/acc" in s["test"] else "loss")  # classification: accuracy; else loss
+        last = hist[-1] if hist else {}
+        best = next((r for r in hist if r.get("epoch") == s.get("best_epoch")), last)
+        rows.append({"fraction": f, "n_train": s["data"]["train"], "run_dir": s["run_dir"], "epochs": s["epochs"],
+                     "steps": s["steps"],
+                     "train": last.get(f"train/{m}"), "val": best.get(f"val/{m}"), "test": s["test"].get(f"test/{m}"),
+                     "train_loss": last.get("train/loss"), "val_loss": best.get("val/loss"),
+                     "test_loss": s["test"].get("test/loss"), "seconds": s["wall_time_s"]})
+    higher_better = m != "loss"
+    errs = [(1 - r["test"]) if higher_better else r["test"] for r in rows if r["test"] is not None]
+    ns = [r["n_train"] for r in rows if r["test"] is not None]
+    power = fit_power_law(ns, errs)
+    result = {"metric": m, "rows": rows, "power_law": power}
+    if power is not None and errs:
+        best_err = min(errs)
+        result["n_for_half_error"] = samples_for(power, best_err / 2)
+        result["error_at_2x"] = power["a"] * (2 * ns[-1]) ** (-power["b"])
+    (out / "learning_curve.json").write_text(json.dumps(result, indent=2))
+    plot_learning_curve(result, out / "learning_curve.png", title=f"{cfg.data.name} / {cfg.model.name}")
+    result["out"] = str(out)
+    return result
+
+
+def plot_learning_curve(result: dict, path: str | Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lamina.report.plots import save_figure
+
+    rows, m = result["rows"], result["metric"]
+    n = [r["n_train"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for key, style in (("train", "o--"), ("val", "s-"), ("test", "^-")):
+        ys = [r[key] for r in rows]
+        if any(y is not None for y in ys):
+            ax.plot(n, [np.nan if y is None else y for y in ys], style, label=key)
+    ax.set_xscale("log")
+    ax.set_xlabel("training samples")
+    ax.set_ylabel(m)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    return save_figure(fig, path, title)
