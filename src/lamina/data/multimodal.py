@@ -25,6 +25,13 @@ alone is not a perfect oracle):
   split="speaker": every recording of `test_speaker` is test (an unseen voice); index 0-4 of the others are val.
   `modalities` keeps a subset of the tensors (unimodal baselines train on the same samples).
 
+  Group metadata (fairness audits, lamina.trust.fairness): meta["groups"] always maps each speaker id to its
+  name and, from root/speakers.csv when present, its accent / gender / language:
+      {"tensor": "speaker", "speaker": ["george", ...], "accent": ["GRC/Greek", ...], "gender": [...], ...}
+  (lists indexed by speaker id; ids number the speakers in sorted name order). `groups=True` adds the per-sample
+  id as an int64 tensor "speaker" (N,) to every split (off by default: the splits keep their tensors as before;
+  the fusion task ignores tensors that are not modalities).
+
 Vocabulary: whole words (lowercase, punctuation split off) with lamina's five special ids first (<pad>=0,
 <unk>=1, <s>, </s>=3, <mask>; see lamina.data.tokenizers); captions end in </s> so EOS pooling can find them.
 A word-level vocabulary fits captions generated from ~40 distinct words better than BPE would.
@@ -232,6 +239,23 @@ def fsdd_split(index: list[tuple[Path, int, str, int]], split: str, test_speaker
     raise DataError(f"fsdd_fusion: {unknown_name('split', split, ('standard', 'speaker'))}")
 
 
+def fsdd_groups(root: Path, index: list[tuple[Path, int, str, int]]) -> dict:
+    """Per-speaker group tables (see the module docstring); speakers.csv columns other than `speaker` become
+    attributes; a speaker missing from the file gets "unknown"."""
+    import csv
+
+    names = sorted({r[2] for r in index})
+    out: dict = {"tensor": "speaker", "speaker": names}
+    table = root / "speakers.csv"
+    if table.is_file():
+        with open(table, newline="") as f:
+            rows = {r["speaker"].strip(): r for r in csv.DictReader(f) if r.get("speaker")}
+        cols = [c for c in (next(iter(rows.values())).keys() if rows else []) if c and c != "speaker"]
+        for c in cols:
+            out[c] = [(rows[n].get(c) or "unknown").strip() if n in rows else "unknown" for n in names]
+    return out
+
+
 def _paired_images(labels: np.ndarray, part: np.ndarray, seed: int) -> tuple[torch.Tensor, np.ndarray]:
     """For each sample (label, split part), a random sklearn digit image of that label from that part's pool."""
     from sklearn.datasets import load_digits
@@ -255,7 +279,7 @@ def _paired_images(labels: np.ndarray, part: np.ndarray, seed: int) -> tuple[tor
             "word; any subset of modalities", "fusion", "../shared/data/fsdd (or $LAMINA_SHARED_DATA) + scikit-learn")
 def fsdd_fusion(*, path: PathLike | None = None, modalities=FSDD_MODALITIES, split: str = "standard",
                 test_speaker: str = "theo", text_noise: float = 0.0, n_mels: int = 40, n_fft: int = 256,
-                hop_length: int = 128, max_seconds: float = 1.5, seed: int = 0) -> DataBundle:
+                hop_length: int = 128, max_seconds: float = 1.5, seed: int = 0, groups: bool = False) -> DataBundle:
     """See the module docstring. Audio: 8 kHz, 32 ms Hann windows, 16 ms hop, Slaney mel scale and filter norm."""
     mods = [modalities] if isinstance(modalities, str) else list(modalities)
     if not mods:
@@ -305,6 +329,10 @@ def fsdd_fusion(*, path: PathLike | None = None, modalities=FSDD_MODALITIES, spl
                     text_noise=float(text_noise))
         meta["pad_trim"]["text"] = "text_len"
         meta["input_shapes"]["text"] = [int(tensors["text"].shape[1])]
+    meta["groups"] = fsdd_groups(root, index)
+    if groups:
+        sid = {name: i for i, name in enumerate(meta["groups"]["speaker"])}
+        tensors["speaker"] = torch.tensor([sid[r[2]] for r in index], dtype=torch.int64)
     parts = [TensorData(**{k: v[torch.from_numpy(part == p)] for k, v in tensors.items()}) for p in range(3)]
     meta["speakers"] = {name: sorted({r[2] for r, q in zip(index, part) if q == p})
                         for p, name in enumerate(("train", "val", "test"))}
@@ -314,4 +342,5 @@ def fsdd_fusion(*, path: PathLike | None = None, modalities=FSDD_MODALITIES, spl
 
 
 __all__ = ["WordVocab", "words", "fill", "caption_vocab", "prompt_set", "fashion_captions", "fsdd_fusion",
-           "fsdd_index", "fsdd_split", "FASHION_NAMES", "TRAIN_TEMPLATES", "PROMPT_TEMPLATES", "DIGIT_WORDS"]
+           "fsdd_index", "fsdd_split", "fsdd_groups", "FASHION_NAMES", "TRAIN_TEMPLATES", "PROMPT_TEMPLATES",
+           "DIGIT_WORDS"]
