@@ -480,7 +480,7 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
     a, b = a.detach().double().cpu().reshape(-1).numpy(), b.detach().double().cpu().reshape(-1).numpy()
     if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return 0.0  # a constant map carries no ranking; spearmanr would give NaN
+        return float("nan")  # a constant map (e.g. an all-zero Grad-CAM) has no ranking: undefined, not "low"
     return float(spearmanr(a, b).statistic)
 
 
@@ -495,8 +495,9 @@ def randomization_check(model: nn.Module, x: torch.Tensor, target: TargetLike = 
     mode "full": every parameter re-initialized at once; "cascading": from the output layer backwards, one more
     layer re-initialized per step (one entry per step in "cascade"). Per example, the Spearman rank correlation
     of the trained model's attributions with the randomized copy's, on the signed values ("spearman") and on
-    their absolute values ("spearman_abs"), averaged. A method that explains the model gives low correlations;
-    one that only reflects the input (an edge detector) stays high. The target is the trained model's
+    their absolute values ("spearman_abs"), averaged over the examples where it is defined (a constant map has no
+    ranking: "n_undefined" counts those; all undefined -> None). A method that explains the model gives low
+    correlations; one that only reflects the input (an edge detector) stays high. The target is the trained model's
     (predicted, for None) class for both."""
     if mode not in ("full", "cascading"):
         raise ConfigError(unknown_name("randomization mode", mode, ("full", "cascading")))
@@ -505,10 +506,15 @@ def randomization_check(model: nn.Module, x: torch.Tensor, target: TargetLike = 
         t = _targets(model, x, target)
     ref = attribute(model, x, t, method, **kw)
 
+    def mean(v: list[float]) -> float | None:
+        v = [e for e in v if not math.isnan(e)]
+        return float(np.mean(v)) if v else None
+
     def compare(rand: nn.Module) -> dict:
         a = attribute(rand, x, t, method, **kw)
         s, s_abs = _per_example(_spearman, ref, a), _per_example(_spearman, ref.abs(), a.abs())
-        return {"spearman": float(np.mean(s)), "spearman_abs": float(np.mean(s_abs)), "per_example": s}
+        return {"spearman": mean(s), "spearman_abs": mean(s_abs), "n_undefined": sum(math.isnan(e) for e in s),
+                "per_example": [None if math.isnan(e) else e for e in s]}
 
     before = [p.detach().clone() for p in model.parameters()]
     if mode == "full":
@@ -523,8 +529,8 @@ def randomization_check(model: nn.Module, x: torch.Tensor, target: TargetLike = 
             cascade.append({"randomized_through": layers[k - 1], **compare(rand)})
         changed = [not torch.equal(p0, p1) for p0, p1 in zip(before, rand.parameters())]
         last = cascade[-1]
-        out = {"method": method, "mode": mode, "spearman": last["spearman"], "spearman_abs": last["spearman_abs"],
-               "per_example": last["per_example"], "cascade": cascade}
+        out = {"method": method, "mode": mode, **{k: last[k] for k in ("spearman", "spearman_abs", "n_undefined",
+                                                                          "per_example")}, "cascade": cascade}
     out["params_randomized"] = float(np.mean(changed)) if changed else 0.0
     if not all(torch.equal(p0, p) for p0, p in zip(before, model.parameters())):  # never expected
         raise RuntimeError("randomization_check changed the model it checks")
