@@ -333,9 +333,12 @@ def train(cfg: RunConfig, callbacks=(), resume: str | Path | None = None, run_di
     Precision(cfg.trainer.precision, device)
     dist = Distributed.from_config(cfg.trainer, device)
     try:
-        return _train(cfg, dist, callbacks, resume, run_dir, wall0)
-    finally:
-        dist.close()
+        result = _train(cfg, dist, callbacks, resume, run_dir, wall0)
+    except BaseException:
+        dist.close(clean=False)
+        raise
+    dist.close()
+    return result
 
 
 def _train(cfg: RunConfig, dist: Distributed, callbacks, resume, run_dir, wall0) -> RunResult:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -126,7 +127,6 @@ def cmd_train(a, console) -> int:
         print(to_yaml(cfg), end="")
         return 0
     callbacks = []
-    import os
 
     if cfg.trainer.progress and not a.no_progress and os.environ.get("RANK", "0") == "0":
         from lamina.cli.progress import RichProgress
@@ -309,11 +309,23 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     a = _parser().parse_args(argv)
-    debug = a.debug or "--debug" in argv
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     if a.cmd is None:
         _parser().print_help()
         return 0
+    rc = _dispatch(a, argv, console)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
+        # A torchrun worker whose run is over (group destroyed, files written and closed) skips interpreter
+        # teardown: gloo's C++ threads can abort the process while Python finalizes (pytorch/pytorch#179291),
+        # which torchrun would report as a failed job.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def _dispatch(a, argv: list[str], console) -> int:
+    debug = a.debug or "--debug" in argv
     from lamina.errors import LaminaError
 
     try:
@@ -323,8 +335,6 @@ def main(argv: list[str] | None = None) -> int:
     except LaminaError as e:
         if debug:
             raise
-        import os
-
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: one line, from rank 0
             print(str(e), file=sys.stderr)
         return EXIT_USAGE

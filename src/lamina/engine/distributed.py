@@ -203,8 +203,15 @@ class Distributed:
         if self.world_size > 1:
             dist.barrier()
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Tear down the group we created. `clean`: every rank got here without an error, so all wait for each
+        other first; otherwise a rank that already left would leave the others hanging in the barrier."""
         if self.owns_group and dist.is_initialized():
+            if clean and self.world_size > 1:
+                # Rank 0 still writes the summary and plots after the others are done; destroying the group
+                # while a peer is mid-teardown has aborted gloo workers ("terminate called without an active
+                # exception"), so every rank leaves together.
+                dist.barrier()
             dist.destroy_process_group()
             self.owns_group = False
 

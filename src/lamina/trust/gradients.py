@@ -356,3 +356,49 @@ class ResidualMLP(nn.Module):
         for norm, act, lin in zip(self.norms, self.acts, self.layers):
             h = h + lin(act(norm(h)))
         return self.head(h)
+
+
+# ----- a trained run ---------------------------------------------------------------------------------
+class _TaskForward(nn.Module):
+    """model(x) for `gradient_health`: the task's batch adapter with the rest of one fixed batch."""
+
+    def __init__(self, model: nn.Module, task, rest: dict):
+        super().__init__()
+        self.model, self.task, self.rest = model, task, rest
+
+    def forward(self, x):
+        return self.task.forward(self.model, {**self.rest, "x": x})
+
+
+def gradient_health_run(run_dir, which: str = "best", batch_size: int | None = None) -> dict:
+    """Gradient health of a trained run's model on one training batch (training mode, the task's own loss);
+    writes gradient_health.json into the run folder: {"report", "findings", "summary"}."""
+    import json
+    from pathlib import Path
+
+    from lamina.data.transforms import eval_transforms
+    from lamina.runner import _run_tokenizer, load_data, load_run
+
+    cfg, model, task, facts, ckpt = load_run(run_dir, which)
+    bundle = load_data(cfg, _run_tokenizer(ckpt))
+    n = min(batch_size or cfg.data.batch_size, len(bundle.train))
+    g = torch.Generator().manual_seed(cfg.seed)
+    batch = dict(bundle.train.subset(torch.randperm(len(bundle.train), generator=g)[:n]).tensors)
+    if "x" not in batch:
+        from lamina.errors import DataError
+
+        raise DataError(f"gradient health of a run needs inputs named 'x' (image, vector and token-classification "
+                        f"runs); {bundle.name} batches hold {', '.join(batch)}")
+    norm = eval_transforms(cfg.data.augment)  # the scale the model trained on
+    if norm is not None:
+        batch = norm(batch)
+    wrapped = _TaskForward(model, task, {k: v for k, v in batch.items() if k != "x"}).train()
+    report = gradient_health(wrapped, lambda out, y: task.loss(out, {**batch}), (batch["x"], batch.get("y", batch["x"])))
+    report = {k.removeprefix("model."): v for k, v in report.items()}
+    findings = diagnose(report)
+    out = {"checkpoint": str(ckpt), "batch_size": n, "report": report, "summary": summarize(report),
+           "findings": [f.__dict__ for f in findings]}
+    root = Path(run_dir)
+    root = root if (root / "checkpoints").is_dir() else ckpt.parent.parent
+    (root / "gradient_health.json").write_text(json.dumps(out, indent=2))
+    return out
