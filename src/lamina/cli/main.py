@@ -90,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     d = sub.add_parser("data", help="list built-in data sets and file loaders")
     d.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    from lamina.cli import trust
+
+    trust.add_parsers(sub)
     return p
 
 
@@ -329,9 +332,11 @@ def _dispatch(a, argv: list[str], console) -> int:
     from lamina.errors import LaminaError
 
     try:
-        return {"train": cmd_train, "finetune": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "generate": cmd_generate,
-                "embed": cmd_embed, "chat": cmd_chat, "models": cmd_models,
-                "data": cmd_data}[a.cmd](a, console)
+        from lamina.cli.trust import COMMANDS as TRUST
+
+        return {"train": cmd_train, "finetune": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
+                "generate": cmd_generate, "embed": cmd_embed, "chat": cmd_chat, "models": cmd_models,
+                "data": cmd_data, **TRUST}[a.cmd](a, console)
     except LaminaError as e:
         if debug:
             raise

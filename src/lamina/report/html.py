@@ -191,32 +191,34 @@ def _explanations(run: Path) -> str:
 
 
 def _robustness(run: Path) -> str:
-    items = []
-    for p in sorted(run.glob("attack*.json")):
-        a = _json(p)
-        if isinstance(a, list):
-            items += [x for x in a if isinstance(x, dict)]
-        elif isinstance(a, dict):
-            items += [x for x in a.get("results", [a]) if isinstance(x, dict)]
-    rows = [{k: v for k, v in x.items() if not isinstance(v, (dict, list)) and k != "checkpoint"} for x in items]
-    return _table(rows)
+    files = sorted(run.glob("attack_*.json")) or sorted(run.glob("attack.json"))  # one file per budget, else the last
+    keys = ("attack", "norm", "eps", "steps", "n", "clean_acc", "robust_acc", "seconds")
+    rows = [{k: a.get(k) for k in keys} for a in map(_json, files) if isinstance(a, dict)]
+    return _table(rows, list(keys))
 
 
 def _fairness(run: Path) -> str:
     parts = []
-    for p in sorted(run.glob("fairness*.json")):
-        f = _json(p)
-        if not isinstance(f, dict):
-            continue
-        staged = [(k, f[k]) for k in ("before", "after") if isinstance(f.get(k), dict)]
-        for label, part in staged or [("", f)]:
-            groups = part.get("by_group") or part.get("groups")
-            if isinstance(groups, dict):
-                groups = [{"group": g, **v} for g, v in groups.items() if isinstance(v, dict)]
-            head = f"<p class='sub'>{_esc(label)} mitigation</p>" if label else ""
-            scalars = {k: v for k, v in part.items() if not isinstance(v, (dict, list))}
-            parts.append(head + (_table(groups) if isinstance(groups, list) else "") + (_kv(scalars) if scalars else ""))
-        parts.append(_img(p.with_suffix(".png"), p.stem))
+    f = _json(run / "fairness.json")
+    if isinstance(f, dict) and isinstance(f.get("by_group"), dict):
+        rows = [{f.get("group", "group"): g, "n": v.get("n"), "accuracy": v.get("accuracy"),
+                 "recall (macro)": v.get("recall_macro")} for g, v in f["by_group"].items()]
+        parts.append(_table(rows) + _kv({
+            "split": f.get("data_split") or f.get("split"), "overall accuracy": f.get("overall", {}).get("accuracy"),
+            "accuracy gap (max - min)": f.get("accuracy_difference"), "worst group": f.get("worst_group"),
+            "demographic parity diff (mean over classes)": f.get("dp_difference_mean"),
+            "equalized odds diff (mean over classes)": f.get("eo_difference_mean")})
+            + _img(run / "fairness.png", "accuracy by group"))
+    m = _json(run / "mitigation.json")
+    if isinstance(m, dict) and isinstance(m.get("summary"), dict):
+        rows = []
+        for stage, h in m["summary"].items():
+            rows.append({"": stage, "overall acc": h.get("overall_accuracy"), "gap": h.get("accuracy_difference"),
+                         "DP diff": h.get("dp_difference_mean"), "EO diff": h.get("eo_difference_mean"),
+                         **{str(g): a for g, a in (h.get("accuracy_by_group") or {}).items()}})
+        parts.append(f"<p class='sub'>mitigation: {_esc(m.get('method'))} by {_esc(m.get('group'))} (retrained run "
+                     f"{_esc(m.get('mitigated_run'))})</p>" + _table(rows)
+                     + _img(run / "fairness_mitigation.png", "accuracy by group before and after mitigation"))
     return "".join(parts)
 
 
