@@ -325,15 +325,17 @@ def _check_finite_data(bundle: DataBundle) -> None:
 
 
 # ----- train ------------------------------------------------------------------------------------
-def train(cfg: RunConfig, callbacks=(), resume: str | Path | None = None, run_dir: str | Path | None = None
-          ) -> RunResult:
-    """Train per config. `resume`: a run folder or checkpoint; training continues in that run folder."""
+def train(cfg: RunConfig, callbacks=(), resume: str | Path | None = None, run_dir: str | Path | None = None,
+          task_wrapper=None) -> RunResult:
+    """Train per config. `resume`: a run folder or checkpoint; training continues in that run folder.
+    `task_wrapper(task, bundle) -> task`: composes a different training objective over the configured task
+    (e.g. trust.fairness's group-reweighted loss) without a config flag."""
     wall0 = time.perf_counter()
     device = select_device(cfg.trainer.device)  # device/precision errors before anything is written
     Precision(cfg.trainer.precision, device)
     dist = Distributed.from_config(cfg.trainer, device)
     try:
-        result = _train(cfg, dist, callbacks, resume, run_dir, wall0)
+        result = _train(cfg, dist, callbacks, resume, run_dir, wall0, task_wrapper)
     except BaseException:
         dist.close(clean=False)
         raise
@@ -341,7 +343,7 @@ def train(cfg: RunConfig, callbacks=(), resume: str | Path | None = None, run_di
     return result
 
 
-def _train(cfg: RunConfig, dist: Distributed, callbacks, resume, run_dir, wall0) -> RunResult:
+def _train(cfg: RunConfig, dist: Distributed, callbacks, resume, run_dir, wall0, task_wrapper=None) -> RunResult:
     if resume is None and run_dir is None and launched_by_torchrun():
         run_dir, resume = _elastic_run_dir(cfg, dist)
     if resume is not None:
@@ -353,6 +355,8 @@ def _train(cfg: RunConfig, dist: Distributed, callbacks, resume, run_dir, wall0)
     tname = task_name(cfg, bundle)
     facts = data_facts(bundle, tname)
     task = make_task(cfg, facts)
+    if task_wrapper is not None:
+        task = task_wrapper(task, bundle)
     model = build_model(cfg, facts)
     if dist.cp > 1:  # ring attention splits each training sequence into 2 * cp zigzag chunks
         block = (facts.get("meta") or {}).get("block_size")

@@ -243,49 +243,29 @@ def train_reweighted(run_dir: str | Path, group: str = "accent", out_dir: str | 
                      which: str = "best", uniform: bool = False) -> Path:
     """Retrain the run's config from scratch with inverse-frequency group weights on the loss (`uniform=True`:
     every weight 1, the unweighted control through the same code path); returns the new run folder."""
-    from lamina.config import to_dict, to_yaml
-    from lamina.engine import CSVLogger, ModelCheckpoint, Trainer, build_scheduler, seed_everything
-    from lamina.engine.precision import select_device
-    from lamina.runner import (_atomic_write, _finetune_setup, _jsonable, build_model, data_facts, load_run,
-                               make_loaders, make_task, task_name)
+    from lamina.runner import load_run, train
 
     cfg, _, _, _, ckpt = load_run(run_dir, which)
-    seed_everything(cfg.seed)
-    bundle = _load_group_data(cfg, ckpt)
-    key, values = group_tables(bundle.meta, group, bundle.name)
-    tname = task_name(cfg, bundle)
-    facts = data_facts(bundle, tname)
-    if tname not in ("classification", "fusion"):
-        raise ConfigError(f"task: reweighting supports classification and fusion runs, not {tname}")
-    base = make_task(cfg, facts)
-    id_w, per_value = group_weights(bundle.train.tensors[key], values)
-    if uniform:
-        id_w, per_value = torch.ones_like(id_w), {g: 1.0 for g in per_value}
-    task = ReweightedTask(base, id_w, key)
-    model = build_model(cfg, facts)
-    trainer_cfg = cfg.trainer
-    monitor, mode = trainer_cfg.monitor, trainer_cfg.monitor_mode
-    if bundle.val is None and monitor.startswith("val/"):
-        monitor = "train/loss"
-    device = select_device(trainer_cfg.device)
-    train_loader, val_loader = make_loaders(cfg, bundle, tname, device)
-    steps_per_epoch = max(1, -(-len(train_loader) // trainer_cfg.accumulate))
-    total = trainer_cfg.max_steps or steps_per_epoch * trainer_cfg.max_epochs
-    optimizer, ft_callbacks = _finetune_setup(cfg, model, tname)
-    lrs = [g["lr"] for g in optimizer.param_groups] if cfg.finetune.lr_decay else cfg.optimizer.lr
-    scheduler = build_scheduler(optimizer, cfg.schedule, total, steps_per_epoch, lrs)
     root = _run_root(run_dir, ckpt)
     out = Path(out_dir) if out_dir is not None else root / ("control-uniform" if uniform else "mitigated-reweight")
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "config.yaml", to_yaml(cfg))
-    _atomic_write(out / "data.json", json.dumps(facts, indent=2, default=_jsonable))
-    _atomic_write(out / "weights.json", json.dumps({"group": group, "uniform": uniform, "weights": per_value},
-                                                   indent=2))
-    ckpt_cb = ModelCheckpoint(out / "checkpoints", monitor=monitor, mode=mode)
-    trainer = Trainer(trainer_cfg, callbacks=[ckpt_cb, *ft_callbacks], loggers=[CSVLogger(out / "metrics.csv")])
-    trainer.meta = {"config": to_dict(cfg), "model": cfg.model.name,
-                    "data": json.loads(json.dumps(facts, default=_jsonable))}
-    trainer.fit(model, task, train_loader, val_loader, optimizer, scheduler)
+    data_cfg = cfg.data.model_copy(deep=True)
+    setattr(data_cfg, "groups", True)  # batches carry the per-sample group id the weights are looked up by
+    cfg = cfg.model_copy(update={"data": data_cfg, "name": out.name,
+                                 "logging": cfg.logging.model_copy(update={"tensorboard": False})})
+    weights: dict = {}
+
+    def reweight(task, bundle):
+        if task.name not in ("classification", "fusion"):
+            raise ConfigError(f"task: reweighting supports classification and fusion runs, not {task.name}")
+        key, values = group_tables(bundle.meta, group, bundle.name)
+        id_w, per_value = group_weights(bundle.train.tensors[key], values)
+        if uniform:
+            id_w, per_value = torch.ones_like(id_w), {g: 1.0 for g in per_value}
+        weights.update(per_value)
+        return ReweightedTask(task, id_w, key)
+
+    out = train(cfg, run_dir=out, task_wrapper=reweight).run_dir
+    (out / "weights.json").write_text(json.dumps({"group": group, "uniform": uniform, "weights": weights}, indent=2))
     return out
 
 
