@@ -64,29 +64,24 @@ def test_monitor_warns_once_naming_the_epoch():
     assert again.found["onset_epoch"] == 4 and len(again.rows) == 6
 
 
-def test_a_real_overfitting_run_is_detected():
+def test_a_real_overfitting_run_is_detected(tmp_path):
     # 10% of digits, a wide MLP, no regularization, 40 epochs: memorizes the 126 images; val loss turns up
+    from lamina.runner import train
+
     cfg = load_config(None, ["model.name=mlp", "model.width=512", "model.dropout=0", "data.train_fraction=0.1",
                              "trainer.max_epochs=40", "optimizer.lr=3e-3", "optimizer.weight_decay=0",
-                             "schedule.name=constant", "task.label_smoothing=0", "data.batch_size=32"])
-    from lamina.runner import load_data as ld, make_loaders, make_task, build_model, data_facts, task_name
-    from lamina.engine import Trainer
-    from lamina.engine.optim import build_optimizer
-
-    torch.manual_seed(0)
-    bundle = ld(cfg)
-    tname = task_name(cfg, bundle)
-    facts = data_facts(bundle, tname)
-    model, task = build_model(cfg, facts), make_task(cfg, facts)
-    tl, vl = make_loaders(cfg, bundle, tname, torch.device("cpu"))
+                             "schedule.name=constant", "task.label_smoothing=0", "data.batch_size=32",
+                             "logging.tensorboard=false", "logging.plots=false", f"logging.root={tmp_path}"])
     mon = OverfittingMonitor()
-    trainer = Trainer(cfg.trainer.model_copy(update={"progress": False}), callbacks=[mon])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hist = trainer.fit(model, task, tl, vl, build_optimizer(model, cfg.optimizer))
-    r = overfitting_onset(hist)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        res = train(cfg, callbacks=[mon])
+    r = overfitting_onset(res.history)
     assert r["overfitting"] and mon.found is not None and r["onset_epoch"] == mon.found["onset_epoch"]
-    assert r["onset_epoch"] < 40 and hist[-1]["train/loss"] < 0.05 and r["val_rise"] > 0
+    assert r["onset_epoch"] < 40 and res.history[-1]["train/loss"] < 0.05 and r["val_rise"] > 0
+    assert any("overfitting" in str(x.message) for x in w)
+    s = json.loads((res.run_dir / "summary.json").read_text())["overfitting"]  # what `lamina train` prints
+    assert s["overfitting"] and s["onset_epoch"] == r["onset_epoch"] and "early_stopping" in s["advice"]
 
 
 def test_train_fraction_keeps_every_class_in_proportion_and_leaves_val_test_whole():

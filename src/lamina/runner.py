@@ -439,6 +439,16 @@ def _train(cfg: RunConfig, dist: Distributed, callbacks, resume, run_dir, wall0,
         "threads": torch.get_num_threads(), "strategy": dist.strategy, "world_size": dist.world_size,
         "context_parallel": dist.cp, "restarts": restart_count(),
     }
+    if history and any("val/loss" in r for r in history):  # when (if) validation stopped following training
+        from lamina.trust.overfitting import overfitting_onset
+
+        try:
+            o = overfitting_onset(history)
+            summary["overfitting"] = {k: o[k] for k in ("overfitting", "onset_epoch", "best_epoch", "final_gap",
+                                                        "val_rise") if k in o} | ({"advice": o["advice"]}
+                                                                                  if o.get("advice") else {})
+        except DataError:
+            pass
     if not main:
         return RunResult(run_dir, summary, history)
     if cfg.finetune.mode == "lora":  # the adapters alone (plus the new head): what a LoRA run needs to ship

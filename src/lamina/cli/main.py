@@ -142,6 +142,9 @@ def cmd_train(a, console) -> int:
     test = "  ".join(f"{k} {v:.4f}" for k, v in s["test"].items())
     console.print(f"[bold green]done[/] in {s['wall_time_s']:.1f}s ({s['train_samples_per_s'] or 0:.0f} samples/s)"
                   f"  {test}")
+    over = s.get("overfitting") or {}
+    if over.get("overfitting"):
+        console.print(f"[yellow]overfitting:[/] {over['advice']}")
     console.print(f"run folder: [bold]{res.run_dir}[/]")
     print(res.run_dir)  # stdout: machine-readable, e.g. RUN=$(lamina train ...)
     return 0
