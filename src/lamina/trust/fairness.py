@@ -159,8 +159,8 @@ def _load_group_data(cfg, ckpt):
         setattr(data_cfg, "groups", True)
     try:
         return load_data(cfg.model_copy(update={"data": data_cfg}), _run_tokenizer(ckpt))
-    except ConfigError as e:
-        if "groups" in str(e):
+    except (ConfigError, DataError) as e:  # the loader has no groups= option
+        if "'groups'" in str(e) or "groups:" in str(e):
             raise DataError(f"data set '{cfg.data.name}' has no group metadata (no groups= option); fairness audits "
                             "need a data set that labels its samples with groups, e.g. fsdd_fusion") from None
         raise
