@@ -91,10 +91,68 @@ class Trainer:
             from lamina.engine.context_parallel import shard_batch
 
             batch, _ = shard_batch(batch, self.dist.cp_group)
+        if self.cfg.adversarial.method != "none":
+            return self._adversarial_step(batch)
         with self.precision.autocast():
             outputs = self.task.forward(self._forward_model, batch)
             loss = self.task.loss(outputs, batch)
         return loss, outputs
+
+    def _adversarial_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """PGD-AT or TRADES (trainer.adversarial; attacks in trust/robust.py, imported lazily: engine does not
+        depend on trust otherwise). Returns (loss, logits on the adversarial inputs): train/acc is then the
+        accuracy under the training attack.
+
+        The attack runs on `self.model` (the plain module: no DDP reducer hooks fire, no compiled graph) in eval
+        mode with parameters frozen: BN running statistics are not pulled toward the attack's intermediate
+        iterates, dropout is off, and no parameter gradient is computed or accumulated. (Madry et al. attack in
+        train mode; with eval mode the BN statistics the attack sees are the running ones, which is what the
+        deployed model uses and what TRADES does.) The training forward then runs on the wrapped model in train
+        mode, once, on [x_adv] (pgd) or [x, x_adv] (pgd with clean_fraction > 0, trades) concatenated: one
+        forward per step keeps DDP's one-forward-one-backward contract. Inputs are attacked in pixel space: a
+        normalize step of the train loader's transform is undone first and reapplied to x_adv."""
+        from lamina.trust.robust import Normalized, adversarial_examples, trades_kl
+
+        adv = self.cfg.adversarial
+        if self.task is None or getattr(self.task, "name", "") != "classification":
+            raise TrainingError(f"trainer.adversarial.method: {adv.method} needs a classification task, "
+                                f"got {getattr(self.task, 'name', self.task)}")
+        x, y = batch["x"], batch["y"]
+        norm = self._input_normalize()
+        net = self.model
+        if norm is not None:
+            m = torch.as_tensor(norm[0], device=x.device, dtype=x.dtype).reshape(1, -1, 1, 1)
+            s = torch.as_tensor(norm[1], device=x.device, dtype=x.dtype).reshape(1, -1, 1, 1)
+            x, net = x * s + m, Normalized(self.model, *norm)
+        x_adv = adversarial_examples(net, x, y, adv, clamp=adv.clamp, autocast=self.precision.autocast)
+        if norm is not None:
+            x, x_adv = (x - m) / s, (x_adv - m) / s
+        both = adv.method == "trades" or adv.clean_fraction > 0
+        inputs = torch.cat([x, x_adv]) if both else x_adv
+        if self.cfg.channels_last and inputs.ndim == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with self.precision.autocast():
+            logits = self.task.forward(self._forward_model, {**batch, "x": inputs, "y": torch.cat([y, y]) if both
+                                                            else y})
+            if not both:
+                return self.task.loss(logits, batch), logits
+            clean, adv_logits = logits[: len(y)], logits[len(y):]
+            if adv.method == "trades":
+                loss = self.task.loss(clean, batch) + adv.beta * trades_kl(adv_logits, clean).mean()
+            else:
+                f = adv.clean_fraction
+                loss = f * self.task.loss(clean, batch) + (1 - f) * self.task.loss(adv_logits, batch)
+        return loss, adv_logits
+
+    def _input_normalize(self) -> tuple[list[float], list[float]] | None:
+        """(mean, std) of a Normalize step in the train loader's transform, else None."""
+        t = getattr(self.train_loader, "transform", None)
+        steps = getattr(t, "transforms", [t] if t is not None else [])
+        found = None
+        for step in steps:
+            if hasattr(step, "mean") and hasattr(step, "std") and getattr(step, "deterministic", False):
+                found = (step.mean.reshape(-1).tolist(), step.std.reshape(-1).tolist())
+        return found
 
     def backward(self, loss: torch.Tensor) -> None:
         scale = getattr(self.train_loader, "loss_scale", 1.0) / self.cfg.accumulate  # see ShardedLoader
@@ -195,6 +253,8 @@ class Trainer:
                 row = {"epoch": self.epoch, "step": self.global_step, "train/loss": train_loss}
                 row.update({f"train/{k}": v for k, v in self.task.summarize_train(stat_sums, n_seen).items()})
                 row["train/samples_per_s"] = n_seen / dt if dt > 0 else float("nan")
+                if cfg.adversarial.method != "none":  # marks the run as adversarially trained; train/acc is robust
+                    row["train/adv_eps"] = cfg.adversarial.eps
                 if val_loader is not None and (self.epoch % cfg.val_every == 0 or self.epoch == cfg.max_epochs):
                     row.update(self.evaluate(model, task, val_loader, prefix="val"))
                 row["time"] = self.train_time
