@@ -142,13 +142,17 @@ def plot_reliability(bins_before: dict, bins_after: dict | None, path: str | Pat
 
 
 # ----- a trained run ---------------------------------------------------------------------------
+LOGIT_TASKS = ("classification", "sequence_classification", "fusion")  # tasks whose forward returns class logits
+
+
 @torch.no_grad()
 def collect_logits(model, task, loader, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of `model` over `loader`, on CPU; the task's batch adapter feeds the model."""
     model = model.to(device).eval()
     outs, ys = [], []
     for batch in loader:
-        outs.append(task.forward(model, batch).float().cpu())
+        out = task.forward(model, batch)
+        outs.append(getattr(out, "logits", out).float().cpu())  # fusion: FusionOutput.logits
         ys.append(batch["y"].cpu())
     return torch.cat(outs), torch.cat(ys)
 
@@ -160,8 +164,9 @@ def calibrate_run(run_dir: str | Path, which: str = "best", n_bins: int = 15) ->
     from lamina.runner import _run_tokenizer, load_data, load_run, make_eval_loader
 
     cfg, model, task, facts, ckpt = load_run(run_dir, which)
-    if facts["task"] != "classification":
-        raise DataError(f"calibration needs a classification run, {run_dir} is {facts['task']}")
+    if facts["task"] not in LOGIT_TASKS:
+        raise DataError(f"calibration needs a run that predicts classes ({', '.join(LOGIT_TASKS)}); {run_dir} is "
+                        f"{facts['task']}")
     bundle = load_data(cfg, _run_tokenizer(ckpt))  # same name, options and seed -> the same splits
     for split in ("val", "test"):
         if getattr(bundle, split) is None:

@@ -360,14 +360,15 @@ class ResidualMLP(nn.Module):
 
 # ----- a trained run ---------------------------------------------------------------------------------
 class _TaskForward(nn.Module):
-    """model(x) for `gradient_health`: the task's batch adapter with the rest of one fixed batch."""
+    """A module whose forward is the task's batch adapter on one fixed batch, so `gradient_health` (which calls
+    model(x)) works for any input layout: images, token ids, several modalities."""
 
-    def __init__(self, model: nn.Module, task, rest: dict):
+    def __init__(self, model: nn.Module, task, batch: dict):
         super().__init__()
-        self.model, self.task, self.rest = model, task, rest
+        self.model, self.task, self.batch = model, task, batch
 
-    def forward(self, x):
-        return self.task.forward(self.model, {**self.rest, "x": x})
+    def forward(self, _):
+        return self.task.forward(self.model, self.batch)
 
 
 def gradient_health_run(run_dir, which: str = "best", batch_size: int | None = None) -> dict:
@@ -384,16 +385,11 @@ def gradient_health_run(run_dir, which: str = "best", batch_size: int | None = N
     n = min(batch_size or cfg.data.batch_size, len(bundle.train))
     g = torch.Generator().manual_seed(cfg.seed)
     batch = dict(bundle.train.subset(torch.randperm(len(bundle.train), generator=g)[:n]).tensors)
-    if "x" not in batch:
-        from lamina.errors import DataError
-
-        raise DataError(f"gradient health of a run needs inputs named 'x' (image, vector and token-classification "
-                        f"runs); {bundle.name} batches hold {', '.join(batch)}")
     norm = eval_transforms(cfg.data.augment)  # the scale the model trained on
-    if norm is not None:
+    if norm is not None and "x" in batch:
         batch = norm(batch)
-    wrapped = _TaskForward(model, task, {k: v for k, v in batch.items() if k != "x"}).train()
-    report = gradient_health(wrapped, lambda out, y: task.loss(out, {**batch}), (batch["x"], batch.get("y", batch["x"])))
+    wrapped = _TaskForward(model, task, batch).train()
+    report = gradient_health(wrapped, lambda out: task.loss(out, batch), torch.zeros(()))
     report = {k.removeprefix("model."): v for k, v in report.items()}
     findings = diagnose(report)
     out = {"checkpoint": str(ckpt), "batch_size": n, "report": report, "summary": summarize(report),
