@@ -182,7 +182,15 @@ def plot_learning_curve(result: dict, path: str | Path, title: str = "") -> Path
         ys = [r[key] for r in rows]
         if any(y is not None for y in ys):
             ax.plot(n, [np.nan if y is None else y for y in ys], style, label=key)
+    power = result.get("power_law")
+    if power:  # the fitted error law, drawn as the metric it predicts, a little past the data
+        grid = np.geomspace(min(n), 2 * max(n), 50)
+        err = power["a"] * grid ** (-power["b"])
+        ax.plot(grid, err if m == "loss" else 1 - err, ":", color="gray",
+                label=f"fit: error ~ {power['a']:.2g} n^-{power['b']:.2f}")
     ax.set_xscale("log")
+    ax.set_xticks(n, [str(v) for v in n])
+    ax.minorticks_off()
     ax.set_xlabel("training samples")
     ax.set_ylabel(m)
     ax.grid(alpha=0.3, which="both")
