@@ -316,6 +316,9 @@ def test_mlm_loss_is_cross_entropy_on_the_masked_positions_only():
 
 
 def test_mlm_tiny_overfit():
+    # Pinned to one thread (conftest restores the count): the trajectory, and so the accuracy reached, depends on
+    # the reduction order; 700 steps clear the bar with margin (400 gave 0.887 on 1 thread, 0.949 on 2).
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = create_model("bert_mlm_mini", vocab_size=30, block_size=16, n_layer=2, n_head=2, n_embd=64,
                          ffn_hidden=128, dropout=0.0)
@@ -325,7 +328,7 @@ def test_mlm_tiny_overfit():
     task = MaskedLMTask(30, 4, SPECIAL, mask_prob=0.3, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for _ in range(400):
+    for _ in range(700):
         b = dict(batch)
         loss = task.loss(task.forward(model, b), b)
         opt.zero_grad()
