@@ -443,7 +443,7 @@ def _train(cfg: RunConfig, dist: Distributed, callbacks, resume, run_dir, wall0,
         from lamina.trust.overfitting import overfitting_onset
 
         try:
-            o = overfitting_onset(history)
+            o = overfitting_onset(history, min_rise=0.01)  # a rise under 1% of the best val loss is noise
             summary["overfitting"] = {k: o[k] for k in ("overfitting", "onset_epoch", "best_epoch", "final_gap",
                                                         "val_rise") if k in o} | ({"advice": o["advice"]}
                                                                                   if o.get("advice") else {})

@@ -140,7 +140,7 @@ def _overfitting(history: list[dict]) -> str:
     from lamina.trust.overfitting import overfitting_onset
 
     try:
-        r = overfitting_onset(history)
+        r = overfitting_onset(history, min_rise=0.01)  # same rule as the run's summary: <1% rises are noise
     except DataError:
         return ""
     if r["overfitting"]:
