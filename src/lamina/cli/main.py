@@ -90,9 +90,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     d = sub.add_parser("data", help="list built-in data sets and file loaders")
     d.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-    from lamina.cli import trust
+    from lamina.cli import compress, deploy, serve, trust
 
-    trust.add_parsers(sub)
+    for verbs in (trust, compress, deploy, serve):
+        verbs.add_parsers(sub)
     return p
 
 
@@ -335,11 +336,14 @@ def _dispatch(a, argv: list[str], console) -> int:
     from lamina.errors import LaminaError
 
     try:
+        from lamina.cli.compress import COMMANDS as COMPRESS
+        from lamina.cli.deploy import COMMANDS as DEPLOY
+        from lamina.cli.serve import COMMANDS as SERVE
         from lamina.cli.trust import COMMANDS as TRUST
 
         return {"train": cmd_train, "finetune": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
                 "generate": cmd_generate, "embed": cmd_embed, "chat": cmd_chat, "models": cmd_models,
-                "data": cmd_data, **TRUST}[a.cmd](a, console)
+                "data": cmd_data, **TRUST, **COMPRESS, **DEPLOY, **SERVE}[a.cmd](a, console)
     except LaminaError as e:
         if debug:
             raise
