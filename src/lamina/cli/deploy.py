@@ -1,10 +1,53 @@
-"""The export verb: ONNX and torch.export with an automatic parity check."""
+"""The export verb: ONNX and torch.export with an automatic parity check (lamina.deploy.export)."""
 
 from __future__ import annotations
 
+import argparse
+import json
+
 
 def add_parsers(sub) -> None:
-    pass
+    e = sub.add_parser("export", help="export a trained run to ONNX (dynamo exporter; --int8 adds a quantized "
+                                      "copy) or a torch.export program, checked against PyTorch on real test data")
+    e.add_argument("path", metavar="RUN_DIR")
+    e.add_argument("--format", default="onnx", metavar="FORMAT", help="onnx | torch-export (default onnx)")
+    e.add_argument("--int8", action="store_true", help="also write an int8 ONNX model (onnxruntime.quantization: "
+                                                       "static QDQ for conv nets, dynamic for the rest)")
+    e.add_argument("--out", default=None, help="artifact path or folder (default RUN_DIR/export/model.onnx|.pt2)")
+    e.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint of the run")
+    e.add_argument("--batch", type=int, default=64, help="real test samples for the parity check")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
 
-COMMANDS: dict = {}
+def format_table(result: dict) -> str:
+    """file | size MB | exporter | max abs diff | argmax agreement (| accuracy on the batch)."""
+    rows = [("file", "size MB", "exporter", "max abs diff", "argmax agree", "batch acc")]
+    for a in result["artifacts"]:
+        acc = a.get("accuracy")
+        rows.append((a["file"], f"{a['size_mb']:.3f}", a["exporter"], f"{a['max_abs_diff']:.3g}",
+                     f"{a['argmax_agreement']:.2f}%", "-" if acc is None else f"{acc:.2f}%"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 or i == 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    head = (f"{result['model']} ({result['format']}): parity on {result['batch']} real {result['split']} samples "
+            f"from {result['checkpoint']}")
+    return "\n".join([head, *lines])
+
+
+def cmd_export(a, console) -> int:
+    from lamina.deploy.export import export_run
+
+    result = export_run(a.path, fmt=a.format, int8=a.int8, out=a.out, which=a.which, batch=a.batch)
+    if a.json:
+        print(json.dumps(result, default=str))
+    else:
+        print(format_table(result))
+        for row in result["artifacts"]:
+            if row.get("fallback_reason"):
+                console.print(f"[yellow]note:[/] {row['file']}: dynamo exporter failed ({row['fallback_reason']}); "
+                              f"exported with {row['exporter']}")
+    return 0
+
+
+COMMANDS: dict = {"export": cmd_export}
