@@ -43,8 +43,12 @@ def cmd_serve(a, console) -> int:
     if not 0 <= a.port <= 65535:
         raise ConfigError(f"--port: expected 0..65535, got {a.port}")
     srv._need_web()
-    backend = srv.load_backend(a.path, which=a.which, threads=a.threads)
-    sock = srv.bind_socket(a.host, a.port)  # before building the app: a taken port fails fast, in one line
+    sock = srv.bind_socket(a.host, a.port)  # before loading the model: a taken port fails fast, in one line
+    try:
+        backend = srv.load_backend(a.path, which=a.which, threads=a.threads)
+    except BaseException:
+        sock.close()
+        raise
     limits = {k: v for k, v in (("max_request_bytes", a.max_request_bytes), ("max_samples", a.max_samples))
               if v is not None}
     app = srv.create_app(backend, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, batching=not a.no_batching,

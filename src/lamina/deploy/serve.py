@@ -19,6 +19,7 @@ Design choices, and why:
 
 import asyncio
 import json
+import os
 import tempfile
 import time
 from collections import Counter
@@ -427,7 +428,8 @@ def create_app(backend, max_batch: int = 32, max_wait_ms: float = 5.0, batching:
     @app.get("/health")
     async def health():
         ok = batcher.alive
-        return JSONResponse({"status": "ok" if ok else "worker stopped", "queue_depth": batcher.depth},
+        return JSONResponse({"status": "ok" if ok else "worker stopped", "pid": os.getpid(),
+                             "queue_depth": batcher.depth},
                             status_code=200 if ok else 503)
 
     @app.get("/metadata")
