@@ -196,6 +196,20 @@ def _save_onnx(model_proto, path: Path) -> None:
         _atomic_bytes(path, model_proto.SerializeToString())
 
 
+def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
+    """aten::rms_norm for the TorchScript exporter, which has no symbolic for it below opset 23:
+    x / sqrt(mean(x^2 over the normalized dims) + eps) * weight."""
+    from torch.onnx import symbolic_helper as sh
+
+    dims = sh._get_const(normalized_shape, "is", "normalized_shape")
+    eps = None if sh._is_none(eps) else sh._get_const(eps, "f", "eps")
+    eps = torch.finfo(torch.float32).eps if eps is None else eps  # nn.RMSNorm's default: the dtype's eps
+    axes = g.op("Constant", value_t=torch.tensor(list(range(-len(dims), 0)), dtype=torch.int64))
+    ms = g.op("ReduceMean", g.op("Mul", x, x), axes, keepdims_i=1)
+    y = g.op("Div", x, g.op("Sqrt", g.op("Add", ms, g.op("Constant", value_t=torch.tensor(eps)))))
+    return y if sh._is_none(weight) else g.op("Mul", y, weight)
+
+
 def export_onnx(model: nn.Module, example_inputs, path: str | Path, metadata: dict | None = None) -> dict:
     """Export to one .onnx file (opset 18, dynamic batch axis): dynamo exporter first, TorchScript on failure.
 
@@ -219,6 +233,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str | Path, metadata: di
         reason = _first_line(e)
         buf = io.BytesIO()
         try:
+            torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, OPSET)
             with _quiet(), torch.no_grad():
                 torch.onnx.export(wrapper, args, buf, dynamo=False, input_names=in_names, output_names=out_names,
                                   dynamic_axes={n: {0: "batch"} for n in in_names + out_names},
@@ -258,7 +273,9 @@ def export_program(model: nn.Module, example_inputs, path: str | Path) -> dict:
         reason = _first_line(e)
         try:
             with _quiet():
-                program = torch.export.draft_export(wrapper, args, dynamic_shapes=dynamic)
+                program = _without_value_checks(torch.export.draft_export(wrapper, args, dynamic_shapes=dynamic))
+        except LaminaError:
+            raise
         except Exception as e2:
             raise ExportError(f"{_model_name(model)}: torch.export failed ({reason}; draft_export: "
                               f"{_first_line(e2)})") from None
@@ -270,6 +287,32 @@ def export_program(model: nn.Module, example_inputs, path: str | Path) -> dict:
     os.replace(tmp, path)
     return {"path": str(path), "exporter": exporter, "fallback_reason": reason, "input_names": list(example),
             "output_names": out_names}
+
+
+def _without_value_checks(program):
+    """Drop what draft_export specialized on the example's values, when those values only fed input checks.
+
+    A model's `int(ids.max())` validation becomes unbacked symbols u0, u1 that draft_export pins to the example
+    (`assert u1 == 24`): a program that rejects every other batch. When the read values feed nothing but such
+    asserts, removing the asserts leaves them dead, and the program is the model minus its input validation.
+    If a read value still feeds the computation after that, the program is specialized: refuse it.
+    """
+    import re
+
+    g = program.graph
+    for node in list(g.nodes):
+        if (node.op == "call_function" and node.target is torch.ops.aten._assert_scalar.default
+                and re.search(r"\bu\d+\b", str(node.args[1]))):
+            g.erase_node(node)
+    g.eliminate_dead_code()
+    if any(n.op == "call_function" and n.target in (torch.ops.aten.item.default,
+                                                    torch.ops.aten._local_scalar_dense.default) for n in g.nodes):
+        raise ExportError("torch.export: the model's computation depends on input values (a tensor read with "
+                          ".item()/int()), which a program cannot capture for every input")
+    program.graph_module.recompile()
+    for sym in [s for s in program.range_constraints if str(s).startswith("u")]:
+        del program._range_constraints[sym]
+    return program
 
 
 def load_program(path: str | Path) -> Callable:
