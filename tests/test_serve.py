@@ -161,10 +161,11 @@ def test_parity_and_batching_under_concurrent_load(backend, model, digits):
     assert metric(text, 'lamina_requests_total{route="/predict",status="200"}') == 322
 
 
-def test_no_batching_runs_each_request_alone(backend, model, digits):
+@pytest.mark.parametrize("forward_threads", [1, 2])
+def test_no_batching_runs_each_request_alone(backend, model, digits, forward_threads):
     x, _ = digits
     want = direct(model, x[:64])
-    with Server(backend, batching=False) as s:
+    with Server(backend, batching=False, forward_threads=forward_threads) as s:
         def client(k):
             with httpx.Client(base_url=s.url, timeout=30) as c:
                 for i in range(k, 64, 4):
@@ -389,7 +390,8 @@ def test_metadata_and_metrics(backend, digits):
         assert md["input"]["shape"] == [1, 8, 8] and md["input"]["dtype"] == "float32"
         assert md["input"]["value_range"] == [0.0, 1.0]
         assert md["class_names"] == CLASSES
-        assert md["batching"] == {"enabled": True, "max_batch": 12, "max_wait_ms": 3.5, "max_queue": 4096}
+        assert md["batching"] == {"enabled": True, "max_batch": 12, "max_wait_ms": 3.5, "max_queue": 4096,
+                                  "forward_threads": 1}
         assert md["limits"]["max_request_bytes"] == 123_456
         h = c.get("/health").json()
         assert h["status"] == "ok" and h["queue_depth"] == 0 and h["pid"] > 0

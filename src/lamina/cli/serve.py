@@ -20,6 +20,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--max-samples", type=int, default=None, help="most samples in one request (default 256)")
     s.add_argument("--threads", type=int, default=None, help="intra-op threads of the model (default: torch's/"
                                                              "ONNX Runtime's choice)")
+    s.add_argument("--forward-threads", type=int, default=1, help="forwards that may run at once (default 1: one "
+                                                                  "batching worker; see lamina.deploy.batching)")
     s.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint of a run folder")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -37,7 +39,8 @@ def cmd_serve(a, console) -> int:
     from lamina.errors import ConfigError
 
     for flag, v in (("--max-batch", a.max_batch), ("--max-request-bytes", a.max_request_bytes),
-                    ("--max-samples", a.max_samples), ("--threads", a.threads)):
+                    ("--max-samples", a.max_samples), ("--threads", a.threads),
+                    ("--forward-threads", a.forward_threads)):
         _positive(flag, v)
     _positive("--max-wait-ms", a.max_wait_ms, allow_zero=True)
     if not 0 <= a.port <= 65535:
@@ -52,7 +55,7 @@ def cmd_serve(a, console) -> int:
     limits = {k: v for k, v in (("max_request_bytes", a.max_request_bytes), ("max_samples", a.max_samples))
               if v is not None}
     app = srv.create_app(backend, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, batching=not a.no_batching,
-                         **limits)
+                         forward_threads=a.forward_threads, **limits)
     host, port = sock.getsockname()[:2]
     batching = "off" if a.no_batching else f"max {a.max_batch} samples / {a.max_wait_ms:g} ms"
     console.print(f"serving {backend.model_name} ({backend.name}) on http://{host}:{port}  batching {batching}  "

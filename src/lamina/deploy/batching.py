@@ -10,7 +10,9 @@ requests while the model computes; that is also when the next batch fills up, so
 without waiting at all (the deadline counts from arrival, not from when the worker looks).
 
 `batching=False` keeps the same worker and queue but runs each request alone: the same serialization,
-so the two modes differ only in batching (benchmarks/serve_load.py measures both).
+so the two modes differ only in batching (benchmarks/serve_load.py measures both). `forward_threads=N` lets N
+forwards overlap on a thread pool instead (a batch is taken when a thread is free); serve_load.py measures
+that too: on a CPU whose cores the forward already uses it buys little, so the default is 1.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ class MicroBatcher:
     """
 
     def __init__(self, forward: Callable[[np.ndarray], np.ndarray], max_batch: int = 32, max_wait_ms: float = 5.0,
-                 batching: bool = True, max_queue: int = 4096, on_batch: Callable[[int, float], None] | None = None):
+                 batching: bool = True, max_queue: int = 4096, on_batch: Callable[[int, float], None] | None = None,
+                 forward_threads: int = 1):
         if max_batch < 1:
             raise ValueError(f"max_batch: expected a positive integer, got {max_batch}")
         if max_wait_ms < 0:
@@ -58,17 +61,23 @@ class MicroBatcher:
         self.max_wait = float(max_wait_ms) / 1000.0
         self.batching = bool(batching)
         self.max_queue = int(max_queue)
+        self.forward_threads = int(forward_threads)
+        if self.forward_threads < 1:
+            raise ValueError(f"forward_threads: expected a positive integer, got {forward_threads}")
         self.on_batch = on_batch
         self.depth = 0  # samples waiting (not yet in a running forward)
         self._pending: deque[_Item] = deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._running: set[asyncio.Task] = set()
 
     # ----- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="lamina-forward")
+        self._slots = asyncio.Semaphore(self.forward_threads)
+        self._executor = ThreadPoolExecutor(self.forward_threads, thread_name_prefix="lamina-forward")
         self._task = asyncio.create_task(self._worker(), name="lamina-batcher")
 
     async def stop(self) -> None:
@@ -78,6 +87,8 @@ class MicroBatcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
         for item in self._pending:
             if not item.future.done():
                 item.future.set_exception(ModelFailure("server shutting down"))
@@ -116,9 +127,18 @@ class MicroBatcher:
                         await asyncio.wait_for(self._wakeup.wait(), remaining)
                     except TimeoutError:
                         break
+            await self._slots.acquire()  # while all forward threads are busy, the queue keeps filling
             items = self._take()
-            if items:
-                await self._run(loop, items)
+            if not items:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._run(loop, items))
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._slots.release()
 
     def _take(self) -> list[_Item]:
         """The oldest request, plus (batching) the next ones while they fit in max_batch samples. A request

@@ -302,7 +302,7 @@ def _answers(out: np.ndarray, task: str, class_names: list[str]) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- the app
 def create_app(backend, max_batch: int = 32, max_wait_ms: float = 5.0, batching: bool = True,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_samples: int = DEFAULT_MAX_SAMPLES,
-               max_queue: int = 4096):
+               max_queue: int = 4096, forward_threads: int = 1):
     """The FastAPI app serving `backend` (see load_backend). The batching worker starts with the app's lifespan,
     so use it under uvicorn or `with TestClient(app)`."""
     from fastapi import FastAPI, Request
@@ -317,7 +317,7 @@ def create_app(backend, max_batch: int = 32, max_wait_ms: float = 5.0, batching:
         metrics.batch_size.observe(n)
         metrics.forward_seconds.observe(seconds)
 
-    batcher = MicroBatcher(backend.forward, max_batch, max_wait_ms, batching, max_queue, on_batch)
+    batcher = MicroBatcher(backend.forward, max_batch, max_wait_ms, batching, max_queue, on_batch, forward_threads)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -439,7 +439,8 @@ def create_app(backend, max_batch: int = 32, max_wait_ms: float = 5.0, batching:
                 "task": backend.task, "input": backend.contract, "class_names": backend.class_names,
                 "num_outputs": backend.facts.get("num_outputs"),
                 "batching": {"enabled": batcher.batching, "max_batch": batcher.max_batch,
-                             "max_wait_ms": batcher.max_wait * 1000.0, "max_queue": batcher.max_queue},
+                             "max_wait_ms": batcher.max_wait * 1000.0, "max_queue": batcher.max_queue,
+                             "forward_threads": batcher.forward_threads},
                 "limits": {"max_request_bytes": max_request_bytes, "max_samples": max_samples}}
 
     @app.get("/metrics")
