@@ -357,6 +357,10 @@ def _train(cfg: RunConfig, dist: Distributed, callbacks, resume, run_dir, wall0,
     task = make_task(cfg, facts)
     if task_wrapper is not None:
         task = task_wrapper(task, bundle)
+    if cfg.trainer.distill.teacher:  # knowledge distillation composes over whatever task the run has
+        from lamina.compress.distill import distill_wrapper
+
+        task = distill_wrapper(cfg)(task, bundle)
     model = build_model(cfg, facts)
     if dist.cp > 1:  # ring attention splits each training sequence into 2 * cp zigzag chunks
         block = (facts.get("meta") or {}).get("block_size")

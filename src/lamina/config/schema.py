@@ -104,6 +104,14 @@ class AdversarialConfig(_Strict):
         return self
 
 
+class DistillConfig(_Strict):
+    # Knowledge distillation (Hinton et al. 2015): loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) *
+    # the task's own loss on hard labels. The teacher is a trained run (same data and outputs), frozen in eval mode.
+    teacher: str | None = None  # run folder or checkpoint of the teacher; None: no distillation
+    temperature: PositiveFloat = 4.0  # softens both distributions; 2-5 is where dark knowledge shows (paper: 2-20)
+    alpha: float = Field(0.9, ge=0, le=1)  # weight of the soft-target term; the T^2 factor keeps its gradient scale
+
+
 class TrainerConfig(_Strict):
     max_epochs: PositiveInt = 20  # the default job (digits) needs ~20 short epochs
     max_steps: PositiveInt | None = None  # stop after this many optimizer steps
@@ -126,6 +134,7 @@ class TrainerConfig(_Strict):
     strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     context_parallel: PositiveInt = 1  # ranks that split each sequence (ring attention; GPT/Llama language models)
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)  # adversarial training (trust/robust)
+    distill: DistillConfig = Field(default_factory=DistillConfig)  # learn from a teacher run (compress/distill)
 
 
 class LoggingConfig(_Strict):
