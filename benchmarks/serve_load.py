@@ -13,7 +13,10 @@ The client shares the machine with the server, so absolute numbers include the c
 ratio ON/OFF is the point.
 
     python benchmarks/serve_load.py [--requests 10000] [--concurrency 32] [--threads 1] [--client raw|httpx]
-        [--run runs/fashion-mnist-cnn]
+        [--run runs/fashion-mnist-cnn] [--modes on,off,off-pool2] [--onnx /tmp/fm/model.onnx]
+
+Modes: "on" = micro-batching (one worker), "off" = one request per forward through the same worker,
+"off-pool2" = one request per forward, two forwards at once on a thread pool (`--forward-threads 2`).
 """
 
 import argparse
@@ -151,13 +154,22 @@ async def load(base: str, bodies: list[bytes], labels: np.ndarray, n: int, concu
             "transport_errors": transport_errors, "accuracy": float((pred[ok] == truth[ok]).mean()) if ok.any() else 0.0}
 
 
-async def bench_mode(args, batching: bool, bodies, labels) -> dict:
+MODES = {  # name: (batching, forward threads)
+    "on": (True, 1),  # the default server: one batching worker
+    "off": (False, 1),  # each request alone, serialized through the same worker
+    "off-pool2": (False, 2),  # each request alone, two forwards at once on a thread pool
+}
+
+
+async def bench_mode(args, mode: str, model: Path, bodies, labels) -> dict:
     import httpx
 
+    batching, forward_threads = MODES[mode]
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "lamina.cli.main", "serve", str(args.run), "--port", str(port),
-           "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
+    cmd = [sys.executable, "-m", "lamina.cli.main", "serve", str(model), "--port", str(port),
+           "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+           "--forward-threads", str(forward_threads)]
     cmd += ["--threads", str(args.threads)] if args.threads else []
     cmd += [] if batching else ["--no-batching"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -174,7 +186,8 @@ async def bench_mode(args, batching: bool, bodies, labels) -> dict:
         samples = metric(after, "lamina_batch_size_sum") - metric(before, "lamina_batch_size_sum")
         alive = proc.poll() is None
         same = health["pid"] == health_after["pid"] == proc.pid
-        res.update({"batching": batching, "forwards": int(forwards), "mean_batch_size": samples / max(forwards, 1),
+        res.update({"mode": mode, "backend": "onnxruntime" if model.suffix == ".onnx" else "torch",
+                    "batching": batching, "forward_threads": forward_threads, "forwards": int(forwards), "mean_batch_size": samples / max(forwards, 1),
                     "server_pid": proc.pid, "server_alive": alive, "restarts": 0 if alive and same else 1})
         return res
     finally:
@@ -194,17 +207,26 @@ def main() -> None:
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--client", default="raw", choices=["raw", "httpx"], help="load generator (see RawClient)")
     ap.add_argument("--threads", type=int, default=1, help="server intra-op threads (0: torch's default)")
+    ap.add_argument("--modes", default="on,off,off-pool2", help=f"comma-separated, from {', '.join(MODES)}")
+    ap.add_argument("--onnx", type=Path, default=None, help="also serve this export of the run (lamina export "
+                                                            "RUN --out FILE) with batching on")
     args = ap.parse_args()
+    modes = args.modes.split(",")
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        ap.error(f"--modes: unknown mode {bad[0]}; valid: {', '.join(MODES)}")
     x, y = test_images(args.run)
     bodies = [json.dumps({"inputs": xi.tolist()}).encode() for xi in x[:2000]]
-    results = [asyncio.run(bench_mode(args, b, bodies, y[:2000])) for b in (True, False)]
-    rows = [["on" if r["batching"] else "off", r["requests"], r["req_per_s"], r["p50_ms"], r["p99_ms"],
+    plan = [(m, args.run) for m in modes] + ([("on", args.onnx)] if args.onnx else [])
+    results = [asyncio.run(bench_mode(args, m, model, bodies, y[:2000])) for m, model in plan]
+    rows = [[r["backend"], r["mode"], r["requests"], r["req_per_s"], r["p50_ms"], r["p99_ms"],
              r["non_2xx"] + r["transport_errors"], r["restarts"], r["mean_batch_size"], r["accuracy"]] for r in results]
-    table = print_table(["batching", "requests", "req/s", "p50 ms", "p99 ms", "errors", "restarts", "mean batch",
-                         "accuracy"], rows)
+    table = print_table(["backend", "batching", "requests", "req/s", "p50 ms", "p99 ms", "errors", "restarts",
+                         "mean batch", "accuracy"], rows)
     write_result("serve_load", {"run": str(args.run.relative_to(ROOT) if args.run.is_relative_to(ROOT) else args.run),
                                 "concurrency": args.concurrency, "client": args.client, "max_batch": args.max_batch,
                                 "max_wait_ms": args.max_wait_ms, "server_threads": args.threads or None,
+                                "onnx": str(args.onnx) if args.onnx else None,
                                 "body_bytes_mean": float(np.mean([len(b) for b in bodies])),
                                 "results": results, "table": table})
 
