@@ -380,6 +380,33 @@ def test_model_exception_gives_500_and_neighbours_and_server_survive(model, digi
     assert metric(text, 'lamina_requests_total{route="/predict",status="500"}') == 4
 
 
+class Slow(TorchBackend):
+    def forward(self, x):
+        time.sleep(0.5)  # long enough that all 8 requests arrive while the first one runs
+        return super().forward(x)
+
+
+def test_full_queue_answers_503_and_recovers(model, digits):
+    x, _ = digits
+    codes: list = []
+    with Server(Slow(model, FACTS, eval_transforms(NORM)), batching=False, max_queue=2) as s:
+        def send(i):
+            with httpx.Client(base_url=s.url, timeout=30) as c:
+                r = post(c, x[i])
+                codes.append((r.status_code, r.json()))
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        busy = [body["error"] for code, body in codes if code == 503]
+        assert busy and all("server busy" in m and "limit 2" in m for m in busy)
+        assert sum(code == 200 for code, _ in codes) >= 3  # one running + two queued at any moment
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            assert post(c, x[0]).status_code == 200
+
+
 # ----------------------------------------------------------------------------------------------- metadata, metrics
 def test_metadata_and_metrics(backend, digits):
     x, _ = digits

@@ -372,6 +372,9 @@ def create_app(backend, max_batch: int = 32, max_wait_ms: float = 5.0, batching:
 
         try:
             form = await Request(request.scope, receive).form(max_files=max_samples, max_fields=16)
+        except AssertionError:  # starlette's way of saying python-multipart is not installed
+            raise Reject(415, "unsupported_media_type", 'file uploads need python-multipart on the server: '
+                                                        'pip install "lamina[deploy]"; or send JSON tensors') from None
         except Exception as e:  # noqa: BLE001 - python-multipart/starlette raise several types for a bad body
             detail = getattr(e, "detail", None) or str(e) or type(e).__name__
             raise Reject(400, "invalid_request", f"malformed multipart body: {detail}") from None
