@@ -31,7 +31,8 @@ def _positive(flag: str, value, allow_zero: bool = False) -> None:
     from lamina.errors import ConfigError
 
     if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-        raise ConfigError(f"{flag}: expected a {'non-negative' if allow_zero else 'positive'} number, got {value}")
+        kind = "integer" if isinstance(value, int) else "number"
+        raise ConfigError(f"{flag}: expected a {'non-negative' if allow_zero else 'positive'} {kind}, got {value}")
 
 
 def cmd_serve(a, console) -> int:
