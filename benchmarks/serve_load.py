@@ -2,8 +2,9 @@
 
 For each mode the server starts in a subprocess on 127.0.0.1 (a free port), then a bounded asyncio load
 generator (`--concurrency` keep-alive connections, one request in flight on each; a raw asyncio HTTP/1.1
-client by default, httpx.AsyncClient with `--client httpx`, see RawClient for why) sends `--requests` POST /predict requests,
-each one real Fashion-MNIST test image as a JSON tensor (bodies encoded once, before the clock starts).
+client by default, httpx.AsyncClient with `--client httpx`, see RawClient for why) sends `--requests`
+POST /predict requests, each one real Fashion-MNIST test image as a JSON tensor (bodies encoded once, before
+the clock starts).
 Reported per mode: requests/s, client-side p50/p99 latency, non-2xx count, transport errors, restarts (the
 server PID from /health must equal the spawned PID and the process must still be alive), mean batch size
 (lamina_batch_size_sum / _count from /metrics, warm-up excluded) and the accuracy of the served answers
@@ -151,7 +152,8 @@ async def load(base: str, bodies: list[bytes], labels: np.ndarray, n: int, concu
     truth = labels[np.arange(n) % len(bodies)]
     return {"requests": n, "wall_s": wall, "req_per_s": n / wall, "p50_ms": float(np.percentile(lat, 50) * 1e3),
             "p99_ms": float(np.percentile(lat, 99) * 1e3), "non_2xx": int((~ok).sum()) - transport_errors,
-            "transport_errors": transport_errors, "accuracy": float((pred[ok] == truth[ok]).mean()) if ok.any() else 0.0}
+            "transport_errors": transport_errors,
+            "accuracy": float((pred[ok] == truth[ok]).mean()) if ok.any() else 0.0}
 
 
 MODES = {  # name: (batching, forward threads)
@@ -187,7 +189,8 @@ async def bench_mode(args, mode: str, model: Path, bodies, labels) -> dict:
         alive = proc.poll() is None
         same = health["pid"] == health_after["pid"] == proc.pid
         res.update({"mode": mode, "backend": "onnxruntime" if model.suffix == ".onnx" else "torch",
-                    "batching": batching, "forward_threads": forward_threads, "forwards": int(forwards), "mean_batch_size": samples / max(forwards, 1),
+                    "batching": batching, "forward_threads": forward_threads, "forwards": int(forwards),
+                    "mean_batch_size": samples / max(forwards, 1),
                     "server_pid": proc.pid, "server_alive": alive, "restarts": 0 if alive and same else 1})
         return res
     finally:

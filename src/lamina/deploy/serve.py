@@ -45,7 +45,8 @@ def _need_web() -> None:
         try:
             __import__(mod)
         except ImportError:
-            raise MissingDependencyError(f'lamina serve needs the {mod} package: pip install "lamina[deploy]"') from None
+            raise MissingDependencyError(f'lamina serve needs the {mod} package: '
+                                         f'pip install "lamina[deploy]"') from None
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -242,7 +243,8 @@ def parse_tensor(obj, input_shape: tuple, max_samples: int) -> np.ndarray:
         raise Reject(422, "invalid_input", f"inputs: ragged nested lists; every sample must have shape "
                                            f"{_shape_str(input_shape)}") from None
     if arr.dtype.kind not in "iuf":
-        what = {"U": "strings", "b": "booleans", "O": "null, objects or mixed values"}.get(arr.dtype.kind, str(arr.dtype))
+        kinds = {"U": "strings", "b": "booleans", "O": "null, objects or mixed values"}
+        what = kinds.get(arr.dtype.kind, str(arr.dtype))
         raise Reject(422, "invalid_input", f"inputs: expected numbers, got {what}")
     if arr.shape == input_shape:
         arr = arr[None]
