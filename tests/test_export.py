@@ -240,7 +240,7 @@ def test_cli_export_onnx_and_int8(digits_run, capsys):
     cells = rows["model.onnx"]
     assert cells[2] == "dynamo" and float(cells[3]) <= 1e-4 and cells[4] == "100.00%"
     art = digits_run / "export" / "model.onnx"
-    report = json.loads((digits_run / "export" / "export.json").read_text())
+    report = json.loads((digits_run / "export" / "export.json").read_text())["onnx"]
     assert report["batch"] == 64 and report["split"] == "test"
     assert report["normalize"] == {"mean": [pytest.approx(0.3)], "std": [pytest.approx(0.4)]}
     summary = json.loads((digits_run / "summary.json").read_text())
@@ -267,7 +267,7 @@ def test_cli_export_onnx_and_int8(digits_run, capsys):
     # int8 has no hard limit, only a report: the weights really changed, and most predictions survive (this tiny
     # 2-epoch net has small logit margins: ~75-85% agreement; the Fashion-MNIST CNN in README keeps 94%)
     assert float(q[3]) > 1e-3 and 50.0 <= float(q[4].rstrip("%")) <= 100.0 and q[5].endswith("%")
-    report = json.loads((digits_run / "export" / "export.json").read_text())
+    report = json.loads((digits_run / "export" / "export.json").read_text())["onnx"]
     assert report["artifacts"][1]["quantization"] == "static"
     assert OnnxRunner(digits_run / "export" / "model.int8.onnx").metadata["quantization"] == "static"
 
@@ -278,7 +278,7 @@ def test_cli_export_torch_export(digits_run, capsys, tmp_path):
     assert main(["export", str(digits_run), "--format", "torch-export", "--out", str(out), "--batch", "32"]) == 0
     cells = _table(capsys.readouterr().out)["prog.pt2"]
     assert cells[2] == "torch.export" and float(cells[3]) <= 1e-4 and cells[4] == "100.00%"
-    assert json.loads((tmp_path / "export.json").read_text())["format"] == "torch-export"
+    assert json.loads((tmp_path / "export.json").read_text())["torch-export"]["format"] == "torch-export"
 
 
 @pytest.mark.parametrize("args, msg", [

@@ -289,8 +289,7 @@ def export_program(model: nn.Module, example_inputs, path: str | Path) -> dict:
             raise ExportError(f"{_model_name(model)}: torch.export failed ({reason}; draft_export: "
                               f"{_first_line(e2)})") from None
         exporter = "torch.export-draft"
-    fixed = [n.name for n in program.graph.nodes if n.op == "placeholder" and n.name in
-             program.graph_signature.user_inputs and not isinstance(n.meta["val"].shape[0], torch.SymInt)]
+    fixed = _fixed_batch_inputs(program)
     if fixed:
         raise ExportError(f"{_model_name(model)}: {exporter} fixed the batch axis of {', '.join(fixed)} to "
                           f"{EXAMPLE_BATCH} ({reason or 'specialized while tracing'})")
@@ -327,6 +326,19 @@ def _without_value_checks(program):
     for sym in [s for s in program.range_constraints if str(s).startswith("u")]:
         del program._range_constraints[sym]
     return program
+
+
+def _fixed_batch_inputs(program) -> list[str]:
+    """User inputs whose batch axis the program pinned to one size (a constant, or a symbol with range [n, n])."""
+    fixed = []
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name not in program.graph_signature.user_inputs:
+            continue
+        dim = node.meta["val"].shape[0]
+        vr = program.range_constraints.get(dim.node.expr) if isinstance(dim, torch.SymInt) else None
+        if vr is None or vr.lower == vr.upper:  # a free axis always has a range; a pinned one has none or [n, n]
+            fixed.append(node.name)
+    return fixed
 
 
 def load_program(path: str | Path) -> Callable:
@@ -525,7 +537,7 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
     """Export a trained run and check parity on `batch` real test samples; writes the artifact and export.json.
 
     fmt "onnx": RUN/export/model.onnx (+ model.int8.onnx with int8=True); "torch-export": RUN/export/model.pt2.
-    `out`: the artifact path instead. Returns {"run", "checkpoint", "format", "batch", "split", "artifacts": [...]}
+    `out`: the artifact path (or folder) instead. export.json next to it holds the result under the format's key. Returns {"run", "checkpoint", "format", "batch", "split", "artifacts": [...]}
     where each artifact has file, size_mb, exporter, max_abs_diff, argmax_agreement (and accuracy where labels).
     """
     from lamina.runner import _run_tokenizer, load_data, load_run
@@ -606,7 +618,13 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
     result = {"run": str(root), "checkpoint": str(ckpt), "model": name, "format": fmt, "split": split, "batch": n,
               "input_names": info["input_names"], "output_names": info["output_names"],
               "normalize": metadata["normalize"], "accuracy_fp32_eager": acc_fp32, "artifacts": artifacts}
-    _atomic_json(path.with_name("export.json"), result)
+    report = path.with_name("export.json")  # one entry per format: an ONNX and a torch.export artifact can share it
+    try:
+        previous = json.loads(report.read_text()) if report.is_file() else {}
+    except (OSError, ValueError):
+        previous = {}
+    previous = {k: v for k, v in previous.items() if k in FORMATS} if isinstance(previous, dict) else {}
+    _atomic_json(report, {**previous, fmt: result})
     return result
 
 
