@@ -33,6 +33,7 @@ def add_parsers(sub) -> None:
     q.add_argument("--epochs", type=float, default=1.0, help="qat: fine-tuning epochs (fractions allowed)")
     q.add_argument("--group-size", type=int, default=32, help="weight-int4: inputs sharing one scale")
     q.add_argument("--repeats", type=int, default=30, help="timed repeats per latency")
+    q.add_argument("--no-progress", action="store_true", help="no live progress bar (qat fine-tuning)")
 
     p = sub.add_parser("prune", help="pruned variant of a trained run (fine-tuned) vs fp32")
     _run(p)
@@ -42,6 +43,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--amount", type=float, default=0.5, help="share of channels (channels) or weights (magnitude)")
     p.add_argument("--epochs", type=float, default=1.0, help="fine-tuning epochs after/while pruning")
     p.add_argument("--repeats", type=int, default=30, help="timed repeats per latency")
+    p.add_argument("--no-progress", action="store_true", help="no live progress bar while fine-tuning")
 
     d = sub.add_parser("distill", help="train a student with a trained run as teacher (Hinton et al. KD)")
     d.add_argument("teacher", metavar="TEACHER_RUN")

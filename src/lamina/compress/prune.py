@@ -157,32 +157,24 @@ def channel_prune(model: nn.Module, example: torch.Tensor, ratio: float = 0.5, r
     ignored = [m for m in (getattr(model, "head", None), getattr(model, "lm_head", None)) if isinstance(m, nn.Module)]
     ignored += [m for m in model.modules() if isinstance(m, nn.Embedding)]
     attn = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
-    num_heads, unwrapped = {}, []
-    for a in attn:
-        if a.n_kv_head != a.n_head:  # GQA couples heads unevenly: keep attention whole, prune the MLPs
-            ignored += [a.q_proj, a.k_proj, a.v_proj, a.out_proj]
-            continue
-        num_heads.update({a.q_proj: a.n_head, a.k_proj: a.n_head, a.v_proj: a.n_head})
+    for a in attn:  # heads are cut here (exactly, by their weights' norm); the dependency graph handles the rest
+        if a.n_kv_head == a.n_head and a.kernel is None:  # GQA couples heads unevenly: kept whole
+            _prune_heads(a, ratio)
+        ignored += [a.q_proj, a.k_proj, a.v_proj, a.out_proj]
     # The residual stream (embedding width) is fed by embeddings and LayerNorms: keep it, prune inside blocks.
-    for m in model.modules():
-        if isinstance(m, nn.Linear) and attn and m not in num_heads and m not in ignored:
-            if not _is_hidden_producer(model, m):
-                unwrapped.append(m)
+    unwrapped = [m for m in model.modules() if isinstance(m, nn.Linear) and attn and m not in ignored
+                 and not _is_hidden_producer(model, m)]
     try:
         with warnings.catch_warnings():  # norms/positional tables outside any layer: the residual width is kept
             warnings.filterwarnings("ignore", message=".*Unwrapped parameters.*")
             pruner = tp.pruner.MetaPruner(
                 model, example, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=ratio,
-                ignored_layers=ignored + unwrapped, num_heads=num_heads, prune_num_heads=bool(num_heads),
-                prune_head_dims=False, round_to=round_to,
+                ignored_layers=ignored + unwrapped, round_to=round_to,
             )
             pruner.step()
     except Exception as e:  # tracing or dependency errors name a layer deep inside torch-pruning
         raise ModelError(f"channel pruning: {type(model).__name__}: {type(e).__name__}: "
                          f"{str(e).splitlines()[0][:160]}") from None
-    for a in attn:
-        if a.q_proj in num_heads:
-            a.n_head = a.n_kv_head = a.q_proj.out_features // a.head_dim
     try:  # the dependency graph can miss a coupling it cannot trace (e.g. zero-padded shortcuts): run it once
         with torch.no_grad():
             model(example)
@@ -190,6 +182,28 @@ def channel_prune(model: nn.Module, example: torch.Tensor, ratio: float = 0.5, r
         raise ModelError(f"channel pruning: the pruned {type(model).__name__} no longer runs ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:120]}); its layer coupling is not traceable by torch-pruning") from None
     return model
+
+
+@torch.no_grad()
+def _prune_heads(a, ratio: float) -> None:
+    """Keep the round((1 - ratio) * n_head) heads with the largest L2 norm over their q/k/v rows and out_proj
+    columns; slice the four projections and update `n_head` (head_dim is unchanged)."""
+    h, d = a.n_head, a.head_dim
+    keep_n = max(1, int(round(h * (1.0 - ratio))))
+    if keep_n == h:
+        return
+    score = sum(lin.weight.reshape(h, d, -1).pow(2).sum((1, 2)) for lin in (a.q_proj, a.k_proj, a.v_proj))
+    score = score + a.out_proj.weight.reshape(a.out_proj.out_features, h, d).pow(2).sum((0, 2))
+    keep = score.topk(keep_n).indices.sort().values
+    rows = (keep[:, None] * d + torch.arange(d)).reshape(-1)  # the kept heads' channel indices
+    for lin in (a.q_proj, a.k_proj, a.v_proj):
+        lin.weight = nn.Parameter(lin.weight[rows].clone())
+        if lin.bias is not None:
+            lin.bias = nn.Parameter(lin.bias[rows].clone())
+        lin.out_features = len(rows)
+    a.out_proj.weight = nn.Parameter(a.out_proj.weight[:, rows].clone())
+    a.out_proj.in_features = len(rows)
+    a.n_head = a.n_kv_head = keep_n
 
 
 def _is_hidden_producer(model: nn.Module, lin: nn.Linear) -> bool:
