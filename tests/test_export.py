@@ -291,3 +291,12 @@ def test_cli_export_bad_input_is_one_line_exit_2(args, msg, digits_run, tmp_path
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("module", ["onnx", "onnxruntime"])
+def test_missing_deploy_extra_is_one_line(module, digits_run, capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(__import__("sys").modules, module, None)  # `import module` now raises ImportError
+    assert main(["export", str(digits_run), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("missing dependency:") and 'pip install "lamina[deploy]"' in err and "\n" not in err
+    assert not list(tmp_path.iterdir())

@@ -527,8 +527,8 @@ def _size_mb(path: str | Path) -> float:
 def _accuracy(logits, y) -> float | None:
     logits = _np(logits)
     y = y.cpu().numpy() if isinstance(y, torch.Tensor) else None
-    if y is None or logits.ndim != 2 or y.ndim != 1 or len(y) != len(logits):
-        return None
+    if y is None or logits.ndim < 2 or y.shape != logits.shape[:-1] or y.dtype.kind not in "iu":
+        return None  # (B, C) vs (B,) labels, or (B, T, V) vs (B, T) next tokens; not regression targets
     return float((logits.argmax(-1) == y).mean() * 100.0)
 
 
