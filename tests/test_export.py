@@ -300,3 +300,14 @@ def test_missing_deploy_extra_is_one_line(module, digits_run, capsys, monkeypatc
     err = capsys.readouterr().err.strip()
     assert err.startswith("missing dependency:") and 'pip install "lamina[deploy]"' in err and "\n" not in err
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_export_failing_parity_is_one_line_and_writes_nothing(digits_run, capsys, monkeypatch, tmp_path):
+    import lamina.deploy.export as ex
+
+    real = ex.onnx_fn
+    monkeypatch.setattr(ex, "onnx_fn", lambda path, threads=None: (lambda d: real(path)(d) + 1e-3))  # a drifted graph
+    assert main(["export", str(digits_run), "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("parity error: m.onnx (dynamo exporter): max abs diff 0.001") and "\n" not in err
+    assert not list(tmp_path.iterdir())  # neither the artifact nor its staged copy nor export.json

@@ -77,7 +77,9 @@ def _require_onnx():
 
 
 def _first_line(e: BaseException) -> str:
-    for line in str(e).splitlines():
+    import re
+
+    for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines():
         line = line.strip()
         if line:
             return f"{type(e).__name__}: {line[:240]}"
@@ -532,6 +534,18 @@ def _accuracy(logits, y) -> float | None:
     return float((logits.argmax(-1) == y).mean() * 100.0)
 
 
+def _checked(stage: Path, path: Path, run_parity: Callable[[], dict], what: str) -> dict:
+    """Move a staged artifact into place if it passes the fp32 parity check; else delete it and raise."""
+    try:
+        par = run_parity()
+        check_parity(par, f"{path.name} ({what})")
+    except ParityError:
+        stage.unlink(missing_ok=True)
+        raise
+    os.replace(stage, path)
+    return par
+
+
 def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: str | Path | None = None,
                which: str = "best", batch: int = 64) -> dict:
     """Export a trained run and check parity on `batch` real test samples; writes the artifact and export.json.
@@ -582,17 +596,17 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
     metadata = {"model": name, "facts": facts, "normalize": _normalize_stats(cfg.data.augment),
                 "checkpoint": str(ckpt)}
     ref = eager_fn(model)
+    stage = path.with_name(f".candidate-{path.name}")  # replaces `path` only once it passed the parity check
     labels = data_batch.get("y")
     acc_fp32 = _accuracy(ref(inputs), labels) if labels is not None else None
     artifacts = []
     with torch.no_grad():
         if fmt == "onnx":
-            info = export_onnx(model, inputs, path, metadata)
-            par = parity(ref, onnx_fn(path), inputs)
-            row = {"file": str(path), "size_mb": _size_mb(path), "exporter": info["exporter"], **par,
-                   "accuracy": acc_fp32, "fallback_reason": info["fallback_reason"]}
-            artifacts.append(row)
-            check_parity(par, f"{path.name} ({info['exporter']} exporter)")
+            info = export_onnx(model, inputs, stage, metadata)
+            par = _checked(stage, path, lambda: parity(ref, onnx_fn(stage), inputs),
+                           f"{info['exporter']} exporter")
+            artifacts.append({"file": str(path), "size_mb": _size_mb(path), "exporter": info["exporter"], **par,
+                              "accuracy": acc_fp32, "fallback_reason": info["fallback_reason"]})
             if int8:
                 method = int8_method(model)
                 calib = None
@@ -610,11 +624,10 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
                                   "accuracy": _accuracy(cand(inputs), labels) if labels is not None else None,
                                   "quantization": method, "preprocessed": q["preprocessed"]})
         else:
-            info = export_program(model, inputs, path)
-            par = parity(ref, program_fn(path), inputs)
+            info = export_program(model, inputs, stage)
+            par = _checked(stage, path, lambda: parity(ref, program_fn(stage), inputs), info["exporter"])
             artifacts.append({"file": str(path), "size_mb": _size_mb(path), "exporter": info["exporter"], **par,
                               "accuracy": acc_fp32, "fallback_reason": info["fallback_reason"]})
-            check_parity(par, f"{path.name} ({info['exporter']})")
     result = {"run": str(root), "checkpoint": str(ckpt), "model": name, "format": fmt, "split": split, "batch": n,
               "input_names": info["input_names"], "output_names": info["output_names"],
               "normalize": metadata["normalize"], "accuracy_fp32_eager": acc_fp32, "artifacts": artifacts}
