@@ -60,9 +60,16 @@ def eval_loader(ctx: RunContext, split: str = "test"):
     return make_eval_loader(ctx.cfg, data, ctx.task_name, torch.device("cpu"), ctx.bundle)
 
 
+def test_split(ctx: RunContext) -> str:
+    """The split compressed models are scored on: test, or val for data sets without one (Tiny Shakespeare)."""
+    return "test" if ctx.bundle.test is not None else "val"
+
+
 @torch.inference_mode()
-def evaluate_model(model: torch.nn.Module, ctx: RunContext, split: str = "test", max_batches: int | None = None) -> dict:
+def evaluate_model(model: torch.nn.Module, ctx: RunContext, split: str | None = None,
+                   max_batches: int | None = None) -> dict:
     """Test metrics of any callable model (quantized modules included) with the run's task, on CPU."""
+    split = split or test_split(ctx)
     model.eval()
     task = ctx.task
     metrics = task.make_metrics()
@@ -124,9 +131,11 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 def measure(name: str, model: torch.nn.Module, ctx: RunContext, repeats: int = 30,
-            max_batches: int | None = None) -> dict:
+            max_batches: int | None = None, nbytes: int | None = None) -> dict:
+    """Size (`nbytes`, default: the serialized state dict), batch-1/32 latency and test metrics of one variant."""
     x32 = example_batch(ctx, 32)
-    return {"variant": name, "bytes": model_bytes(model), "params": sum(p.numel() for p in model.parameters()),
+    return {"variant": name, "bytes": nbytes if nbytes is not None else model_bytes(model),
+            "params": sum(p.numel() for p in model.parameters()), "split": test_split(ctx),
             "latency_b1_ms": latency_ms(model, x32[:1], repeats), "latency_b32_ms": latency_ms(model, x32, max(5, repeats // 3)),
             **{f"test_{k}": v for k, v in evaluate_model(model, ctx, max_batches=max_batches).items()}}
 
