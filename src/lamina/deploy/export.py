@@ -6,18 +6,22 @@ Flows (and why):
   torch.export and translates ATen ops with onnxscript. It is PyTorch's maintained exporter. A model it cannot
   trace (typically input validation that reads tensor values, `int(ids.max())`, which torch.export refuses to
   branch on) falls back to the TorchScript exporter (`dynamo=False`, `dynamic_axes`), which traces the branch the
-  example took. Which exporter built the file is recorded in the file's metadata and in export.json.
+  example took (lamina registers the `aten::rms_norm` symbolic it lacks below opset 23). Which exporter built the
+  file is recorded in the file's metadata and in export.json. UNSUPPORTED lists models neither exporter handles.
 * torch.export: `torch.export.export(model.eval(), args, dynamic_shapes=...)` saved with `torch.export.save`;
   a model with data-dependent input checks falls back to `torch.export.draft_export`, which specializes those
-  checks on the example's real values (recorded as exporter "torch.export-draft").
+  checks on the example's real values (recorded as exporter "torch.export-draft"); the value-pinning asserts it
+  adds are removed when the values feed nothing else, and a program whose batch axis got pinned is refused
+  (UNSUPPORTED_PROGRAM lists those models).
 * int8: onnxruntime.quantization. Conv nets get static QDQ quantization with per-channel weights, calibrated on
   real training inputs (activations have stable ranges; static QDQ is what ORT's conv kernels fuse). Models with
   attention, recurrent layers or only linear layers get dynamic quantization (int8 weights, activation scales
   computed per batch), which is what ORT recommends for transformers and LSTMs.
 
 Every export runs the artifact and PyTorch eager on the same real batch and reports the max abs difference and
-argmax agreement; an fp32 export outside the limits (1e-4, 100%) raises ParityError. The batch axis of every
-input is dynamic (exported with a batch of 2, checked on the full batch).
+argmax agreement; an fp32 export outside the limits (1e-4, 100%) raises ParityError, and `export_run` moves the
+staged artifact into place only after it passed. The batch axis of every input is dynamic (exported with a batch
+of 2, checked on the full batch).
 
 Nothing here prints; `lamina export` (cli/deploy.py) formats the result.
 """
@@ -411,7 +415,8 @@ def int8_method(model: nn.Module) -> str:
     return "static" if has_conv and not seq else "dynamic"
 
 
-def quantize_onnx(src: str | Path, dst: str | Path, method: str, calibration=None, metadata: dict | None = None) -> dict:
+def quantize_onnx(src: str | Path, dst: str | Path, method: str, calibration=None,
+                  metadata: dict | None = None) -> dict:
     """int8 ONNX with onnxruntime.quantization: `quant_pre_process` (shape inference + graph cleanup), then
     `quantize_static` (QDQ, per-channel, fed by `calibration`: an iterable of {input name: array} batches) or
     `quantize_dynamic` (QInt8 weights). Returns {"path", "method", "preprocessed"}."""
@@ -551,8 +556,8 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
     """Export a trained run and check parity on `batch` real test samples; writes the artifact and export.json.
 
     fmt "onnx": RUN/export/model.onnx (+ model.int8.onnx with int8=True); "torch-export": RUN/export/model.pt2.
-    `out`: the artifact path (or folder) instead. export.json next to it holds the result under the format's key. Returns {"run", "checkpoint", "format", "batch", "split", "artifacts": [...]}
-    where each artifact has file, size_mb, exporter, max_abs_diff, argmax_agreement (and accuracy where labels).
+    `out`: the artifact path (or folder) instead. export.json next to it holds the result under the format's key.
+    Returns {"run", "checkpoint", "format", "batch", "split", "artifacts": [...]} where each artifact has file, size_mb, exporter, max_abs_diff, argmax_agreement (and accuracy where labels).
     """
     from lamina.runner import _run_tokenizer, load_data, load_run
 
