@@ -65,14 +65,16 @@ def _table(console, result: dict) -> None:
 
     rows = result["rows"]
     lm = "test_ppl" in rows[0]
-    t = Table("variant", "size MB", "size x", "b1 ms", "b1 x", "b32 ms", "b32 x",
-              "test ppl" if lm else "test acc", "delta")
+    t = Table(box=None, pad_edge=False)  # narrow: fits an 80-column terminal
+    t.add_column("variant", no_wrap=True)
+    for h in ("MB", "smaller", "b1 ms", "faster", "b32 ms", "faster", "ppl" if lm else "acc", "delta"):
+        t.add_column(h, justify="right", no_wrap=True)
     for r in rows:
         metric = r.get("test_ppl") if lm else r.get("test_acc")
         delta = r.get("loss_delta") if lm else r.get("acc_delta_points")
-        t.add_row(r["variant"], _fmt(r["bytes"] / 1e6, ".3f"), _fmt(r.get("size_x"), ".2f"),
-                  _fmt(r["latency_b1_ms"], ".2f"), _fmt(r.get("speedup_b1"), ".2f"), _fmt(r["latency_b32_ms"], ".1f"),
-                  _fmt(r.get("speedup_b32"), ".2f"), _fmt(metric, ".4f"),
+        t.add_row(r["variant"], _fmt(r["bytes"] / 1e6, ".3f"), _fmt(r.get("size_x"), ".2f") + "x",
+                  _fmt(r["latency_b1_ms"], ".2f"), _fmt(r.get("speedup_b1"), ".2f") + "x", _fmt(r["latency_b32_ms"], ".1f"),
+                  _fmt(r.get("speedup_b32"), ".2f") + "x", _fmt(metric, ".4f"),
                   (_fmt(delta, "+.4f") + " loss") if lm else (_fmt(delta, "+.2f") + " pts"))
     console.print(t)
 
