@@ -102,6 +102,7 @@ def test_default_job_reaches_target(tmp_path, capsys, monkeypatch):
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
+@pytest.mark.slow  # ~107 s; the default-job CLI test covers the same path in CI
 @pytest.mark.skipif(not FASHION.is_dir(), reason="needs the Debian package dataset-fashion-mnist")
 def test_fashion_config_on_a_subset(tmp_path, capsys):
     cfg = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.yaml"

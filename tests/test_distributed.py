@@ -144,6 +144,7 @@ def test_sharded_checkpoint_in_one_process_round_trips_into_a_plain_model_and_de
         load_model_weights(tmp_path / "ck" / "last", plain)
 
 
+@pytest.mark.slow  # ~145 s; CI keeps two-process DDP through the kill/recover test
 # ----- torchrun ---------------------------------------------------------------------------------------------
 def test_ddp_two_processes_match_one_and_a_two_process_checkpoint_resumes_on_one(tmp_path):
     ddp = _train(tmp_path, 2, "name=ddp2")
@@ -213,6 +214,7 @@ def test_context_parallel_training_through_the_cli_equals_one_process(tmp_path):
         assert abs(a["train/loss"] - b["train/loss"]) < 1e-4 and abs(a["val/loss"] - b["val/loss"]) < 1e-4, (a, b)
 
 
+@pytest.mark.slow  # ~47 s; two torchrun launchers
 def test_two_node_launch_with_c10d_rendezvous(tmp_path):
     """`torchrun --nnodes 2 --node-rank {0,1} --rdzv-backend c10d --rdzv-endpoint HOST:PORT`, both nodes on this
     machine: one run, world size 2, and the same numbers as a single-node 2-process run."""
