@@ -98,11 +98,15 @@ def cmd_quantize(a, console) -> int:
         _need("torchao", "weight-only quantization")
     res = quantize_run(a.path, a.method, calib=a.calib, epochs=a.epochs, group_size=a.group_size, which=a.which,
                        repeats=a.repeats, progress=_progress(a, console))
+    return _report(a, console, res, f"saved: {res['saved']}")
+
+
+def _report(a, console, res: dict, footer: str) -> int:
     if a.json:
         print(json.dumps(res, default=str))
-        return 0
-    _table(console, res)
-    console.print(f"saved: {res['saved']}")
+    else:
+        _table(console, res)
+        console.print(footer)
     return 0
 
 
@@ -118,12 +122,7 @@ def cmd_prune(a, console) -> int:
         _need("torch_pruning", "channel pruning")
     res = prune_run(a.path, a.method, a.amount, a.epochs, which=a.which, repeats=a.repeats,
                     progress=_progress(a, console))
-    if a.json:
-        print(json.dumps(res, default=str))
-        return 0
-    _table(console, res)
-    console.print(f"weight sparsity {res['weight_sparsity']:.3f}   saved: {res['saved']}")
-    return 0
+    return _report(a, console, res, f"weight sparsity {res['weight_sparsity']:.3f}   saved: {res['saved']}")
 
 
 def cmd_distill(a, console) -> int:
