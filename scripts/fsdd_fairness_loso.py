@@ -20,10 +20,10 @@ SPEAKERS = ["george", "jackson", "lucas", "nicolas", "theo", "yweweler"]
 
 def held_out_predictions(run: Path, group: str) -> tuple[list, list, list]:
     from lamina.runner import load_run, make_eval_loader
-    from lamina.trust.fairness import _load_group_data, collect_predictions, group_tables
+    from lamina.trust.fairness import load_group_data, collect_predictions, group_tables
 
     cfg, model, task, facts, ckpt = load_run(run, "best")
-    bundle = _load_group_data(cfg, ckpt)
+    bundle = load_group_data(cfg, ckpt)
     key, values = group_tables(bundle.meta, group, bundle.name)
     pred = collect_predictions(model, task, make_eval_loader(cfg, bundle.test, facts["task"], "cpu", bundle), key)
     return pred["y"].tolist(), pred["logits"].argmax(1).tolist(), [values[i] for i in pred["ids"].tolist()]

@@ -150,7 +150,7 @@ class ReweightedTask:
 
 
 # ----- a trained run ---------------------------------------------------------------------------
-def _load_group_data(cfg, ckpt):
+def load_group_data(cfg, ckpt):
     """The run's data set (same name, options, seed -> same splits) with its per-sample group ids."""
     from lamina.runner import _run_tokenizer, load_data
 
@@ -219,7 +219,7 @@ def audit_run(run_dir: str | Path, group: str = "accent", which: str = "best", s
     if split not in ("train", "val", "test"):
         raise ConfigError(f"split: {unknown_name('split', split, ('train', 'val', 'test'))}")
     cfg, model, task, facts, ckpt = load_run(run_dir, which)
-    bundle = _load_group_data(cfg, ckpt)
+    bundle = load_group_data(cfg, ckpt)
     key, values = group_tables(bundle.meta, group, bundle.name)
     data = getattr(bundle, split)
     if data is None:
