@@ -349,6 +349,12 @@ def _dispatch(a, argv: list[str], console) -> int:
             raise
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: one line, from rank 0
             print(str(e), file=sys.stderr)
+        elif "TORCHELASTIC_RUN_ID" in os.environ:
+            # torchrun stops every worker as soon as one exits non-zero: a rank that got here first would have
+            # rank 0 killed before it printed the line (seen on a loaded machine). Let rank 0 speak first.
+            import time
+
+            time.sleep(5.0)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted: the last completed checkpoint is intact", file=sys.stderr)
