@@ -177,3 +177,16 @@ def eval_transforms(spec: Sequence[dict] | None) -> Compose | None:
     so the model sees inputs on the scale it was trained on. Random augmentations are training-only."""
     kept = [t for t in build_transforms(spec).transforms if getattr(t, "deterministic", False)]
     return Compose(kept) if kept else None
+
+
+def normalize_of(transform) -> tuple[list[float], list[float]] | None:
+    """(mean, std) of the last Normalize step in a transform (a Compose or a single step), else None: what
+    attacks, explanations and exported models need to work in pixel space."""
+    steps = getattr(transform, "transforms", [transform] if transform is not None else [])
+    norms = [t for t in steps if isinstance(t, Normalize)]
+    return (norms[-1].mean.tolist(), norms[-1].std.tolist()) if norms else None
+
+
+def normalize_stats(augment: Sequence[dict] | None) -> tuple[list[float], list[float]] | None:
+    """(mean, std) of the (last) normalize step in a data.augment list, else None."""
+    return normalize_of(build_transforms(augment)) if augment else None

@@ -475,14 +475,10 @@ def quantize_onnx(src: str | Path, dst: str | Path, method: str, calibration=Non
 
 # ----- a trained run ----------------------------------------------------------------------------------
 def _normalize_stats(augment) -> dict | None:
-    from lamina.data.transforms import Normalize, eval_transforms
+    from lamina.data.transforms import normalize_stats
 
-    comp = eval_transforms(augment)
-    norms = [t for t in (comp.transforms if comp else []) if isinstance(t, Normalize)]
-    if not norms:
-        return None
-    n = norms[-1]
-    return {"mean": n.mean.tolist(), "std": n.std.tolist()}
+    stats = normalize_stats(augment)
+    return {"mean": stats[0], "std": stats[1]} if stats else None
 
 
 def _real_batch(cfg, task, bundle, data, n: int, seed: int | None = None) -> dict:

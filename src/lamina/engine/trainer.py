@@ -146,13 +146,9 @@ class Trainer:
 
     def _input_normalize(self) -> tuple[list[float], list[float]] | None:
         """(mean, std) of a Normalize step in the train loader's transform, else None."""
-        t = getattr(self.train_loader, "transform", None)
-        steps = getattr(t, "transforms", [t] if t is not None else [])
-        found = None
-        for step in steps:
-            if hasattr(step, "mean") and hasattr(step, "std") and getattr(step, "deterministic", False):
-                found = (step.mean.reshape(-1).tolist(), step.std.reshape(-1).tolist())
-        return found
+        from lamina.data.transforms import normalize_of
+
+        return normalize_of(getattr(self.train_loader, "transform", None))
 
     def backward(self, loss: torch.Tensor) -> None:
         scale = getattr(self.train_loader, "loss_scale", 1.0) / self.cfg.accumulate  # see ShardedLoader

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lamina.data.transforms import normalize_stats
 from lamina.errors import ConfigError, DataError
 
 NORMS = ("linf", "l2")
@@ -139,16 +140,6 @@ class Normalized(nn.Module):
 
     def forward(self, x):
         return self.model((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
-
-
-def normalize_stats(augment: list[dict] | None) -> tuple[list[float], list[float]] | None:
-    """(mean, std) of the (last) normalize step in a data.augment list, else None."""
-    found = None
-    for t in augment or []:
-        if isinstance(t, dict) and t.get("name") == "normalize":
-            found = (list(torch.as_tensor(t["mean"], dtype=torch.float32).reshape(-1).tolist()),
-                     list(torch.as_tensor(t["std"], dtype=torch.float32).reshape(-1).tolist()))
-    return found
 
 
 # ----- attacks ---------------------------------------------------------------------------------------
