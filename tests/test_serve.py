@@ -161,21 +161,27 @@ def test_parity_and_batching_under_concurrent_load(backend, model, digits):
     assert metric(text, 'lamina_requests_total{route="/predict",status="200"}') == 322
 
 
+def check_concurrently(url: str, x, want, n: int, workers: int) -> None:
+    """Samples 0..n-1 sent one per request from `workers` client threads; every answer must match `want`
+    (a failed check in any thread fails the test: futures re-raise)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def client(k):
+        with httpx.Client(base_url=url, timeout=30) as c:
+            for i in range(k, n, workers):
+                check_rows(post(c, x[i]).json()["predictions"], want[i:i + 1])
+
+    with ThreadPoolExecutor(workers) as pool:
+        for f in [pool.submit(client, k) for k in range(workers)]:
+            f.result()
+
+
 @pytest.mark.parametrize("forward_threads", [1, 2])
 def test_no_batching_runs_each_request_alone(backend, model, digits, forward_threads):
     x, _ = digits
     want = direct(model, x[:64])
     with Server(backend, batching=False, forward_threads=forward_threads) as s:
-        def client(k):
-            with httpx.Client(base_url=s.url, timeout=30) as c:
-                for i in range(k, 64, 4):
-                    check_rows(post(c, x[i]).json()["predictions"], want[i:i + 1])
-
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        check_concurrently(s.url, x, want, 64, workers=4)
         text = s.metrics()
     assert metric(text, "lamina_batch_size_count") == metric(text, "lamina_batch_size_sum") == 64
 
@@ -498,16 +504,7 @@ def test_onnx_backend_parity(onnx_file, model, digits):
     x, _ = digits
     want = direct(model, x[:50])
     with Server(OnnxBackend(_OrtRunner(onnx_file), source=str(onnx_file)), max_wait_ms=10) as s:
-        def send(k):
-            with httpx.Client(base_url=s.url, timeout=30) as c:
-                for i in range(k, 50, 5):
-                    check_rows(post(c, x[i]).json()["predictions"], want[i:i + 1])
-
-        threads = [threading.Thread(target=send, args=(k,)) for k in range(5)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        check_concurrently(s.url, x, want, 50, workers=5)
         md = httpx.get(s.url + "/metadata").json()
     assert md["backend"] == "onnxruntime" and md["model"] == "tiny_mlp" and md["class_names"] == CLASSES
 
