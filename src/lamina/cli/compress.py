@@ -8,19 +8,20 @@ with a trained run as its teacher and prints student vs teacher.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 
+from lamina.cli import trust
 from lamina.cli.trust import _run
 
 
 def _need(module: str, what: str) -> None:
-    from lamina.errors import MissingDependencyError
+    trust._need(module, what, extra="compress")
 
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        raise MissingDependencyError(f'{what} needs the {module} package: pip install "lamina[compress]"') from None
+
+def _measured(p: argparse.ArgumentParser, progress_help: str) -> None:
+    """The arguments quantize and prune share: how to time, and the fine-tuning progress bar."""
+    p.add_argument("--repeats", type=int, default=30, help="timed repeats per latency")
+    p.add_argument("--no-progress", action="store_true", help=progress_help)
 
 
 def add_parsers(sub) -> None:
@@ -32,8 +33,7 @@ def add_parsers(sub) -> None:
     q.add_argument("--calib", type=int, default=512, help="static: training samples that calibrate activation ranges")
     q.add_argument("--epochs", type=float, default=1.0, help="qat: fine-tuning epochs (fractions allowed)")
     q.add_argument("--group-size", type=int, default=32, help="weight-int4: inputs sharing one scale")
-    q.add_argument("--repeats", type=int, default=30, help="timed repeats per latency")
-    q.add_argument("--no-progress", action="store_true", help="no live progress bar (qat fine-tuning)")
+    _measured(q, "no live progress bar (qat fine-tuning)")
 
     p = sub.add_parser("prune", help="pruned variant of a trained run (fine-tuned) vs fp32")
     _run(p)
@@ -42,8 +42,7 @@ def add_parsers(sub) -> None:
                         "unstructured on a cubic sparsity schedule)")
     p.add_argument("--amount", type=float, default=0.5, help="share of channels (channels) or weights (magnitude)")
     p.add_argument("--epochs", type=float, default=1.0, help="fine-tuning epochs after/while pruning")
-    p.add_argument("--repeats", type=int, default=30, help="timed repeats per latency")
-    p.add_argument("--no-progress", action="store_true", help="no live progress bar while fine-tuning")
+    _measured(p, "no live progress bar while fine-tuning")
 
     d = sub.add_parser("distill", help="train a student with a trained run as teacher (Hinton et al. KD)")
     d.add_argument("teacher", metavar="TEACHER_RUN")

@@ -11,13 +11,13 @@ import importlib
 import json
 
 
-def _need(module: str, what: str) -> None:
+def _need(module: str, what: str, extra: str = "trust") -> None:
     from lamina.errors import MissingDependencyError
 
     try:
         importlib.import_module(module)
     except ImportError:
-        raise MissingDependencyError(f'{what} needs the {module} package: pip install "lamina[trust]"') from None
+        raise MissingDependencyError(f'{what} needs the {module} package: pip install "lamina[{extra}]"') from None
 
 
 def _run(p: argparse.ArgumentParser) -> None:

@@ -155,6 +155,19 @@ def with_ratios(rows: list[dict], base: str = "fp32") -> list[dict]:
 
 
 # ----- fine-tuning -------------------------------------------------------------------------------
+def loaders(ctx: RunContext):
+    """(train, val) loaders of the run, on CPU, built once per RunContext."""
+    if getattr(ctx, "_loaders", None) is None:
+        from lamina.runner import make_loaders
+
+        ctx._loaders = make_loaders(ctx.cfg, ctx.bundle, ctx.task_name, torch.device("cpu"))
+    return ctx._loaders
+
+
+def finetune_steps(train, epochs: float) -> int:
+    return max(1, int(round(epochs * len(train))))
+
+
 def finetune(ctx: RunContext, model: torch.nn.Module, epochs: float = 1.0, lr: float | None = None,
              callbacks=(), progress=None) -> torch.nn.Module:
     """Train `model` on the run's training data with the run's task and optimizer (lr scaled by default to a
@@ -162,10 +175,8 @@ def finetune(ctx: RunContext, model: torch.nn.Module, epochs: float = 1.0, lr: f
     from lamina.config.schema import ScheduleConfig
     from lamina.engine.optim import build_optimizer, build_scheduler
     from lamina.engine.trainer import Trainer
-    from lamina.runner import make_loaders
-
-    train, val = make_loaders(ctx.cfg, ctx.bundle, ctx.task_name, torch.device("cpu"))
-    steps = max(1, int(round(epochs * len(train))))
+    train, val = loaders(ctx)
+    steps = finetune_steps(train, epochs)
     tcfg = ctx.cfg.trainer.model_copy(update={"max_epochs": max(1, math.ceil(epochs)), "max_steps": steps,
                                               "compile": False, "progress": False, "device": "cpu",
                                               "channels_last": False, "strategy": "none"})
@@ -256,9 +267,7 @@ def prune_run(path: str | Path, method: str = "channels", amount: float = 0.5, e
         import copy
 
         pruned = copy.deepcopy(ctx.model)
-        from lamina.runner import make_loaders
-
-        steps = max(1, int(round(epochs * len(make_loaders(ctx.cfg, ctx.bundle, ctx.task_name, "cpu")[0]))))
+        steps = finetune_steps(loaders(ctx)[0], epochs)
         if epochs <= 0:
             raise ConfigError("prune --method magnitude needs --epochs > 0: the sparsity schedule runs while fine-tuning")
         before = None
