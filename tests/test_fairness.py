@@ -150,7 +150,7 @@ def plain_split(bundle, p):
 def test_audit_and_reweighting_of_a_tiny_fsdd_run(tmp_path, monkeypatch):
     from lamina.config import validate
     from lamina.runner import train
-    from lamina.trust.fairness import audit_run, mitigate_run
+    from lamina.trust.fairness import audit_fairness, mitigate_run
 
     monkeypatch.setenv("LAMINA_SHARED_DATA", str(SHARED_DATA))
     # text-only (30% of the words wrong) keeps the test fast: no WAV decoding; the audit code path is the same
@@ -161,7 +161,7 @@ def test_audit_and_reweighting_of_a_tiny_fsdd_run(tmp_path, monkeypatch):
                     "trainer": {"max_epochs": 1, "threads": 1, "monitor": "val/acc", "monitor_mode": "max"},
                     "logging": {"root": str(tmp_path), "plots": False, "tensorboard": False}})
     run = train(cfg).run_dir  # trained WITHOUT groups=True: the audit reloads the data with the group ids
-    rep = audit_run(run, group="accent")
+    rep = audit_fairness(run, group="accent")
     saved = json.loads((run / "fairness.json").read_text())
     assert set(saved["by_group"]) == {"USA/neutral", "DEU/German", "BEL/French", "GRC/Greek"}
     assert [saved["by_group"][g]["n"] for g in ("USA/neutral", "DEU/German", "BEL/French", "GRC/Greek")] == [
@@ -170,7 +170,7 @@ def test_audit_and_reweighting_of_a_tiny_fsdd_run(tmp_path, monkeypatch):
     test_acc = json.loads((run / "summary.json").read_text())["test"]["test/acc"]
     assert saved["overall"]["accuracy"] == pytest.approx(test_acc, abs=1e-6)  # same predictions as lamina train
     with pytest.raises(ConfigError, match="unknown group 'dialect'"):
-        audit_run(run, group="dialect")
+        audit_fairness(run, group="dialect")
     with pytest.raises(ConfigError, match="unknown mitigation method"):
         mitigate_run(run, method="magic")
     out = mitigate_run(run, method="reweight", group="accent")

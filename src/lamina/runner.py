@@ -466,7 +466,7 @@ def _train(cfg: RunConfig, dist: Distributed, callbacks, resume, run_dir, wall0,
         summary["trainable_fraction"] = trainable_fraction(model)
     _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2, default=_jsonable))
     if cfg.logging.plots and history:
-        from lamina.report import plot_confusion, plot_curves
+        from lamina.plots import plot_confusion, plot_curves
 
         plot_curves(history, run_dir / "curves.png", title=f"{bundle.name} / {cfg.model.name}")
         if cm is not None:

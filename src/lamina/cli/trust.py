@@ -159,7 +159,7 @@ def cmd_fairness(a, console) -> int:
         print(f"after {a.mitigate} ({r['mitigated_run']}):")
         _fair_rows(r["after"])
         return 0
-    r = fairness.audit_run(a.path, group=a.group, which=a.which, split=a.split)
+    r = fairness.audit_fairness(a.path, group=a.group, which=a.which, split=a.split)
     if _print_json(a, r):
         return 0
     _fair_rows(r)

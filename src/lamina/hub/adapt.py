@@ -4,7 +4,8 @@
   same value in all three channels, so the summed conv computes exactly what the RGB conv would on it); other
   channel counts repeat the RGB kernels and rescale them by 3 / C (timm's `adapt_input_conv` rule).
 * Scale and size: a forward pre-hook (applied from outside, the model code is untouched) resizes images to
-  `input_size` and normalizes them with the pretrained preprocessing's mean/std, at training and evaluation.
+  `input_size` and normalizes them with the pretrained preprocessing's mean/std (lamina.nn.Normalize), at training
+  and evaluation.
 * Head: `reset_classifier(num_classes)` (the zoo's classifier contract).
 """
 
@@ -15,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lamina.errors import ConfigError
+from lamina.nn.preprocess import Normalize
 
 
 def adapt_input_channels(model: nn.Module, in_chans: int) -> str | None:
@@ -47,8 +49,7 @@ def add_input_preprocessing(model: nn.Module, preprocess: dict | None, input_siz
     mean, std = pre.get("mean"), pre.get("std")
     if mean is not None and in_chans != len(mean):  # gray input: the channel mean of the RGB statistics
         mean, std = [sum(mean) / len(mean)] * in_chans, [sum(std) / len(std)] * in_chans
-    mean_t = torch.tensor(mean).view(1, -1, 1, 1) if mean is not None else None
-    std_t = torch.tensor(std).view(1, -1, 1, 1) if std is not None else None
+    normalize = Normalize(mean, std) if mean is not None else None  # not a submodule: the model's tree is unchanged
     mode = pre.get("interpolation", "bilinear")
 
     def hook(module, args):
@@ -56,8 +57,8 @@ def add_input_preprocessing(model: nn.Module, preprocess: dict | None, input_siz
         if input_size is not None and x.shape[-1] != input_size:
             x = F.interpolate(x.float(), size=(input_size, input_size), mode=mode, align_corners=False,
                               antialias=mode in ("bilinear", "bicubic") and x.shape[-1] > input_size)
-        if mean_t is not None:
-            x = (x - mean_t.to(x.device, x.dtype)) / std_t.to(x.device, x.dtype)
+        if normalize is not None:
+            x = normalize(x)
         return (x, *rest)
 
     model.register_forward_pre_hook(hook)

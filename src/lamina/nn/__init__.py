@@ -67,3 +67,8 @@ __all__ += [
     "LoRALinear", "apply_lora", "merge_lora", "unmerge_lora", "remove_lora", "lora_state_dict",
     "load_lora_state_dict", "trainable_fraction",
 ]
+
+# Input normalization in front of a model ((x - mean) / std): attacks, adversarial training, pretrained inputs.
+from lamina.nn.preprocess import Normalize, Normalized  # noqa: E402
+
+__all__ += ["Normalize", "Normalized"]

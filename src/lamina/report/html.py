@@ -129,7 +129,7 @@ def _overview(run: Path, summary: dict) -> str:
 def _curves(run: Path, history: list[dict]) -> str:
     png = run / "curves.png"
     if not png.is_file() and history:
-        from lamina.report.plots import plot_curves
+        from lamina.plots import plot_curves
 
         png = plot_curves(history, run / "curves.png")
     last = {k: v for k, v in (history[-1] if history else {}).items() if "/" in k and "samples_per_s" not in k}

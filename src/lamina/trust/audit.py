@@ -77,7 +77,7 @@ def audit_run(run_dir: str | Path, which: str = "best", eps: float = 0.1, steps:
         return {k: r[k] for k in ("attack", "eps", "steps", "n", "clean_acc", "robust_acc") if k in r}
 
     def fairness():
-        from lamina.trust.fairness import audit_run as fair
+        from lamina.trust.fairness import audit_fairness as fair
 
         r = fair(root, group or "accent", which)
         return {"group": r["group"], "accuracy_difference": r["accuracy_difference"], "worst_group": r["worst_group"],

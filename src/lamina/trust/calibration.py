@@ -118,7 +118,7 @@ class TemperatureScaler:
 # ----- plot ------------------------------------------------------------------------------------
 def plot_reliability(bins_before: dict, bins_after: dict | None, path: str | Path, title: str = "") -> Path:
     """Reliability diagram: accuracy per confidence bin (bars) against the diagonal, before / after."""
-    from lamina.report.plots import plt, save_figure  # the project's Agg backend set-up
+    from lamina.plots import plt, save_figure  # the project's Agg backend set-up
 
     panels = [("before", bins_before)] + ([("after", bins_after)] if bins_after is not None else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)

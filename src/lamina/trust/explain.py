@@ -381,7 +381,7 @@ def render_tokens_html(tokens: list[str], scores, title: str = "") -> str:
 def plot_token_bars(rows: list[tuple[list[str], np.ndarray, str]], path: str | Path, title: str = "",
                     max_tokens: int = 60) -> Path:
     """One bar panel per example: a score per token or feature (first max_tokens), red positive, blue negative."""
-    from lamina.report.plots import plt, save_figure
+    from lamina.plots import plt, save_figure
 
     fig, axes = plt.subplots(len(rows), 1, figsize=(min(20, 2 + 0.22 * max_tokens), 2.2 * len(rows)), squeeze=False)
     for ax, (tokens, scores, label) in zip(axes[:, 0], rows):
@@ -400,7 +400,7 @@ def plot_overlays(x: torch.Tensor, attributions: torch.Tensor, path: str | Path,
     """Grid of overlays: each input in gray (channels averaged) under its attribution map (channels summed),
     scaled per image: signed maps by their largest |value|, red (+) / blue (-); unsigned maps min-max, 'jet';
     the overlay's opacity grows with |value|, so the input shows through where the attribution is small."""
-    from lamina.report.plots import plt, save_figure
+    from lamina.plots import plt, save_figure
 
     x = x.detach().float().cpu()
     a = attributions.detach().float().cpu()

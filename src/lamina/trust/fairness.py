@@ -188,7 +188,7 @@ def _run_root(run_dir, ckpt) -> Path:
 
 def plot_fairness(reports: dict[str, dict], path, title: str = "") -> Path:
     """Per-group accuracy bars, one colour per report ("before", "after", ...), overall accuracy as dashed lines."""
-    from lamina.report.plots import plt, save_figure  # the project's Agg backend set-up
+    from lamina.plots import plt, save_figure  # the project's Agg backend set-up
 
     groups = sorted({g for r in reports.values() for g in r["by_group"]})
     fig, ax = plt.subplots(figsize=(1.3 * len(groups) * max(len(reports), 1) + 2.5, 3.8))
@@ -209,8 +209,8 @@ def plot_fairness(reports: dict[str, dict], path, title: str = "") -> Path:
     return save_figure(fig, path, title)
 
 
-def audit_run(run_dir: str | Path, group: str = "accent", which: str = "best", split: str = "test",
-              write: bool = True) -> dict:
+def audit_fairness(run_dir: str | Path, group: str = "accent", which: str = "best", split: str = "test",
+                   write: bool = True) -> dict:
     """Fairness report of a trained run's predictions on `split`, grouped by `group`; writes fairness.json and
     fairness.png (per-group accuracy) into the run folder."""
     from lamina.engine.trainer import Trainer
@@ -278,9 +278,9 @@ def mitigate_run(run_dir: str | Path, method: str = "reweight", group: str = "ac
     into the run folder. method "reweight": retrain with inverse-frequency group weights (module docstring)."""
     if method not in METHODS:
         raise ConfigError(f"method: {unknown_name('mitigation method', method, METHODS)}")
-    before = audit_run(run_dir, group, which, split)
+    before = audit_fairness(run_dir, group, which, split)
     new = train_reweighted(run_dir, group, out_dir, which)
-    after = audit_run(new, group, which, split)
+    after = audit_fairness(new, group, which, split)
     weights = json.loads((new / "weights.json").read_text())["weights"]
 
     def headline(r):
@@ -300,4 +300,4 @@ def mitigate_run(run_dir: str | Path, method: str = "reweight", group: str = "ac
 
 
 __all__ = ["fairness_report", "group_tables", "group_weights", "ReweightedTask", "collect_predictions",
-           "plot_fairness", "audit_run", "train_reweighted", "mitigate_run", "METHODS"]
+           "plot_fairness", "audit_fairness", "train_reweighted", "mitigate_run", "METHODS"]

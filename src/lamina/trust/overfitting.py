@@ -173,7 +173,7 @@ def plot_learning_curve(result: dict, path: str | Path, title: str = "") -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lamina.report.plots import save_figure
+    from lamina.plots import save_figure
 
     rows, m = result["rows"], result["metric"]
     n = [r["n_train"] for r in rows]

@@ -24,7 +24,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from torch import nn
 
 from lamina.data.transforms import normalize_stats
 from lamina.errors import ConfigError, DataError
+from lamina.nn.preprocess import Normalized  # noqa: F401  (re-exported: lamina.trust.robust.Normalized)
 
 NORMS = ("linf", "l2")
 ATTACKS = ("fgsm", "pgd", "apgd", "apgd-dlr")
@@ -126,20 +127,6 @@ def _input_grad(model, x_adv, y, loss_fn, autocast) -> tuple[torch.Tensor, torch
         losses = loss_fn(logits, y)
     (grad,) = torch.autograd.grad(losses.sum(), [x_adv])
     return losses.detach(), logits.detach(), grad.detach()
-
-
-class Normalized(nn.Module):
-    """model((x - mean) / std): attacks act on pixels in their natural range while the model sees what it was
-    trained on (a run's `normalize` augment step)."""
-
-    def __init__(self, model: nn.Module, mean: Sequence[float] | float, std: Sequence[float] | float):
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1), persistent=False)
-
-    def forward(self, x):
-        return self.model((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
 
 
 # ----- attacks ---------------------------------------------------------------------------------------

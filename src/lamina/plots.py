@@ -1,4 +1,5 @@
-"""Run plots as PNG: loss and metric curves per epoch, and a confusion matrix for classification."""
+"""Run plots as PNG (a leaf: matplotlib + numpy, no other lamina import): loss and metric curves per epoch, a
+confusion matrix for classification, and `save_figure`, the finish every lamina figure gets (trust, report, runs)."""
 
 from __future__ import annotations
 
