@@ -45,6 +45,7 @@ from lamina.errors import InputShapeError, ModelError
 from lamina.models.contract import build_model
 from lamina.models.registry import register_model
 from lamina.nn import FeedForward, LearnedPositionalEmbedding, MultiHeadAttention, get_activation
+from lamina.nn.init import init_transformer_
 
 _INT_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding accepts
 _POOLS = ("cls", "mean")
@@ -190,16 +191,7 @@ class _BertBase(nn.Module):
 
     def _init_weights(self) -> None:
         """BERT's init (HF BertPreTrainedModel._init_weights): N(0, 0.02^2), zero biases, LayerNorm 1/0."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, mean=0.0, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.Embedding, LearnedPositionalEmbedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=0.02)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_transformer_(self, layer_norms=True)  # no residual scaling: post-LN renormalises (module docstring)
         with torch.no_grad():
             self.wte.weight[self.cfg.pad_id].zero_()
 

@@ -31,7 +31,6 @@ context_parallel swaps ring attention into the blocks from outside; the model it
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +47,7 @@ from lamina.models._decoder import (
 from lamina.models.contract import build_model
 from lamina.models.registry import register_model
 from lamina.nn import FeedForward, KVCache, LearnedPositionalEmbedding, MultiHeadAttention, make_norm
+from lamina.nn.init import init_transformer_
 
 
 @dataclass
@@ -129,16 +129,7 @@ class GPT(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, mean=0.0, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.Embedding, LearnedPositionalEmbedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=0.02)
-        for name, p in self.named_parameters():
-            if name.endswith("out_proj.weight"):  # residual projections (GPT-2 paper, section 2.3)
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+        init_transformer_(self, self.cfg.n_layer)  # residual projections *.out_proj scaled (GPT-2, section 2.3)
 
     @property
     def _name(self) -> str:

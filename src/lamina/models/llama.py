@@ -40,6 +40,7 @@ from lamina.models.contract import build_model
 from lamina.models.gpt import Block
 from lamina.models.registry import register_model
 from lamina.nn import KVCache, MultiHeadAttention, RotaryEmbedding, SwiGLU, make_norm
+from lamina.nn.init import init_transformer_
 
 
 def _positive_int(value) -> bool:
@@ -137,12 +138,8 @@ class Llama(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=0.02)  # no biases to zero; RMSNorm weights start at 1
-        for name, p in self.named_parameters():
-            if name.endswith("out_proj.weight"):  # attention o_proj and MLP down_proj write into the residual
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+        # no biases; RMSNorm weights start at 1; attention o_proj and MLP down_proj (*.out_proj) are scaled
+        init_transformer_(self, self.cfg.n_layer)
 
     @property
     def _name(self) -> str:

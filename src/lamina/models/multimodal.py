@@ -52,6 +52,7 @@ from lamina.models.contract import build_model, example_input
 from lamina.models.gpt import Block
 from lamina.models.registry import create_model, get_entry, register_model
 from lamina.nn import FeedForward, LearnedPositionalEmbedding, MultiHeadAttention, init_weights, make_norm
+from lamina.nn.init import init_transformer_
 
 MODALITIES = ("image", "text", "audio")
 TEXT_POOLS = ("mean", "eos")
@@ -106,14 +107,7 @@ class TextTransformer(nn.Module):
                   ln_1=make_norm("layer", width), ln_2=make_norm("layer", width), dropout=dropout)
             for _ in range(n_layer))
         self.ln_f = make_norm("layer", width)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding, LearnedPositionalEmbedding)):
-                nn.init.normal_(m.weight, std=0.02)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-        for pname, p in self.named_parameters():
-            if pname.endswith("out_proj.weight"):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layer))
+        init_transformer_(self, n_layer)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if ids.shape[1] > self.max_len:

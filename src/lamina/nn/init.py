@@ -16,14 +16,23 @@ constant scale through depth, Var(w) must cancel the fan and the activation's ef
 
 Biases start at zero (no reason to prefer a sign) and normalisation layers at the identity map (weight 1,
 bias 0), so at step 0 they only normalise. Embeddings keep torch's N(0, 1) default.
+
+Transformers use neither (`init_transformer_`): GPT-2 / BERT / Llama draw every Linear and Embedding weight
+from N(0, 0.02^2), zero the biases, and GPT-2 (section 2.3) scales the projections that write into the residual
+stream (`*.out_proj`) to N(0, (0.02 / sqrt(2 * n_layer))^2), so the residual stream's variance does not grow
+with depth; post-LN BERT does not scale them (its blocks renormalise the stream after every sublayer).
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Iterable
 
 import torch.nn as nn
 
 from lamina.errors import ModelError, unknown_name
 from lamina.nn.activations import ACTIVATIONS
+from lamina.nn.positional import LearnedPositionalEmbedding
 
 _HE = ("relu", "leaky_relu", "elu", "gelu", "silu")
 _XAVIER_GAIN = {"tanh": 5.0 / 3.0, "sigmoid": 1.0, "identity": 1.0}
@@ -59,3 +68,36 @@ def init_weights(module: nn.Module, nonlinearity: str = "relu") -> nn.Module:
                 nn.init.zeros_(m.bias)
     return module
 
+
+
+TRANSFORMER_STD = 0.02  # GPT-2 / BERT / Llama's initializer_range
+
+
+def init_transformer_(module: nn.Module, n_layer: int | None = None, std: float = TRANSFORMER_STD,
+                      residual_names: Iterable[str] = ("out_proj.weight",), layer_norms: bool = False) -> nn.Module:
+    """GPT-2-style init of every layer inside `module`, in place; returns `module`. See the module docstring.
+
+    Linear, Embedding and LearnedPositionalEmbedding weights N(0, std^2) and Linear biases 0, in `modules()`
+    order (a weight tied to two modules is drawn twice, the second draw kept); then, when `n_layer` is given,
+    every parameter whose name ends with one of `residual_names` N(0, (std / sqrt(2 n_layer))^2).
+    `layer_norms`: also reset nn.LayerNorm to weight 1, bias 0 (BERT). The draws are in a fixed order, so a
+    seed gives the same weights as the hand-written loops this replaces.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.Embedding, LearnedPositionalEmbedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+        elif layer_norms and isinstance(m, nn.LayerNorm):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    if n_layer is not None:
+        suffixes = tuple(residual_names)
+        for name, p in module.named_parameters():
+            if name.endswith(suffixes):
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * n_layer))
+    return module
