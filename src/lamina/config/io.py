@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from lamina.config.schema import RunConfig
+from lamina.config.schema import MOVED, RunConfig
 from lamina.errors import ConfigError, did_you_mean
 
 
@@ -66,9 +67,35 @@ def _describe(err: dict, root: type[BaseModel]) -> str:
     return f"{path}: {err['msg'].lower()}, got {got!r}"
 
 
+class ConfigDeprecationWarning(FutureWarning):
+    """A config key that still works but has moved; the CLI prints it as one `deprecated:` line."""
+
+
+def _move_sections(raw: dict) -> dict:
+    """Old keys (trainer.adversarial, trainer.distill) to their sections of today. A run folder written before
+    the move stores them with default values: those move silently; a non-default one warns once."""
+    out = dict(raw)
+    for (parent, key), new in MOVED.items():
+        section = out.get(parent)
+        if not isinstance(section, dict) or key not in section:
+            continue
+        section = dict(section)
+        value = section.pop(key)
+        out[parent] = section
+        if new in out and value is not None:
+            raise ConfigError(f"{parent}.{key}: moved to {new}; give only {new} (both are set)")
+        out[new] = value
+        default = getattr(RunConfig(), new).model_dump(mode="json")
+        if isinstance(value, dict) and any(value.get(k, default.get(k)) != default.get(k) for k in value):
+            warnings.warn(f"{parent}.{key} is deprecated; use the top-level section {new} "
+                          f"(e.g. {new}.{next(iter(value))}=...)", ConfigDeprecationWarning, stacklevel=3)
+    return out
+
+
 def validate(raw: dict) -> RunConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"expected a mapping of sections (data, model, trainer, ...), got {type(raw).__name__}")
+    raw = _move_sections(raw)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:

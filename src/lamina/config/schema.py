@@ -1,4 +1,5 @@
-"""Typed run config: data, model, task, optimizer, schedule, trainer, logging.
+"""Typed run config: data, model, task, optimizer, schedule, trainer, finetune, logging, and the training
+objectives (adversarial, distill).
 
 Sections with a fixed set of fields reject unknown keys ("did you mean ..."). The `data` and `model`
 sections also carry free options (e.g. `model.depth=4`) that go to the data set loader / model factory,
@@ -133,8 +134,6 @@ class TrainerConfig(_Strict):
     # sharded DCP checkpoints. data.batch_size stays the global batch whatever the number of processes.
     strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     context_parallel: PositiveInt = 1  # ranks that split each sequence (ring attention; GPT/Llama language models)
-    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)  # adversarial training (trust/robust)
-    distill: DistillConfig = Field(default_factory=DistillConfig)  # learn from a teacher run (compress/distill)
 
 
 class LoggingConfig(_Strict):
@@ -154,3 +153,9 @@ class RunConfig(_Strict):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    # Training objectives (lamina/runs/objectives): each wraps the task when its section is set
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)  # adversarial training (PGD-AT, TRADES)
+    distill: DistillConfig = Field(default_factory=DistillConfig)  # learn from a teacher run's soft targets
+
+# Sections that moved; old configs and run folders that still use them are read with a deprecation warning.
+MOVED = {("trainer", "adversarial"): "adversarial", ("trainer", "distill"): "distill"}

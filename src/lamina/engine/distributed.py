@@ -286,3 +286,14 @@ class ShardedLoader:
         if name == "loader":
             raise AttributeError(name)
         return getattr(self.loader, name)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module under a DDP wrapper and/or torch.compile (FSDP2 shards in place: nothing to unwrap)."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model

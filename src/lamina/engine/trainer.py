@@ -37,17 +37,16 @@ from lamina.errors import CheckpointError, TrainingError
 class Trainer:
     def __init__(self, config: TrainerConfig | None = None, callbacks=(), loggers=(), dist: Distributed | None = None,
                  **overrides):
+        """Builds nothing global: the process group (under torchrun or fsdp), thread count and deterministic mode
+        are set up on first use (`setup`, `evaluate`, `predict`, or reading `dist` / `device`)."""
         cfg = config or TrainerConfig()
         # keyword overrides (Trainer(max_epochs=3)) get the same validation and messages as YAML
         self.cfg = validate_section(TrainerConfig, {**cfg.model_dump(), **overrides}, "trainer") if overrides else cfg
         self.callbacks = list(callbacks)
         self.loggers = list(loggers)
-        self.dist = dist if dist is not None else Distributed.from_config(self.cfg, select_device(self.cfg.device))
-        self.device = self.dist.device
-        self.precision = Precision(self.cfg.precision, self.device, autocast=not self.dist.fsdp_mixed_precision)
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
-        set_deterministic(self.cfg.deterministic)
+        self._dist = dist
+        self._precision = None
+        self._process_set = False
         self.model = self.optimizer = self.scheduler = self.task = None
         self.train_loader = None
         self.epoch = 0  # epochs completed
@@ -56,7 +55,7 @@ class Trainer:
         self.should_stop = False
         self.last_metrics: dict = {}
         self.history: list[dict] = []
-        self.meta: dict = {}  # extra facts saved into each checkpoint's meta.json (model name, ...)
+        self.checkpoint_info: dict = {}  # extra facts saved into each checkpoint's meta.json (config, data facts)
         self.train_time = 0.0
         self.samples_seen = 0
         self._epoch_start_loader_state = None
@@ -64,8 +63,35 @@ class Trainer:
         self._n_seen = 0
         self._resumed_acc = None
 
+    @property
+    def dist(self) -> Distributed:
+        """The process layout: one process, or this rank's place under torchrun (joins the group on first use)."""
+        if self._dist is None:
+            self._dist = Distributed.from_config(self.cfg, select_device(self.cfg.device))
+        return self._dist
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def precision(self) -> Precision:
+        if self._precision is None:
+            self._precision = Precision(self.cfg.precision, self.device, autocast=not self.dist.fsdp_mixed_precision)
+        return self._precision
+
+    def _apply_process_settings(self) -> None:
+        """trainer.threads and trainer.deterministic are process-wide: applied when work starts, once."""
+        if self._process_set:
+            return
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        set_deterministic(self.cfg.deterministic)
+        self._process_set = True
+
     # ----- verbs -----------------------------------------------------------------------------
     def setup(self, model: torch.nn.Module, optimizer=None, scheduler=None, task=None):
+        self._apply_process_settings()
         self.model = model.to(self.device)
         if self.cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -91,64 +117,10 @@ class Trainer:
             from lamina.engine.context_parallel import shard_batch
 
             batch, _ = shard_batch(batch, self.dist.cp_group)
-        if self.cfg.adversarial.method != "none":
-            return self._adversarial_step(batch)
         with self.precision.autocast():
             outputs = self.task.forward(self._forward_model, batch)
             loss = self.task.loss(outputs, batch)
         return loss, outputs
-
-    def _adversarial_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """PGD-AT or TRADES (trainer.adversarial; attacks in trust/robust.py, imported lazily: engine does not
-        depend on trust otherwise). Returns (loss, logits on the adversarial inputs): train/acc is then the
-        accuracy under the training attack.
-
-        The attack runs on `self.model` (the plain module: no DDP reducer hooks fire, no compiled graph) in eval
-        mode with parameters frozen: BN running statistics are not pulled toward the attack's intermediate
-        iterates, dropout is off, and no parameter gradient is computed or accumulated. (Madry et al. attack in
-        train mode; with eval mode the BN statistics the attack sees are the running ones, which is what the
-        deployed model uses and what TRADES does.) The training forward then runs on the wrapped model in train
-        mode, once, on [x_adv] (pgd) or [x, x_adv] (pgd with clean_fraction > 0, trades) concatenated: one
-        forward per step keeps DDP's one-forward-one-backward contract. Inputs are attacked in pixel space: a
-        normalize step of the train loader's transform is undone first and reapplied to x_adv."""
-        from lamina.trust.robust import Normalized, adversarial_examples, trades_kl
-
-        adv = self.cfg.adversarial
-        if self.task is None or getattr(self.task, "name", "") != "classification":
-            raise TrainingError(f"trainer.adversarial.method: {adv.method} needs a classification task, "
-                                f"got {getattr(self.task, 'name', self.task)}")
-        x, y = batch["x"], batch["y"]
-        norm = self._input_normalize()
-        net = self.model
-        if norm is not None:
-            m = torch.as_tensor(norm[0], device=x.device, dtype=x.dtype).reshape(1, -1, 1, 1)
-            s = torch.as_tensor(norm[1], device=x.device, dtype=x.dtype).reshape(1, -1, 1, 1)
-            x, net = x * s + m, Normalized(self.model, *norm)
-        x_adv = adversarial_examples(net, x, y, adv, clamp=adv.clamp, autocast=self.precision.autocast)
-        if norm is not None:
-            x, x_adv = (x - m) / s, (x_adv - m) / s
-        both = adv.method == "trades" or adv.clean_fraction > 0
-        inputs = torch.cat([x, x_adv]) if both else x_adv
-        if self.cfg.channels_last and inputs.ndim == 4:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with self.precision.autocast():
-            logits = self.task.forward(self._forward_model, {**batch, "x": inputs, "y": torch.cat([y, y]) if both
-                                                            else y})
-            if not both:
-                return self.task.loss(logits, batch), logits
-            clean, adv_logits = logits[: len(y)], logits[len(y):]
-            if adv.method == "trades":
-                loss = self.task.loss(clean, batch) + adv.beta * trades_kl(adv_logits, clean).mean()
-            else:
-                f = adv.clean_fraction
-                loss = f * self.task.loss(clean, batch) + (1 - f) * self.task.loss(adv_logits, batch)
-        return loss, adv_logits
-
-    def _input_normalize(self) -> tuple[list[float], list[float]] | None:
-        """(mean, std) of a Normalize step in the train loader's transform, else None."""
-        from lamina.data.transforms import normalize_of
-
-        return normalize_of(getattr(self.train_loader, "transform", None))
 
     def backward(self, loss: torch.Tensor) -> None:
         scale = getattr(self.train_loader, "loss_scale", 1.0) / self.cfg.accumulate  # see ShardedLoader
@@ -249,8 +221,6 @@ class Trainer:
                 row = {"epoch": self.epoch, "step": self.global_step, "train/loss": train_loss}
                 row.update({f"train/{k}": v for k, v in self.task.summarize_train(stat_sums, n_seen).items()})
                 row["train/samples_per_s"] = n_seen / dt if dt > 0 else float("nan")
-                if cfg.adversarial.method != "none":  # marks the run as adversarially trained; train/acc is robust
-                    row["train/adv_eps"] = cfg.adversarial.eps
                 if val_loader is not None and (self.epoch % cfg.val_every == 0 or self.epoch == cfg.max_epochs):
                     row.update(self.evaluate(model, task, val_loader, prefix="val"))
                 row["time"] = self.train_time
@@ -308,6 +278,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, model, task, loader, prefix: str = "val") -> dict:
+        self._apply_process_settings()
         model = model.to(self.device)
         was_training = model.training
         model.eval()
@@ -330,6 +301,7 @@ class Trainer:
 
     @torch.no_grad()
     def predict(self, model, task, loader) -> dict[str, torch.Tensor]:
+        self._apply_process_settings()
         model = model.to(self.device).eval()
         parts: dict[str, list] = {}
         for _, outputs, _, stand_in in self._eval_outputs(model, task, loader, with_loss=False):
@@ -370,7 +342,7 @@ class Trainer:
 
     def save_checkpoint(self, path: str | Path, metrics: dict | None = None) -> Path:
         """Collective under torchrun: every rank calls it (ModelCheckpoint does); rank 0 or DCP writes."""
-        meta = {**self.meta, "epoch": self.epoch, "global_step": self.global_step,
+        meta = {**self.checkpoint_info, "epoch": self.epoch, "global_step": self.global_step,
                 "batch_in_epoch": self.batch_in_epoch, "metrics": metrics or {}}
         state = self.state_dict()  # gathers every rank's RNG: all ranks take part
         if self.dist.sharded_checkpoints:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 import torchmetrics
 
-from lamina.tasks.base import model_inputs
+from lamina.errors import ConfigError
+from lamina.tasks.base import BaseTask, check_dense_data, check_dense_model, dense_model_options, model_inputs
 
 
-class ClassificationTask:
+def confusion_matrix(y: torch.Tensor, pred: torch.Tensor, k: int) -> torch.Tensor:
+    """(k, k) counts, rows true class, columns predicted."""
+    return torch.bincount(y.cpu().long() * k + pred.cpu().long(), minlength=k * k).reshape(k, k)
+
+
+class ClassificationTask(BaseTask):
     name = "classification"
     default_monitor = ("val/acc", "max")
 
@@ -16,6 +23,34 @@ class ClassificationTask:
         self.num_classes = int(num_classes)
         self.label_smoothing = float(label_smoothing)
 
+    # ----- building a run ------------------------------------------------------------------------------
+    @classmethod
+    def check_data(cls, bundle) -> None:
+        check_dense_data(cls.name, bundle)
+        if not bundle.num_classes:
+            raise ConfigError(f"task.name: classification needs class labels, data set '{bundle.name}' has none")
+
+    @classmethod
+    def num_outputs(cls, bundle) -> int:
+        return int(bundle.num_classes)
+
+    @classmethod
+    def from_facts(cls, facts, options: dict) -> "ClassificationTask":
+        return cls(facts.num_outputs, label_smoothing=options.get("label_smoothing", 0.0))
+
+    @classmethod
+    def model_options(cls, facts, entry) -> dict:
+        return dense_model_options(facts, entry)
+
+    @classmethod
+    def check_model(cls, model, facts) -> None:
+        check_dense_model(model, facts)
+
+    def test_outputs(self, trainer, model, loader, data) -> dict:
+        preds = trainer.predict(model, self, loader)["label"]
+        return {"confusion": confusion_matrix(data.y, preds, self.num_classes)}
+
+    # ----- per batch -----------------------------------------------------------------------------------
     def forward(self, model, batch):
         args, kwargs = model_inputs(batch)
         return model(*args, **kwargs)

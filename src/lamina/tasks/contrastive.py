@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import torchmetrics
 
 from lamina.errors import ConfigError, DataError
-from lamina.tasks.base import check_options
+from lamina.tasks.base import BaseTask, check_options
 
 
 def info_nce(logits_per_image: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -78,7 +78,7 @@ class ContrastiveOutput:
         return self.scale.float() * self.image_emb.float() @ self.text_emb.float().t()  # (B, B)
 
 
-class ContrastiveTask:
+class ContrastiveTask(BaseTask):
     name = "contrastive"
     default_monitor = ("val/zero_shot_acc", "max")
     OPTIONS = ("label_smoothing", "zero_shot")
@@ -109,20 +109,20 @@ class ContrastiveTask:
 
     # ----- runner protocol -------------------------------------------------------------------------
     @classmethod
-    def from_facts(cls, facts: dict, options: dict) -> "ContrastiveTask":
+    def from_facts(cls, facts, options: dict) -> "ContrastiveTask":
         check_options("option of task contrastive", options, cls.OPTIONS)
-        meta = facts.get("meta") or {}
-        return cls(meta.get("prompts"), facts.get("num_classes"), **options)
+        meta = facts.meta
+        return cls(meta.get("prompts"), facts.num_classes, **options)
 
-    @staticmethod
-    def model_options(facts: dict) -> dict:
-        meta = facts["meta"]
-        shapes = meta.get("input_shapes") or {"image": facts["input_shape"]}
+    @classmethod
+    def model_options(cls, facts, entry) -> dict:
+        meta = facts.meta
+        shapes = meta.get("input_shapes") or {"image": facts.input_shape}
         return {"vocab_size": int(meta["vocab_size"]), "max_len": int(meta["max_len"]),
                 "in_chans": int(shapes["image"][0])}
 
-    @staticmethod
-    def check_model(model, facts: dict) -> None:
+    @classmethod
+    def check_model(cls, model, facts) -> None:
         if not all(hasattr(model, a) for a in ("encode_image", "encode_text", "scale", "zero_shot_classifier")):
             name = getattr(model, "model_name", type(model).__name__)
             raise ConfigError(f"model.name: {name} is not an image-text dual encoder; contrastive training needs "

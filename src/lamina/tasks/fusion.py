@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import torchmetrics
 
 from lamina.errors import ConfigError, DataError
-from lamina.tasks.base import check_options
+from lamina.tasks.base import BaseTask, check_options
 from lamina.tasks.contrastive import text_mask
 
 MODALITIES = ("image", "text", "audio")
@@ -50,7 +50,7 @@ def proper_subsets(mods: tuple[str, ...]) -> list[tuple[str, ...]]:
     return [s for r in range(1, len(mods)) for s in itertools.combinations(mods, r)]
 
 
-class FusionTask:
+class FusionTask(BaseTask):
     name = "fusion"
     default_monitor = ("val/acc", "max")
     OPTIONS = ("label_smoothing", "subset_metrics")
@@ -72,18 +72,18 @@ class FusionTask:
 
     # ----- runner protocol -------------------------------------------------------------------------
     @classmethod
-    def from_facts(cls, facts: dict, options: dict) -> "FusionTask":
+    def from_facts(cls, facts, options: dict) -> "FusionTask":
         check_options("option of task fusion", options, cls.OPTIONS)
-        meta = facts.get("meta") or {}
-        n = facts.get("num_classes") or facts.get("num_outputs")
+        meta = facts.meta
+        n = facts.num_classes or facts.num_outputs
         return cls(int(n or 0), tuple(meta.get("modalities", MODALITIES)), **options)
 
-    @staticmethod
-    def model_options(facts: dict) -> dict:
-        meta = facts["meta"]
+    @classmethod
+    def model_options(cls, facts, entry) -> dict:
+        meta = facts.meta
         mods = tuple(meta["modalities"])
         shapes = meta.get("input_shapes", {})
-        opts = {"num_classes": int(facts.get("num_classes") or facts["num_outputs"]), "modalities": mods}
+        opts = {"num_classes": int(facts.num_classes or facts.num_outputs), "modalities": mods}
         if "image" in mods:
             opts["in_chans"] = int(shapes["image"][0])
         if "text" in mods:
@@ -92,15 +92,15 @@ class FusionTask:
             opts["n_mels"] = int(meta["n_mels"])
         return opts
 
-    @staticmethod
-    def check_model(model, facts: dict) -> None:
+    @classmethod
+    def check_model(cls, model, facts) -> None:
         name = getattr(model, "model_name", type(model).__name__)
         have = getattr(model, "modalities", None)
         if have is None or getattr(model, "output_kind", None) != "sequence":
             raise ConfigError(f"model.name: {name} is not a multimodal classifier; fusion needs fusion_classifier")
-        missing = [m for m in facts["meta"]["modalities"] if m not in have]
+        missing = [m for m in facts.meta["modalities"] if m not in have]
         if missing:
-            raise ConfigError(f"model.modalities: {name} has no {missing[0]} encoder but data set '{facts['name']}' "
+            raise ConfigError(f"model.modalities: {name} has no {missing[0]} encoder but data set '{facts.name}' "
                               f"gives {missing[0]}; add it to model.modalities or drop it with data.modalities")
 
     # ----- task protocol ---------------------------------------------------------------------------

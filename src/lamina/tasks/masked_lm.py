@@ -29,7 +29,7 @@ import torchmetrics
 from torchmetrics.text import Perplexity
 
 from lamina.errors import ConfigError, DataError
-from lamina.tasks.base import check_options
+from lamina.tasks.base import BaseTask, check_options
 
 IGNORE = -100  # label of positions that are not scored (torch's cross-entropy default ignore_index)
 
@@ -53,7 +53,7 @@ def mask_tokens(ids: torch.Tensor, eligible: torch.Tensor, mask_id: int, random_
     return out, labels
 
 
-class MaskedLMTask:
+class MaskedLMTask(BaseTask):
     name = "masked_lm"
     default_monitor = ("val/loss", "min")
     OPTIONS = ("mask_prob", "mask_token_frac", "random_token_frac", "seed", "label_smoothing")
@@ -87,23 +87,23 @@ class MaskedLMTask:
 
     # ----- runner protocol ----------------------------------------------------------------------
     @classmethod
-    def from_facts(cls, facts: dict, options: dict) -> "MaskedLMTask":
+    def from_facts(cls, facts, options: dict) -> "MaskedLMTask":
         check_options("option of task masked_lm", options, cls.OPTIONS)
-        meta = facts["meta"]
+        meta = facts.meta
         for key in ("vocab_size", "mask_id"):
             if key not in meta:
-                raise DataError(f"data set '{facts.get('name')}' has no {key} in its meta; masked_lm needs a "
+                raise DataError(f"data set '{facts.name}' has no {key} in its meta; masked_lm needs a "
                                 f"tokenized data set with a <mask> token (e.g. text_mlm)")
         return cls(meta["vocab_size"], meta["mask_id"], meta.get("special_ids", ()), meta.get("pad_id", 0),
                    **options)
 
-    @staticmethod
-    def model_options(facts: dict) -> dict:
-        meta = facts["meta"]
+    @classmethod
+    def model_options(cls, facts, entry) -> dict:
+        meta = facts.meta
         return {"vocab_size": int(meta["vocab_size"]), "block_size": int(meta["block_size"])}
 
-    @staticmethod
-    def check_model(model, facts: dict) -> None:
+    @classmethod
+    def check_model(cls, model, facts) -> None:
         kind = getattr(model, "output_kind", "next_token")
         if kind != "masked_lm":
             raise ConfigError(f"model.name: {getattr(model, 'model_name', type(model).__name__)} is not a masked "

@@ -5,15 +5,39 @@ from __future__ import annotations
 import torch.nn.functional as F
 import torchmetrics
 
-from lamina.tasks.base import model_inputs
+from lamina.tasks.base import BaseTask, check_dense_data, check_dense_model, dense_model_options, model_inputs
 
 
-class RegressionTask:
+class RegressionTask(BaseTask):
     name = "regression"
     default_monitor = ("val/loss", "min")
 
     def __init__(self, num_outputs: int = 1):
-        self.num_outputs = int(num_outputs)
+        self.outputs = int(num_outputs)
+
+    # ----- building a run ------------------------------------------------------------------------------
+    @classmethod
+    def check_data(cls, bundle) -> None:
+        check_dense_data(cls.name, bundle)
+
+    @classmethod
+    def num_outputs(cls, bundle) -> int:
+        y = bundle.train.y
+        return 1 if y.ndim == 1 else int(y.shape[-1])
+
+    @classmethod
+    def from_facts(cls, facts, options: dict) -> "RegressionTask":
+        return cls(facts.num_outputs)
+
+    @classmethod
+    def model_options(cls, facts, entry) -> dict:
+        return dense_model_options(facts, entry)
+
+    @classmethod
+    def check_model(cls, model, facts) -> None:
+        check_dense_model(model, facts)
+
+    # ----- per batch -----------------------------------------------------------------------------------
 
     def forward(self, model, batch):
         args, kwargs = model_inputs(batch)
@@ -29,7 +53,7 @@ class RegressionTask:
         return {"abs_err": (outputs.detach().float() - self._target(outputs.float(), batch)).abs().sum()}
 
     def summarize_train(self, sums: dict, n: int) -> dict:
-        return {"mae": float(sums["abs_err"]) / max(n * self.num_outputs, 1)}
+        return {"mae": float(sums["abs_err"]) / max(n * self.outputs, 1)}
 
     def make_metrics(self):
         return torchmetrics.MetricCollection({

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 import torchmetrics
 from torchmetrics.text import Perplexity
 
-from lamina.errors import ConfigError, MissingDependencyError
-from lamina.tasks.base import check_options
+from lamina.errors import ConfigError, DataError, MissingDependencyError
+from lamina.tasks.base import BaseTask, check_options
 
 
-class Seq2SeqTask:
+class Seq2SeqTask(BaseTask):
     name = "seq2seq"
     default_monitor = ("val/loss", "min")
     OPTIONS = ("label_smoothing", "beam_size", "alpha", "max_len_a", "max_len_b", "decode_batch_size")
@@ -40,19 +40,19 @@ class Seq2SeqTask:
         self.decode_batch_size = int(decode_batch_size)
 
     @classmethod
-    def from_facts(cls, facts: dict, options: dict) -> "Seq2SeqTask":
+    def from_facts(cls, facts, options: dict) -> "Seq2SeqTask":
         check_options("seq2seq option", options, cls.OPTIONS)
-        meta = facts["meta"]
+        meta = facts.meta
         return cls(meta["vocab_size"], meta.get("pad_id", 0), **options)
 
-    @staticmethod
-    def model_options(facts: dict) -> dict:
-        meta = facts["meta"]
+    @classmethod
+    def model_options(cls, facts, entry) -> dict:
+        meta = facts.meta
         return {"vocab_size": int(meta["vocab_size"]), "pad_id": meta.get("pad_id", 0),
                 "bos_id": meta.get("bos_id", 2), "eos_id": meta.get("eos_id", 3)}
 
-    @staticmethod
-    def check_model(model, facts: dict) -> None:
+    @classmethod
+    def check_model(cls, model, facts) -> None:
         if getattr(model, "output_kind", None) != "seq2seq":
             raise ConfigError(f"model.name: {getattr(model, 'model_name', type(model).__name__)} is not an "
                               "encoder-decoder model; seq2seq data needs one such as t5_mini")
@@ -115,6 +115,18 @@ class Seq2SeqTask:
             if on_batch is not None:
                 on_batch(len(rows))
         return out
+
+    def generate(self, model, facts, prompt: str, device, *, tokenizer=None, on_text=None, **sampling) -> str:
+        """Translations of the prompt's lines (beam search; sampling options do not apply)."""
+        from lamina.data.tokenizers import load_tokenizer
+
+        if not prompt.strip():
+            raise DataError("prompt: empty; give a sentence to translate, e.g. --prompt 'A dog runs.'")
+        lines = [line for line in prompt.splitlines() if line.strip()]
+        text = "\n".join(self.translate(model, load_tokenizer(tokenizer), lines, device))
+        if on_text:
+            on_text(text)
+        return text
 
     def test_extras(self, model, bundle, split: str, device, run_dir: Path | None = None) -> dict:
         try:

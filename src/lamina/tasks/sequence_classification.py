@@ -13,7 +13,7 @@ contract that lstm_classifier and the bert_* classifiers share (output_kind "seq
 from __future__ import annotations
 
 from lamina.errors import ConfigError, DataError
-from lamina.tasks.base import check_options
+from lamina.tasks.base import BaseTask, check_options
 from lamina.tasks.classification import ClassificationTask
 
 
@@ -23,21 +23,29 @@ class SequenceClassificationTask(ClassificationTask):
     OPTIONS = ("label_smoothing",)
 
     @classmethod
-    def from_facts(cls, facts: dict, options: dict) -> "SequenceClassificationTask":
+    def check_data(cls, bundle) -> None:  # the data set's own kind (token ids), not classification's images
+        BaseTask.check_data.__func__(cls, bundle)
+
+    @classmethod
+    def num_outputs(cls, bundle) -> int:
+        return BaseTask.num_outputs.__func__(cls, bundle)
+
+    @classmethod
+    def from_facts(cls, facts, options: dict) -> "SequenceClassificationTask":
         check_options("option of task sequence_classification", options, cls.OPTIONS)
-        n = facts.get("num_classes") or facts.get("num_outputs")
+        n = facts.num_classes or facts.num_outputs
         if not n or int(n) < 2:
-            raise DataError(f"data set '{facts.get('name')}' has {n} classes; sequence classification needs at least 2")
+            raise DataError(f"data set '{facts.name}' has {n} classes; sequence classification needs at least 2")
         return cls(int(n), **options)
 
-    @staticmethod
-    def model_options(facts: dict) -> dict:
-        meta = facts["meta"]
+    @classmethod
+    def model_options(cls, facts, entry) -> dict:
+        meta = facts.meta
         return {"vocab_size": int(meta["vocab_size"]), "block_size": int(meta["block_size"]),
-                "num_classes": int(facts.get("num_classes") or facts["num_outputs"])}
+                "num_classes": int(facts.num_classes or facts.num_outputs)}
 
-    @staticmethod
-    def check_model(model, facts: dict) -> None:
+    @classmethod
+    def check_model(cls, model, facts) -> None:
         kind = getattr(model, "output_kind", "next_token")
         if kind != "sequence":
             raise ConfigError(f"model.name: {getattr(model, 'model_name', type(model).__name__)} does not classify "
