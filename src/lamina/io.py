@@ -200,15 +200,23 @@ def tied_aliases(module_or_state) -> dict[str, str]:
     return _split_aliases(module_or_state)[1]
 
 
+def state_payload(module_or_state, metadata: Mapping[str, str] | None = None
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) to hand to safetensors' save_file yourself (inside a folder that `write_folder`
+    makes atomic): `state_for_saving`'s tensors and `metadata` plus the alias record `load_state` reads."""
+    tensors, aliases = _split_aliases(module_or_state)
+    meta = {"format": "pt", **(metadata or {})}
+    if aliases:
+        meta[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
+    return tensors, meta
+
+
 def save_state(path: str | Path, module_or_state, metadata: Mapping[str, str] | None = None) -> Path:
     """Write a module's (or state dict's) tensors to a safetensors file, atomically; tied tensors once, with
     their aliases in the metadata (see the module docstring). `metadata` values must be strings."""
     from safetensors.torch import save_file
 
-    tensors, aliases = _split_aliases(module_or_state)
-    meta = {"format": "pt", **(metadata or {})}
-    if aliases:
-        meta[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
+    tensors, meta = state_payload(module_or_state, metadata)
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return Path(path)
@@ -348,6 +356,6 @@ def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
 __all__ = [
     "ALIASES_KEY", "LABELS", "atomic_file", "atomic_write_bytes", "atomic_write_text", "check_state",
     "fsync_file", "list_files", "load_state", "load_state_strict", "make_temp_folder", "old_folder",
-    "publish_folder", "read_state_metadata", "save_state", "sha256_file", "state_for_saving", "tied_aliases",
-    "write_folder",
+    "publish_folder", "read_state_metadata", "save_state", "sha256_file", "state_for_saving", "state_payload",
+    "tied_aliases", "write_folder",
 ]

@@ -1,11 +1,11 @@
 """Checkpoints: a folder per checkpoint, written atomically.
 
-    <ckpt>/model.safetensors   weights (safe to load anywhere, no pickle)
+    <ckpt>/model.safetensors   weights (safe to load anywhere, no pickle; tied weights once, lamina.io.save_state)
     <ckpt>/state.pt            optimizer / scheduler / RNG / loop position, read with weights_only=True
     <ckpt>/meta.json           epoch, step, metrics, model name+options, sha256 of both files
 
-Write protocol: everything goes to a fresh temp folder beside the target, files are fsynced, then the old
-folder is renamed aside, the temp folder renamed into place and the old one deleted. A crash at any point
+Write protocol (lamina.io.write_folder): everything goes to a fresh temp folder beside the target, files are
+fsynced, then the old folder is renamed aside, the temp folder renamed into place and the old one deleted. A crash at any point
 leaves either the previous checkpoint or the new one complete; `resolve` falls back to the renamed-aside
 copy if the crash hit between the two renames. The sha256 in meta.json catches truncated or edited files.
 
@@ -23,88 +23,40 @@ shape, so a checkpoint written by N ranks loads on M ranks, or into a plain unsh
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lamina.errors import CheckpointError
+from lamina.io import (fsync_file, list_files, load_state, load_state_strict, make_temp_folder,
+                       publish_folder, sha256_file, state_for_saving, state_payload, tied_aliases, write_folder)
 
 FORMAT = "lamina-checkpoint-1"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared storage (tied weights) and non-contiguous views: save unique clones.
-    out, seen = {}, {}
-    for k, v in model.state_dict().items():
-        key = (v.data_ptr(), v.shape, v.stride()) if v.numel() else None
-        if key is not None and key in seen:
-            out[k] = out[seen[key]].clone()
-        else:
-            out[k] = v.detach().cpu().contiguous().clone()
-            if key is not None:
-                seen[key] = k
-    return out
-
-
-def write_folder(path: str | Path, write) -> Path:
-    """Atomically create folder `path`: `write(tmp)` fills a temp folder beside it, every file is fsynced, then
-    the temp folder is renamed into place (see the module docstring); on failure nothing replaces `path`."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        for n in _files(tmp):
-            _fsync(tmp / n)
-        _publish(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    """Every state-dict name as its own contiguous CPU tensor, tied ones as clones: the layout checkpoints had
+    before lamina.io.save_state stored tied tensors once. Kept for callers that hand the dict to safetensors'
+    save_file and load it back with a plain load_file; new code uses lamina.io.save_state / load_state."""
+    out = state_for_saving(model)
+    for alias, stored in tied_aliases(model).items():
+        out[alias] = out[stored].clone()
+    return {k: out[k] for k in model.state_dict()}
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, state: dict, meta: dict) -> Path:
     def write(tmp: Path) -> None:
-        save_file(_weights(model), str(tmp / "model.safetensors"))
+        tensors, metadata = state_payload(model)  # tied tensors once, their other names in the metadata
+        save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
         torch.save(state, tmp / "state.pt")
-        full = {**meta, "format": FORMAT, "sha256": {n: _sha256(tmp / n) for n in ("model.safetensors", "state.pt")}}
+        full = {**meta, "format": FORMAT, "sha256": {n: sha256_file(tmp / n) for n in ("model.safetensors", "state.pt")}}
         (tmp / "meta.json").write_text(json.dumps(full, indent=2, default=str))
 
     return write_folder(path, write)
-
-
-def _publish(tmp: Path, target: Path) -> None:
-    old = target.parent / f".{target.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _files(root: Path) -> list[str]:
-    return sorted(str(f.relative_to(root)) for f in root.rglob("*") if f.is_file())
 
 
 def save_sharded_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, state: dict, meta: dict,
@@ -116,8 +68,7 @@ def save_sharded_checkpoint(path: str | Path, model: torch.nn.Module, optimizer,
     target = Path(path)
     tmp = None
     if dist_env.is_main:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+        tmp = str(make_temp_folder(target))
     tmp = Path(dist_env.broadcast_object(tmp))
     try:
         msd, osd = get_state_dict(model, optimizer)
@@ -125,13 +76,13 @@ def save_sharded_checkpoint(path: str | Path, model: torch.nn.Module, optimizer,
         dist_env.barrier()  # every shard is on disk before rank 0 seals the folder
         if dist_env.is_main:
             torch.save(state, tmp / "state.pt")
-            files = _files(tmp)
+            files = list_files(tmp)
             meta = {**meta, "format": FORMAT, "sharded": True, "world_size": dist_env.world_size,
-                    "sha256": {n: _sha256(tmp / n) for n in files}}
+                    "sha256": {n: sha256_file(tmp / n) for n in files}}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
             for n in [*files, "meta.json"]:
-                _fsync(tmp / n)
-            _publish(tmp, target)
+                fsync_file(tmp / n)
+            publish_folder(tmp, target)
     except BaseException:
         if dist_env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -145,7 +96,7 @@ def _check_hashes(p: Path, meta: dict, names) -> None:
         f = p / n
         if not f.is_file():
             raise CheckpointError(f"{f} is missing; the checkpoint is incomplete")
-        if _sha256(f) != meta["sha256"].get(n):
+        if sha256_file(f) != meta["sha256"].get(n):
             raise CheckpointError(f"{f} is corrupt (sha256 does not match meta.json); use another checkpoint, e.g. checkpoints/best")
 
 
@@ -235,7 +186,7 @@ def load_checkpoint(path: str | Path, with_state: bool = True) -> tuple[dict, di
         names = ("state.pt",) if with_state else ()
     _check_hashes(p, meta, names)
     try:
-        weights = {} if sharded else load_file(str(p / "model.safetensors"))
+        weights = {} if sharded else load_state(p / "model.safetensors")  # tied tensors given back under every name
         state = torch.load(p / "state.pt", map_location="cpu", weights_only=True) if with_state else None
     except (SafetensorError, RuntimeError, OSError, EOFError) as e:  # defensive: hash matched but unreadable
         raise CheckpointError(f"{p} could not be read ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
@@ -243,7 +194,5 @@ def load_checkpoint(path: str | Path, with_state: bool = True) -> tuple[dict, di
 
 
 def load_weights(model: torch.nn.Module, weights: dict, source: str = "checkpoint") -> None:
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{source} does not match the model: missing {sorted(missing)[:3]}, "
-                              f"unexpected {sorted(unexpected)[:3]}")
+    """Strict: every tensor present and of the model's shape, checked before anything is copied."""
+    load_state_strict(model, weights, source)

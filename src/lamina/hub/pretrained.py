@@ -1,6 +1,7 @@
 """lamina's own pretrained format: a folder a fine-tuned model round-trips through.
 
-    <dir>/model.safetensors     the weights (tied weights saved once per name, as in checkpoints)
+    <dir>/model.safetensors     the weights (lamina.io.save_state: a tied tensor stored once, its other names
+                                in the metadata; folders written before that, with clones, load too)
     <dir>/lamina_model.json     {"format": ..., "model": registered name, "options": factory options, ...extra}
 
 `create_model` records the name and options on every model it builds (`model.lamina_spec`), so
@@ -15,9 +16,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from lamina.errors import CheckpointError
+from lamina.io import load_state, load_state_strict, save_state, write_folder
 
 FORMAT = "lamina-pretrained-1"
 
@@ -40,14 +41,12 @@ def _tuples(v):
 
 
 def save_pretrained(model: torch.nn.Module, path: str | Path, extra: dict | None = None) -> Path:
-    from lamina.engine.checkpoint import _weights, write_folder
-
     spec = getattr(model, "lamina_spec", None)
     if spec is None:
         raise CheckpointError("save_pretrained: the model was not built by lamina.models.create_model (no "
                               "lamina_spec), so it could not be rebuilt; build it with create_model(name, ...)")
     def write(tmp: Path) -> None:
-        save_file(_weights(model), str(tmp / "model.safetensors"))
+        save_state(tmp / "model.safetensors", model)
         meta = {"format": FORMAT, "model": spec["name"], "options": _jsonable(spec["options"]),
                 "params": sum(p.numel() for p in model.parameters()), **(extra or {})}
         (tmp / "lamina_model.json").write_text(json.dumps(meta, indent=2))
@@ -74,16 +73,10 @@ def from_pretrained(path: str | Path, **overrides) -> torch.nn.Module:
     meta = read_pretrained_meta(path)
     opts = {k: _tuples(v) for k, v in meta["options"].items()}
     model = create_model(meta["model"], **{**opts, **overrides})
-    weights = load_file(str(Path(path) / "model.safetensors"))
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    bad = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in own
-           if k in weights and weights[k].shape != own[k].shape]
-    if missing or unexpected or bad:
-        raise CheckpointError(f"{path} does not fit model {meta['model']}: missing {missing[:3]} ({len(missing)}), "
-                              f"unexpected {unexpected[:3]} ({len(unexpected)}), shape mismatches {bad[:3]}")
-    model.load_state_dict(weights)
+    weights = load_state(Path(path) / "model.safetensors")  # tied weights come back under every name
+    load_state_strict(model, weights, str(path), labels={
+        "head": f"does not fit model {meta['model']}", "missing": "missing ({n})", "unexpected": "unexpected ({n})",
+        "shape": "shape mismatches ({n})"})
     return model
 
 
