@@ -62,3 +62,39 @@ def scramble(module: torch.nn.Module, seed: int = 0) -> None:
         for p in module.parameters():  # a tied tensor is visited once
             noise = torch.randn(p.shape, generator=g)
             p.copy_(1.0 + 0.3 * noise if p.dim() == 1 else 0.15 * noise)
+
+
+# ----- one trained digits run, shared by every test that needs "a real trained run" -------------------------
+# The default job (small_cnn on digits) cut to 4 epochs (~1-2 s on one thread), with a normalize augment so the
+# tools that must undo it (export metadata, pixel-space explanations) are exercised too. Session scope: trained
+# once per xdist worker. Read-only: a test that writes into a run folder copies it first (`digits_run_copy`,
+# or `copy_run` into a module's own tmp folder).
+DIGITS_RUN_ARGS = ["trainer.max_epochs=4", "trainer.threads=1", "trainer.progress=false", "logging.tensorboard=false",
+                   "data.augment=[{name: normalize, mean: 0.3, std: 0.4}]", "name=digits"]
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory) -> Path:
+    import lamina
+
+    root = tmp_path_factory.mktemp("shared_runs")
+    n = torch.get_num_threads()
+    try:
+        run = lamina.train(lamina.load_config(None, [*DIGITS_RUN_ARGS, f"logging.root={root}"])).run_dir
+    finally:
+        torch.set_num_threads(n)  # trainer.threads=1 must not leak into the tests that follow on this worker
+    return Path(run)
+
+
+def copy_run(run: Path, dst: Path) -> Path:
+    """A private, writable copy of a run folder at `dst` (which must not exist); returns `dst`."""
+    import shutil
+
+    shutil.copytree(run, dst)
+    return dst
+
+
+@pytest.fixture()
+def digits_run_copy(digits_run, tmp_path) -> Path:
+    """A private copy of the shared digits run, for tests that write into the run folder."""
+    return copy_run(digits_run, tmp_path / "digits")

@@ -106,14 +106,11 @@ def test_plot_reliability(tmp_path):
     assert p.stat().st_size > 1000
 
 
-def test_calibrate_run_digits(tmp_path):
-    from lamina.config import load_config
-    from lamina.runner import evaluate, train
+def test_calibrate_run_digits(digits_run_copy):
+    from lamina.runner import evaluate
     from lamina.trust.calibration import calibrate_run
 
-    cfg = load_config(None, ["logging.tensorboard=false", "logging.plots=false", "trainer.progress=false",
-                             "trainer.max_epochs=3", f"logging.root={tmp_path}"])
-    run = train(cfg).run_dir
+    run = digits_run_copy  # the shared digits run (conftest), copied: calibrate_run writes into it
     out = calibrate_run(run)
     assert (run / "calibration.json").is_file() and (run / "calibration.png").is_file()
     saved = json.loads((run / "calibration.json").read_text())

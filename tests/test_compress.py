@@ -90,19 +90,22 @@ def test_distill_task_mixes_soft_and_hard_only_when_training():
         DistillTask(build_task("regression", num_outputs=1), teacher)
 
 
-def test_distill_run_trains_smaller_student_and_checks_teacher(tmp_path):
+def test_distill_run_trains_smaller_student_and_checks_teacher(tmp_path, digits_run):
+    from conftest import DIGITS_RUN_ARGS
     from lamina.config import load_config
     from lamina.runner import train
 
     common = ["logging.tensorboard=false", "logging.plots=false", "trainer.progress=false",
               f"logging.root={tmp_path}"]
-    teacher = train(load_config(None, [*common, "name=teacher", "trainer.max_epochs=4"]))
+    # the teacher: the shared digits run (conftest; small_cnn, 4 epochs); the student sees the same inputs
+    teacher_summary = json.loads((digits_run / "summary.json").read_text())
+    augment = next(a for a in DIGITS_RUN_ARGS if a.startswith("data.augment="))
     student = train(load_config(None, [*common, "name=student", "trainer.max_epochs=4", "model.channels=[16,32]",
-                                       f"trainer.distill.teacher={teacher.run_dir}"]))
-    assert student.summary["params"] * 4 <= teacher.summary["params"]
+                                       augment, f"trainer.distill.teacher={digits_run}"]))
+    assert student.summary["params"] * 4 <= teacher_summary["params"]
     assert student.summary["test"]["test/acc"] > 0.9
     bad = load_config(None, [*common, "name=bad", "data.name=iris", "model.name=mlp",
-                             f"trainer.distill.teacher={teacher.run_dir}"])
+                             f"trainer.distill.teacher={digits_run}"])
     with pytest.raises(ConfigError, match="trained on 'digits'"):
         train(bad)
 
@@ -276,14 +279,11 @@ def test_channel_prune_transformer_heads_and_errors():
 
 
 # ----- a trained run, end to end -------------------------------------------------------------------
-def test_quantize_and_prune_cli_on_a_run(tmp_path, capsys):
+def test_quantize_and_prune_cli_on_a_run(digits_run_copy, capsys):
     from lamina.cli.main import main
     from lamina.compress.run import load_variant
-    from lamina.config import load_config
-    from lamina.runner import train
 
-    run = train(load_config(None, ["logging.tensorboard=false", "logging.plots=false", "trainer.progress=false",
-                                   f"logging.root={tmp_path}", "trainer.max_epochs=4"])).run_dir
+    run = digits_run_copy  # the shared digits run (conftest; small_cnn, 4 epochs), copied: the verbs write into it
     assert main(["quantize", str(run), "--method", "static", "--repeats", "3", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     fp32, q = res["rows"]

@@ -79,6 +79,7 @@ def cp_worker(rank, world_size, tmp):
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_gpt_and_llama_under_context_parallel_equal_one_process(tmp_path):
     mp.spawn(cp_worker, args=(2, tmp_path), nprocs=2, join=True)
     for r in range(2):

@@ -144,8 +144,9 @@ def test_sharded_checkpoint_in_one_process_round_trips_into_a_plain_model_and_de
         load_model_weights(tmp_path / "ck" / "last", plain)
 
 
+# ----- torchrun (marked `distributed`: CI runs them as their own step) ----------------------------------------
+@pytest.mark.distributed
 @pytest.mark.slow  # ~145 s; CI keeps two-process DDP through the kill/recover test
-# ----- torchrun ---------------------------------------------------------------------------------------------
 def test_ddp_two_processes_match_one_and_a_two_process_checkpoint_resumes_on_one(tmp_path):
     ddp = _train(tmp_path, 2, "name=ddp2")
     one = _train(tmp_path, 0, "name=one", "trainer.threads=1")
@@ -174,6 +175,7 @@ def test_ddp_two_processes_match_one_and_a_two_process_checkpoint_resumes_on_one
     assert acc1 > 0.95 and abs(acc1 - acc2) <= 0.01, (acc1, acc2)
 
 
+@pytest.mark.distributed
 @needs_shared("tinyshakespeare/input.txt")
 def test_fsdp_trains_the_gpt_with_sharded_checkpoints_that_resume_on_one_process(tmp_path):
     fsdp = _train(tmp_path, 2, *TINY_GPT, "trainer.max_epochs=2", "trainer.strategy=fsdp", "name=fsdp")
@@ -205,6 +207,7 @@ def test_fsdp_trains_the_gpt_with_sharded_checkpoints_that_resume_on_one_process
     assert abs(json.loads(p.stdout)["val/loss"] - best_val) < 1e-5
 
 
+@pytest.mark.distributed
 @needs_shared("tinyshakespeare/input.txt")
 def test_context_parallel_training_through_the_cli_equals_one_process(tmp_path):
     cp = _train(tmp_path, 2, *TINY_GPT, "trainer.max_epochs=2", "trainer.context_parallel=2", "name=cp2")
@@ -214,6 +217,7 @@ def test_context_parallel_training_through_the_cli_equals_one_process(tmp_path):
         assert abs(a["train/loss"] - b["train/loss"]) < 1e-4 and abs(a["val/loss"] - b["val/loss"]) < 1e-4, (a, b)
 
 
+@pytest.mark.distributed
 @pytest.mark.slow  # ~47 s; two torchrun launchers
 def test_two_node_launch_with_c10d_rendezvous(tmp_path):
     """`torchrun --nnodes 2 --node-rank {0,1} --rdzv-backend c10d --rdzv-endpoint HOST:PORT`, both nodes on this
@@ -237,6 +241,7 @@ def test_two_node_launch_with_c10d_rendezvous(tmp_path):
     assert two_node["test"] == single["test"]
 
 
+@pytest.mark.distributed
 def test_killing_a_worker_mid_training_recovers_to_the_same_final_metrics(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "fault_test.py"), "--workdir", str(tmp_path),
                         "trainer.max_epochs=5", "data.batch_size=16"],
@@ -247,6 +252,7 @@ def test_killing_a_worker_mid_training_recovers_to_the_same_final_metrics(tmp_pa
     assert result["compared"] >= 20
 
 
+@pytest.mark.distributed
 def test_a_bad_distributed_config_is_one_line_from_rank_0_and_exit_2(tmp_path):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
                         "lamina.cli.main", "train", "trainer.context_parallel=2", "--no-progress"],

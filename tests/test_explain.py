@@ -363,12 +363,14 @@ def _train(tmp_path, *overrides):
     return train(cfg).run_dir
 
 
-def test_explain_run_digits(tmp_path):
+def test_explain_run_digits(tmp_path, digits_run):
+    from conftest import copy_run
     from lamina.data.transforms import eval_transforms
     from lamina.runner import load_run
     from lamina.trust.explain import PixelSpaceModel
 
-    run = _train(tmp_path, "data.augment=[{name: normalize, mean: 0.3, std: 0.4}]")
+    # the shared digits run (conftest: small_cnn behind a normalize augment), copied: explain_run writes into it
+    run = copy_run(digits_run, tmp_path / "digits")
     out = explain_run(run, "integrated_gradients", n=8)
     assert (run / "explain" / "integrated_gradients.png").stat().st_size > 5000
     z = np.load(run / "explain" / "integrated_gradients.npz")

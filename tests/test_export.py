@@ -19,6 +19,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
+from conftest import copy_run  # noqa: E402
 from lamina.cli.main import main  # noqa: E402
 from lamina.deploy.export import (UNSUPPORTED, UNSUPPORTED_PROGRAM, ExportError, ParityError,  # noqa: E402
                                   check_parity, eager_fn, export_onnx, export_program, int8_method, onnx_fn, parity,
@@ -214,16 +215,11 @@ def test_export_rejects_bad_inputs(tmp_path):
 
 
 # ----- CLI end to end on a real digits run -----------------------------------------------------------
-TRAIN_FAST = ["trainer.progress=false", "logging.tensorboard=false", "logging.plots=false"]
-
-
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    args = ["train", "model.name=small_cnn", "model.channels=[8,16]", "trainer.max_epochs=2", f"logging.root={root}",
-            "name=r", "data.augment=[{name: normalize, mean: 0.3, std: 0.4}]", *TRAIN_FAST]
-    assert main(args) == 0
-    return root / "r"
+def digits_run(tmp_path_factory, digits_run):
+    """This module's copy of conftest's shared digits run (small_cnn behind a normalize augment, mean 0.3, std 0.4):
+    export writes into the run folder."""
+    return copy_run(digits_run, tmp_path_factory.mktemp("runs") / "r")
 
 
 def _table(out: str) -> dict[str, list[str]]:

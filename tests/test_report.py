@@ -7,18 +7,15 @@ import struct
 
 import pytest
 
-from lamina.config import load_config
+from conftest import copy_run
 from lamina.errors import DataError
 from lamina.report.html import build_report
-from lamina.runner import train
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    cfg = load_config(None, ["trainer.max_epochs=3", "logging.tensorboard=false", f"logging.root={root}",
-                             "name=report-<run>", "model.channels=[8,16]"])
-    run_dir = train(cfg).run_dir
+def run(tmp_path_factory, digits_run):
+    # the shared digits run (conftest), copied under a name the page must escape: calibrate and gradients write into it
+    run_dir = copy_run(digits_run, tmp_path_factory.mktemp("runs") / "report-<run>")
     from lamina.trust.calibration import calibrate_run
     from lamina.trust.gradients import gradient_health_run
 

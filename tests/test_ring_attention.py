@@ -89,6 +89,7 @@ def ring_worker(rank, world_size, tmp, T):
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("world_size,T", [(2, 24), (4, 32)])
 def test_ring_attention_matches_sdpa_across_processes(tmp_path, world_size, T):
     mp.spawn(ring_worker, args=(world_size, tmp_path, T), nprocs=world_size, join=True)

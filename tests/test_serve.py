@@ -83,14 +83,25 @@ class Server:
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="error", access_log=False))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.ready = threading.Event()  # set once uvicorn has started listening, or once its thread has ended
+        startup = self.server.startup
+
+        async def startup_then_signal(sockets=None):
+            await startup(sockets=sockets)
+            self.ready.set()
+
+        self.server.startup = startup_then_signal
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        try:
+            self.server.run(sockets=[self.sock])
+        finally:
+            self.ready.set()  # a failed start must not leave __enter__ waiting for its whole deadline
 
     def __enter__(self):
         self.thread.start()
-        t0 = time.time()
-        while not self.server.started:
-            assert time.time() - t0 < 30, "server did not start"
-            time.sleep(0.01)
+        assert self.ready.wait(30) and self.server.started, "server did not start"
         return self
 
     def __exit__(self, *exc):
@@ -388,24 +399,43 @@ def test_model_exception_gives_500_and_neighbours_and_server_survive(model, digi
     assert metric(text, 'lamina_requests_total{route="/predict",status="500"}') == 4
 
 
-class Slow(TorchBackend):
+class Gated(TorchBackend):
+    """A backend whose forwards wait for `release`: requests pile up while the first forward runs."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.entered = 0  # forwards started (each holds one request: batching is off)
+
     def forward(self, x):
-        time.sleep(0.5)  # long enough that all 8 requests arrive while the first one runs
+        with self.lock:
+            self.entered += 1
+        assert self.release.wait(60), "the test never released the gated forward"
         return super().forward(x)
 
 
 def test_full_queue_answers_503_and_recovers(model, digits):
     x, _ = digits
     codes: list = []
-    with Server(Slow(model, FACTS, eval_transforms(NORM)), batching=False, max_queue=2) as s:
+    gated = Gated(model, FACTS, eval_transforms(NORM))
+    with Server(gated, batching=False, max_queue=2) as s:
         def send(i):
-            with httpx.Client(base_url=s.url, timeout=30) as c:
+            with httpx.Client(base_url=s.url, timeout=60) as c:
                 r = post(c, x[i])
                 codes.append((r.status_code, r.json()))
 
         threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
         for t in threads:
             t.start()
+        # hold the first forward until all 8 requests are accounted for: answered (503), running, or queued
+        deadline = time.monotonic() + 60
+        try:
+            while len(codes) + gated.entered + metric(s.metrics(), "lamina_queue_depth") < 8:
+                assert time.monotonic() < deadline, (codes, gated.entered)
+                time.sleep(0.005)
+        finally:
+            gated.release.set()
         for t in threads:
             t.join()
         busy = [body["error"] for code, body in codes if code == 503]

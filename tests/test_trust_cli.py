@@ -5,15 +5,14 @@ import json
 
 import pytest
 
+from conftest import copy_run
 from lamina.cli.main import main
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trust")
-    assert main(["train", "trainer.max_epochs=3", "trainer.progress=false", "logging.tensorboard=false",
-                 f"logging.root={root}", "name=digits", "model.channels=[8,16]"]) == 0
-    return root / "digits"
+def run(tmp_path_factory, digits_run):
+    # the shared digits run (conftest), copied: calibrate, attack, audit and report write into it
+    return copy_run(digits_run, tmp_path_factory.mktemp("trust") / "digits")
 
 
 def test_calibrate_prints_ece_before_and_after_and_keeps_accuracy(run, capsys):
