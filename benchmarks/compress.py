@@ -44,10 +44,10 @@ class OrtModule(torch.nn.Module):
 def bench_run(run: str, threads: int, repeats: int, prune_epochs: float, prune_amount: float, tmp: Path) -> dict:
     from lamina.compress import quantize as q
     from lamina.compress.prune import channel_prune
-    from lamina.compress.run import (calibration_batches, example_batch, finetune, measure, open_run, with_ratios)
+    from lamina.compress.run import (calibration_batches, example_batch, finetune, measure, open_context, with_ratios)
     from lamina.deploy.export import export_onnx, int8_method, quantize_onnx
 
-    ctx = open_run(run)
+    ctx = open_context(run)
     lm = ctx.task_name == "language_modeling"
     torch.manual_seed(ctx.cfg.seed)
     model = ctx.model.eval()

@@ -47,7 +47,7 @@ def free_port() -> int:
 
 def test_images(run: Path):
     from lamina.config import load_config
-    from lamina.runner import load_data
+    from lamina.runs import load_data
 
     cfg = load_config(run / "config.yaml")
     test = load_data(cfg).test

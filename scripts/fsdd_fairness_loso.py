@@ -19,19 +19,20 @@ SPEAKERS = ["george", "jackson", "lucas", "nicolas", "theo", "yweweler"]
 
 
 def held_out_predictions(run: Path, group: str) -> tuple[list, list, list]:
-    from lamina.runner import load_run, make_eval_loader
+    from lamina.runs import open_run
     from lamina.trust.fairness import load_group_data, collect_predictions, group_tables
 
-    cfg, model, task, facts, ckpt = load_run(run, "best")
-    bundle = load_group_data(cfg, ckpt)
+    opened = open_run(run, "best")
+    model, task = opened.model, opened.task
+    bundle = load_group_data(opened)
     key, values = group_tables(bundle.meta, group, bundle.name)
-    pred = collect_predictions(model, task, make_eval_loader(cfg, bundle.test, facts["task"], "cpu", bundle), key)
+    pred = collect_predictions(model, task, task.eval_loader(bundle.test, bundle, opened.cfg.data, "cpu"), key)
     return pred["y"].tolist(), pred["logits"].argmax(1).tolist(), [values[i] for i in pred["ids"].tolist()]
 
 
 def main(argv=None) -> int:
     from lamina.config import load_config
-    from lamina.runner import train
+    from lamina.runs import train
     from lamina.trust.fairness import fairness_report, train_reweighted
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -40,10 +40,10 @@ def __getattr__(name):  # lazy: `lamina --version` must not import torch
         from lamina.engine import Trainer
 
         return Trainer
-    if name in ("train", "evaluate", "predict"):
-        from lamina import runner
+    if name in ("train", "evaluate", "predict", "generate", "open_run"):
+        from lamina import runs
 
-        return getattr(runner, name)
+        return getattr(runs, name)
     if name in ("load_config", "RunConfig"):
         from lamina import config
 

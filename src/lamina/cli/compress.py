@@ -127,7 +127,7 @@ def cmd_prune(a, console) -> int:
 def cmd_distill(a, console) -> int:
     from pathlib import Path
 
-    from lamina import runner
+    from lamina import runs
     from lamina.cli.main import _split_train_args
     from lamina.config import load_config, to_yaml
     from lamina.errors import ConfigError
@@ -139,7 +139,7 @@ def cmd_distill(a, console) -> int:
     path, overrides = _split_train_args(a.args)
     if path is None:
         path = str(teacher / "config.yaml")
-    overrides = [f"trainer.distill.teacher={teacher}", *overrides]
+    overrides = [f"distill.teacher={teacher}", *overrides]
     cfg = load_config(path, overrides)
     if path == str(teacher / "config.yaml") and not any(o.startswith("name=") for o in overrides):
         cfg = cfg.model_copy(update={"name": f"{cfg.name or teacher.name}-student"})
@@ -147,13 +147,13 @@ def cmd_distill(a, console) -> int:
         print(to_yaml(cfg), end="")
         return 0
     cbs = [p] if (p := _progress(a, console)) is not None and cfg.trainer.progress else []
-    res = runner.train(cfg, callbacks=cbs)
+    res = runs.train(cfg, callbacks=cbs)
     s = res.summary
     tsum = teacher / "summary.json"
     t = json.loads(tsum.read_text()) if tsum.is_file() else {}
     out = {"student_run": str(res.run_dir), "student_params": s["params"], "teacher_params": t.get("params"),
            "student_test": s["test"], "teacher_test": t.get("test"),
-           "temperature": cfg.trainer.distill.temperature, "alpha": cfg.trainer.distill.alpha}
+           "temperature": cfg.distill.temperature, "alpha": cfg.distill.alpha}
     if a.json:
         print(json.dumps(out))
         return 0

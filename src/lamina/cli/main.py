@@ -115,7 +115,7 @@ def _split_train_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 def cmd_train(a, console) -> int:
     from lamina.config import load_config, to_yaml
-    from lamina import runner
+    from lamina import runs
 
     path, overrides = _split_train_args(a.args)
     if a.resume and path is None and not overrides:
@@ -136,7 +136,7 @@ def cmd_train(a, console) -> int:
         from lamina.cli.progress import RichProgress
 
         callbacks.append(RichProgress(console))
-    res = runner.train(cfg, callbacks=callbacks, resume=a.resume)
+    res = runs.train(cfg, callbacks=callbacks, resume=a.resume)
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports for everyone
         return 0
     s = res.summary
@@ -152,9 +152,9 @@ def cmd_train(a, console) -> int:
 
 
 def cmd_eval(a, console) -> int:
-    from lamina import runner
+    from lamina import runs
 
-    out = runner.evaluate(a.path, split=a.split, which=a.which)
+    out = runs.evaluate(a.path, split=a.split, which=a.which)
     if a.json:
         print(json.dumps(out))
     else:
@@ -171,7 +171,7 @@ def _is_run(path: str) -> bool:
 
 
 def cmd_predict(a, console) -> int:
-    from lamina import runner
+    from lamina import runs
 
     if not _is_run(a.path):  # a pretrained source: an installed weights package, folder or file (lamina.hub)
         from lamina import hub
@@ -188,7 +188,7 @@ def cmd_predict(a, console) -> int:
             else:
                 print(r["input"] + "\t" + "  ".join(f"{t['name']} ({t['class']}) {t['prob']:.3f}" for t in r["top"]))
         return 0
-    rows = runner.predict(a.path, a.inputs, which=a.which)
+    rows = runs.predict(a.path, a.inputs, which=a.which)
     for r in rows:
         if a.json:
             print(json.dumps(r))
@@ -200,7 +200,7 @@ def cmd_predict(a, console) -> int:
 
 
 def cmd_generate(a, console) -> int:
-    from lamina import runner
+    from lamina import runs
 
     if a.max_new_tokens < 1:
         from lamina.errors import ConfigError
@@ -212,7 +212,7 @@ def cmd_generate(a, console) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    runner.generate(a.path, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.greedy, a.seed,
+    runs.generate(a.path, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.greedy, a.seed,
                     a.stop, on_text=stream, which=a.which)
     sys.stdout.write("\n")
     return 0
@@ -320,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd is None:
         _parser().print_help()
         return 0
+    _one_line_deprecations()
     rc = _dispatch(a, argv, console)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
         # A torchrun worker whose run is over (group destroyed, files written and closed) skips interpreter
@@ -329,6 +330,22 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(rc)
     return rc
+
+
+def _one_line_deprecations() -> None:
+    """A moved config key prints `deprecated: ...` once, on stderr (from rank 0), not a warning's two lines."""
+    import warnings
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__name__ == "ConfigDeprecationWarning":
+            if os.environ.get("RANK", "0") == "0":
+                print(f"deprecated: {message}", file=sys.stderr)
+            return
+        shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def _dispatch(a, argv: list[str], console) -> int:

@@ -23,7 +23,7 @@ class RichProgress(Callback):
 
     def on_fit_start(self, trainer):
         # Printed here, after data, model and config were all accepted: a rejected run prints one line only.
-        m = trainer.meta
+        m = trainer.checkpoint_info
         self.console.print(f"[bold]lamina train[/]: data [cyan]{m.get('data', {}).get('name', '?')}[/], model "
                            f"[cyan]{m.get('model', '?')}[/], {trainer.cfg.max_epochs} epochs on {trainer.device}"
                            + (f", resuming at epoch {trainer.epoch + 1}" if trainer.epoch else ""))

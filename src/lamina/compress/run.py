@@ -21,43 +21,40 @@ from pathlib import Path
 import torch
 
 from lamina.errors import ConfigError
+from lamina.runs import Run, open_run
 
 _LM = "language_modeling"
 
 
 @dataclass
 class RunContext:
-    cfg: object
-    model: torch.nn.Module
-    task: object
-    facts: dict
-    ckpt: Path
+    """A trained run (lamina.runs.Run) with its data loaded: what every compression method starts from."""
+
+    run: Run
     bundle: object
-    root: Path  # the run folder
+    _loaders: tuple | None = None
 
-    @property
-    def task_name(self) -> str:
-        return self.facts["task"]
+    cfg = property(lambda self: self.run.cfg)
+    model = property(lambda self: self.run.model)
+    task = property(lambda self: self.run.task)
+    facts = property(lambda self: self.run.facts)
+    ckpt = property(lambda self: self.run.checkpoint)
+    root = property(lambda self: self.run.folder.path)  # the run folder
+    task_name = property(lambda self: self.run.facts.task)
 
 
-def open_run(path: str | Path, which: str = "best") -> RunContext:
-    from lamina.runner import _run_tokenizer, load_data, load_run
-
-    cfg, model, task, facts, ckpt = load_run(path, which)
-    bundle = load_data(cfg, _run_tokenizer(ckpt))
-    p = Path(path)
-    root = p if (p / "checkpoints").is_dir() else ckpt.parent.parent
-    return RunContext(cfg, model.eval(), task, facts, ckpt, bundle, root)
+def open_context(path: str | Path, which: str = "best") -> RunContext:
+    run = open_run(path, which)
+    run.model.eval()
+    return RunContext(run, run.data())
 
 
 # ----- measuring ---------------------------------------------------------------------------------
 def eval_loader(ctx: RunContext, split: str = "test"):
-    from lamina.runner import make_eval_loader
-
     data = getattr(ctx.bundle, split, None)
     if data is None:
         raise ConfigError(f"run data has no {split} split")
-    return make_eval_loader(ctx.cfg, data, ctx.task_name, torch.device("cpu"), ctx.bundle)
+    return ctx.run.eval_loader(data, torch.device("cpu"))
 
 
 def test_split(ctx: RunContext) -> str:
@@ -157,10 +154,10 @@ def with_ratios(rows: list[dict], base: str = "fp32") -> list[dict]:
 # ----- fine-tuning -------------------------------------------------------------------------------
 def loaders(ctx: RunContext):
     """(train, val) loaders of the run, on CPU, built once per RunContext."""
-    if getattr(ctx, "_loaders", None) is None:
-        from lamina.runner import make_loaders
-
-        ctx._loaders = make_loaders(ctx.cfg, ctx.bundle, ctx.task_name, torch.device("cpu"))
+    if ctx._loaders is None:
+        cpu, b = torch.device("cpu"), ctx.bundle
+        val = ctx.task.eval_loader(b.val, b, ctx.cfg.data, cpu) if b.val is not None else None
+        ctx._loaders = (ctx.task.train_loader(b, ctx.cfg.data, ctx.cfg.seed, cpu), val)
     return ctx._loaders
 
 
@@ -231,7 +228,7 @@ def quantize_run(path: str | Path, method: str = "dynamic", calib: int = 512, ep
 
     if method not in q.METHODS:
         raise ConfigError(f"quantize: unknown method '{method}'; accepted: {', '.join(q.METHODS)}")
-    ctx = open_run(path, which)
+    ctx = open_context(path, which)
     if method in ("static", "qat") and ctx.task_name == _LM:
         raise ConfigError(f"quantize: --method {method} (int8 activations, FX) is for conv nets and MLPs; for a "
                           "language model use dynamic, weight-int8 or weight-int4")
@@ -256,7 +253,7 @@ def prune_run(path: str | Path, method: str = "channels", amount: float = 0.5, e
     sparsity schedule during fine-tuning), both fine-tuned for `epochs` on the run's training data."""
     from lamina.compress.prune import GradualPruning, channel_prune, sparsity
 
-    ctx = open_run(path, which)
+    ctx = open_context(path, which)
     torch.manual_seed(ctx.cfg.seed)
     if method == "channels":
         pruned = channel_prune(ctx.model, example_batch(ctx, 2, "train"), amount)

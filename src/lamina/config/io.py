@@ -82,11 +82,14 @@ def _move_sections(raw: dict) -> dict:
         section = dict(section)
         value = section.pop(key)
         out[parent] = section
-        if new in out and value is not None:
-            raise ConfigError(f"{parent}.{key}: moved to {new}; give only {new} (both are set)")
-        out[new] = value
         default = getattr(RunConfig(), new).model_dump(mode="json")
-        if isinstance(value, dict) and any(value.get(k, default.get(k)) != default.get(k) for k in value):
+        changed = isinstance(value, dict) and any(value.get(k, default.get(k)) != default.get(k) for k in value)
+        if new in out:  # both: the old one may only be a stored default (a run folder's config)
+            if changed:
+                raise ConfigError(f"{parent}.{key}: moved to {new}; give only {new} (both are set)")
+            continue
+        out[new] = value
+        if changed:
             warnings.warn(f"{parent}.{key} is deprecated; use the top-level section {new} "
                           f"(e.g. {new}.{next(iter(value))}=...)", ConfigDeprecationWarning, stacklevel=3)
     return out

@@ -43,20 +43,20 @@ def _read_array(path: Path, input_shape: tuple) -> torch.Tensor:
     return _as_batch(arr, input_shape, str(path))
 
 
-def _images(paths: list[Path], facts: dict) -> torch.Tensor:
+def _images(paths: list[Path], facts) -> torch.Tensor:
     from lamina.data.files import load_image_files
 
-    shape = tuple(facts["input_shape"])
+    shape = tuple(facts.input_shape)
     if len(shape) != 3:
         raise InputShapeError(f"image input given, but the model expects vectors of shape {_shape_str(shape)}")
-    meta = facts["meta"]
+    meta = facts.meta
     img_meta = {"image_size": meta.get("image_size", list(shape[1:])),
                 "grayscale": meta.get("grayscale", shape[0] == 1)}
     return load_image_files(paths, img_meta)
 
 
-def _csv(path: Path, facts: dict) -> dict:
-    meta = facts["meta"]
+def _csv(path: Path, facts) -> dict:
+    meta = facts.meta
     try:
         import pandas as pd
     except ImportError:
@@ -69,7 +69,7 @@ def _csv(path: Path, facts: dict) -> dict:
         out = transform_table_rows(meta, pd.read_csv(path))
         out.pop("y", None)
         return out
-    shape = tuple(facts["input_shape"])
+    shape = tuple(facts.input_shape)
     if len(shape) != 1 or "mean" not in meta:
         raise InputShapeError(f"{path}: CSV input fits vector data sets; this model expects {_shape_str(shape)}")
     names = meta.get("feature_names")
@@ -96,9 +96,9 @@ def _is_number(s) -> bool:
         return False
 
 
-def read_inputs(inputs: list[str], facts: dict) -> tuple[dict, list[str]]:
+def read_inputs(inputs: list[str], facts) -> tuple[dict, list[str]]:
     """(tensors for a TensorData, one display name per row)."""
-    shape = tuple(facts["input_shape"])
+    shape = tuple(facts.input_shape)
     parts: list[dict] = []
     names: list[str] = []
     images: list[Path] = []

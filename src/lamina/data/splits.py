@@ -88,3 +88,21 @@ def apply_split(tensors: dict[str, torch.Tensor], split: Split) -> tuple[TensorD
     """Index every tensor by each split; an empty val/test split becomes None."""
     out = [TensorData(**{k: v[idx] for k, v in tensors.items()}) if len(idx) else None for idx in split]
     return out[0], out[1], out[2]
+
+
+def train_subset(data: TensorData, fraction: float, seed: int, kind: str) -> TensorData:
+    """`fraction` of a training split of a data set of `kind` (its DataBundle.task): per class in proportion for
+    classification data (a small subset keeps every class), a prefix for token streams (windows need
+    contiguous text), a seeded random sample otherwise."""
+    n = len(data)
+    if kind == "language_modeling":
+        return data.subset(torch.arange(max(1, int(n * fraction))))
+    g = torch.Generator().manual_seed(seed + 7919)  # independent of the split's own permutation
+    y = data.tensors.get("y")
+    if kind == "classification" and y is not None and y.ndim == 1 and not y.is_floating_point():
+        keep = []
+        for c in torch.unique(y):
+            idx = (y == c).nonzero().flatten()
+            keep.append(idx[torch.randperm(len(idx), generator=g)[:max(1, round(len(idx) * fraction))]])
+        return data.subset(torch.cat(keep).sort().values)
+    return data.subset(torch.randperm(n, generator=g)[:max(1, int(n * fraction))].sort().values)

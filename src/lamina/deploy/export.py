@@ -483,8 +483,6 @@ def _normalize_stats(augment) -> dict | None:
 
 def _real_batch(cfg, task, bundle, data, n: int, seed: int | None = None) -> dict:
     """`n` real samples of a split as the model sees them (eval transforms applied); LM: windows of token ids."""
-    from lamina.runner import make_eval_loader
-
     if task.name == "language_modeling":
         ids, block = data.tensors["ids"], int(bundle.meta["block_size"])
         k = min(n, (len(ids) - 1) // block)
@@ -497,7 +495,7 @@ def _real_batch(cfg, task, bundle, data, n: int, seed: int | None = None) -> dic
     idx = torch.arange(min(n, len(data)))
     if seed is not None:
         idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
-    loader = make_eval_loader(cfg, data.subset(idx), task.name, torch.device("cpu"), bundle)
+    loader = task.eval_loader(data.subset(idx), bundle, cfg.data, torch.device("cpu"))
     return next(iter(loader))
 
 
@@ -560,7 +558,7 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
     `out`: the artifact path (or folder) instead. export.json next to it holds the result under the format's key.
     Returns {"run", "checkpoint", "format", "batch", "split", "artifacts": [...]} where each artifact has file, size_mb, exporter, max_abs_diff, argmax_agreement (and accuracy where labels).
     """
-    from lamina.runner import _run_tokenizer, load_data, load_run
+    from lamina.runs import open_run
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format: {unknown_name('format', fmt, FORMATS)}")
@@ -580,13 +578,14 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
         from lamina.deploy.runtime import require_onnxruntime
 
         require_onnxruntime()
-    cfg, model, task, facts, ckpt = load_run(p, which)
+    run = open_run(p, which)
+    cfg, model, task, facts, ckpt = run.cfg, run.model, run.task, run.facts, run.checkpoint
     name = cfg.model.pretrained or cfg.model.name
     blocked = {**UNSUPPORTED, **(UNSUPPORTED_PROGRAM if fmt == "torch-export" else {})}
     if cfg.model.name in blocked and not cfg.model.pretrained:
         raise ExportError(f"model {cfg.model.name} cannot be exported to {fmt}: {blocked[cfg.model.name]}")
     model = model.cpu().eval()
-    bundle = load_data(cfg, _run_tokenizer(ckpt))
+    bundle = run.data()
     split = next((s for s in ("test", "val", "train") if getattr(bundle, s) is not None), None)
     data_batch = _real_batch(cfg, task, bundle, getattr(bundle, split), int(batch))
     inputs = run_inputs(model, task, data_batch)
@@ -594,12 +593,12 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
     if n < EXAMPLE_BATCH:
         raise ExportError(f"the {split} split has {n} sample(s); export needs at least {EXAMPLE_BATCH}")
 
-    root = p if (p / "checkpoints").is_dir() else ckpt.parent.parent
+    root = run.folder.path
     default = root / "export" / ("model.onnx" if fmt == "onnx" else "model.pt2")
     path = Path(out) if out else default
     if path.suffix == "" or path.is_dir():
         path = path / default.name
-    metadata = {"model": name, "facts": facts, "normalize": _normalize_stats(cfg.data.augment),
+    metadata = {"model": name, "facts": facts.to_dict(), "normalize": _normalize_stats(cfg.data.augment),
                 "checkpoint": str(ckpt)}
     ref = eager_fn(model)
     stage = path.with_name(f".candidate-{path.name}")  # replaces `path` only once it passed the parity check

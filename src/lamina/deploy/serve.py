@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lamina.data.facts import DataFacts
 from lamina.errors import ConfigError, DataError, LaminaError, MissingDependencyError
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024  # ~500 Fashion-MNIST images as JSON text
@@ -62,17 +63,17 @@ class _Backend:
 
     name = "?"
 
-    def __init__(self, facts: dict, model_name: str, source: str):
+    def __init__(self, facts: DataFacts, model_name: str, source: str):
         self.facts = facts
         self.model_name = model_name
         self.source = source
-        self.task = facts["task"]
-        self.input_shape = tuple(int(d) for d in facts["input_shape"])
-        self.class_names = list(facts.get("class_names") or [])
+        self.task = facts.task
+        self.input_shape = tuple(int(d) for d in facts.input_shape)
+        self.class_names = list(facts.class_names or [])
         if self.task not in ("classification", "regression"):
             raise ConfigError(f"{source}: lamina serve answers classification and regression models on tensor inputs; "
                               f"this model's task is {self.task}")
-        if facts.get("meta", {}).get("categorical"):
+        if facts.meta.get("categorical"):
             raise ConfigError(f"{source}: a table model with categorical columns needs CSV rows; lamina serve takes "
                               f"tensors and images (use `lamina predict RUN file.csv`)")
 
@@ -92,7 +93,7 @@ class TorchBackend(_Backend):
 
     name = "torch"
 
-    def __init__(self, model, facts: dict, transform=None, model_name: str = "model", source: str = "model"):
+    def __init__(self, model, facts: DataFacts, transform=None, model_name: str = "model", source: str = "model"):
         super().__init__(facts, model_name, source)
         self.model = model.eval()
         self.transform = transform
@@ -121,7 +122,7 @@ class OnnxBackend(_Backend):
         md = runner.metadata or {}
         if "facts" not in md:
             raise ConfigError(f"{source}: no lamina metadata in the ONNX file; export it with `lamina export`")
-        super().__init__(md["facts"], md.get("model", "onnx"), source)
+        super().__init__(DataFacts.from_dict(md["facts"], f"{source} metadata"), md.get("model", "onnx"), source)
         self.runner = runner
         norm = md.get("normalize")
         shape = (1, -1) + (1,) * (len(self.input_shape) - 1)
@@ -153,14 +154,15 @@ def load_backend(path: str | Path, which: str = "best", threads: int | None = No
     if not p.is_dir() or not ((p / "checkpoints").is_dir() or (p / "meta.json").is_file()):
         raise ConfigError(f"{path}: not a run folder (no checkpoints/ or meta.json) and not a .onnx file")
     from lamina.data.transforms import eval_transforms
-    from lamina.runner import load_run
+    from lamina.runs import open_run
 
     if threads:
         import torch
 
         torch.set_num_threads(int(threads))
-    cfg, model, _task, facts, ckpt = load_run(p, which)
-    return TorchBackend(model, facts, eval_transforms(cfg.data.augment), model_name=cfg.model.name, source=str(ckpt))
+    run = open_run(p, which)
+    return TorchBackend(run.model, run.facts, eval_transforms(run.cfg.data.augment), model_name=run.cfg.model.name,
+                        source=str(run.checkpoint))
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -264,7 +266,7 @@ def parse_tensor(obj, input_shape: tuple, max_samples: int) -> np.ndarray:
     return arr
 
 
-def _read_uploads(files: list[tuple[str, str, bytes]], facts: dict) -> np.ndarray:
+def _read_uploads(files: list[tuple[str, str, bytes]], facts: DataFacts) -> np.ndarray:
     """(filename, content type, bytes) uploads -> float32 (N, *input_shape) via read_inputs, as `lamina predict`."""
     from lamina.data.inputs import read_inputs
 
@@ -445,7 +447,7 @@ def create_app(backend, max_batch: int = 32, max_wait_ms: float = 5.0, batching:
     async def metadata():
         return {"model": backend.model_name, "source": backend.source, "backend": backend.name,
                 "task": backend.task, "input": backend.contract, "class_names": backend.class_names,
-                "num_outputs": backend.facts.get("num_outputs"),
+                "num_outputs": backend.facts.num_outputs,
                 "batching": {"enabled": batcher.batching, "max_batch": batcher.max_batch,
                              "max_wait_ms": batcher.max_wait * 1000.0, "max_queue": batcher.max_queue,
                              "forward_threads": batcher.forward_threads},

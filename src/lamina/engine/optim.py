@@ -26,8 +26,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, groups: list[dict] | None = None
+                    ) -> torch.optim.Optimizer:
+    """The optimizer named by `cfg` over `groups` (default: decay / no-decay groups of the model's trainable
+    parameters; layer-wise lr decay passes its own groups, each with its lr and weight decay)."""
+    groups = groups if groups is not None else param_groups(model, cfg.weight_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     if cfg.name == "adam":

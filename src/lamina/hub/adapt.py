@@ -65,16 +65,16 @@ def add_input_preprocessing(model: nn.Module, preprocess: dict | None, input_siz
     model.input_preprocessing = {"input_size": input_size, "mean": mean, "std": std}  # shown in summaries
 
 
-def adapt_pretrained(model: nn.Module, info: dict, facts: dict, input_size: int | None = None) -> nn.Module:
+def adapt_pretrained(model: nn.Module, info: dict, facts, input_size: int | None = None) -> nn.Module:
     """The pretrained `model` (from lamina.hub.load) made to fit a run's data facts (see the module docstring)."""
-    task, shape = facts["task"], tuple(facts["input_shape"])
+    task, shape = facts.task, tuple(facts.input_shape)
     if task == "sequence_classification":  # a text encoder: the data was tokenized with its own tokenizer
-        vocab = int(facts["meta"]["vocab_size"])
+        vocab = int(facts.meta["vocab_size"])
         if getattr(model, "vocab_size", vocab) != vocab or not hasattr(model, "reset_classifier"):
             raise ConfigError(f"model.pretrained: the encoder's vocabulary ({getattr(model, 'vocab_size', '?')}) "
                               f"is not the data's ({vocab}); the data must be tokenized with the pretrained "
                               "tokenizer.json (done automatically for sources that ship one)")
-        model.reset_classifier(int(facts.get("num_classes") or facts["num_outputs"]))
+        model.reset_classifier(int(facts.num_classes or facts.num_outputs))
         return model.train()
     if task != "classification" or len(shape) != 3:
         raise ConfigError(f"model.pretrained: fine-tuning from pretrained weights supports image and text "
@@ -83,6 +83,6 @@ def adapt_pretrained(model: nn.Module, info: dict, facts: dict, input_size: int 
         raise ConfigError(f"model.pretrained: the {info.get('family')} model has no classifier head to replace")
     adapt_input_channels(model, shape[0])
     add_input_preprocessing(model, info.get("preprocess"), input_size, shape[0])
-    model.reset_classifier(int(facts["num_outputs"]))
+    model.reset_classifier(int(facts.num_outputs))
     model.train()
     return model

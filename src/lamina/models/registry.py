@@ -61,8 +61,12 @@ def create_model(name: str, **kwargs) -> nn.Module:
         if "unexpected keyword" in msg or "got an unexpected" in msg:
             raise ModelError(f"{name}: {msg.split(': ', 1)[-1] if ': ' in msg else msg}") from None
         raise
-    # how to build it again (lamina.hub.save_pretrained / from_pretrained): the name and the options given
-    model.lamina_spec = {"name": name, "options": dict(kwargs)}
+    # how to build it again (checkpoints, lamina.hub.save_pretrained): the name, the options given, and every
+    # option of the resolved config, so a later change of a default does not silently change an old model
+    cfg = getattr(model, "cfg", None)
+    resolved = ({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+                if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type) else None)
+    model.lamina_spec = {"name": name, "options": dict(kwargs), "resolved": resolved}
     return model
 
 

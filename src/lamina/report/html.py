@@ -137,7 +137,7 @@ def _curves(run: Path, history: list[dict]) -> str:
 
 
 def _overfitting(history: list[dict]) -> str:
-    from lamina.trust.overfitting import overfitting_onset
+    from lamina.runs.overfitting import overfitting_onset
 
     try:
         r = overfitting_onset(history, min_rise=0.01)  # same rule as the run's summary: <1% rises are noise

@@ -23,11 +23,10 @@ def audit_run(run_dir: str | Path, which: str = "best", eps: float = 0.1, steps:
     """Run the applicable checks; returns {part: {"status": "done"|"skipped", "seconds", "result"|"reason"}}
     and the report path under "report". `progress(part)` is called before each part."""
     from lamina.report.html import build_report
-    from lamina.runner import load_run
+    from lamina.runs import open_run
 
-    run = Path(run_dir)
-    _, _, _, facts, ckpt = load_run(run, which)  # a bad folder fails here, before any work
-    root = run if (run / "checkpoints").is_dir() else ckpt.parent.parent
+    opened = open_run(run_dir, which)  # a bad folder fails here, before any work
+    facts, root = opened.facts, opened.folder.path
     out: dict = {}
 
     def step(part: str, fn, applies: bool, why_not: str):
@@ -89,7 +88,7 @@ def audit_run(run_dir: str | Path, which: str = "best", eps: float = 0.1, steps:
     step("gradients", gradients, True, "")
     step("explain", explain, True, "")
     step("robust", robust, True, "")
-    has_groups = bool((facts.get("meta") or {}).get("groups")) or group is not None
+    has_groups = bool(facts.meta.get("groups")) or group is not None
     step("fairness", fairness, has_groups,
          "the run's data carry no group metadata (e.g. fsdd_fusion's speaker accents); pass --group to force")
     out["report"] = str(build_report(root))

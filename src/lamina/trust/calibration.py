@@ -160,21 +160,20 @@ def collect_logits(model, task, loader, device="cpu") -> tuple[torch.Tensor, tor
 def calibrate_run(run_dir: str | Path, which: str = "best", n_bins: int = 15) -> dict:
     """Fit T on the run's val split, report ECE / NLL / accuracy on test before and after; writes
     calibration.json and calibration.png into the run folder."""
-    from lamina.engine.trainer import Trainer
-    from lamina.runner import _run_tokenizer, load_data, load_run, make_eval_loader
+    from lamina.runs import open_run
 
-    cfg, model, task, facts, ckpt = load_run(run_dir, which)
-    if facts["task"] not in LOGIT_TASKS:
+    run = open_run(run_dir, which)
+    model, task, ckpt = run.model, run.task, run.checkpoint
+    if run.facts.task not in LOGIT_TASKS:
         raise DataError(f"calibration needs a run that predicts classes ({', '.join(LOGIT_TASKS)}); {run_dir} is "
-                        f"{facts['task']}")
-    bundle = load_data(cfg, _run_tokenizer(ckpt))  # same name, options and seed -> the same splits
+                        f"{run.facts.task}")
+    bundle = run.data()  # same name, options and seed -> the same splits
     for split in ("val", "test"):
         if getattr(bundle, split) is None:
             raise DataError(f"data set '{bundle.name}' has no {split} split; calibration needs val and test")
-    device = Trainer(cfg.trainer.model_copy(update={"compile": False})).device
-    val = collect_logits(model, task, make_eval_loader(cfg, bundle.val, task.name, device, bundle), device)
-    test_logits, test_y = collect_logits(model, task, make_eval_loader(cfg, bundle.test, task.name, device, bundle),
-                                         device)
+    device = run.device
+    val = collect_logits(model, task, run.eval_loader("val"), device)
+    test_logits, test_y = collect_logits(model, task, run.eval_loader("test"), device)
     scaler = TemperatureScaler()
     t = scaler.fit(*val)
     scaled = scaler.transform(test_logits)
@@ -189,8 +188,7 @@ def calibrate_run(run_dir: str | Path, which: str = "best", n_bins: int = 15) ->
     bins_after = reliability_bins(scaled, test_y, n_bins)
     out = {"checkpoint": str(ckpt), "temperature": t, "n_val": len(val[1]), "n_test": len(test_y), "n_bins": n_bins,
            "before": before, "after": after, "bins_before": bins_before, "bins_after": bins_after}
-    root = Path(run_dir)
-    root = root if (root / "checkpoints").is_dir() else ckpt.parent.parent
+    root = run.folder.path
     (root / "calibration.json").write_text(json.dumps(out, indent=2))
     plot_reliability(bins_before, bins_after, root / "calibration.png", f"{bundle.name}: T = {t:.3f}")
     return out

@@ -557,10 +557,6 @@ IMAGE_METHODS = (*METHODS, "attention_rollout")
 VECTOR_METHODS = ("saliency", "integrated_gradients", "smoothgrad", "occlusion")  # tabular runs: (B, F) inputs
 
 
-def _run_root(run_dir: Path, ckpt: Path) -> Path:
-    return run_dir if (run_dir / "checkpoints").is_dir() else ckpt.parent.parent
-
-
 def explain_run(run_dir: str | Path, method: str = "integrated_gradients", n: int = 8, split: str = "test",
                 which: str = "best", out: str | Path | None = None, **method_kw) -> dict:
     """Explain the first n examples of a trained run's `split` (target: the predicted class). Writes
@@ -569,14 +565,14 @@ def explain_run(run_dir: str | Path, method: str = "integrated_gradients", n: in
     as <method>.json. Image runs: any of IMAGE_METHODS, in pixel space; text (sequence classification) runs:
     token attributions (method integrated_gradients); feature-vector (tabular) runs: VECTOR_METHODS, a bar per
     feature. For IG, the completeness gap |sum attr - (f(x) - f(x0))|."""
-    from lamina.engine.trainer import Trainer
-    from lamina.runner import _run_tokenizer, load_data, load_run
+    from lamina.runs import open_run
 
     t0 = time.perf_counter()
     if int(n) < 1:
         raise ConfigError(f"n: expected a positive integer, got {n}")
-    cfg, model, task, facts, ckpt = load_run(run_dir, which)
-    kind = facts["task"]
+    run = open_run(run_dir, which)
+    cfg, model, task, facts, ckpt = run.cfg, run.model, run.task, run.facts, run.checkpoint
+    kind = facts.task
     if kind not in ("classification", "sequence_classification"):
         raise DataError(f"explain needs a classification or sequence_classification run; {run_dir} is {kind}")
     text = kind == "sequence_classification"
@@ -584,17 +580,13 @@ def explain_run(run_dir: str | Path, method: str = "integrated_gradients", n: in
     if method not in valid:
         what = "text (sequence classification) runs" if text else "this run"
         raise ConfigError(f"{unknown_name('explain method', method, valid)} (for {what})")
-    bundle = load_data(cfg, _run_tokenizer(ckpt))
-    data = getattr(bundle, split, None)
-    if data is None:
-        raise DataError(f"data set '{bundle.name}' has no {split} split; use one of: "
-                        + ", ".join(s for s in ("train", "val", "test") if getattr(bundle, s) is not None))
+    bundle, data = run.data(), run.split(split)
     n = min(int(n), len(data))
-    device = Trainer(cfg.trainer.model_copy(update={"compile": False})).device
+    device = run.device
     model = model.to(device).eval()
-    root = Path(out) if out is not None else _run_root(Path(run_dir), ckpt) / "explain"
+    root = Path(out) if out is not None else run.folder.path / "explain"
     root.mkdir(parents=True, exist_ok=True)
-    names = facts.get("class_names") or None
+    names = facts.class_names or None
     labels = data.y[:n].long()
     cname = (lambda c: names[c] if names and c < len(names) else str(c))
     summary = {"run": str(run_dir), "checkpoint": str(ckpt), "method": method, "split": split, "n": n}

@@ -150,15 +150,17 @@ class ReweightedTask:
 
 
 # ----- a trained run ---------------------------------------------------------------------------
-def load_group_data(cfg, ckpt):
-    """The run's data set (same name, options, seed -> same splits) with its per-sample group ids."""
-    from lamina.runner import _run_tokenizer, load_data
+def load_group_data(run):
+    """The data set of `run` (a lamina.runs.Run: same name, options, seed -> same splits) with its per-sample
+    group ids."""
+    from lamina.runs import load_data
 
+    cfg = run.cfg
     data_cfg = cfg.data.model_copy(deep=True)
     if not data_cfg.options.get("groups"):
         setattr(data_cfg, "groups", True)
     try:
-        return load_data(cfg.model_copy(update={"data": data_cfg}), _run_tokenizer(ckpt))
+        return load_data(cfg.model_copy(update={"data": data_cfg}), run.folder.tokenizer)
     except (ConfigError, DataError) as e:  # the loader has no groups= option
         if "'groups'" in str(e) or "groups:" in str(e):
             raise DataError(f"data set '{cfg.data.name}' has no group metadata (no groups= option); fairness audits "
@@ -179,11 +181,6 @@ def collect_predictions(model, task, loader, key: str, device="cpu") -> dict[str
         ys.append(batch["y"].cpu())
         ids.append(batch[key].cpu())
     return {"logits": torch.cat(logits), "y": torch.cat(ys), "ids": torch.cat(ids)}
-
-
-def _run_root(run_dir, ckpt) -> Path:
-    root = Path(run_dir)
-    return root if (root / "checkpoints").is_dir() else ckpt.parent.parent
 
 
 def plot_fairness(reports: dict[str, dict], path, title: str = "") -> Path:
@@ -213,26 +210,26 @@ def audit_fairness(run_dir: str | Path, group: str = "accent", which: str = "bes
                    write: bool = True) -> dict:
     """Fairness report of a trained run's predictions on `split`, grouped by `group`; writes fairness.json and
     fairness.png (per-group accuracy) into the run folder."""
-    from lamina.engine.trainer import Trainer
-    from lamina.runner import load_run, make_eval_loader
+    from lamina.runs import open_run
 
     if split not in ("train", "val", "test"):
         raise ConfigError(f"split: {unknown_name('split', split, ('train', 'val', 'test'))}")
-    cfg, model, task, facts, ckpt = load_run(run_dir, which)
-    bundle = load_group_data(cfg, ckpt)
+    run = open_run(run_dir, which)
+    model, task, facts, ckpt = run.model, run.task, run.facts, run.checkpoint
+    bundle = load_group_data(run)
     key, values = group_tables(bundle.meta, group, bundle.name)
     data = getattr(bundle, split)
     if data is None:
         raise DataError(f"data set '{bundle.name}' has no {split} split")
-    device = Trainer(cfg.trainer.model_copy(update={"compile": False})).device
-    pred = collect_predictions(model, task, make_eval_loader(cfg, data, facts["task"], device, bundle), key, device)
+    device = run.device
+    pred = collect_predictions(model, task, task.eval_loader(data, bundle, run.cfg.data, device), key, device)
     names = [values[i] for i in pred["ids"].tolist()]
-    labels = list(range(int(facts.get("num_outputs") or pred["logits"].shape[1])))
+    labels = list(range(int(facts.num_outputs or pred["logits"].shape[1])))
     rep = fairness_report(pred["y"], pred["logits"].argmax(1), names, labels=labels, group_name=group)
     rep.update(checkpoint=str(ckpt), split=split, data=bundle.name,
                data_split=(bundle.meta or {}).get("split"), speakers=(bundle.meta or {}).get("speakers"))
     if write:
-        root = _run_root(run_dir, ckpt)
+        root = run.folder.path
         (root / "fairness.json").write_text(json.dumps(rep, indent=2))
         plot_fairness({"model": rep}, root / "fairness.png",
                       f"{bundle.name} {split}: accuracy by {group} (gap {rep['accuracy_difference']:.3f})")
@@ -243,10 +240,10 @@ def train_reweighted(run_dir: str | Path, group: str = "accent", out_dir: str | 
                      which: str = "best", uniform: bool = False) -> Path:
     """Retrain the run's config from scratch with inverse-frequency group weights on the loss (`uniform=True`:
     every weight 1, the unweighted control through the same code path); returns the new run folder."""
-    from lamina.runner import load_run, train
+    from lamina.runs import open_run, train
 
-    cfg, _, _, _, ckpt = load_run(run_dir, which)
-    root = _run_root(run_dir, ckpt)
+    opened = open_run(run_dir, which)
+    cfg, root = opened.cfg, opened.folder.path
     out = Path(out_dir) if out_dir is not None else root / ("control-uniform" if uniform else "mitigated-reweight")
     data_cfg = cfg.data.model_copy(deep=True)
     setattr(data_cfg, "groups", True)  # batches carry the per-sample group id the weights are looked up by

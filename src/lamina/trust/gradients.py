@@ -378,10 +378,11 @@ def gradient_health_run(run_dir, which: str = "best", batch_size: int | None = N
     from pathlib import Path
 
     from lamina.data.transforms import eval_transforms
-    from lamina.runner import _run_tokenizer, load_data, load_run
+    from lamina.runs import open_run
 
-    cfg, model, task, facts, ckpt = load_run(run_dir, which)
-    bundle = load_data(cfg, _run_tokenizer(ckpt))
+    run = open_run(run_dir, which)
+    cfg, model, task, ckpt = run.cfg, run.model, run.task, run.checkpoint
+    bundle = run.data()
     n = min(batch_size or cfg.data.batch_size, len(bundle.train))
     g = torch.Generator().manual_seed(cfg.seed)
     batch = dict(bundle.train.subset(torch.randperm(len(bundle.train), generator=g)[:n]).tensors)
@@ -394,7 +395,6 @@ def gradient_health_run(run_dir, which: str = "best", batch_size: int | None = N
     findings = diagnose(report)
     out = {"checkpoint": str(ckpt), "batch_size": n, "report": report, "summary": summarize(report),
            "findings": [f.__dict__ for f in findings]}
-    root = Path(run_dir)
-    root = root if (root / "checkpoints").is_dir() else ckpt.parent.parent
+    root = run.folder.path
     (root / "gradient_health.json").write_text(json.dumps(out, indent=2))
     return out

@@ -52,7 +52,7 @@ def learning_curve(cfg, fractions=(0.1, 0.25, 0.5, 1.0), out: str | Path | None 
     max_epochs / f epochs, so every point gets the same number of updates and differs only in data (with
     equal epochs a 10% run gets a tenth of the steps and the curve mixes data with compute).
     `progress(i, total, fraction)` is called before each run."""
-    from lamina.runner import train
+    from lamina.runs import train
 
     fr = sorted({float(f) for f in fractions})
     if not fr or fr[0] <= 0 or fr[-1] > 1:

@@ -60,18 +60,19 @@ def attack_run(run_dir: str | Path, attack: str = "pgd", eps: float = 0.1, steps
     attack.json into the run folder (attack_<attack>_<norm>_eps<eps>.json alongside, so several budgets keep
     their numbers) and returns the same dict."""
     from lamina.data import make_loader
-    from lamina.engine.trainer import Trainer
-    from lamina.runner import _run_tokenizer, load_data, load_run
+    from lamina.engine.precision import Precision
+    from lamina.runs import open_run
 
     check_budget(eps, norm, steps, alpha)
     if attack not in ATTACKS:
         make_attack(attack)  # raises the one-line "unknown attack" error
     if n is not None and (not isinstance(n, int) or n < 1):
         raise ConfigError(f"n: expected a positive number of test samples, got {n!r}")
-    cfg, model, task, facts, ckpt = load_run(run_dir, which)
-    if facts["task"] != "classification":
-        raise DataError(f"attacks need a classification run, {run_dir} is {facts['task']}")
-    bundle = load_data(cfg, _run_tokenizer(ckpt))  # same name, options and seed -> the same test split
+    run = open_run(run_dir, which)
+    cfg, model, ckpt = run.cfg, run.model, run.checkpoint
+    if run.facts.task != "classification":
+        raise DataError(f"attacks need a classification run, {run_dir} is {run.facts.task}")
+    bundle = run.data()  # same name, options and seed -> the same test split
     if bundle.test is None:
         raise DataError(f"data set '{bundle.name}' has no test split; attack needs one")
     x_all = bundle.test.tensors["x"] if hasattr(bundle.test, "tensors") else None
@@ -81,8 +82,7 @@ def attack_run(run_dir: str | Path, attack: str = "pgd", eps: float = 0.1, steps
     if clamp is not None and (lo < clamp[0] - 1e-6 or hi > clamp[1] + 1e-6):
         raise DataError(f"test inputs span [{lo:.3g}, {hi:.3g}], outside the attack's value range {list(clamp)}; "
                         "pass clamp=(lo, hi) for this data")
-    trainer = Trainer(cfg.trainer.model_copy(update={"compile": False}))
-    device = trainer.device
+    device = run.device
     stats = normalize_stats(cfg.data.augment)
     net = Normalized(model, *stats) if stats else model
     net = net.to(device).eval()
@@ -92,17 +92,15 @@ def attack_run(run_dir: str | Path, attack: str = "pgd", eps: float = 0.1, steps
     loader = make_loader(bundle.test, cfg.data.eval_batch_size, device=device, trim=bundle.meta.get("pad_trim"))
     g = torch.Generator(device=device).manual_seed(seed)
     atk = make_attack(attack, eps, steps, norm, alpha, restarts, clamp, generator=g,
-                      autocast=trainer.precision.autocast)
+                      autocast=Precision(cfg.trainer.precision, device).autocast)
     t0 = time.perf_counter()
     res = robust_accuracy(net, loader, atk, n=n, device=device)
     secs = time.perf_counter() - t0
     out = {"checkpoint": str(ckpt), "attack": attack, "eps": eps, "steps": None if attack == "fgsm" else steps,
            "norm": norm, "alpha": alpha if attack == "pgd" else None, "restarts": restarts, "n": res["n"],
            "clean_acc": res["clean_acc"], "robust_acc": res["robust_acc"], "seconds": secs,
-           "adversarial_training": (cfg.trainer.adversarial.method
-                                    if hasattr(cfg.trainer, "adversarial") else "none")}
-    root = Path(run_dir)
-    root = root if (root / "checkpoints").is_dir() else ckpt.parent.parent
+           "adversarial_training": cfg.adversarial.method}
+    root = run.folder.path
     text = json.dumps(out, indent=2)
     (root / "attack.json").write_text(text)
     (root / f"attack_{attack}_{norm}_eps{eps:g}.json").write_text(text)

@@ -1,0 +1,138 @@
+"""Open a trained run: `open_run(path) -> Run`, the one way every tool and verb reads a run folder or
+checkpoint; and the verbs on a run: `evaluate`, `predict`, `generate`.
+
+A Run holds the config, the model with the checkpoint's weights, the task and the typed data facts. Data is
+loaded only when asked (`run.data()`), with the run's own tokenizer and seed, so the splits are the ones the
+run was trained and tested on. The model is rebuilt from the options its checkpoint recorded (every option,
+defaults included); checkpoints written before options were recorded are rebuilt from today's defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from lamina.config import RunConfig, validate
+from lamina.data import DataBundle
+from lamina.data.facts import DataFacts
+from lamina.engine import Trainer
+from lamina.engine.checkpoint import load_model_weights, read_meta
+from lamina.engine.precision import select_device
+from lamina.errors import CheckpointError, ConfigError, DataError, LaminaError
+from lamina.runs.build import as_options, build_run_model, load_data, make_task
+from lamina.runs.folder import RunFolder
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    model: torch.nn.Module
+    task: object  # lamina.tasks.Task
+    facts: DataFacts
+    checkpoint: Path
+    folder: RunFolder
+    _bundle: DataBundle | None = field(default=None, repr=False)
+
+    @cached_property
+    def device(self) -> torch.device:
+        """The device the run's config asks for (auto: CUDA, then MPS, then CPU)."""
+        return select_device(self.cfg.trainer.device)
+
+    def data(self) -> DataBundle:
+        """The run's data set (loaded once): same name, options, seed and tokenizer as in training."""
+        if self._bundle is None:
+            self._bundle = load_data(self.cfg, self.folder.tokenizer)
+        return self._bundle
+
+    def split(self, name: str):
+        data = getattr(self.data(), name, None) if name in SPLITS else None
+        if data is None:
+            have = [s for s in SPLITS if getattr(self.data(), s) is not None]
+            raise DataError(f"data set '{self.data().name}' has no {name} split; use one of: {', '.join(have)}")
+        return data
+
+    def eval_loader(self, split_or_data, device=None, batch_size: int | None = None):
+        """Batches of a split for evaluation, prepared as in training (normalize, padding trim, windows)."""
+        data = self.split(split_or_data) if isinstance(split_or_data, str) else split_or_data
+        data_cfg = self.cfg.data if batch_size is None else self.cfg.data.model_copy(
+            update={"eval_batch_size": batch_size})
+        return self.task.eval_loader(data, self.data(), data_cfg, device or self.device)
+
+    def trainer(self, **overrides) -> Trainer:
+        """A Trainer for evaluation / prediction with the run's trainer settings (no compilation)."""
+        return Trainer(self.cfg.trainer.model_copy(update={"compile": False, **overrides}))
+
+
+def open_run(path: str | Path, which: str = "best") -> Run:
+    """A run folder (its `which` checkpoint, else `last`) or a checkpoint folder; no data is loaded."""
+    folder, ckpt = RunFolder.locate(path, which)
+    meta = read_meta(ckpt)
+    if "config" not in meta:
+        raise CheckpointError(f"{ckpt}/meta.json has no config; it was not written by `lamina train`")
+    try:
+        cfg = validate(meta["config"])
+        facts = DataFacts.from_dict(meta.get("data"), f"{ckpt}/meta.json")
+        task = make_task(cfg, facts)
+        options = meta.get("model_options")
+        if options is not None and not isinstance(options, dict):
+            raise CheckpointError(f"{ckpt}/meta.json: model_options must be a mapping, got {type(options).__name__}")
+        model = build_run_model(cfg, facts, as_options(options) if options is not None else None)
+    except ConfigError as e:  # the run's own config no longer validates (e.g. a model removed since)
+        raise CheckpointError(f"{ckpt} cannot be rebuilt with this version of lamina: {e}") from None
+    try:
+        load_model_weights(ckpt, model)
+    except RuntimeError as e:  # shape mismatch
+        raise CheckpointError(f"{ckpt} does not fit model {cfg.model.name}: {str(e).splitlines()[-1].strip()}") from None
+    return Run(cfg, model, task, facts, ckpt, folder)
+
+
+# ----- verbs on a trained run ----------------------------------------------------------------------------
+def evaluate(path: str | Path, split: str = "test", which: str = "best") -> dict:
+    run = open_run(path, which)
+    data = run.split(split)
+    trainer = run.trainer()
+    metrics = trainer.evaluate(run.model, run.task, run.eval_loader(data, trainer.device), prefix=split)
+    metrics.update(run.task.test_extras(run.model, run.data(), split, trainer.device))
+    return {"checkpoint": str(run.checkpoint), "split": split, "n": len(data), **metrics}
+
+
+def predict(path: str | Path, inputs: list[str], which: str = "best") -> list[dict]:
+    from lamina.data import make_loader
+    from lamina.data.base import TensorData
+    from lamina.data.inputs import read_inputs
+    from lamina.data.transforms import eval_transforms
+
+    run = open_run(path, which)
+    x_parts, names = read_inputs(inputs, run.facts)
+    trainer = run.trainer()
+    loader = make_loader(TensorData(**x_parts), run.cfg.data.eval_batch_size, device=trainer.device,
+                         transform=eval_transforms(run.cfg.data.augment))
+    out = trainer.predict(run.model, run.task, loader)
+    rows = []
+    for i, name in enumerate(names):
+        if "label" in out:
+            label = int(out["label"][i])
+            cls = run.facts.class_names[label] if run.facts.class_names else str(label)
+            rows.append({"input": name, "label": label, "class": cls, "confidence": float(out["confidence"][i])})
+        else:
+            rows.append({"input": name, "value": out["value"][i].tolist()})
+    return rows
+
+
+def generate(path: str | Path, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, greedy: bool = False, seed: int = 0,
+             stop: str | None = None, on_text=None, which: str = "best") -> str:
+    """Text from a trained run: sampled continuation (language models) or translation (seq2seq);
+    `on_text(str)` receives each new piece (streaming)."""
+    run = open_run(path, which)
+    return run.task.generate(run.model, run.facts, prompt, run.device, tokenizer=run.folder.tokenizer,
+                             on_text=on_text, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, greedy=greedy, seed=seed, stop=stop)
+
+
+__all__ = ["Run", "open_run", "evaluate", "predict", "generate", "LaminaError"]

@@ -1,0 +1,222 @@
+"""Train a run from a config, in three steps a caller can also take one at a time:
+
+    prepared = prepare(cfg, dist)   data, task (+ objectives), model, loaders, optimizer, run folder, Trainer
+    history  = fit(prepared)        Trainer.fit, with exact resume from a checkpoint
+    result   = finalize(prepared, history)   test metrics with the best weights, summary, post-run outputs
+
+`train(cfg)` does all three. Under torchrun (`trainer.strategy=ddp|fsdp`) every rank runs them; rank 0 picks
+the run folder and writes every file; all ranks train, evaluate and checkpoint together
+(engine/distributed.py). When torchrun restarts the workers after a failure (`--max-restarts`), the restarted
+ranks find the run folder of the first attempt (runs/.elastic/<rdzv id>) and resume from its last checkpoint.
+Nothing here prints; the CLI is a thin shell over it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lamina.config import RunConfig, to_dict, to_yaml
+from lamina.data import DataBundle
+from lamina.data.facts import DataFacts
+from lamina.engine import (CSVLogger, EarlyStopping, LRMonitor, ModelCheckpoint, TensorBoardLogger, Trainer,
+                           build_scheduler, seed_everything)
+from lamina.engine.checkpoint import load_model_weights, resolve
+from lamina.engine.distributed import Distributed, launched_by_torchrun, restart_count
+from lamina.engine.precision import Precision, select_device
+from lamina.errors import ConfigError
+from lamina.io import atomic_write_text
+from lamina.runs.build import (check_finite_data, count_params, data_facts, finetune_setup, load_data, make_task,
+                               pretrained_tokenizer, resolved_options, build_run_model, task_class)
+from lamina.runs.folder import RunFolder
+from lamina.runs.objectives import ObjectiveContext, active_objectives, apply_objectives
+from lamina.runs.outputs import DEFAULT_OUTPUTS, RunEnd, jsonable
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict
+    history: list[dict]
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs before its first step."""
+
+    cfg: RunConfig
+    dist: Distributed
+    bundle: DataBundle
+    facts: DataFacts
+    task: object
+    model: torch.nn.Module
+    folder: RunFolder
+    trainer: Trainer
+    train_loader: object
+    val_loader: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    checkpoints: ModelCheckpoint
+    monitor: str
+    resume: Path | None = None
+    wall0: float = field(default_factory=time.perf_counter)
+
+
+def _elastic_folder(cfg: RunConfig, dist: Distributed) -> tuple[Path, Path | None]:
+    """(run folder, checkpoint to resume or None) under torchrun. The first attempt creates the folder and
+    records it under the rendezvous id; a restart after a lost worker reads it back and resumes from `last`."""
+    choice = None
+    if dist.is_main:
+        pointer = RunFolder.elastic_pointer(cfg.logging.root)
+        if restart_count() > 0 and pointer.is_file():
+            d = Path(pointer.read_text().strip())
+            last = d / "checkpoints" / "last"
+            ok = last.exists() or (last.parent / ".last.old").exists()
+            choice = (str(d), str(d) if ok else None)
+        else:
+            d = RunFolder.new(cfg.logging.root, cfg.name, cfg.data.name, cfg.model.name).path
+            d.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(pointer, str(d))
+            choice = (str(d), None)
+    d, resume = dist.broadcast_object(choice)
+    return Path(d), Path(resume) if resume else None
+
+
+def prepare(cfg: RunConfig, dist: Distributed, callbacks: Sequence = (), resume: str | Path | None = None,
+            run_dir: str | Path | None = None, task_wrapper: Callable | None = None) -> Prepared:
+    wall0 = time.perf_counter()
+    if resume is None and run_dir is None and launched_by_torchrun():
+        run_dir, resume = _elastic_folder(cfg, dist)
+    if resume is not None:
+        resume = resolve(resume)
+        run_dir = Path(run_dir) if run_dir else resume.parent.parent
+    seed_everything(cfg.seed)
+    bundle = load_data(cfg, pretrained_tokenizer(cfg))
+    check_finite_data(bundle)
+    task_cls = task_class(cfg, bundle)
+    facts = data_facts(bundle, task_cls)
+    task = make_task(cfg, facts)
+    if task_wrapper is not None:
+        task = task_wrapper(task, bundle)
+    task = apply_objectives(task, ObjectiveContext(cfg, bundle, facts))
+    model = build_run_model(cfg, facts)
+    if dist.cp > 1:  # ring attention splits each training sequence into 2 * cp zigzag chunks
+        block = facts.meta.get("block_size")
+        if not task_cls.supports_context_parallel or not block:
+            raise ConfigError(f"trainer.context_parallel: {dist.cp} applies to language-model runs (gpt, llama on "
+                              f"token streams); this run is {facts.task}")
+        if block % (2 * dist.cp):
+            raise ConfigError(f"data.block_size: {block} must be a multiple of 2 * trainer.context_parallel = "
+                              f"{2 * dist.cp} (zigzag chunks), e.g. {-(-block // (2 * dist.cp)) * 2 * dist.cp}")
+    tcfg = cfg.trainer
+    monitor, mode = tcfg.monitor, tcfg.monitor_mode
+    if bundle.val is None and monitor.startswith("val/"):
+        monitor = "train/loss"
+    device, main = dist.device, dist.is_main
+
+    train_loader = task.train_loader(bundle, cfg.data, cfg.seed, device)
+    val_loader = task.eval_loader(bundle.val, bundle, cfg.data, device) if bundle.val is not None else None
+    steps_per_epoch = max(1, -(-len(train_loader) // tcfg.accumulate))
+    total = tcfg.max_steps or steps_per_epoch * tcfg.max_epochs
+    optimizer, ft_callbacks = finetune_setup(cfg, model, task)
+    scheduler = build_scheduler(optimizer, cfg.schedule, total, steps_per_epoch,
+                                [g["lr"] for g in optimizer.param_groups] if cfg.finetune.lr_decay else cfg.optimizer.lr)
+
+    if run_dir is None:
+        new = RunFolder.new(cfg.logging.root, cfg.name, cfg.data.name, cfg.model.name).path if main else None
+        run_dir = dist.broadcast_object(str(new) if new else None)
+    folder = RunFolder(run_dir)
+    if main:
+        folder.path.mkdir(parents=True, exist_ok=True)
+        folder.write_text("config.yaml", to_yaml(cfg))
+        folder.write_text("data.json", json.dumps(facts.to_dict(), indent=2, default=jsonable))
+        if "tokenizer" in bundle.extras:  # text runs: the tokenizer travels with the run
+            bundle.extras["tokenizer"].save(folder.tokenizer)
+    if dist.rank > 0:  # same init everywhere (FSDP shards it as is), then rank-specific dropout streams
+        torch.manual_seed(cfg.seed + dist.rank)
+
+    ckpt_cb = ModelCheckpoint(folder.checkpoints, monitor=monitor, mode=mode)
+    cbs = [ckpt_cb, LRMonitor()]
+    es = tcfg.early_stopping
+    if es.patience is not None:
+        cbs.append(EarlyStopping(monitor, mode, es.patience, es.min_delta))
+    loggers = [CSVLogger(folder.metrics)] if main else []
+    if cfg.logging.tensorboard and main:
+        loggers.append(TensorBoardLogger(folder.tensorboard))
+    if resume is not None and main:
+        loggers[0].load()
+    trainer = Trainer(tcfg, callbacks=[*cbs, *ft_callbacks, *(callbacks if main else ())], loggers=loggers, dist=dist)
+    # saved in every checkpoint's meta.json: enough to rebuild this exact model and its data (open_run)
+    trainer.checkpoint_info = {"config": to_dict(cfg), "model": cfg.model.name,
+                               "model_options": resolved_options(model), "objectives": active_objectives(cfg),
+                               "data": json.loads(json.dumps(facts.to_dict(), default=jsonable))}
+    return Prepared(cfg, dist, bundle, facts, task, model, folder, trainer, train_loader, val_loader, optimizer,
+                    scheduler, ckpt_cb, monitor, resume, wall0)
+
+
+def fit(p: Prepared) -> list[dict]:
+    return p.trainer.fit(p.model, p.task, p.train_loader, p.val_loader, p.optimizer, p.scheduler,
+                         resume_from=p.resume)
+
+
+def finalize(p: Prepared, history: list[dict], outputs: Sequence[Callable[[RunEnd], None]] = DEFAULT_OUTPUTS
+             ) -> RunResult:
+    """Test with the best checkpoint's weights (the one a user would ship), then the summary and outputs."""
+    dist, trainer, model, task, bundle = p.dist, p.trainer, p.model, p.task, p.bundle
+    best = p.folder.checkpoints / "best"
+    if dist.broadcast_object(best.exists()):
+        load_model_weights(best, model)
+    final = dict(history[-1]) if history else {}
+    test_metrics, artifacts = {}, {}
+    if bundle.test is not None:
+        test_loader = task.eval_loader(bundle.test, bundle, p.cfg.data, dist.device)
+        test_metrics = trainer.evaluate(model, task, test_loader, prefix="test")
+        if not dist.sharded_checkpoints:
+            # metrics that need decoding (BLEU of beam-searched outputs): rank 0 alone, on its full replica
+            extras = (task.test_extras(model, bundle, "test", trainer.device, run_dir=p.folder.path)
+                      if dist.is_main else None)
+            test_metrics.update(dist.broadcast_object(extras) or {})
+        artifacts = task.test_outputs(trainer, model, test_loader, bundle.test)
+    tokens = task.tokens_per_sample(p.facts)
+    tcfg = p.cfg.trainer
+    summary = {
+        "run_dir": str(p.folder.path), "data": bundle.summary(), "model": p.cfg.model.name, "task": p.facts.task,
+        "params": count_params(model), "epochs": trainer.epoch, "steps": trainer.global_step,
+        "best_epoch": p.checkpoints.best_epoch, "monitor": p.monitor, "best_monitor": p.checkpoints.best,
+        "final": final, "test": test_metrics,
+        "train_time_s": trainer.train_time, "wall_time_s": time.perf_counter() - p.wall0,
+        "train_samples_per_s": trainer.samples_seen / trainer.train_time if trainer.train_time else None,
+        "train_tokens_per_s": (trainer.samples_seen * tokens / trainer.train_time
+                               if tokens and trainer.train_time else None),
+        "device": str(trainer.device), "precision": tcfg.precision, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "strategy": dist.strategy, "world_size": dist.world_size,
+        "context_parallel": dist.cp, "restarts": restart_count(),
+    }
+    end = RunEnd(p.cfg, p.folder, model, task, p.facts, history, summary, artifacts, dist.is_main)
+    for out in outputs:
+        out(end)
+    return RunResult(p.folder.path, summary, history)
+
+
+def train(cfg: RunConfig, callbacks: Sequence = (), resume: str | Path | None = None,
+          run_dir: str | Path | None = None, task_wrapper: Callable | None = None,
+          outputs: Sequence[Callable[[RunEnd], None]] = DEFAULT_OUTPUTS) -> RunResult:
+    """Train per config. `resume`: a run folder or checkpoint; training continues in that run folder.
+    `task_wrapper(task, bundle) -> task`: composes a different training objective over the configured task
+    (e.g. trust.fairness's group-reweighted loss) without a config section. `outputs`: post-run outputs."""
+    device = select_device(cfg.trainer.device)  # device/precision errors before anything is written
+    Precision(cfg.trainer.precision, device)
+    dist = Distributed.from_config(cfg.trainer, device)
+    try:
+        prepared = prepare(cfg, dist, callbacks, resume, run_dir, task_wrapper)
+        result = finalize(prepared, fit(prepared), outputs)
+    except BaseException:
+        dist.close(clean=False)
+        raise
+    dist.close()
+    return result
