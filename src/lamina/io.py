@@ -269,7 +269,8 @@ def _shape(v) -> tuple[int, ...]:
 
 
 def _names(names: Iterable[str], limit: int) -> str:
-    names = list(names)
+    """'a, b, c (+7 more)': the first few names, sorted, and how many were left out."""
+    names = sorted(names)
     more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
@@ -286,13 +287,13 @@ def _tied_in_model(sd: Mapping[str, torch.Tensor]) -> dict[str, set[str]]:
 def check_state(expected, state: Mapping[str, object], source: str,
                 rename: Mapping[str, str] | Callable[[str], str | None] | None = None, *,
                 optional: Iterable[str] = (), labels: Mapping[str, str] | None = None,
-                hint: Callable[[str], str] | None = None, limit: int = 3) -> dict[str, object]:
+                show_missing: Callable[[str], str] | None = None, limit: int = 5) -> dict[str, object]:
     """Check, before anything is copied, that `state` fits `expected` (a module, or a mapping name -> tensor or
     shape): every name present, none left over, every shape equal. Returns `state` renamed to the model's names.
 
     rename: state name -> model name, as a dict or a function (None: the name has no place in the model).
     optional: model names the state may lack (tensors tied to one that is loaded are optional by themselves).
-    hint(model name): text shown in brackets after a missing name (e.g. the checkpoint name it comes from).
+    show_missing(model name): how a missing name is shown (e.g. with the checkpoint name it would come from).
     labels: overrides of LABELS, the words of the one-line CheckpointError:
         "{source} {head}: {n} unexpected: a, b; {n} missing: c; {n} shape mismatch(es): d (2,) vs (3,)".
     """
@@ -326,7 +327,7 @@ def check_state(expected, state: Mapping[str, object], source: str,
         if unexpected:
             parts.append(words["unexpected"].format(n=len(unexpected)) + ": " + _names(unexpected, limit))
         if missing:
-            shown = [f"{k} ({hint(k)})" for k in missing] if hint else missing
+            shown = [show_missing(k) for k in missing] if show_missing else missing
             parts.append(words["missing"].format(n=len(missing)) + ": " + _names(shown, limit))
         if bad:
             parts.append(words["shape"].format(n=len(bad)) + ": " + _names(bad, limit))

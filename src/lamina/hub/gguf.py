@@ -27,13 +27,9 @@ import numpy as np
 import torch
 
 from lamina.errors import CheckpointError, MissingDependencyError
+from lamina.io import check_state, load_state_strict
 
 _OPTIONS = ("dtype", "block_size", "tokenizer")
-
-
-def _names(keys, n: int = 5) -> str:
-    keys = list(keys)
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
 def _field(reader, key: str, default=None):
@@ -110,30 +106,20 @@ def read_llama_state(reader, cfg, path) -> dict[str, torch.Tensor]:
         expected = {k: tuple(v.shape) for k, v in Llama(cfg).state_dict().items()}
     q_k = {f"blocks.{i}.attn.{p}_proj.weight": (cfg.n_head if p == "q" else cfg.n_kv_head)
            for i in range(cfg.n_layer) for p in "qk"}
-    state, unknown, bad = {}, [], []
+    # every name and shape checked from the header, before anything is dequantized
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}  # GGUF: innermost first
+    check_state(expected, shapes, f"hub: {path}", {g: ours for g, (_, ours) in to_lamina.items() if ours not in tied},
+                optional=tied, labels={
+                    "head": "", "unexpected": "{n} tensor(s) with no place in lamina's llama",
+                    "missing": "{n} model tensor(s) not in the file", "shape": "{n} shape mismatch(es)",
+                    "shape_entry": "{key} {got} (lamina's {name} expects {want})"})
+    state = {}
     for t in reader.tensors:
-        if t.name not in to_lamina or to_lamina[t.name][1] in tied:
-            unknown.append(t.name)
-            continue
         ours = to_lamina[t.name][1]
-        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
-        if shape != expected[ours]:
-            bad.append(f"{t.name} {shape} (lamina's {ours} expects {expected[ours]})")
-            continue
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shapes[t.name])
         if ours in q_k:
             w = unpermute_rope_rows(w, q_k[ours])
         state[ours] = torch.from_numpy(np.array(w, copy=True))
-    missing = [k for k in expected if k not in state and k not in tied]
-    if unknown or missing or bad:
-        parts = []
-        if unknown:
-            parts.append(f"{len(unknown)} tensor(s) with no place in lamina's llama: {_names(unknown)}")
-        if missing:
-            parts.append(f"{len(missing)} model tensor(s) not in the file: {_names(missing)}")
-        if bad:
-            parts.append(f"{len(bad)} shape mismatch(es): {_names(bad, 3)}")
-        raise CheckpointError(f"hub: {path}: " + "; ".join(parts))
     return state
 
 
@@ -174,8 +160,7 @@ def load_gguf(path: str | Path, **options):
     state = read_llama_state(reader, cfg, path)
     model = Llama(cfg)
     model.model_name = "llama"
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # checked above
+    load_state_strict(model, state, f"hub: {path}")  # checked above; a tied lm_head is wte, loaded with it
     if options.get("dtype") is not None:
         model = model.to(options["dtype"])
     model.eval()

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lamina.errors import CheckpointError
+from lamina.io import load_state_strict
 
 FAMILIES = ("bert", "llama", "gpt2")
 _ARCHITECTURES = {"BertModel": "bert", "BertForMaskedLM": "bert", "BertForSequenceClassification": "bert",
@@ -32,13 +33,6 @@ _HF_BUFFERS = ("embeddings.position_ids",)  # HF registers these as persistent b
 _DECODER_BUFFERS = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")  # older transformers saved these
 _POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
                   "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len"}
-
-
-def _names(keys, n: int = 5) -> str:
-    """'a, b, c (+7 more)': the first few names and how many were left out."""
-    keys = sorted(keys)
-    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
 
 
 def _read_json(path: Path) -> dict:
@@ -126,6 +120,14 @@ def _bert_model(config: dict, pooling: str | None, state: dict, path: Path, dtyp
     return _finish(model, name, dtype)
 
 
+def _labels(family: str, checkpoint: str = "the checkpoint") -> dict[str, str]:
+    return {"head": "", "unexpected": f"{{n}} tensor(s) with no place in lamina's {family}",
+            "missing": f"{{n}} model tensor(s) not in {checkpoint}",
+            "shape": "{n} tensor(s) whose shape config.json and the weights disagree on",
+            "shape_entry": "{key} has shape {got}, lamina's {name} expects {want}",
+            "shape_entry_same": "{key} has shape {got}, lamina expects {want}"}
+
+
 def map_bert_state(model, state: dict[str, torch.Tensor], source: str) -> list[str]:
     """Copy an HF BERT state dict into `model` by name, every shape checked; strict both ways (CheckpointError).
     Returns the checkpoint keys the family knows but this model does not use (e.g. the pooler under mean pooling)."""
@@ -134,39 +136,17 @@ def map_bert_state(model, state: dict[str, torch.Tensor], source: str) -> list[s
     key_map = hf_bert_key_map(model.cfg.n_layer)
     ours = model.state_dict()
     tied = {"lm_head.weight"} if getattr(model.cfg, "tie_weights", False) else set()  # it is wte
-    loaded: set[str] = set()
-    unknown, unused = [], []
+    load: dict[str, torch.Tensor] = {}
+    unused = []
     for key, value in state.items():
         hf = _hf_name(key)
-        if hf in _HF_BUFFERS:
+        name = key_map.get(hf)
+        if hf in _HF_BUFFERS or (name is not None and (name not in ours or name in tied)):
             unused.append(key)
-            continue
-        if hf not in key_map:
-            unknown.append(key)
-            continue
-        name = key_map[hf]
-        if name not in ours or name in tied:
-            unused.append(key)
-            continue
-        if tuple(value.shape) != tuple(ours[name].shape):
-            raise CheckpointError(f"hub: {source}: {key} has shape {tuple(value.shape)}, lamina's {name} expects "
-                                  f"{tuple(ours[name].shape)}; config.json and the weights disagree")
-        if name in loaded:
-            continue  # the MLM bias under both of its HF names
-        loaded.add(name)
-    missing = [k for k in ours if k not in loaded and k not in tied]
-    if unknown or missing:
-        parts = []
-        if unknown:
-            parts.append(f"{len(unknown)} tensor(s) with no place in lamina's bert: {_names(unknown)}")
-        if missing:
-            parts.append(f"{len(missing)} model tensor(s) not in the checkpoint: {_names(missing)}")
-        raise CheckpointError(f"hub: {source}: " + "; ".join(parts))
-    with torch.no_grad():  # only now: a failed load leaves the model untouched
-        for key, value in state.items():
-            name = key_map.get(_hf_name(key))
-            if name in loaded:
-                ours[name].copy_(value.to(ours[name].dtype))  # state_dict tensors share the parameters' storage
+        else:
+            load[key] = value  # the MLM bias may come under both of its HF names: the same tensor twice
+    load_state_strict(model, load, f"hub: {source}", rename=lambda k: key_map.get(_hf_name(k)),
+                      optional=tied, labels=_labels("bert"))
     return sorted(unused)
 
 
@@ -179,36 +159,25 @@ def _map_decoder_state(model, state: dict[str, torch.Tensor], convert, hf_name, 
     Returns the checkpoint keys loaded nowhere (buffers, a tied lm_head)."""
     ours = model.state_dict()
     tied = {"lm_head.weight"} if model.lm_head.weight is model.wte.weight else set()  # it is wte
-    staged: dict[str, torch.Tensor] = {}
-    unknown, unused = [], []
+    staged: dict[str, torch.Tensor] = {}  # checkpoint key (or key:part of a fused tensor) -> tensor
+    to_ours: dict[str, str] = {}
+    unused = []
     for key, value in state.items():
         if key.endswith(_DECODER_BUFFERS):
             unused.append(key)
             continue
         pairs = convert(key, value)
         if pairs is None or any(name not in ours for name, _ in pairs):  # e.g. a layer past n_layer
-            unknown.append(key)
+            staged[key] = value  # no rename: reported as having no place
             continue
         if all(name in tied for name, _ in pairs):
             unused.append(key)
             continue
-        for name, tensor in pairs:
-            if tuple(tensor.shape) != tuple(ours[name].shape):
-                raise CheckpointError(f"hub: {source}: {key} has shape {tuple(value.shape)}, lamina's {name} "
-                                      f"expects {tuple(ours[name].shape)}; config.json and the weights disagree")
-            staged[name] = tensor
-    missing = [k for k in ours if k not in staged and k not in tied]
-    if unknown or missing:
-        parts = []
-        if unknown:
-            parts.append(f"{len(unknown)} tensor(s) with no place in lamina's {family}: {_names(unknown)}")
-        if missing:
-            parts.append(f"{len(missing)} model tensor(s) not in the checkpoint: "
-                         f"{_names(f'{k} ({hf_name(k)})' for k in missing)}")
-        raise CheckpointError(f"hub: {source}: " + "; ".join(parts))
-    with torch.no_grad():  # only now: a failed load leaves the model untouched
-        for name, tensor in staged.items():
-            ours[name].copy_(tensor.to(ours[name].dtype))  # state_dict tensors share the parameters' storage
+        for name, tensor in pairs:  # GPT-2's fused c_attn gives three tensors
+            shown = key if len(pairs) == 1 else f"{key}[{name.rsplit('.', 2)[-2]}]"
+            staged[shown], to_ours[shown] = tensor, name
+    load_state_strict(model, staged, f"hub: {source}", rename=to_ours, optional=tied, labels=_labels(family),
+                      show_missing=lambda k: f"{k} ({hf_name(k)})")
     return sorted(unused)
 
 

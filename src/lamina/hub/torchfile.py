@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lamina.errors import CheckpointError
+from lamina.io import load_state_strict
 
 # Lite variants (TF EfficientNet-Lite, and lukemelas' Lite fork) were trained on RGB scaled as (x*255 - 127) / 128,
 # i.e. mean 127/255, std 128/255 -- not the usual ImageNet mean/std (espresso photo: p=0.95 vs 0.84 with those).
@@ -82,12 +83,6 @@ def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _listing(names, n: int = 8) -> str:
-    names = sorted(names)
-    more = f" (+{len(names) - n} more)" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
-
-
 def load_torch_file(path: str | Path, family: str | None = None, **options):
     """(model in eval mode, info) for a torch state file of a known family; every name and shape is checked.
 
@@ -109,22 +104,10 @@ def load_torch_file(path: str | Path, family: str | None = None, **options):
     sd = _unwrap(_read(path), path)
     model = create_model(name, **factory)
     key_map = key_map_fn(model)
-    ours = model.state_dict()
-
-    unmatched = set(sd) - set(key_map)
-    missing = set(key_map) - set(sd)
-    if unmatched or missing:
-        parts = []
-        if unmatched:
-            parts.append(f"unmatched in file: {_listing(unmatched)}")
-        if missing:
-            parts.append(f"missing from file: {_listing(missing)}")
-        raise CheckpointError(f"hub: {path}: not a {family} checkpoint in the expected layout; " + "; ".join(parts))
-    bad = [f"{k} {tuple(sd[k].shape)} vs {key_map[k]} {tuple(ours[key_map[k]].shape)}"
-           for k in sd if tuple(sd[k].shape) != tuple(ours[key_map[k]].shape)]
-    if bad:
-        raise CheckpointError(f"hub: {path}: shape mismatch for {len(bad)} tensors: {_listing(bad, 4)}")
-    model.load_state_dict({key_map[k]: v for k, v in sd.items()}, strict=True)
+    load_state_strict(model, sd, f"hub: {path}:", rename=key_map, limit=8, labels={
+        "head": f"not a {family} checkpoint in the expected layout", "unexpected": "unmatched in file",
+        "missing": "missing from file", "shape": "shape mismatch for {n} tensors"},
+        show_missing=lambda k, file_name={ours: theirs for theirs, ours in key_map.items()}: file_name.get(k, k))
     model.eval()
     info = {"format": "torch", "family": family, "path": str(path), "factory": factory,
             "preprocess": dict(preprocess), "tensors": len(sd)}
