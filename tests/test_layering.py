@@ -37,7 +37,6 @@ RANKS = {
     "tasks": 5, "hub": 5,
     "engine": 6,
     "runs": 7,
-    "runner": 7,  # legacy single module, being replaced by runs/ (issue 13); drop this line when it is gone
     # tools: read a run through runs.open_run and target the model contract
     "trust": 8, "compress": 8, "deploy": 8, "report": 8,
     # entry points
@@ -262,7 +261,7 @@ def test_same_rank_packages_and_the_facade():
     assert "lazy facade" in _bad("from lamina import Trainer\n", "lamina.nn.x")[0]
     assert check_source("from lamina import __version__\n", "lamina.cli.main") == []
     assert check_source("from lamina import runs\n", "lamina.engine.x") != []  # upward, spelled via the root
-    assert check_source("from lamina import runner\n", "lamina.cli.main") == []
+    assert check_source("from lamina import runs\n", "lamina.cli.main") == []
     assert check_source("def __getattr__(n):\n    from lamina import runs\n", "lamina") == []  # facade exempt
 
 
