@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from lamina.errors import ConfigError
+from lamina.io import atomic_file, atomic_write_text
 from lamina.runs import Run, open_run
 
 _LM = "language_modeling"
@@ -204,8 +204,7 @@ def save_variant(ctx: RunContext, tag: str, model: torch.nn.Module, result: dict
 
     out = ctx.root / "compressed" / tag
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "model.pt.tmp"
-    with _quiet():
+    with _quiet(), atomic_file(out / "model.pt") as tmp:
         try:  # plain, pruned and torchao modules pickle whole
             torch.save(model, tmp)
             result["format"] = "torch.save (torch.load(path, weights_only=False))"
@@ -213,10 +212,7 @@ def save_variant(ctx: RunContext, tag: str, model: torch.nn.Module, result: dict
             with torch.inference_mode():
                 torch.jit.save(torch.jit.trace(model, example_batch(ctx, 2)), str(tmp))
             result["format"] = "torchscript (torch.jit.load(path))"
-    os.replace(tmp, out / "model.pt")
-    tmp = out / "compress.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    os.replace(tmp, out / "compress.json")
+    atomic_write_text(out / "compress.json", json.dumps(result, indent=2, default=str))
     return out
 
 

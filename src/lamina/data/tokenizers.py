@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from lamina.errors import DataError, MissingDependencyError, unknown_name
+from lamina.io import atomic_write_text
 
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "<mask>")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID = range(len(SPECIALS))
@@ -91,7 +92,7 @@ class CharTokenizer(_Specials):
         return json.dumps({"lamina_tokenizer": "char", "specials": list(SPECIALS), "chars": self.chars})
 
     def save(self, path: str | os.PathLike) -> Path:
-        return _atomic_write(Path(path), self.to_json())
+        return atomic_write_text(path, self.to_json())
 
 
 def _tokenizers():
@@ -146,7 +147,7 @@ class BPETokenizer(_Specials):
         return self.tok.to_str()
 
     def save(self, path: str | os.PathLike) -> Path:
-        return _atomic_write(Path(path), self.to_json())
+        return atomic_write_text(path, self.to_json())
 
 
 class PretrainedTokenizer(_Specials):
@@ -193,15 +194,7 @@ class PretrainedTokenizer(_Specials):
         return self.tok.to_str()
 
     def save(self, path: str | os.PathLike) -> Path:
-        return _atomic_write(Path(path), self.to_json())
-
-
-def _atomic_write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+        return atomic_write_text(path, self.to_json())
 
 
 def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2):

@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from lamina.errors import ConfigError, LaminaError, MissingDependencyError, unknown_name
+from lamina.io import atomic_file, atomic_write_bytes, atomic_write_text
 
 OPSET = 18
 FORMATS = ("onnx", "torch-export")
@@ -178,15 +179,8 @@ def _prepare(model: nn.Module, example_inputs):
     return wrapper, example, dynamic, _output_names(n_out)
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _atomic_json(path: Path, obj: dict) -> None:
-    _atomic_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 # ----- ONNX -----------------------------------------------------------------------------------------
@@ -204,11 +198,10 @@ def set_onnx_metadata(model_proto, metadata: dict) -> None:
 def _save_onnx(model_proto, path: Path) -> None:
     onnx = _require_onnx()
     if model_proto.ByteSize() > 1_900_000_000:  # protobuf's 2 GB cap: weights go next to the graph
-        tmp = path.with_name(f".tmp-{path.name}")
-        onnx.save_model(model_proto, str(tmp), save_as_external_data=True, location=path.name + ".data")
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            onnx.save_model(model_proto, str(tmp), save_as_external_data=True, location=path.name + ".data")
     else:
-        _atomic_bytes(path, model_proto.SerializeToString())
+        atomic_write_bytes(path, model_proto.SerializeToString())
 
 
 def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
@@ -299,11 +292,8 @@ def export_program(model: nn.Module, example_inputs, path: str | Path) -> dict:
     if fixed:
         raise ExportError(f"{_model_name(model)}: {exporter} fixed the batch axis of {', '.join(fixed)} to "
                           f"{EXAMPLE_BATCH} ({reason or 'specialized while tracing'})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    with _quiet():
+    with _quiet(), atomic_file(path) as tmp:
         torch.export.save(program, str(tmp))
-    os.replace(tmp, path)
     return {"path": str(path), "exporter": exporter, "fallback_reason": reason, "input_names": list(example),
             "output_names": out_names}
 

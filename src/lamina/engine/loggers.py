@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
+
+from lamina.io import atomic_write_text
 
 
 class CSVLogger:
@@ -22,9 +23,7 @@ class CSVLogger:
         w = csv.DictWriter(buf, fieldnames=cols)
         w.writeheader()
         w.writerows(self.rows)
-        tmp = self.path.with_suffix(".csv.tmp")
-        tmp.write_text(buf.getvalue())
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, buf.getvalue())
 
     def log_step(self, step: int, values: dict) -> None: ...
 
