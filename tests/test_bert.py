@@ -481,7 +481,7 @@ def test_shakespeare_speakers_is_a_real_8_way_task():
 # ----- runs end to end -----------------------------------------------------------------------------------
 def _run(tmp_path, overrides: list[str]):
     from lamina.config import load_config
-    from lamina.runner import train
+    from lamina.runs import train
 
     cfg = load_config(None, ["trainer.threads=1", "trainer.progress=false", "logging.tensorboard=false",
                              "logging.plots=false", f"logging.root={tmp_path / 'runs'}", *overrides])

@@ -107,7 +107,7 @@ def test_plot_reliability(tmp_path):
 
 
 def test_calibrate_run_digits(digits_run_copy):
-    from lamina.runner import evaluate
+    from lamina.runs import evaluate
     from lamina.trust.calibration import calibrate_run
 
     run = digits_run_copy  # the shared digits run (conftest), copied: calibrate_run writes into it

@@ -114,9 +114,9 @@ def test_fashion_config_on_a_subset(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_compile_trains(tmp_path):
-    from lamina import runner
+    from lamina import runs
     from lamina.config import load_config
 
-    res = runner.train(load_config(None, ["model.name=mlp", "trainer.compile=true", "trainer.max_epochs=2",
+    res = runs.train(load_config(None, ["model.name=mlp", "trainer.compile=true", "trainer.max_epochs=2",
                                           f"logging.root={tmp_path}", *FAST, "logging.plots=false"]))
     assert res.summary["test"]["test/acc"] > 0.85

@@ -93,7 +93,7 @@ def test_distill_task_mixes_soft_and_hard_only_when_training():
 def test_distill_run_trains_smaller_student_and_checks_teacher(tmp_path, digits_run):
     from conftest import DIGITS_RUN_ARGS
     from lamina.config import load_config
-    from lamina.runner import train
+    from lamina.runs import train
 
     common = ["logging.tensorboard=false", "logging.plots=false", "trainer.progress=false",
               f"logging.root={tmp_path}"]

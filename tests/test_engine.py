@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lamina import runner
+from lamina import runs
 from lamina.config import load_config
 from lamina.config.schema import ScheduleConfig
 from lamina.data import InMemoryLoader, load_dataset
@@ -60,10 +60,10 @@ RESUME_ARGS = ["model.name=small_cnn", "model.dropout=0.2", "trainer.determinist
 
 @pytest.mark.parametrize("stopper", [StopAfterEpoch(2), StopAt(batches=13)], ids=["epoch-boundary", "mid-epoch"])
 def test_resume_is_bit_exact(tmp_path, stopper):
-    straight = runner.train(_cfg(tmp_path, "name=straight", *RESUME_ARGS))
-    part = runner.train(_cfg(tmp_path, "name=resumed", *RESUME_ARGS), callbacks=[stopper])
+    straight = runs.train(_cfg(tmp_path, "name=straight", *RESUME_ARGS))
+    part = runs.train(_cfg(tmp_path, "name=resumed", *RESUME_ARGS), callbacks=[stopper])
     assert part.summary["steps"] < straight.summary["steps"]
-    resumed = runner.train(_cfg(tmp_path, "name=resumed", *RESUME_ARGS), resume=part.run_dir)
+    resumed = runs.train(_cfg(tmp_path, "name=resumed", *RESUME_ARGS), resume=part.run_dir)
     assert resumed.run_dir == part.run_dir
     a, b = _weights(straight.run_dir), _weights(resumed.run_dir)
     assert a.keys() == b.keys()
@@ -76,7 +76,7 @@ def test_resume_is_bit_exact(tmp_path, stopper):
 
 
 def test_run_folder_contents(tmp_path):
-    res = runner.train(load_config(None, [f"logging.root={tmp_path}", "trainer.max_epochs=2", "trainer.progress=false",
+    res = runs.train(load_config(None, [f"logging.root={tmp_path}", "trainer.max_epochs=2", "trainer.progress=false",
                                           "model.name=mlp", "name=full"]))
     d = res.run_dir
     for f in ["config.yaml", "data.json", "metrics.csv", "summary.json", "curves.png", "confusion.png",
@@ -91,7 +91,7 @@ def test_run_folder_contents(tmp_path):
     # state.pt must load with weights_only=True (no pickled code)
     torch.load(d / "checkpoints/last/state.pt", weights_only=True)
     # evaluate from the folder gives the same test accuracy as the run reported
-    ev = runner.evaluate(d)
+    ev = runs.evaluate(d)
     assert ev["test/acc"] == pytest.approx(s["test"]["test/acc"], abs=1e-6)
 
 
@@ -173,7 +173,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = _cfg(tmp_path, "name=nan", "model.name=mlp", "trainer.max_epochs=5")
     poison = PoisonAt(2)
     with pytest.raises(TrainingError) as e:
-        runner.train(cfg, callbacks=[poison])
+        runs.train(cfg, callbacks=[poison])
     last = tmp_path / "nan" / "checkpoints" / "last"
     assert str(e.value) == (f"training error: loss is nan at step 21 (epoch 3); last good checkpoint kept at "
                             f"{last.parent}/last; try a lower optimizer.lr or set trainer.grad_clip")
@@ -247,9 +247,9 @@ def test_fp16_gradscaler_cuda():
 
 
 def test_max_steps_and_early_stopping(tmp_path):
-    res = runner.train(_cfg(tmp_path, "model.name=mlp", "trainer.max_steps=7", "trainer.max_epochs=50"))
+    res = runs.train(_cfg(tmp_path, "model.name=mlp", "trainer.max_steps=7", "trainer.max_epochs=50"))
     assert res.summary["steps"] == 7
-    res = runner.train(_cfg(tmp_path, "model.name=mlp", "trainer.max_epochs=50", "optimizer.lr=1e-6",
+    res = runs.train(_cfg(tmp_path, "model.name=mlp", "trainer.max_epochs=50", "optimizer.lr=1e-6",
                             "trainer.early_stopping.patience=2", "trainer.early_stopping.min_delta=1"))
     assert res.summary["epochs"] == 3  # epoch 1 sets best; 2 and 3 fail to improve by min_delta
 

@@ -356,7 +356,7 @@ def test_errors_are_one_line(trained_cnn):
 # ----- explain_run on trained runs ----------------------------------------------------------------------------
 def _train(tmp_path, *overrides):
     from lamina.config import load_config
-    from lamina.runner import train
+    from lamina.runs import train
 
     cfg = load_config(None, ["logging.tensorboard=false", "logging.plots=false", "trainer.progress=false",
                              "trainer.max_epochs=1", "trainer.threads=1", f"logging.root={tmp_path}", *overrides])
@@ -366,7 +366,7 @@ def _train(tmp_path, *overrides):
 def test_explain_run_digits(tmp_path, digits_run):
     from conftest import copy_run
     from lamina.data.transforms import eval_transforms
-    from lamina.runner import load_run
+    from lamina.runs import open_run
     from lamina.trust.explain import PixelSpaceModel
 
     # the shared digits run (conftest: small_cnn behind a normalize augment), copied: explain_run writes into it
@@ -380,7 +380,8 @@ def test_explain_run_digits(tmp_path, digits_run):
     assert [e["label"] for e in out["examples"]] == z["label"].tolist()
     # attributions are in pixel space: the model behind them is normalize -> CNN, and completeness holds for it,
     # sum attr = f(x) - f(black image)
-    cfg, model, *_ = load_run(run)
+    opened = open_run(run)
+    cfg, model = opened.cfg, opened.model
     pm = PixelSpaceModel(model.eval(), eval_transforms(cfg.data.augment))
     x, t = torch.from_numpy(z["x"]), torch.from_numpy(z["target"]).long()
     with torch.no_grad():

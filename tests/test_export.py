@@ -247,10 +247,9 @@ def test_cli_export_onnx_and_int8(digits_run, capsys):
     meta = runner.metadata
     assert meta["model"] == "small_cnn" and meta["exporter"] == "dynamo" and meta["input_name"] == "x"
     assert meta["facts"]["num_outputs"] == 10 and meta["facts"]["task"] == "classification"
-    from lamina import runner as rn
+    from lamina.runs import open_run
 
-    cfg, model, task, facts, ckpt = rn.load_run(digits_run)
-    test = rn.load_data(cfg).test
+    test = open_run(digits_run).data().test
     x = ((test.x.numpy() - np.array(meta["normalize"]["mean"])[None, :, None, None])
          / np.array(meta["normalize"]["std"])[None, :, None, None]).astype(np.float32)
     acc = float((runner.run(x).argmax(1) == test.y.numpy()).mean())

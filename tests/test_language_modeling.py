@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lamina import runner
+from lamina import runs
 from lamina.cli.main import main
 from lamina.config import load_config
 from lamina.data.windows import RandomWindowLoader, SequentialWindowLoader
@@ -75,7 +75,7 @@ def test_token_model_on_image_data_is_rejected(tmp_path):
     from lamina.errors import ConfigError
 
     with pytest.raises(ConfigError, match="gpt is a token model"):
-        runner.train(load_config(None, ["model.name=gpt", f"logging.root={tmp_path}", *FAST]))
+        runs.train(load_config(None, ["model.name=gpt", f"logging.root={tmp_path}", *FAST]))
 
 
 @needs_shared("tinyshakespeare/input.txt")
@@ -85,5 +85,5 @@ def test_shakespeare_config_short_run(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = load_config(ROOT / "configs" / "shakespeare_char_gpt.yaml",
                       ["trainer.max_steps=60", "data.steps_per_epoch=30", f"logging.root={tmp_path}", *FAST])
-    res = runner.train(cfg)
+    res = runs.train(cfg)
     assert res.summary["steps"] == 60 and res.summary["final"]["val/loss"] < 3.0  # uniform over 65 chars is 4.17

@@ -443,7 +443,7 @@ def test_fashion_captions_pairs_and_prompts():
 @needs_shared("fsdd/recordings")
 def test_fusion_trains_from_a_config_and_beats_chance(tmp_path, monkeypatch):
     from lamina.config import validate
-    from lamina.runner import train
+    from lamina.runs import train
 
     monkeypatch.setenv("LAMINA_SHARED_DATA", str(SHARED_DATA))
     cfg = validate({"name": "fusion", "seed": 0, "data": {"name": "fsdd_fusion", "batch_size": 64},
@@ -460,7 +460,7 @@ def test_fusion_trains_from_a_config_and_beats_chance(tmp_path, monkeypatch):
 @needs_fmnist
 def test_contrastive_trains_from_a_config(tmp_path):
     from lamina.config import validate
-    from lamina.runner import train
+    from lamina.runs import train
 
     cfg = validate({"name": "clip", "seed": 0,
                     "data": {"name": "fashion_captions", "limit": 2000, "test_limit": 1000, "batch_size": 64,

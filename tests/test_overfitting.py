@@ -8,7 +8,7 @@ import torch
 
 from lamina.config import load_config
 from lamina.errors import ConfigError, DataError
-from lamina.runner import load_data, train_subset
+from lamina.runs import load_data, train_subset
 from lamina.trust.overfitting import (OverfittingMonitor, fit_power_law, learning_curve, overfitting_onset,
                                       samples_for)
 
@@ -66,7 +66,7 @@ def test_monitor_warns_once_naming_the_epoch():
 
 def test_a_real_overfitting_run_is_detected(tmp_path):
     # 10% of digits, a wide MLP, no regularization, 40 epochs: memorizes the 126 images; val loss turns up
-    from lamina.runner import train
+    from lamina.runs import train
 
     cfg = load_config(None, ["model.name=mlp", "model.width=512", "model.dropout=0", "data.train_fraction=0.1",
                              "trainer.max_epochs=40", "optimizer.lr=3e-3", "optimizer.weight_decay=0",

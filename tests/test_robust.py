@@ -181,20 +181,36 @@ def test_errors_are_one_line():
 def test_adversarial_config_validation():
     from lamina.config import load_config
 
-    cfg = load_config(None, ["trainer.adversarial.method=trades", "trainer.adversarial.eps=0.2"])
-    assert cfg.trainer.adversarial.method == "trades" and cfg.trainer.adversarial.beta == 6.0
-    for bad, match in [("trainer.adversarial.method=fgsm", "trainer.adversarial.method"),
-                       ("trainer.adversarial.eps=-1", "trainer.adversarial.eps"),
-                       ("trainer.adversarial.steps=0", "trainer.adversarial.steps"),
-                       ("trainer.adversarial.norm=l1", "trainer.adversarial.norm"),
-                       ("trainer.adversarial.clean_fraction=1.5", "trainer.adversarial.clean_fraction"),
-                       ("trainer.adversarial.epz=0.1", "trainer.adversarial.epz")]:
+    from lamina.config import ConfigDeprecationWarning
+
+    cfg = load_config(None, ["adversarial.method=trades", "adversarial.eps=0.2"])
+    assert cfg.adversarial.method == "trades" and cfg.adversarial.beta == 6.0
+    for bad, match in [("adversarial.method=fgsm", "adversarial.method"),
+                       ("adversarial.eps=-1", "adversarial.eps"),
+                       ("adversarial.steps=0", "adversarial.steps"),
+                       ("adversarial.norm=l1", "adversarial.norm"),
+                       ("adversarial.clean_fraction=1.5", "adversarial.clean_fraction"),
+                       ("adversarial.epz=0.1", "adversarial.epz")]:
         with pytest.raises(ConfigError, match=match) as err:
             load_config(None, [bad])
         assert "\n" not in str(err.value)
+    # the old key (trainer.adversarial, before objectives had sections of their own) still works, with a warning
+    with pytest.warns(ConfigDeprecationWarning, match="trainer.adversarial is deprecated; use the top-level"):
+        old = load_config(None, ["trainer.adversarial.method=trades", "trainer.adversarial.eps=0.2"])
+    assert old.adversarial == cfg.adversarial and not hasattr(old.trainer, "adversarial")
+    with pytest.raises(ConfigError, match="trainer.adversarial: moved to adversarial; give only adversarial"):
+        load_config(None, ["trainer.adversarial.method=pgd", "adversarial.method=trades"])
 
 
-# ----- adversarial training through the Trainer -----------------------------------------------------------
+# ----- adversarial training through the Trainer (an objective: a task wrapper) ------------------------------
+def _adversarial(task, method: str, **adv):
+    from lamina.config.schema import AdversarialConfig
+    from lamina.runs.objectives.adversarial import AdversarialTask
+
+    return task if method == "none" else AdversarialTask(task, AdversarialConfig(method=method, eps=0.1, steps=2,
+                                                                                 **adv))
+
+
 def _trainer_fit(method: str, steps: int, x, y, seed=0, **adv):
     from lamina.data import TensorData, make_loader
     from lamina.engine import Trainer
@@ -203,10 +219,9 @@ def _trainer_fit(method: str, steps: int, x, y, seed=0, **adv):
 
     torch.manual_seed(seed)
     model = create_model("small_cnn", num_classes=10, in_chans=1)
-    trainer = Trainer(max_epochs=100, max_steps=steps, progress=False,
-                      threads=1, adversarial={"method": method, "eps": 0.1, "steps": 2, **adv})
+    trainer = Trainer(max_epochs=100, max_steps=steps, progress=False, threads=1)
     loader = make_loader(TensorData(x=x, y=y), 128, shuffle=True, seed=seed)
-    task = build_task("classification", num_classes=10)
+    task = _adversarial(build_task("classification", num_classes=10), method, **adv)
     trainer.fit(model, task, loader, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
     return model.eval(), trainer
 
@@ -222,15 +237,15 @@ def test_train_step_uses_adversarial_inputs():
     seen = []
     for method in ("none", "pgd", "trades"):
         model = create_model("small_cnn", num_classes=10, in_chans=1)
-        trainer = Trainer(adversarial={"method": method, "eps": 0.1, "steps": 2})
-        trainer.setup(model, torch.optim.SGD(model.parameters(), lr=0.1), None, build_task("classification",
-                                                                                          num_classes=10))
+        trainer = Trainer()
+        trainer.setup(model, torch.optim.SGD(model.parameters(), lr=0.1), None,
+                      _adversarial(build_task("classification", num_classes=10), method))
         got = []
         h = model.register_forward_pre_hook(lambda m, a: got.append(a[0].detach().clone()) if m.training else None)
         model.train()
         loss, out = trainer.train_step({"x": x, "y": y})
         h.remove()
-        assert len(got) == 1 and torch.isfinite(loss) and out.shape == (32, 10)
+        assert len(got) == 1 and torch.isfinite(loss) and out.shape == (64 if method == "trades" else 32, 10)
         seen.append((method, got[0]))
         assert all(p.grad is None for p in model.parameters())  # the attack accumulated nothing
         assert model.training
@@ -258,12 +273,12 @@ def test_pgd_training_raises_robust_accuracy():
 
 def test_attack_run_and_adversarial_run(tmp_path):
     from lamina.config import load_config
-    from lamina.runner import train
+    from lamina.runs import train
     from lamina.trust.robust import attack_run
 
     cfg = load_config(None, ["logging.tensorboard=false", "logging.plots=false", "trainer.progress=false",
-                             "trainer.max_epochs=1", f"logging.root={tmp_path}", "trainer.adversarial.method=pgd",
-                             "trainer.adversarial.steps=2",
+                             "trainer.max_epochs=1", f"logging.root={tmp_path}", "adversarial.method=pgd",
+                             "adversarial.steps=2",
                              "data.augment=[{name: normalize, mean: 0.3, std: 0.4}]"])
     res = train(cfg)
     assert res.history[-1]["train/adv_eps"] == 0.1

@@ -110,7 +110,7 @@ def test_cuda_matches_cpu():
 
 def test_normalize_in_augment_is_applied_at_evaluation_too(tmp_path):
     """A normalize step in data.augment changes the input scale: evaluation and prediction must see it as well."""
-    from lamina import runner
+    from lamina import runs
     from lamina.config import load_config
     from lamina.data import load_dataset
 
@@ -118,8 +118,10 @@ def test_normalize_in_augment_is_applied_at_evaluation_too(tmp_path):
                              "logging.tensorboard=false", "logging.plots=false", "trainer.progress=false",
                              "trainer.max_epochs=2", f"logging.root={tmp_path}"])
     bundle = load_dataset("digits", seed=0)
-    loader = runner.make_eval_loader(cfg, bundle.test, "classification", torch.device("cpu"), bundle)
+    from lamina.tasks import ClassificationTask
+
+    loader = ClassificationTask(10).eval_loader(bundle.test, bundle, cfg.data, torch.device("cpu"))
     x = next(iter(loader))["x"]
     torch.testing.assert_close(x, (bundle.test.tensors["x"][:len(x)] - 0.5) / 0.25)  # normalized, never flipped
-    res = runner.train(cfg)
-    assert runner.evaluate(res.run_dir)["test/acc"] == pytest.approx(res.summary["test"]["test/acc"])
+    res = runs.train(cfg)
+    assert runs.evaluate(res.run_dir)["test/acc"] == pytest.approx(res.summary["test"]["test/acc"])

@@ -46,7 +46,7 @@ def cmd_serve(a, console) -> int:
     _positive("--max-wait-ms", a.max_wait_ms, allow_zero=True)
     if not 0 <= a.port <= 65535:
         raise ConfigError(f"--port: expected 0..65535, got {a.port}")
-    srv._need_web()
+    srv.need_web()
     sock = srv.bind_socket(a.host, a.port)  # before loading the model: a taken port fails fast, in one line
     try:
         backend = srv.load_backend(a.path, which=a.which, threads=a.threads)

@@ -41,7 +41,7 @@ _CONTENT_SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/bmp": ".bmp
 ROUTES = ("/predict", "/health", "/metadata", "/metrics")
 
 
-def _need_web() -> None:
+def need_web() -> None:
     for mod in ("fastapi", "uvicorn"):
         try:
             __import__(mod)

@@ -131,7 +131,7 @@ def _labels(family: str, checkpoint: str = "the checkpoint") -> dict[str, str]:
 def map_bert_state(model, state: dict[str, torch.Tensor], source: str) -> list[str]:
     """Copy an HF BERT state dict into `model` by name, every shape checked; strict both ways (CheckpointError).
     Returns the checkpoint keys the family knows but this model does not use (e.g. the pooler under mean pooling)."""
-    from lamina.models.bert import _hf_name, hf_bert_key_map
+    from lamina.models.bert import hf_name, hf_bert_key_map
 
     key_map = hf_bert_key_map(model.cfg.n_layer)
     ours = model.state_dict()
@@ -139,13 +139,13 @@ def map_bert_state(model, state: dict[str, torch.Tensor], source: str) -> list[s
     load: dict[str, torch.Tensor] = {}
     unused = []
     for key, value in state.items():
-        hf = _hf_name(key)
+        hf = hf_name(key)
         name = key_map.get(hf)
         if hf in _HF_BUFFERS or (name is not None and (name not in ours or name in tied)):
             unused.append(key)
         else:
             load[key] = value  # the MLM bias may come under both of its HF names: the same tensor twice
-    load_state_strict(model, load, f"hub: {source}", rename=lambda k: key_map.get(_hf_name(k)),
+    load_state_strict(model, load, f"hub: {source}", rename=lambda k: key_map.get(hf_name(k)),
                       optional=tied, labels=_labels("bert"))
     return sorted(unused)
 

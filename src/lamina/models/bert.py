@@ -392,7 +392,7 @@ def hf_bert_key_map(n_layer: int) -> dict[str, str]:
     return m
 
 
-def _hf_name(key: str) -> str:
+def hf_name(key: str) -> str:
     """Normalise an HF checkpoint key: drop the task models' "bert." prefix and old TF-era LayerNorm names."""
     key = key.removeprefix("bert.")
     if key.endswith(".gamma"):
@@ -412,7 +412,7 @@ def load_hf_state_dict(model: _BertBase, state_dict: dict[str, torch.Tensor],
     loaded: set[str] = set()
     with torch.no_grad():
         for key, value in state_dict.items():
-            name = key_map.get(_hf_name(key))
+            name = key_map.get(hf_name(key))
             if name is None or name not in ours:
                 continue
             if tuple(value.shape) != tuple(ours[name].shape):
