@@ -20,8 +20,9 @@ imports inside functions and under `if TYPE_CHECKING` included:
 Packages of one rank do not import each other; the one exception is trust -> report (public names: the
 audit writes the report). No package imports another package's private (`_underscore`) names or modules. A
 new package gets a rank before it is written. This module is exempt: its lazy `__getattr__` re-exports the
-user-facing names from above without importing them (so `import lamina` stays torch-free). tests/test_layering.py walks every import in
-src/lamina and fails on any edge that breaks these rules; its RANKS table is the source of truth.
+user-facing names from above without importing them (so `import lamina` stays torch-free).
+tests/test_layering.py walks every import in src/lamina and fails on any edge that breaks these rules; its
+RANKS table is the source of truth.
 """
 
 __version__ = "0.1.0"
