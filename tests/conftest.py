@@ -98,3 +98,13 @@ def copy_run(run: Path, dst: Path) -> Path:
 def digits_run_copy(digits_run, tmp_path) -> Path:
     """A private copy of the shared digits run, for tests that write into the run folder."""
     return copy_run(digits_run, tmp_path / "digits")
+
+
+def make_facts(name: str = "toy", task: str = "toy", input_shape=(), num_outputs=None, num_classes=None,
+               meta=None, class_names=None):
+    """Typed data facts for task unit tests (a run builds them from its DataBundle)."""
+    from lamina.data.facts import DataFacts
+
+    return DataFacts(name=name, task=task, input_shape=tuple(input_shape),
+                     num_outputs=int(num_outputs if num_outputs is not None else num_classes or 0),
+                     num_classes=num_classes, class_names=class_names, meta=dict(meta or {}))

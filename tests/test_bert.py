@@ -18,7 +18,7 @@ from lamina.tasks import TASKS
 from lamina.tasks.masked_lm import IGNORE, MaskedLMTask
 from lamina.tasks.sequence_classification import SequenceClassificationTask
 
-from conftest import needs_shared
+from conftest import needs_shared, make_facts
 
 transformers = pytest.importorskip("transformers")
 
@@ -358,7 +358,7 @@ def toy_classification(n=32, T=12, vocab=40, seed=0):
                                      ("lstm_classifier", {})])
 def test_sequence_classification_overfits_random_labels(name, kw):
     torch.manual_seed(0)
-    facts = {"name": "toy", "num_classes": 3, "num_outputs": 3, "meta": {"vocab_size": 40, "block_size": 12}}
+    facts = make_facts(num_classes=3, num_outputs=3, meta={"vocab_size": 40, "block_size": 12})
     task = SequenceClassificationTask.from_facts(facts, {"label_smoothing": 0.0})
     size = dict(n_layer=2, n_head=2, n_embd=64, ffn_hidden=128, dropout=0.0) if name.startswith("bert") else \
         dict(embed_dim=32, hidden_size=32)
@@ -378,8 +378,8 @@ def test_sequence_classification_overfits_random_labels(name, kw):
 
 
 def test_task_protocol_errors():
-    facts = {"name": "toy", "num_classes": 3, "meta": {"vocab_size": 40, "block_size": 12, "mask_id": 4,
-                                                       "special_ids": list(SPECIAL)}}
+    facts = make_facts(num_classes=3, meta={"vocab_size": 40, "block_size": 12, "mask_id": 4,
+                                            "special_ids": list(SPECIAL)})
     assert TASKS["masked_lm"] is MaskedLMTask and TASKS["sequence_classification"] is SequenceClassificationTask
     with pytest.raises(ConfigError, match="task.mask_rate: unknown option of task masked_lm 'mask_rate' "
                                           r"\(did you mean 'mask_prob'\?\)"):
@@ -389,7 +389,7 @@ def test_task_protocol_errors():
     with pytest.raises(ConfigError, match="task.beam_size: unknown option of task sequence_classification"):
         SequenceClassificationTask.from_facts(facts, {"beam_size": 4})
     with pytest.raises(DataError, match="has no mask_id in its meta"):
-        MaskedLMTask.from_facts({"name": "x", "meta": {"vocab_size": 9}}, {})
+        MaskedLMTask.from_facts(make_facts(name="x", meta={"vocab_size": 9}), {})
     with pytest.raises(ConfigError, match="bert_mini is not a masked language model"):
         MaskedLMTask.check_model(create_model("bert_mini", vocab_size=40, block_size=12), facts)
     with pytest.raises(ConfigError, match="bert_mlm_mini does not classify sequences"):

@@ -21,7 +21,7 @@ from lamina.tasks import TASKS
 from lamina.tasks.contrastive import ContrastiveOutput, ContrastiveTask, info_nce, retrieval_hits
 from lamina.tasks.fusion import FusionTask, proper_subsets
 
-from conftest import SHARED_DATA, needs_shared
+from conftest import SHARED_DATA, needs_shared, make_facts
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 needs_fmnist = pytest.mark.skipif(not FMNIST.is_file(), reason="needs the Debian package dataset-fashion-mnist")
@@ -284,9 +284,9 @@ def test_audio_encoder_output_does_not_depend_on_padding():
 def test_tasks_are_registered_and_reject_unknown_options():
     assert TASKS["contrastive"] is ContrastiveTask and TASKS["fusion"] is FusionTask
     with pytest.raises(ConfigError, match="task.beam_size: unknown option of task fusion 'beam_size'"):
-        FusionTask.from_facts({"num_classes": 10, "meta": {"modalities": ["image"]}}, {"beam_size": 4})
+        FusionTask.from_facts(make_facts(num_classes=10, meta={"modalities": ["image"]}), {"beam_size": 4})
     with pytest.raises(ConfigError, match="task.topk: unknown option of task contrastive 'topk'"):
-        ContrastiveTask.from_facts({"num_classes": 10, "meta": {}}, {"topk": 4})
+        ContrastiveTask.from_facts(make_facts(num_classes=10), {"topk": 4})
     assert proper_subsets(("image", "text", "audio")) == [
         ("image",), ("text",), ("audio",), ("image", "text"), ("image", "audio"), ("text", "audio")]
 
@@ -313,7 +313,7 @@ def test_fusion_task_reports_accuracy_per_modality_subset():
 
 
 def test_check_model_rejects_the_wrong_model():
-    facts = {"name": "fsdd_fusion", "meta": {"modalities": ["image", "audio"]}}
+    facts = make_facts(name="fsdd_fusion", meta={"modalities": ["image", "audio"]})
     with pytest.raises(ConfigError, match="fusion needs fusion_classifier"):
         FusionTask.check_model(create_model("small_cnn"), facts)
     with pytest.raises(ConfigError, match="has no audio encoder"):
@@ -377,7 +377,7 @@ def test_fsdd_fusion_options_and_errors():
     assert set(b.train.tensors) == {"image", "text", "text_len", "y"} and b.meta["modalities"] == ["image", "text"]
     assert b.meta["speakers"]["test"] == ["george"] and "george" not in b.meta["speakers"]["train"]
     assert len(b.test) == 500 and len(b.val) == 250
-    assert FusionTask.model_options({"num_classes": 10, "meta": b.meta}) == {
+    assert FusionTask.model_options(make_facts(num_classes=10, meta=b.meta)) == {
         "num_classes": 10, "modalities": ("image", "text"), "in_chans": 1, "vocab_size": 15, "max_len": 1}
     with pytest.raises(DataError, match="modalities is empty"):
         load_dataset("fsdd_fusion", path=path, modalities=[])
@@ -432,7 +432,7 @@ def test_fashion_captions_pairs_and_prompts():
     p = b.meta["prompts"]
     assert len(p["ids"]) == len(PROMPT_TEMPLATES) * sum(len(n) for n in FASHION_NAMES)
     assert sorted(set(p["class"])) == list(range(10)) and b.meta["pad_trim"] == {"text": "text_len"}
-    assert ContrastiveTask.model_options({"meta": b.meta, "input_shape": [1, 28, 28]}) == {
+    assert ContrastiveTask.model_options(make_facts(meta=b.meta, input_shape=[1, 28, 28])) == {
         "vocab_size": len(vocab), "max_len": b.meta["max_len"], "in_chans": 1}
 
 

@@ -19,7 +19,7 @@ from lamina.data.tokenizers import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, CharTokenize
 from lamina.errors import ConfigError, DataError
 from lamina.tasks.seq2seq import Seq2SeqTask
 
-from conftest import needs_shared
+from conftest import needs_shared, make_facts
 
 EN = ["A man rides a bike.", "Two dogs play in the snow.", "A woman is reading a book.", "Children run on grass."]
 DE = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest ein Buch.",
@@ -130,7 +130,7 @@ def test_seq2seq_loss_ignores_padding_and_shifts_targets():
     stats = task.train_stats(logits, {"tgt": tgt})
     assert stats["tokens"].item() == 3
     with pytest.raises(ConfigError, match="unknown seq2seq option 'beam'"):
-        Seq2SeqTask.from_facts({"meta": {"vocab_size": 11}}, {"beam": 3})
+        Seq2SeqTask.from_facts(make_facts(meta={"vocab_size": 11}), {"beam": 3})
 
 
 def test_translate_and_bleu_on_a_memorized_corpus(tmp_path):

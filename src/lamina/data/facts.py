@@ -19,7 +19,7 @@ from lamina.errors import CheckpointError
 class DataFacts:
     name: str  # the data set
     task: str  # the task the run trains (may differ from the data set's own: regression on class labels)
-    input_shape: tuple[int, ...]  # per sample
+    input_shape: tuple[int | None, ...]  # per sample; None: a free size (text lengths)
     num_outputs: int  # classes, vocabulary size, regression targets, ...
     num_classes: int | None = None
     class_names: list[str] | None = None
@@ -57,8 +57,9 @@ class DataFacts:
             return v
 
         shape = need("input_shape", (list, tuple))
-        if not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
-            raise CheckpointError(f"{source}: data facts field 'input_shape' must be a list of integers, got {shape!r}")
+        if not all(s is None or (isinstance(s, int) and not isinstance(s, bool)) for s in shape):
+            raise CheckpointError(f"{source}: data facts field 'input_shape' must be a list of integers (or null "
+                                  f"for a free size), got {shape!r}")
         names = need("class_names", list, optional=True)
         return cls(name=need("name", str), task=need("task", str), input_shape=tuple(shape),
                    num_outputs=need("num_outputs", int), num_classes=need("num_classes", int, optional=True),

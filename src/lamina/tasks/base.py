@@ -58,7 +58,7 @@ class Task(Protocol):
     @classmethod
     def from_facts(cls, facts: DataFacts, options: dict) -> "Task": ...
     @classmethod
-    def model_options(cls, facts: DataFacts, entry) -> dict: ...
+    def model_options(cls, facts: DataFacts, entry=None) -> dict: ...
     @classmethod
     def check_model(cls, model: nn.Module, facts: DataFacts) -> None: ...
     def train_loader(self, bundle, data_cfg, seed: int, device): ...
@@ -93,7 +93,7 @@ class BaseTask:
         raise NotImplementedError(f"task {cls.name} does not say how to build itself from data facts")
 
     @classmethod
-    def model_options(cls, facts: DataFacts, entry) -> dict:
+    def model_options(cls, facts: DataFacts, entry=None) -> dict:
         return {}
 
     @classmethod

@@ -115,7 +115,7 @@ class ContrastiveTask(BaseTask):
         return cls(meta.get("prompts"), facts.num_classes, **options)
 
     @classmethod
-    def model_options(cls, facts, entry) -> dict:
+    def model_options(cls, facts, entry=None) -> dict:
         meta = facts.meta
         shapes = meta.get("input_shapes") or {"image": facts.input_shape}
         return {"vocab_size": int(meta["vocab_size"]), "max_len": int(meta["max_len"]),

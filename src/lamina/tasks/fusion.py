@@ -79,7 +79,7 @@ class FusionTask(BaseTask):
         return cls(int(n or 0), tuple(meta.get("modalities", MODALITIES)), **options)
 
     @classmethod
-    def model_options(cls, facts, entry) -> dict:
+    def model_options(cls, facts, entry=None) -> dict:
         meta = facts.meta
         mods = tuple(meta["modalities"])
         shapes = meta.get("input_shapes", {})

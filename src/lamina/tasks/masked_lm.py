@@ -98,7 +98,7 @@ class MaskedLMTask(BaseTask):
                    **options)
 
     @classmethod
-    def model_options(cls, facts, entry) -> dict:
+    def model_options(cls, facts, entry=None) -> dict:
         meta = facts.meta
         return {"vocab_size": int(meta["vocab_size"]), "block_size": int(meta["block_size"])}
 

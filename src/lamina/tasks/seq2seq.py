@@ -46,7 +46,7 @@ class Seq2SeqTask(BaseTask):
         return cls(meta["vocab_size"], meta.get("pad_id", 0), **options)
 
     @classmethod
-    def model_options(cls, facts, entry) -> dict:
+    def model_options(cls, facts, entry=None) -> dict:
         meta = facts.meta
         return {"vocab_size": int(meta["vocab_size"]), "pad_id": meta.get("pad_id", 0),
                 "bos_id": meta.get("bos_id", 2), "eos_id": meta.get("eos_id", 3)}

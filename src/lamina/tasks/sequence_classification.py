@@ -39,7 +39,7 @@ class SequenceClassificationTask(ClassificationTask):
         return cls(int(n), **options)
 
     @classmethod
-    def model_options(cls, facts, entry) -> dict:
+    def model_options(cls, facts, entry=None) -> dict:
         meta = facts.meta
         return {"vocab_size": int(meta["vocab_size"]), "block_size": int(meta["block_size"]),
                 "num_classes": int(facts.num_classes or facts.num_outputs)}
