@@ -2,7 +2,8 @@
 
     <dir>/model.safetensors     the weights (lamina.io.save_state: a tied tensor stored once, its other names
                                 in the metadata; folders written before that, with clones, load too)
-    <dir>/lamina_model.json     {"format": ..., "model": registered name, "options": factory options, ...extra}
+    <dir>/lamina_model.json     {"format": ..., "model": registered name, "options": factory options given,
+                                "resolved": every option of its config (defaults included), ...extra}
 
 `create_model` records the name and options on every model it builds (`model.lamina_spec`), so
 `save_pretrained(model, dir)` needs nothing else, and `from_pretrained(dir)` rebuilds the same architecture
@@ -47,8 +48,12 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, extra: dict | None
                               "lamina_spec), so it could not be rebuilt; build it with create_model(name, ...)")
     def write(tmp: Path) -> None:
         save_state(tmp / "model.safetensors", model)
+        # "options": what was given; "resolved": every option of the config, defaults included, so the folder
+        # rebuilds the same model after a default changes (folders without it fall back to "options")
         meta = {"format": FORMAT, "model": spec["name"], "options": _jsonable(spec["options"]),
                 "params": sum(p.numel() for p in model.parameters()), **(extra or {})}
+        if spec.get("resolved") is not None:
+            meta["resolved"] = _jsonable(spec["resolved"])
         (tmp / "lamina_model.json").write_text(json.dumps(meta, indent=2))
 
     return write_folder(path, write)
@@ -71,7 +76,7 @@ def from_pretrained(path: str | Path, **overrides) -> torch.nn.Module:
     from lamina.models import create_model
 
     meta = read_pretrained_meta(path)
-    opts = {k: _tuples(v) for k, v in meta["options"].items()}
+    opts = {k: _tuples(v) for k, v in (meta.get("resolved") or meta["options"]).items()}
     model = create_model(meta["model"], **{**opts, **overrides})
     weights = load_state(Path(path) / "model.safetensors")  # tied weights come back under every name
     load_state_strict(model, weights, str(path), labels={

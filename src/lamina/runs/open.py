@@ -21,7 +21,7 @@ from lamina.data.facts import DataFacts
 from lamina.engine import Trainer
 from lamina.engine.checkpoint import load_model_weights, read_meta
 from lamina.engine.precision import select_device
-from lamina.errors import CheckpointError, ConfigError, DataError, LaminaError
+from lamina.errors import CheckpointError, ConfigError, DataError, LaminaError, ModelError
 from lamina.runs.build import as_options, build_run_model, load_data, make_task
 from lamina.runs.folder import RunFolder
 
@@ -82,7 +82,7 @@ def open_run(path: str | Path, which: str = "best") -> Run:
         if options is not None and not isinstance(options, dict):
             raise CheckpointError(f"{ckpt}/meta.json: model_options must be a mapping, got {type(options).__name__}")
         model = build_run_model(cfg, facts, as_options(options) if options is not None else None)
-    except ConfigError as e:  # the run's own config no longer validates (e.g. a model removed since)
+    except (ConfigError, ModelError) as e:  # the run's config no longer builds (e.g. a model removed since)
         raise CheckpointError(f"{ckpt} cannot be rebuilt with this version of lamina: {e}") from None
     try:
         load_model_weights(ckpt, model)
