@@ -167,7 +167,6 @@ def test_resolved_model_options_rebuild_the_trained_model(mlp_run, monkeypatch):
     monkeypatch.setattr(mlp.MLPConfig, "depth", mlp.MLPConfig.depth + 1)
     run = open_run(mlp_run)
     assert run.model.lamina_spec["resolved"]["depth"] == opts["depth"]
-    ref = torch.load  # noqa: F841  (nothing unpickled: weights come from safetensors)
     x = run.data().test.x[:5]
     assert run.model.eval()(x).shape == (5, 10)
 
