@@ -158,7 +158,19 @@ def dense_model_options(facts: DataFacts, entry) -> dict:
     return opts
 
 
-def check_dense_model(model: nn.Module, facts: DataFacts) -> None:
-    from lamina.models.contract import check_input_shape
+class DenseTask(BaseTask):
+    """Run-building defaults of tasks over samples x (images or feature vectors): classification, regression."""
 
-    check_input_shape(model, tuple(facts.input_shape))
+    @classmethod
+    def check_data(cls, bundle) -> None:
+        check_dense_data(cls.name, bundle)
+
+    @classmethod
+    def model_options(cls, facts: DataFacts, entry) -> dict:
+        return dense_model_options(facts, entry)
+
+    @classmethod
+    def check_model(cls, model: nn.Module, facts: DataFacts) -> None:
+        from lamina.models.contract import check_input_shape
+
+        check_input_shape(model, tuple(facts.input_shape))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import torchmetrics
 
 from lamina.errors import ConfigError
-from lamina.tasks.base import BaseTask, check_dense_data, check_dense_model, dense_model_options, model_inputs
+from lamina.tasks.base import DenseTask, model_inputs
 
 
 def confusion_matrix(y: torch.Tensor, pred: torch.Tensor, k: int) -> torch.Tensor:
@@ -15,7 +15,7 @@ def confusion_matrix(y: torch.Tensor, pred: torch.Tensor, k: int) -> torch.Tenso
     return torch.bincount(y.cpu().long() * k + pred.cpu().long(), minlength=k * k).reshape(k, k)
 
 
-class ClassificationTask(BaseTask):
+class ClassificationTask(DenseTask):
     name = "classification"
     default_monitor = ("val/acc", "max")
 
@@ -26,7 +26,7 @@ class ClassificationTask(BaseTask):
     # ----- building a run ------------------------------------------------------------------------------
     @classmethod
     def check_data(cls, bundle) -> None:
-        check_dense_data(cls.name, bundle)
+        super().check_data(bundle)
         if not bundle.num_classes:
             raise ConfigError(f"task.name: classification needs class labels, data set '{bundle.name}' has none")
 
@@ -37,14 +37,6 @@ class ClassificationTask(BaseTask):
     @classmethod
     def from_facts(cls, facts, options: dict) -> "ClassificationTask":
         return cls(facts.num_outputs, label_smoothing=options.get("label_smoothing", 0.0))
-
-    @classmethod
-    def model_options(cls, facts, entry) -> dict:
-        return dense_model_options(facts, entry)
-
-    @classmethod
-    def check_model(cls, model, facts) -> None:
-        check_dense_model(model, facts)
 
     def test_outputs(self, trainer, model, loader, data) -> dict:
         preds = trainer.predict(model, self, loader)["label"]

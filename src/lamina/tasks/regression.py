@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 import torchmetrics
 
-from lamina.tasks.base import BaseTask, check_dense_data, check_dense_model, dense_model_options, model_inputs
+from lamina.tasks.base import DenseTask, model_inputs
 
 
-class RegressionTask(BaseTask):
+class RegressionTask(DenseTask):
     name = "regression"
     default_monitor = ("val/loss", "min")
 
@@ -17,10 +17,6 @@ class RegressionTask(BaseTask):
 
     # ----- building a run ------------------------------------------------------------------------------
     @classmethod
-    def check_data(cls, bundle) -> None:
-        check_dense_data(cls.name, bundle)
-
-    @classmethod
     def num_outputs(cls, bundle) -> int:
         y = bundle.train.y
         return 1 if y.ndim == 1 else int(y.shape[-1])
@@ -28,14 +24,6 @@ class RegressionTask(BaseTask):
     @classmethod
     def from_facts(cls, facts, options: dict) -> "RegressionTask":
         return cls(facts.num_outputs)
-
-    @classmethod
-    def model_options(cls, facts, entry) -> dict:
-        return dense_model_options(facts, entry)
-
-    @classmethod
-    def check_model(cls, model, facts) -> None:
-        check_dense_model(model, facts)
 
     # ----- per batch -----------------------------------------------------------------------------------
 
