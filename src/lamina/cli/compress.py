@@ -133,7 +133,7 @@ def cmd_distill(a, console) -> int:
     from lamina.errors import ConfigError
 
     teacher = Path(a.teacher)
-    if not (teacher / "checkpoints").is_dir() and not (teacher / "meta.json").is_file():
+    if not runs.RunFolder.is_run(teacher):
         raise ConfigError(f"TEACHER_RUN: {teacher} is not a run folder (no checkpoints/) or checkpoint; pass the "
                           "folder `lamina train` printed, e.g. runs/fashion-mnist-cnn")
     path, overrides = _split_train_args(a.args)

@@ -166,8 +166,9 @@ def cmd_eval(a, console) -> int:
 
 
 def _is_run(path: str) -> bool:
-    p = Path(path)
-    return (p / "checkpoints").is_dir() or (p / "meta.json").is_file() or p.name in ("best", "last")
+    from lamina.runs import RunFolder
+
+    return RunFolder.is_run(path) or Path(path).name in ("best", "last")
 
 
 def cmd_predict(a, console) -> int:

@@ -548,7 +548,7 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
     `out`: the artifact path (or folder) instead. export.json next to it holds the result under the format's key.
     Returns {"run", "checkpoint", "format", "batch", "split", "artifacts": [...]} where each artifact has file, size_mb, exporter, max_abs_diff, argmax_agreement (and accuracy where labels).
     """
-    from lamina.runs import open_run
+    from lamina.runs import RunFolder, open_run
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format: {unknown_name('format', fmt, FORMATS)}")
@@ -560,7 +560,7 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
     if which not in ("best", "last"):
         raise ConfigError(f"--which: expected best or last, got {which!r}")
     p = Path(run_dir)
-    if not p.is_dir() or not ((p / "checkpoints").is_dir() or (p / "meta.json").is_file()):
+    if not RunFolder.is_run(p):
         raise ConfigError(f"{run_dir}: not a run folder (expected a folder with checkpoints/ from `lamina train`, "
                           "or a checkpoint folder with meta.json)")
     if fmt == "onnx":

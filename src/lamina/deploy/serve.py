@@ -151,10 +151,11 @@ def load_backend(path: str | Path, which: str = "best", threads: int | None = No
         return OnnxBackend(OnnxRunner(str(p), threads=threads), source=str(p))
     if not p.exists():
         raise DataError(f"{path}: not found; expected a run folder (e.g. runs/NAME) or a .onnx file")
-    if not p.is_dir() or not ((p / "checkpoints").is_dir() or (p / "meta.json").is_file()):
-        raise ConfigError(f"{path}: not a run folder (no checkpoints/ or meta.json) and not a .onnx file")
     from lamina.data.transforms import eval_transforms
-    from lamina.runs import open_run
+    from lamina.runs import RunFolder, open_run
+
+    if not RunFolder.is_run(p):
+        raise ConfigError(f"{path}: not a run folder (no checkpoints/ or meta.json) and not a .onnx file")
 
     if threads:
         import torch

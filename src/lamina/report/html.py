@@ -90,7 +90,7 @@ def _section(sid: str, title: str, body: str, sub: str = "") -> tuple[str, str]:
 
 def _history(run: Path) -> list[dict]:
     try:
-        with open(run / "metrics.csv", newline="") as f:
+        with open(run / "metrics.csv", newline="") as f:  # RunFolder.metrics (not imported: report stays light)
             rows = list(csv.DictReader(f))
     except OSError:
         return []
@@ -239,10 +239,12 @@ def _learning_curve(run: Path) -> str:
 # ----- the page ---------------------------------------------------------------------------------------
 def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the run's report.html (or `out`) and return its path."""
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
+    from lamina.runs.folder import RunFolder
+
+    run, folder = Path(run_dir), RunFolder(run_dir)
+    if not folder.config.is_file():
         raise DataError(f"{run}: not a run folder (no config.yaml); pass the folder `lamina train` printed")
-    summary = _json(run / "summary.json") or {}
+    summary = _json(folder.summary) or {}
     history = _history(run)
     name = run.name
     parts = [
@@ -251,7 +253,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         _section("overfitting", "Overfitting", _overfitting(history),
                  "validation vs training loss per epoch; onset = first epoch after the best validation loss, "
                  "when validation then keeps rising while training loss falls"),
-        _section("confusion", "Confusion matrix", _img(run / "confusion.png", "confusion matrix")),
+        _section("confusion", "Confusion matrix", _img(folder.confusion, "confusion matrix")),
         _section("calibration", "Calibration", _calibration(run),
                  "expected calibration error before and after temperature scaling"),
         _section("gradients", "Gradient health", _gradients(run),
@@ -261,9 +263,9 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         _section("fairness", "Fairness", _fairness(run)),
         _section("learning-curve", "Learning curve", _learning_curve(run)),
     ]
-    config = (run / "config.yaml").read_text()
+    config = folder.config.read_text()
     parts.append(_section("config", "Config", f"<pre>{_esc(config)}</pre>",
-                          f"re-run with <code>lamina train {_esc(run / 'config.yaml')}</code>"))
+                          f"re-run with <code>lamina train {_esc(folder.config)}</code>"))
     shown = [(sid, body) for sid, body in parts if _has_content(body)]
     titles = {"overview": "Overview", "curves": "Curves", "overfitting": "Overfitting", "confusion": "Confusion",
               "calibration": "Calibration", "gradients": "Gradients", "explanations": "Explanations",

@@ -55,6 +55,12 @@ class RunFolder:
 
     # ----- finding and creating folders ------------------------------------------------------------------
     @staticmethod
+    def is_run(path: str | Path) -> bool:
+        """A run folder (with checkpoints/) or a checkpoint folder (with meta.json)?"""
+        p = Path(path)
+        return p.is_dir() and ((p / "checkpoints").is_dir() or (p / "meta.json").is_file())
+
+    @staticmethod
     def locate(path: str | Path, which: str = "best") -> tuple["RunFolder", Path]:
         """(folder, checkpoint) for a run folder or a checkpoint folder (or a file inside one)."""
         p = Path(path)

@@ -288,8 +288,9 @@ def mitigate_run(run_dir: str | Path, method: str = "reweight", group: str = "ac
 
     out = {"method": method, "group": group, "split": split, "weights": weights, "mitigated_run": str(new),
            "summary": {"before": headline(before), "after": headline(after)}, "before": before, "after": after}
-    root = Path(run_dir)
-    root = root if (root / "checkpoints").is_dir() else Path(before["checkpoint"]).parent.parent
+    from lamina.runs import RunFolder
+
+    root = RunFolder.locate(run_dir, which)[0].path
     (root / "mitigation.json").write_text(json.dumps(out, indent=2))
     plot_fairness({"before": before, f"after ({method})": after}, root / "fairness_mitigation.png",
                   f"{before['data']} {split}: accuracy by {group}, {method}")
