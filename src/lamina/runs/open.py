@@ -9,13 +9,14 @@ defaults included); checkpoints written before options were recorded are rebuilt
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
-from lamina.config import RunConfig, validate
+from lamina.config import ConfigDeprecationWarning, RunConfig, validate
 from lamina.data import DataBundle
 from lamina.data.facts import DataFacts
 from lamina.engine import Trainer
@@ -75,7 +76,9 @@ def open_run(path: str | Path, which: str = "best") -> Run:
     if "config" not in meta:
         raise CheckpointError(f"{ckpt}/meta.json has no config; it was not written by `lamina train`")
     try:
-        cfg = validate(meta["config"])
+        with warnings.catch_warnings():  # a stored config with moved keys: the run's, not the user's, to update
+            warnings.simplefilter("ignore", ConfigDeprecationWarning)
+            cfg = validate(meta["config"])
         facts = DataFacts.from_dict(meta.get("data"), f"{ckpt}/meta.json")
         task = make_task(cfg, facts)
         options = meta.get("model_options")
