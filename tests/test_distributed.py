@@ -121,8 +121,9 @@ def test_sharded_checkpoint_in_one_process_round_trips_into_a_plain_model_and_de
     data = TensorData(x=torch.randn(64, 8), y=torch.randint(0, 3, (64,)))
     model = create_model("mlp", in_features=8, num_classes=3, depth=2, width=16)
     trainer = Trainer(max_epochs=2, strategy="fsdp", callbacks=[ModelCheckpoint(tmp_path / "ck", monitor="train/loss")])
+    assert not torch.distributed.is_initialized()  # constructing a Trainer changes no global state
     try:
-        assert torch.distributed.is_initialized() and trainer.dist.world_size == 1
+        assert trainer.dist.world_size == 1 and torch.distributed.is_initialized()  # a private group, on first use
         trainer.fit(model, ClassificationTask(3), InMemoryLoader(data, 16, shuffle=True),
                     optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
         assert type(next(model.parameters())).__name__ == "DTensor"

@@ -34,7 +34,8 @@ def test_mismatched_weights_and_foreign_models_are_refused(tmp_path):
     model = create_model("gpt", vocab_size=40, n_layer=2, n_head=2, n_embd=32, block_size=16)
     hub.save_pretrained(model, tmp_path / "m")
     meta = json.loads((tmp_path / "m" / "lamina_model.json").read_text())
-    meta["options"]["n_embd"] = 64  # the weights no longer fit
+    assert meta["resolved"]["n_embd"] == meta["options"]["n_embd"] == 32  # every option is recorded, given or not
+    meta["resolved"]["n_embd"] = 64  # the weights no longer fit
     (tmp_path / "m" / "lamina_model.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="does not fit model gpt: .*shape mismatches"):
         hub.from_pretrained(tmp_path / "m")

@@ -8,7 +8,8 @@ import torch
 
 from lamina.config import load_config
 from lamina.errors import ConfigError, DataError
-from lamina.runs import load_data, train_subset
+from lamina.data.splits import train_subset
+from lamina.runs import load_data
 from lamina.trust.overfitting import (OverfittingMonitor, fit_power_law, learning_curve, overfitting_onset,
                                       samples_for)
 

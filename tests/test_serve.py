@@ -26,9 +26,12 @@ httpx = pytest.importorskip("httpx")
 from lamina.data.transforms import eval_transforms  # noqa: E402
 from lamina.deploy.serve import OnnxBackend, TorchBackend, bind_socket, create_app  # noqa: E402
 
+from lamina.data.facts import DataFacts  # noqa: E402
+
 CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-FACTS = {"task": "classification", "input_shape": [1, 8, 8], "num_classes": 10, "num_outputs": 10,
-         "class_names": CLASSES, "meta": {"image_size": [8, 8], "grayscale": True}}
+FACTS = {"name": "digits", "task": "classification", "input_shape": [1, 8, 8], "num_classes": 10, "num_outputs": 10,
+         "class_names": CLASSES, "meta": {"image_size": [8, 8], "grayscale": True}}  # as an ONNX file's metadata holds them
+TYPED = DataFacts.from_dict(FACTS)  # as a run's open_run gives them
 NORM = [{"name": "normalize", "mean": 0.3, "std": 0.4}]
 
 
@@ -121,7 +124,7 @@ def metric(text: str, series: str) -> float:
 
 @pytest.fixture()
 def backend(model):
-    return TorchBackend(model, FACTS, eval_transforms(NORM), model_name="tiny_mlp", source="test")
+    return TorchBackend(model, TYPED, eval_transforms(NORM), model_name="tiny_mlp", source="test")
 
 
 def post(client, x) -> httpx.Response:
@@ -208,7 +211,7 @@ def test_image_upload_matches_lamina_predict(backend, model, digits, tmp_path):
         p = tmp_path / f"d{i}.png"
         Image.fromarray((x[i, 0] * 255).round().astype(np.uint8), mode="L").resize((16, 16)).save(p)
         files.append(p)
-    ref, _ = read_inputs([str(p) for p in files], FACTS)  # the tensors `lamina predict` would build
+    ref, _ = read_inputs([str(p) for p in files], TYPED)  # the tensors `lamina predict` would build
     want = direct(model, ref["x"].numpy())
     with Server(backend) as s, httpx.Client(base_url=s.url) as c:
         up = [("file", (p.name, p.read_bytes(), "image/png")) for p in files]
@@ -371,7 +374,7 @@ def test_model_exception_gives_500_and_neighbours_and_server_survive(model, digi
     want = direct(model, x[:40])
     poison = x[0].copy()
     poison[0, 0, 0] = 7.0
-    backend = Flaky(model, FACTS, eval_transforms(NORM))
+    backend = Flaky(model, TYPED, eval_transforms(NORM))
     results: dict = {}
     with Server(backend, max_batch=32, max_wait_ms=50) as s:
 
@@ -418,7 +421,7 @@ class Gated(TorchBackend):
 def test_full_queue_answers_503_and_recovers(model, digits):
     x, _ = digits
     codes: list = []
-    gated = Gated(model, FACTS, eval_transforms(NORM))
+    gated = Gated(model, TYPED, eval_transforms(NORM))
     with Server(gated, batching=False, max_queue=2) as s:
         def send(i):
             with httpx.Client(base_url=s.url, timeout=60) as c:

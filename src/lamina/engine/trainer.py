@@ -1,7 +1,7 @@
 """The Trainer: a few verbs (setup, train_step, backward, clip_gradients, optimizer_step, evaluate,
 save_checkpoint) and `fit()` as a convenience loop over them. Override `train_step` to change what one
 micro-batch does; everything else (precision, accumulation, clipping, scheduling, checkpoints, resume)
-stays the same. Ways to train (adversarial, distillation, ...) are not here: they are task wrappers
+stays the same. Ways to train other than a task's plain loss are not here: they are task wrappers
 (lamina.runs.objectives) the Trainer calls like any task. Constructing a Trainer changes no global state;
 thread count, deterministic mode and (under torchrun or fsdp) the process group are set up on first use.
 
