@@ -571,7 +571,7 @@ def explain_run(run_dir: str | Path, method: str = "integrated_gradients", n: in
     if int(n) < 1:
         raise ConfigError(f"n: expected a positive integer, got {n}")
     run = open_run(run_dir, which)
-    cfg, model, task, facts, ckpt = run.cfg, run.model, run.task, run.facts, run.checkpoint
+    cfg, model, facts, ckpt = run.cfg, run.model, run.facts, run.checkpoint
     kind = facts.task
     if kind not in ("classification", "sequence_classification"):
         raise DataError(f"explain needs a classification or sequence_classification run; {run_dir} is {kind}")

@@ -375,7 +375,6 @@ def gradient_health_run(run_dir, which: str = "best", batch_size: int | None = N
     """Gradient health of a trained run's model on one training batch (training mode, the task's own loss);
     writes gradient_health.json into the run folder: {"report", "findings", "summary"}."""
     import json
-    from pathlib import Path
 
     from lamina.data.transforms import eval_transforms
     from lamina.runs import open_run

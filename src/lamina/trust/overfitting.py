@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
 
+from lamina.errors import ConfigError
 from lamina.runs.overfitting import OverfittingMonitor, overfitting_onset  # noqa: F401  (re-exported)
-from lamina.errors import ConfigError, DataError
 
 
 # ----- learning curve -------------------------------------------------------------------------------
