@@ -227,3 +227,57 @@ def test_save_pretrained_records_resolved_options(tmp_path, monkeypatch):
     monkeypatch.setattr(mlp.MLPConfig, "width", mlp.MLPConfig.width * 2)  # today's default differs
     again = from_pretrained(tmp_path / "p")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+# ----- short runs: honest evaluation (issue 14's usability trap) -----------------------------------------
+def test_a_two_epoch_run_validates_honestly(tmp_path):
+    """40 steps of the default job: BN running statistics trail the weights; without recalibration val and
+    test accuracy sat at exactly 0.100 (one class) while train accuracy was 0.98."""
+    res = train(load_config(None, [*FAST, f"logging.root={tmp_path}", "trainer.max_epochs=2"]))
+    s = res.summary
+    assert s["bn_recalibrated"] and s["final"]["train/acc"] > 0.9
+    assert s["final"]["val/acc"] > 0.9 and s["test"]["test/acc"] > 0.9, s
+    assert "warnings" not in s
+
+
+def test_recalibration_restores_the_loader_and_rng_and_long_runs_skip_it():
+    from lamina.data import TensorData, make_loader
+    from lamina.engine import BatchNormRecalibration, Trainer
+    from lamina.engine.seed import rng_state
+    from lamina.models import create_model
+    from lamina.runs.train import SHORT_RUN_STEPS
+    from lamina.tasks import ClassificationTask
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=3, in_chans=1, channels=(4,))
+    data = TensorData(x=torch.rand(64, 1, 8, 8) * 3 + 1, y=torch.randint(0, 3, (64,)))
+    loader, twin = (make_loader(data, 16, shuffle=True, seed=0) for _ in range(2))
+    t = Trainer(threads=1)
+    t.setup(model, None, None, ClassificationTask(3))
+    t.train_loader = loader
+    bn = model.stages[0][0][1]
+    before_rng = rng_state()
+    BatchNormRecalibration().on_train_epoch_end(t)
+    assert all(torch.equal(a["x"], b["x"]) for a, b in zip(loader, twin))  # the next epoch's order is untouched
+    assert torch.equal(rng_state()["torch"], before_rng["torch"])
+    assert bn.momentum == 0.1 and model.training
+    # the statistics are the average over the training batches of the conv outputs (inputs ~ U(1, 4))
+    conv = model.stages[0][0][0]
+    with torch.no_grad():
+        means = torch.stack([conv(b["x"]).mean((0, 2, 3)) for b in make_loader(data, 16, shuffle=True, seed=0)])
+    torch.testing.assert_close(bn.running_mean, means.mean(0), rtol=1e-4, atol=1e-5)
+    assert SHORT_RUN_STEPS <= 400  # the default job (400 steps) is not a short run: its numbers stay
+
+
+def test_chance_validation_with_high_training_accuracy_warns():
+    from lamina.runs.outputs import RunEnd, chance_check
+
+    facts = DataFacts("digits", "classification", (1, 8, 8), 10, 10)
+    end = RunEnd(load_config(None, []), RunFolder("x"), None, None, facts,
+                 [{"train/acc": 0.98, "val/acc": 0.1}], {"test": {"test/acc": 0.1003}})
+    chance_check(end)
+    assert len(end.summary["warnings"]) == 1 and "val/acc 0.100 is at chance (1/10" in end.summary["warnings"][0]
+    ok = RunEnd(load_config(None, []), RunFolder("x"), None, None, facts,
+                [{"train/acc": 0.98, "val/acc": 0.95}], {"test": {"test/acc": 0.96}})
+    chance_check(ok)
+    assert "warnings" not in ok.summary

@@ -146,6 +146,8 @@ def cmd_train(a, console) -> int:
     over = s.get("overfitting") or {}
     if over.get("overfitting"):
         console.print(f"[yellow]overfitting:[/] {over['advice']}")
+    for w in s.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")
     console.print(f"run folder: [bold]{res.run_dir}[/]")
     print(res.run_dir)  # stdout: machine-readable, e.g. RUN=$(lamina train ...)
     return 0

@@ -1,4 +1,4 @@
-from lamina.engine.callbacks import Callback, EarlyStopping, LRMonitor, ModelCheckpoint
+from lamina.engine.callbacks import BatchNormRecalibration, Callback, EarlyStopping, LRMonitor, ModelCheckpoint
 from lamina.engine.checkpoint import load_checkpoint, load_model_weights, read_meta, save_checkpoint
 from lamina.engine.distributed import Distributed, ShardedLoader
 from lamina.engine.loggers import CSVLogger, TensorBoardLogger
@@ -7,7 +7,7 @@ from lamina.engine.precision import Precision, select_device
 from lamina.engine.seed import seed_everything
 from lamina.engine.trainer import Trainer
 
-__all__ = ["Trainer", "Callback", "ModelCheckpoint", "EarlyStopping", "LRMonitor", "CSVLogger",
+__all__ = ["Trainer", "Callback", "BatchNormRecalibration", "ModelCheckpoint", "EarlyStopping", "LRMonitor", "CSVLogger",
            "TensorBoardLogger", "build_optimizer", "build_scheduler", "Precision", "select_device",
            "seed_everything", "save_checkpoint", "load_checkpoint", "load_model_weights", "read_meta", "Distributed",
            "ShardedLoader"]

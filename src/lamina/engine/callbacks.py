@@ -1,7 +1,8 @@
 """Callbacks: hooks the Trainer calls at fixed points. State they keep is saved with checkpoints.
 
 Hooks: on_fit_start, on_train_batch_end (only called for callbacks that define it: the hot path stays
-clean), on_epoch_end(metrics) after validation, on_fit_end. A callback stops training by setting
+clean), on_train_epoch_end (after an epoch's training, before its validation and checkpoints; also looked up
+with hasattr), on_epoch_end(metrics) after validation, on_fit_end. A callback stops training by setting
 `trainer.should_stop = True`.
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+
+import torch
 
 
 class Callback:
@@ -90,3 +93,55 @@ class LRMonitor(Callback):
     def on_epoch_end(self, trainer, metrics):
         for i, g in enumerate(trainer.optimizer.param_groups):
             metrics["lr" if i == 0 else f"lr/{i}"] = g["lr"]
+
+
+class BatchNormRecalibration(Callback):
+    """Recompute BatchNorm running statistics from training batches at the end of each epoch, before validation
+    and checkpoints (torch.optim.swa_utils.update_bn's method: reset, then a cumulative average over batches
+    in train mode, no gradients).
+
+    Why: the running statistics are an exponential average (momentum 0.1) of batch statistics taken while the
+    weights move. In a short run at a high learning rate they trail the weights so far that evaluation is
+    garbage: the default digits job cut to 2 epochs (40 steps) trains to 98% accuracy and validates at 10%
+    (every prediction one class); recalibrated, 97.8%. The runs layer adds this callback to short runs only,
+    so long runs keep their exact numbers. Everything it touches is restored: the train loader's state and
+    the RNG (resume stays bit-exact), the BN momentum, the model's mode. Under DDP the ranks' statistics are
+    averaged so every replica evaluates alike.
+    """
+
+    def __init__(self, max_batches: int = 50):
+        self.max_batches = max_batches
+
+    def on_train_epoch_end(self, trainer) -> None:
+        from lamina.engine.seed import rng_state, set_rng_state
+
+        model = trainer.model
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+               and m.track_running_stats]
+        if not bns:
+            return
+        loader = trainer.train_loader
+        loader_state = loader.state_dict() if hasattr(loader, "state_dict") else None
+        rng, momenta, was_training = rng_state(), [m.momentum for m in bns], model.training
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches below
+        model.train()
+        try:
+            with torch.no_grad():
+                for i, batch in enumerate(loader):
+                    if i >= self.max_batches:
+                        break
+                    with trainer.precision.autocast():
+                        trainer.task.forward(model, trainer.to_device(batch))
+        finally:
+            for m, mom in zip(bns, momenta):
+                m.momentum = mom
+            model.train(was_training)
+            if loader_state is not None:
+                loader.load_state_dict(loader_state)
+            set_rng_state(rng)
+        if trainer.dist.world_size > 1:
+            for m in bns:
+                for buf in (m.running_mean, m.running_var):
+                    buf.copy_(trainer.dist.all_reduce_sum(buf.clone()) / trainer.dist.world_size)

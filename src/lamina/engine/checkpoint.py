@@ -10,20 +10,31 @@ leaves either the previous checkpoint or the new one complete; `resolve` falls b
 copy if the crash hit between the two renames. The sha256 in meta.json catches truncated or edited files.
 
 Sharded checkpoints (FSDP, `trainer.strategy=fsdp`) keep the same folder contract, with the weights and the
-optimizer state as a `torch.distributed.checkpoint` (DCP) folder instead of model.safetensors:
+optimizer state also as a `torch.distributed.checkpoint` (DCP) folder:
 
+    <ckpt>/model.safetensors   the full (consolidated) weights, gathered from every rank: what readers load
     <ckpt>/shards/             DCP: one .distcp file per rank + .metadata; {"model": ..., "optim": ...}
     <ckpt>/state.pt            the rest of the trainer state (loop position, RNG of every rank, ...)
     <ckpt>/meta.json           "sharded": true, sha256 of every file
 
-Every rank writes its own shards into the temp folder (DCP), then rank 0 writes state.pt and meta.json and
-does the renames, so the atomicity argument above holds unchanged. DCP stores each tensor with its global
-shape, so a checkpoint written by N ranks loads on M ranks, or into a plain unsharded model (`lamina eval`).
+Every rank writes its own shards into the temp folder (DCP), rank 0 writes the gathered model.safetensors,
+state.pt and meta.json and does the renames, so the atomicity argument above holds unchanged.
+
+Safety: DCP's `.metadata` is a pickle, and the sha256 values sit in the same (possibly foreign) meta.json, so
+they authenticate nothing. Readers that want only the weights (`lamina eval/serve/predict/compress`,
+`load_model_weights`) read model.safetensors and never open shards/; a sharded checkpoint without it (written
+before it existed) is refused with one line. Resuming (`load_sharded_into`, which needs the sharded optimizer
+state) reads `.metadata` with an unpickler that admits only torch's own DCP metadata classes (and torch
+dtypes/sizes/layouts, pathlib paths), and the non-tensor optimizer values with `torch.load(weights_only=True)`
+instead of DCP's default `weights_only=False`: a crafted file is refused, never run. DCP stores each tensor
+with its global shape, so a checkpoint written by N ranks resumes on M ranks.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -33,7 +44,8 @@ from safetensors.torch import save_file
 
 from lamina.errors import CheckpointError
 from lamina.io import (fsync_file, list_files, load_state, load_state_strict, make_temp_folder,
-                       publish_folder, sha256_file, state_for_saving, state_payload, tied_aliases, write_folder)
+                       publish_folder, save_state, sha256_file, state_for_saving, state_payload, tied_aliases,
+                       write_folder)
 
 FORMAT = "lamina-checkpoint-1"
 
@@ -61,9 +73,10 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, state: dict, meta:
 
 def save_sharded_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, state: dict, meta: dict,
                             dist_env) -> Path:
-    """Collective: every rank calls it. Weights + optimizer through DCP, the rest by rank 0."""
+    """Collective: every rank calls it. Weights + optimizer through DCP, the gathered full weights
+    (model.safetensors) and the rest by rank 0."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
     target = Path(path)
     tmp = None
@@ -73,6 +86,11 @@ def save_sharded_checkpoint(path: str | Path, model: torch.nn.Module, optimizer,
     try:
         msd, osd = get_state_dict(model, optimizer)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "shards"))
+        # collective as well: every rank takes part, rank 0 receives the full tensors (on CPU) and writes them
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist_env.is_main:
+            save_state(tmp / "model.safetensors", full)
+        del full
         dist_env.barrier()  # every shard is on disk before rank 0 seals the folder
         if dist_env.is_main:
             torch.save(state, tmp / "state.pt")
@@ -104,8 +122,88 @@ def is_sharded(path: str | Path) -> bool:
     return bool(read_meta(path).get("sharded"))
 
 
+# What a DCP `.metadata` pickle may name: torch's own metadata dataclasses and the few torch/pathlib values they
+# hold (checked against torch 2.13's FileSystemWriter output). Anything else is refused before it is built.
+_DCP_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if name in _DCP_ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not a DCP metadata class")
+
+
+def read_dcp_metadata(path: str | Path):
+    """A DCP `.metadata` file, unpickled with only torch's own metadata classes admitted (see the module
+    docstring). CheckpointError (one line) for anything else: a crafted pickle is refused, never run."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    f = Path(path)
+    try:
+        md = _DCPMetadataUnpickler(io.BytesIO(f.read_bytes())).load()
+    except Exception as e:  # UnpicklingError, EOFError, TypeError from a mangled BUILD, ...
+        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        raise CheckpointError(f"{f} is not DCP checkpoint metadata lamina can read safely ({msg}); "
+                              "it is refused, not run") from None
+    if not isinstance(md, Metadata):
+        raise CheckpointError(f"{f} is not DCP checkpoint metadata (a {type(md).__name__}); it is refused")
+    return md
+
+
+def _safe_dcp_reader(shards: Path):
+    """A DCP FileSystemReader whose metadata goes through `read_dcp_metadata`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            if kwargs.get("rank") is not None:  # per-rank metadata files: not written by lamina
+                raise CheckpointError(f"{shards}: per-rank DCP metadata is not supported")
+            md = read_dcp_metadata(shards / ".metadata")
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    return SafeReader(str(shards))
+
+
+def _safe_dcp_planner():
+    """DCP's default load planner, except that non-tensor values (optimizer hyper-parameters) are read with
+    torch.load(weights_only=True) instead of DCP's weights_only=False."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            try:
+                obj = torch.load(value, weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"DCP value {read_item.dest_index.fqn} is not plain data "
+                                      f"({e.__class__.__name__}); it is refused, not run") from None
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._traverse import set_element  # where DCP's planner takes it
+
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return SafePlanner()
+
+
 def load_sharded_into(path: str | Path, model: torch.nn.Module, optimizer=None) -> None:
-    """Load a sharded checkpoint's weights (and optimizer state) into `model`, sharded or not, at any world size."""
+    """Load a sharded checkpoint's weights (and optimizer state) into `model`, sharded or not, at any world size
+    (resume). `.metadata` goes through `read_dcp_metadata`, non-tensor values through weights_only loading."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
@@ -120,11 +218,12 @@ def load_sharded_into(path: str | Path, model: torch.nn.Module, optimizer=None) 
         try:
             if optimizer is None:
                 msd = get_model_state_dict(model)
-                dcp.load({"model": msd}, checkpoint_id=str(p / "shards"))
+                dcp.load({"model": msd}, storage_reader=_safe_dcp_reader(p / "shards"), planner=_safe_dcp_planner())
                 set_model_state_dict(model, msd)
             else:
                 msd, osd = get_state_dict(model, optimizer)
-                dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(p / "shards"))
+                dcp.load({"model": msd, "optim": osd}, storage_reader=_safe_dcp_reader(p / "shards"),
+                         planner=_safe_dcp_planner())
                 set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
         except (RuntimeError, KeyError, ValueError) as e:
             msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
@@ -132,12 +231,18 @@ def load_sharded_into(path: str | Path, model: torch.nn.Module, optimizer=None) 
 
 
 def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
-    """Weights of a checkpoint (plain or sharded) into `model` (plain, DDP-wrapped or FSDP-sharded)."""
-    if is_sharded(path):
-        load_sharded_into(path, model)
-        return
-    weights, _, _ = load_checkpoint(path, with_state=False)
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):  # FSDP model, full weights on disk
+    """Weights of a checkpoint (plain or sharded) into `model` (plain, DDP-wrapped or FSDP-sharded), always from
+    model.safetensors: a sharded checkpoint's DCP shards (pickled metadata) are never opened here."""
+    p = resolve(path)
+    meta = read_meta(p)
+    if meta.get("sharded") and "model.safetensors" not in (meta.get("sha256") or {}):
+        raise CheckpointError(f"{p} is a sharded (FSDP) checkpoint without model.safetensors (written by an older "
+                              "lamina); its DCP metadata is a pickle and cannot be read safely in one process: "
+                              "resume the run with trainer.strategy=fsdp to write a new checkpoint")
+    if meta.get("sharded"):  # not read here, but a damaged checkpoint is reported as such (hashing runs no code)
+        _check_hashes(p, meta, [n for n in meta["sha256"] if n.startswith("shards/")])
+    weights, _, _ = load_checkpoint(p, with_state=False, consolidated=True)
+    if any(type(t).__name__ == "DTensor" for t in model.parameters()):  # FSDP model, full weights on disk
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
@@ -175,22 +280,40 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
-def load_checkpoint(path: str | Path, with_state: bool = True) -> tuple[dict, dict | None, dict]:
+def load_checkpoint(path: str | Path, with_state: bool = True, consolidated: bool = False
+                    ) -> tuple[dict, dict | None, dict]:
     """(weights, state or None, meta), after checking both files against their recorded sha256. For a sharded
-    checkpoint `weights` is {} (load them with `load_model_weights` / `load_sharded_into`)."""
+    checkpoint `weights` is {} (resume loads them with `load_sharded_into`) unless `consolidated`: then they
+    come from its gathered model.safetensors (`load_model_weights` does that)."""
     p = resolve(path)
     meta = read_meta(p)
-    sharded = bool(meta.get("sharded"))
-    names = ("model.safetensors", "state.pt") if with_state else ("model.safetensors",)
-    if sharded:  # weights live in shards/ (see load_sharded_into); only the trainer state is read here
-        names = ("state.pt",) if with_state else ()
+    if not isinstance(meta.get("sha256"), dict):
+        raise CheckpointError(f"{p / 'meta.json'}: no sha256 record of the checkpoint's files; it cannot be trusted")
+    read_weights = not meta.get("sharded") or consolidated
+    names = (("model.safetensors",) if read_weights else ()) + (("state.pt",) if with_state else ())
     _check_hashes(p, meta, names)
     try:
-        weights = {} if sharded else load_state(p / "model.safetensors")  # tied tensors given back under every name
-        state = torch.load(p / "state.pt", map_location="cpu", weights_only=True) if with_state else None
+        weights = load_state(p / "model.safetensors") if read_weights else {}  # tied tensors under every name
     except (SafetensorError, RuntimeError, OSError, EOFError) as e:  # defensive: hash matched but unreadable
         raise CheckpointError(f"{p} could not be read ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+    state = _load_trainer_state(p / "state.pt") if with_state else None
     return weights, state, meta
+
+
+def _load_trainer_state(f: Path) -> dict:
+    """state.pt with weights_only=True; anything that needs more (a pickle of arbitrary objects) is not a lamina
+    checkpoint: one line, never torch's advice to retry with weights_only=False."""
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{f} is not a lamina checkpoint: it holds pickled Python objects that lamina does "
+                              "not load (only tensors and plain values are read)") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:  # truncated, not a zip archive, ...
+        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        raise CheckpointError(f"{f} is not a lamina checkpoint ({e.__class__.__name__}: {msg[:160]})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{f} is not a lamina checkpoint (a {type(state).__name__}, expected the trainer state)")
+    return state
 
 
 def load_weights(model: torch.nn.Module, weights: dict, source: str = "checkpoint") -> None:

@@ -155,6 +155,7 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_fit_start(self)
         batch_hooks = [cb for cb in self.callbacks if hasattr(cb, "on_train_batch_end")]
+        epoch_hooks = [cb for cb in self.callbacks if hasattr(cb, "on_train_epoch_end")]
         cfg, acc = self.cfg, self.cfg.accumulate
         check_finite = self.device.type == "cpu"
         self.should_stop = self._steps_done()
@@ -223,6 +224,8 @@ class Trainer:
                 row = {"epoch": self.epoch, "step": self.global_step, "train/loss": train_loss}
                 row.update({f"train/{k}": v for k, v in self.task.summarize_train(stat_sums, n_seen).items()})
                 row["train/samples_per_s"] = n_seen / dt if dt > 0 else float("nan")
+                for cb in epoch_hooks:
+                    cb.on_train_epoch_end(self)
                 if val_loader is not None and (self.epoch % cfg.val_every == 0 or self.epoch == cfg.max_epochs):
                     row.update(self.evaluate(model, task, val_loader, prefix="val"))
                 row["time"] = self.train_time

@@ -90,7 +90,8 @@ def open_run(path: str | Path, which: str = "best") -> Run:
     try:
         load_model_weights(ckpt, model)
     except RuntimeError as e:  # shape mismatch
-        raise CheckpointError(f"{ckpt} does not fit model {cfg.model.name}: {str(e).splitlines()[-1].strip()}") from None
+        last = str(e).splitlines()[-1].strip()
+        raise CheckpointError(f"{ckpt} does not fit model {cfg.model.name}: {last}") from None
     return Run(cfg, model, task, facts, ckpt, folder)
 
 

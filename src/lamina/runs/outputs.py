@@ -56,6 +56,23 @@ def overfitting_verdict(end: RunEnd) -> None:
                                                                               if o.get("advice") else {})
 
 
+def chance_check(end: RunEnd) -> None:
+    """summary["warnings"]: validation (or test) accuracy at chance while training accuracy is high means the
+    evaluation is broken (stale normalization statistics, a label mismatch), not that the model learned nothing."""
+    k = end.facts.num_classes
+    train_acc = (end.history[-1] if end.history else {}).get("train/acc")  # the last epoch's
+    if not k or k < 2 or train_acc is None or train_acc < 0.5:
+        return
+    last = end.history[-1] if end.history else {}
+    for key, value in (("val/acc", last.get("val/acc")), ("test/acc", end.summary["test"].get("test/acc"))):
+        if value is not None and value <= 1.5 / k:
+            end.summary.setdefault("warnings", []).append(
+                f"{key} {value:.3f} is at chance (1/{k} = {1 / k:.3f}) while train/acc is {train_acc:.3f}: the "
+                "evaluation does not see what training saw; check data.augment normalization and the labels, or "
+                "train longer (BatchNorm statistics trail the weights in very short runs)")
+            return
+
+
 def lora_adapters(end: RunEnd) -> None:
     """LoRA runs: the adapters alone (plus the new head), what such a run needs to ship."""
     if end.cfg.finetune.mode != "lora" or not end.is_main:
@@ -89,4 +106,4 @@ def plots(end: RunEnd) -> None:
                        title=f"test confusion ({end.facts.name}, acc {acc:.4f})" if acc is not None else "")
 
 
-DEFAULT_OUTPUTS = (overfitting_verdict, lora_adapters, summary_file, plots)
+DEFAULT_OUTPUTS = (overfitting_verdict, chance_check, lora_adapters, summary_file, plots)

@@ -24,18 +24,29 @@ import torch
 from lamina.config import RunConfig, to_dict, to_yaml
 from lamina.data import DataBundle
 from lamina.data.facts import DataFacts
-from lamina.engine import (CSVLogger, EarlyStopping, LRMonitor, ModelCheckpoint, TensorBoardLogger, Trainer,
-                           build_scheduler, seed_everything)
+from lamina.engine import (BatchNormRecalibration, CSVLogger, EarlyStopping, LRMonitor, ModelCheckpoint,
+                           TensorBoardLogger, Trainer, build_scheduler, seed_everything)
 from lamina.engine.checkpoint import load_model_weights, resolve
 from lamina.engine.distributed import Distributed, launched_by_torchrun, restart_count
 from lamina.engine.precision import Precision, select_device
 from lamina.errors import ConfigError
 from lamina.io import atomic_write_text
-from lamina.runs.build import (check_finite_data, count_params, data_facts, finetune_setup, load_data, make_task,
-                               pretrained_tokenizer, resolved_options, build_run_model, task_class)
+from lamina.runs.build import (build_run_model, check_finite_data, count_params, data_facts, finetune_setup,
+                               load_data, make_task, pretrained_tokenizer, resolved_options, task_class)
 from lamina.runs.folder import RunFolder
 from lamina.runs.objectives import ObjectiveContext, active_objectives, apply_objectives
 from lamina.runs.outputs import DEFAULT_OUTPUTS, RunEnd, jsonable
+
+
+# Below this many optimizer steps a BatchNorm model's running statistics still trail its weights (see
+# engine.callbacks.BatchNormRecalibration): such runs recompute them before every evaluation. The default job
+# (400 steps) and every longer run keep their exact numbers.
+SHORT_RUN_STEPS = 200
+
+
+def _has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+               for m in model.modules())
 
 
 @dataclass
@@ -124,8 +135,8 @@ def prepare(cfg: RunConfig, dist: Distributed, callbacks: Sequence = (), resume:
     steps_per_epoch = max(1, -(-len(train_loader) // tcfg.accumulate))
     total = tcfg.max_steps or steps_per_epoch * tcfg.max_epochs
     optimizer, ft_callbacks = finetune_setup(cfg, model, task)
-    scheduler = build_scheduler(optimizer, cfg.schedule, total, steps_per_epoch,
-                                [g["lr"] for g in optimizer.param_groups] if cfg.finetune.lr_decay else cfg.optimizer.lr)
+    peak = [g["lr"] for g in optimizer.param_groups] if cfg.finetune.lr_decay else cfg.optimizer.lr
+    scheduler = build_scheduler(optimizer, cfg.schedule, total, steps_per_epoch, peak)
 
     if run_dir is None:
         new = RunFolder.new(cfg.logging.root, cfg.name, cfg.data.name, cfg.model.name).path if main else None
@@ -142,6 +153,8 @@ def prepare(cfg: RunConfig, dist: Distributed, callbacks: Sequence = (), resume:
 
     ckpt_cb = ModelCheckpoint(folder.checkpoints, monitor=monitor, mode=mode)
     cbs = [ckpt_cb, LRMonitor()]
+    if total < SHORT_RUN_STEPS and _has_batchnorm(model):
+        cbs.insert(0, BatchNormRecalibration())  # before checkpoints: they save the recalibrated statistics
     es = tcfg.early_stopping
     if es.patience is not None:
         cbs.append(EarlyStopping(monitor, mode, es.patience, es.min_delta))
@@ -150,7 +163,8 @@ def prepare(cfg: RunConfig, dist: Distributed, callbacks: Sequence = (), resume:
         loggers.append(TensorBoardLogger(folder.tensorboard))
     if resume is not None and main:
         loggers[0].load()
-    trainer = Trainer(tcfg, callbacks=[*cbs, *ft_callbacks, *(callbacks if main else ())], loggers=loggers, dist=dist)
+    trainer = Trainer(tcfg, callbacks=[*cbs, *ft_callbacks, *(callbacks if main else ())], loggers=loggers,
+                      dist=dist)
     # saved in every checkpoint's meta.json: enough to rebuild this exact model and its data (open_run)
     trainer.checkpoint_info = {"config": to_dict(cfg), "model": cfg.model.name,
                                "model_options": resolved_options(model), "objectives": active_objectives(cfg),
@@ -196,6 +210,7 @@ def finalize(p: Prepared, history: list[dict], outputs: Sequence[Callable[[RunEn
         "device": str(trainer.device), "precision": tcfg.precision, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "strategy": dist.strategy, "world_size": dist.world_size,
         "context_parallel": dist.cp, "restarts": restart_count(),
+        "bn_recalibrated": any(isinstance(cb, BatchNormRecalibration) for cb in trainer.callbacks),
     }
     end = RunEnd(p.cfg, p.folder, model, task, p.facts, history, summary, artifacts, dist.is_main)
     for out in outputs:
