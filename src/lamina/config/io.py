@@ -55,7 +55,8 @@ def _describe(err: dict, root: type[BaseModel]) -> str:
         if kind == "greater_than" and bound == 0:
             what = "integer" if _is_int_field(root, loc) else "number"
             return f"{path}: expected a positive {what}, got {got!r}"
-        return f"{path}: expected a number {op} {bound}, got {got!r}"
+        what = "an integer" if _is_int_field(root, loc) else "a number"
+        return f"{path}: expected {what} {op} {bound}, got {got!r}"
     if kind in ("int_parsing", "int_type", "int_from_float"):
         return f"{path}: expected an integer, got {got!r}"
     if kind in ("float_parsing", "float_type"):
@@ -117,18 +118,73 @@ def validate_section(cls: type[BaseModel], data: dict, prefix: str) -> BaseModel
         raise ConfigError(_describe(err, _Root)) from None
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a run config is a few KB; a bigger file is not a config
+MAX_CONFIG_DEPTH = 64  # sections nest a few levels; pyyaml's composer recurses once per level
+
+
+class _Refused(yaml.YAMLError):
+    def __init__(self, what: str, mark):
+        super().__init__(what)
+        self.problem, self.problem_mark = what, mark
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases (`&a` / `*a` / `<<: *a`) and deep nesting while composing,
+    before any object is built: a few hundred bytes of nested aliases otherwise expand to gigabytes."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _Refused("YAML anchors and aliases (&name, *name) are not accepted in a config; "
+                           "write the values out", event.start_mark)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise _Refused(f"nested deeper than {MAX_CONFIG_DEPTH} levels", event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _load_yaml_text(text: str):
+    loader = _ConfigLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict:
+    """A YAML config file as a dict; one-line ConfigError naming the file for anything that is not a mapping
+    of sections (missing, too big, not UTF-8, not YAML, anchors/aliases, empty, a list or a scalar)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text())
+        with open(p, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config file ({e.strerror or type(e).__name__})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: config file larger than {MAX_CONFIG_BYTES // (1 << 20)} MiB; "
+                          "a run config is a YAML mapping of a few KB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a UTF-8 text file (byte {e.start})") from None
+    try:
+        raw = _load_yaml_text(text)
+    except _Refused as e:
+        raise ConfigError(f"{p} line {e.problem_mark.line + 1}: {e.problem}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply to be a config") from None
     if raw is None:
-        return {}
+        raise ConfigError(f"{p}: empty config file; expected a mapping of sections (data, model, trainer, ...), "
+                          "e.g. `trainer: {max_epochs: 3}`")
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: expected a mapping of sections (data, model, trainer, ...), got {type(raw).__name__}")
     return raw
@@ -163,8 +219,8 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
 def parse_value(text: str) -> Any:
     """YAML scalar/list parsing, plus numbers YAML 1.1 leaves as strings (1e-3)."""
     try:
-        val = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+        val = _load_yaml_text(text) if text.strip() else ""
+    except (yaml.YAMLError, RecursionError):
         return text
     if isinstance(val, str) and _NUMBER.fullmatch(val.strip()):
         return float(val)

@@ -144,7 +144,7 @@ class LoggingConfig(_Strict):
 
 class RunConfig(_Strict):
     name: str | None = None  # run folder name; default <data>-<model>-<time>
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)  # torch.manual_seed takes a 64-bit seed
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)

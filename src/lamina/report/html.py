@@ -56,6 +56,22 @@ def _num(v) -> str:
     return _esc(v)
 
 
+def _fmt(v, spec: str) -> str:
+    """A number from a file formatted with `spec`; anything else (a string, a list, null) escaped as it is."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return format(v, spec)
+    return _esc(v)
+
+
+def _dict(v) -> dict:
+    """A JSON object from a file, or {} when the file holds another type there."""
+    return v if isinstance(v, dict) else {}
+
+
+def _rows(v) -> list[dict]:
+    return [r for r in v if isinstance(r, dict)] if isinstance(v, list) else []
+
+
 def _table(rows: list[dict], cols: list[str] | None = None) -> str:
     if not rows:
         return ""
@@ -66,7 +82,8 @@ def _table(rows: list[dict], cols: list[str] | None = None) -> str:
 
 
 def _kv(d: dict) -> str:
-    return _table([{"": k, "value": v} for k, v in d.items() if not isinstance(v, (dict, list))], ["", "value"])
+    return _table([{"": k, "value": v} for k, v in _dict(d).items() if not isinstance(v, (dict, list))],
+                  ["", "value"])
 
 
 def _img(path: Path, alt: str) -> str:
@@ -98,7 +115,7 @@ def _history(run: Path) -> list[dict]:
     for r in rows:
         row = {}
         for k, v in r.items():
-            if v in (None, ""):
+            if k is None or not isinstance(v, str) or v == "":  # extra cells of a ragged row, empty cells
                 continue
             try:
                 row[k] = float(v)
@@ -110,15 +127,15 @@ def _history(run: Path) -> list[dict]:
 
 # ----- sections ---------------------------------------------------------------------------------------
 def _overview(run: Path, summary: dict) -> str:
-    test = summary.get("test", {})
-    cards = [(k.split("/", 1)[-1], v) for k, v in test.items()][:6]
+    test = _dict(summary.get("test"))
+    cards = [(str(k).split("/", 1)[-1], v) for k, v in test.items()][:6]
     cards += [("params", summary.get("params")), ("epochs", summary.get("epochs")),
               ("train time (s)", summary.get("train_time_s")), ("device", summary.get("device"))]
     html_cards = "".join(f'<div class="card"><b>{_num(v)}</b><span>{_esc(k)}</span></div>' for k, v in cards
                          if v is not None)
-    data = summary.get("data", {})
+    data = _dict(summary.get("data"))
     facts = {"model": summary.get("model"), "task": summary.get("task"), "data": data.get("name"),
-             "train / val / test": f"{data.get('train', 0)} / {data.get('val', 0)} / {data.get('test', 0)}",
+             "train / val / test": f"{data.get('train', 0)} / {data.get('val', 0)} / {data.get('test', 0)}",  # escaped by _kv
              "best epoch": summary.get("best_epoch"), "monitor": summary.get("monitor"),
              "best monitor": summary.get("best_monitor"), "precision": summary.get("precision"),
              "strategy": summary.get("strategy"), "world size": summary.get("world_size"),
@@ -141,13 +158,13 @@ def _overfitting(history: list[dict]) -> str:
 
     try:
         r = overfitting_onset(history, min_rise=0.01)  # same rule as the run's summary: <1% rises are noise
-    except DataError:
+    except (DataError, ValueError, TypeError):  # metrics.csv without the losses, or with text where numbers go
         return ""
     if r["overfitting"]:
-        verdict = f'<p class="warn">Overfitting began at epoch {r["onset_epoch"]}. {_esc(r["advice"])}.</p>'
+        verdict = f'<p class="warn">Overfitting began at epoch {_esc(r["onset_epoch"])}. {_esc(r["advice"])}.</p>'
     else:
         verdict = (f'<p class="ok">No overfitting detected: validation loss is at or near its best (epoch '
-                   f'{r["best_epoch"]}) or still following training loss.</p>')
+                   f'{_esc(r["best_epoch"])}) or still following training loss.</p>')
     rows = [{"epoch": e, "val - train loss": g} for e, g in zip(r["epochs"], r["gap"])]
     return verdict + _kv({"best epoch": r["best_epoch"], "best val loss": r["best_val"],
                           "gap at best": r["gap_at_best"], "final gap": r["final_gap"],
@@ -156,23 +173,25 @@ def _overfitting(history: list[dict]) -> str:
 
 def _calibration(run: Path) -> str:
     c = _json(run / "calibration.json")
-    if not c:
+    if not c or not isinstance(c, dict):
         return ""
-    rows = [{"": "before", **c["before"]}, {"": f"after (T = {c['temperature']:.3f})", **c["after"]}]
+    t = c.get("temperature")
+    t = f"{t:.3f}" if isinstance(t, (int, float)) and not isinstance(t, bool) else t  # _table escapes the cell
+    rows = [{**_dict(c.get("before")), "": "before"}, {**_dict(c.get("after")), "": f"after (T = {t})"}]
     return (_table(rows, ["", "ece", "nll", "acc"]) + _img(run / "calibration.png", "reliability diagram")
-            + f'<p class="sub">temperature fitted on {c.get("n_val")} validation samples, measured on '
-              f'{c.get("n_test")} test samples; {c.get("n_bins")} bins.</p>')
+            + f'<p class="sub">temperature fitted on {_esc(c.get("n_val"))} validation samples, measured on '
+              f'{_esc(c.get("n_test"))} test samples; {_esc(c.get("n_bins"))} bins.</p>')
 
 
 def _gradients(run: Path) -> str:
     g = _json(run / "gradient_health.json")
-    if not g:
+    if not g or not isinstance(g, dict):
         return ""
-    findings = g.get("findings", [])
-    verdict = ("".join(f'<p class="warn">{_esc(f["kind"])} at {_esc(f["layer"])} ({_num(f["value"])}): '
-                       f'{_esc(f["suggestion"])}</p>' for f in findings)
+    findings = _rows(g.get("findings"))
+    verdict = ("".join(f'<p class="warn">{_esc(f.get("kind"))} at {_esc(f.get("layer"))} ({_num(f.get("value"))}): '
+                       f'{_esc(f.get("suggestion"))}</p>' for f in findings)
                or '<p class="ok">Healthy: no vanishing, exploding, dead or saturated layers.</p>')
-    rows = [{"layer": n, **{k: v for k, v in r.items()}} for n, r in g.get("report", {}).items()]
+    rows = [{**_dict(r), "layer": n} for n, r in _dict(g.get("report")).items()]
     return verdict + _table(rows, ["layer", "kind", "grad_norm", "weight_norm", "grad_weight_ratio", "dead_frac",
                                    "saturation"])
 
@@ -201,10 +220,10 @@ def _fairness(run: Path) -> str:
     parts = []
     f = _json(run / "fairness.json")
     if isinstance(f, dict) and isinstance(f.get("by_group"), dict):
-        rows = [{f.get("group", "group"): g, "n": v.get("n"), "accuracy": v.get("accuracy"),
-                 "recall (macro)": v.get("recall_macro")} for g, v in f["by_group"].items()]
+        rows = [{str(f.get("group", "group")): g, "n": v.get("n"), "accuracy": v.get("accuracy"),
+                 "recall (macro)": v.get("recall_macro")} for g, v in f["by_group"].items() if isinstance(v, dict)]
         parts.append(_table(rows) + _kv({
-            "split": f.get("data_split") or f.get("split"), "overall accuracy": f.get("overall", {}).get("accuracy"),
+            "split": f.get("data_split") or f.get("split"), "overall accuracy": _dict(f.get("overall")).get("accuracy"),
             "accuracy gap (max - min)": f.get("accuracy_difference"), "worst group": f.get("worst_group"),
             "demographic parity diff (mean over classes)": f.get("dp_difference_mean"),
             "equalized odds diff (mean over classes)": f.get("eo_difference_mean")})
@@ -213,9 +232,10 @@ def _fairness(run: Path) -> str:
     if isinstance(m, dict) and isinstance(m.get("summary"), dict):
         rows = []
         for stage, h in m["summary"].items():
+            h = _dict(h)
             rows.append({"": stage, "overall acc": h.get("overall_accuracy"), "gap": h.get("accuracy_difference"),
                          "DP diff": h.get("dp_difference_mean"), "EO diff": h.get("eo_difference_mean"),
-                         **{str(g): a for g, a in (h.get("accuracy_by_group") or {}).items()}})
+                         **{str(g): a for g, a in _dict(h.get("accuracy_by_group")).items()}})
         parts.append(f"<p class='sub'>mitigation: {_esc(m.get('method'))} by {_esc(m.get('group'))} (retrained run "
                      f"{_esc(m.get('mitigated_run'))})</p>" + _table(rows)
                      + _img(run / "fairness_mitigation.png", "accuracy by group before and after mitigation"))
@@ -224,13 +244,15 @@ def _fairness(run: Path) -> str:
 
 def _learning_curve(run: Path) -> str:
     lc = _json(run / "learning_curve.json")
-    if not lc:
+    if not lc or not isinstance(lc, dict):
         return ""
-    rows = [{k: r.get(k) for k in ("fraction", "n_train", "train", "val", "test", "seconds")} for r in lc["rows"]]
+    keys = ("fraction", "n_train", "train", "val", "test", "seconds")
+    rows = [{k: r.get(k) for k in keys} for r in _rows(lc.get("rows"))]
     note = ""
-    if lc.get("power_law"):
+    if isinstance(lc.get("power_law"), dict):
         p = lc["power_law"]
-        note = (f"<p class='sub'>test error ~ {p['a']:.3g} * n^-{p['b']:.3f}; at twice the data: "
+        note = (f"<p class='sub'>test error ~ {_fmt(p.get('a'), '.3g')} * n^-{_fmt(p.get('b'), '.3f')}; at twice "
+                "the data: "
                 f"{_num(lc.get('error_at_2x'))}; half the best error needs ~{_num(lc.get('n_for_half_error'))} "
                 "samples.</p>")
     return _table(rows) + note + _img(run / "learning_curve.png", "learning curve")
@@ -244,7 +266,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run, folder = Path(run_dir), RunFolder(run_dir)
     if not folder.config.is_file():
         raise DataError(f"{run}: not a run folder (no config.yaml); pass the folder `lamina train` printed")
-    summary = _json(folder.summary) or {}
+    summary = _dict(_json(folder.summary))
     history = _history(run)
     name = run.name
     parts = [
@@ -263,7 +285,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         _section("fairness", "Fairness", _fairness(run)),
         _section("learning-curve", "Learning curve", _learning_curve(run)),
     ]
-    config = folder.config.read_text()
+    config = folder.config.read_text(errors="replace")
     parts.append(_section("config", "Config", f"<pre>{_esc(config)}</pre>",
                           f"re-run with <code>lamina train {_esc(folder.config)}</code>"))
     shown = [(sid, body) for sid, body in parts if _has_content(body)]
