@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -281,22 +282,29 @@ def test_channel_prune_transformer_heads_and_errors():
 # ----- a trained run, end to end -------------------------------------------------------------------
 def test_quantize_and_prune_cli_on_a_run(digits_run_copy, capsys):
     from lamina.cli.main import main
-    from lamina.compress.run import load_variant
+    from lamina.compress.run import evaluate_model, load_variant, open_context
 
     run = digits_run_copy  # the shared digits run (conftest; small_cnn, 4 epochs), copied: the verbs write into it
     assert main(["quantize", str(run), "--method", "static", "--repeats", "3", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     fp32, q = res["rows"]
     assert q["size_x"] > 3.0 and q["acc_delta_points"] > -2.0
+    # saved as safetensors + recipe.json, rebuilt on load (no pickle): the same int8 model that was measured
+    assert (Path(res["saved"]) / "recipe.json").is_file() and not (Path(res["saved"]) / "model.pt").exists()
     loaded = load_variant(res["saved"])
     x = torch.rand(3, 1, 8, 8)
     with torch.inference_mode():
         assert loaded(x).shape == (3, 10)
+    ctx = open_context(run)
+    assert evaluate_model(loaded, ctx)["acc"] == pytest.approx(q["test_acc"])
     assert main(["prune", str(run), "--method", "channels", "--epochs", "1", "--repeats", "3", "--json",
                  "--no-progress"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["rows"][-1]["params"] < 0.35 * res["rows"][0]["params"]
     assert res["rows"][-1]["test_acc"] > 0.9
+    pruned = load_variant(res["saved"])  # the same channels cut again, then the fine-tuned weights loaded
+    assert sum(p.numel() for p in pruned.parameters()) == res["rows"][-1]["params"]
+    assert evaluate_model(pruned, ctx)["acc"] == pytest.approx(res["rows"][-1]["test_acc"])
     assert main(["quantize", str(run), "--method", "int3"]) == 2
     assert "accepted: dynamic, static" in capsys.readouterr().err
     assert main(["prune", str(run), "--amount", "1.5"]) == 2

@@ -3,9 +3,20 @@
 Every entry point loads the run's model and data (same name, options and seed -> the same splits as in
 training), builds the compressed variant, and measures it against the fp32 model in the same process:
 serialized size, batch-1 and batch-32 CPU latency (median of timed repeats after warm-up) and the test metric
-(accuracy for classifiers, loss and perplexity for language models). Results land in
-`RUN/compressed/<variant>/` as `model.pt` (the whole module: pickled, or TorchScript for FX-quantized graphs,
-which do not pickle; quantized modules carry packed weights a state dict alone cannot rebuild) and `compress.json`, both written atomically.
+(accuracy for classifiers, loss and perplexity for language models). Results land in `RUN/compressed/<variant>/`,
+written atomically as one folder:
+
+    model.safetensors   the float state the variant is rebuilt from (no pickle): the run's weights for
+                        dynamic / static / weight-only quantization, the fine-tuned fake-quant model for qat,
+                        the pruned and fine-tuned weights for pruning
+    recipe.json         how to rebuild it: kind (quantize/prune), method, options, the run and checkpoint
+    compress.json       the measurements
+
+Quantized modules carry packed int8 weights that neither safetensors nor a state dict can hold portably, and a
+pickled or TorchScript module runs code when loaded, so `load_variant` rebuilds instead: the run's model from its
+checkpoint (`open_run`), the saved state loaded strictly, then the same deterministic transform (the same
+calibration batches for static int8, the same magnitude ranking for channel pruning). Pickled `model.pt` files
+of older versions are refused with one line, never loaded.
 """
 
 from __future__ import annotations
@@ -19,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from lamina.errors import ConfigError
-from lamina.io import atomic_file, atomic_write_text
+from lamina.errors import CheckpointError, ConfigError
+from lamina.io import load_state, load_state_strict, save_state, sha256_file, write_folder
 from lamina.runs import Run, open_run
 
 _LM = "language_modeling"
@@ -186,34 +197,107 @@ def finetune(ctx: RunContext, model: torch.nn.Module, epochs: float = 1.0, lr: f
 
 
 # ----- saving ------------------------------------------------------------------------------------
-def load_variant(path: str | Path) -> torch.nn.Module:
-    """A saved compressed model (`RUN/compressed/<variant>` or its model.pt), ready for inference."""
+RECIPE_FORMAT = "lamina-compressed-1"
+_REBUILDS = {"quantize": ("dynamic", "static", "weight-int8", "weight-int4", "qat"), "prune": ("channels", "magnitude")}
+
+
+def _variant_folder(path: str | Path) -> Path:
     p = Path(path)
-    p = p / "model.pt" if p.is_dir() else p
-    meta = json.loads((p.parent / "compress.json").read_text()) if (p.parent / "compress.json").is_file() else {}
-    if str(meta.get("format", "")).startswith("torchscript"):
-        return torch.jit.load(str(p))
-    from lamina.compress.quantize import _quiet
+    if p.is_file():
+        p = p.parent
+    if not (p / "recipe.json").is_file():
+        if (p / "model.pt").is_file():
+            raise CheckpointError(f"{p / 'model.pt'} is a pickled compressed model (older lamina); it is not loaded, "
+                                  "because unpickling can run code: re-create the variant with `lamina quantize` or "
+                                  "`lamina prune` on its run")
+        raise CheckpointError(f"{path} is not a compressed variant (expected RUN/compressed/<variant>/ with "
+                              "recipe.json and model.safetensors)")
+    return p
 
-    with _quiet():
-        return torch.load(p, weights_only=False)  # our own file, written by save_variant
+
+def read_recipe(path: str | Path) -> dict:
+    """recipe.json of a saved variant, checked: kind, method and options of known types."""
+    p = _variant_folder(path)
+    f = p / "recipe.json"
+    try:
+        r = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise CheckpointError(f"{f} is not readable JSON ({e.__class__.__name__})") from None
+    if not isinstance(r, dict) or r.get("format") != RECIPE_FORMAT:
+        raise CheckpointError(f"{f}: not a {RECIPE_FORMAT} recipe")
+    kind, method, options = r.get("kind"), r.get("method"), r.get("options", {})
+    if kind not in _REBUILDS or method not in _REBUILDS[kind]:
+        raise CheckpointError(f"{f}: unknown kind/method {kind!r}/{method!r}; accepted: "
+                              + "; ".join(f"{k}: {', '.join(m)}" for k, m in _REBUILDS.items()))
+    if not isinstance(options, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                for v in options.values()):
+        raise CheckpointError(f"{f}: options must be a mapping of numbers, got {options!r:.80}")
+    if r.get("which", "best") not in ("best", "last"):
+        raise CheckpointError(f"{f}: which must be best or last, got {r.get('which')!r:.40}")
+    return r
 
 
-def save_variant(ctx: RunContext, tag: str, model: torch.nn.Module, result: dict) -> Path:
-    from lamina.compress.quantize import _quiet
+def load_variant(path: str | Path, run: str | Path | None = None) -> torch.nn.Module:
+    """A saved compressed model (`RUN/compressed/<variant>` or a file in it), rebuilt and ready for inference.
+
+    Nothing is unpickled: the run's model is built from its checkpoint (`run`, default: the run folder the
+    variant sits in, else the one recorded in recipe.json), the variant's model.safetensors loaded strictly,
+    and the recipe's transform re-applied (see the module docstring)."""
+    from lamina.compress import quantize as q
+    from lamina.compress.prune import channel_prune
+
+    p = _variant_folder(path)
+    recipe = read_recipe(p)
+    if run is None:
+        run = p.parent.parent if (p.parent.parent / "checkpoints").is_dir() else recipe.get("run")
+    if not run:
+        raise CheckpointError(f"{p}: the run it was made from is unknown; pass run=RUN")
+    state_file = p / "model.safetensors"
+    if not state_file.is_file():
+        raise CheckpointError(f"{state_file} is missing; the variant is incomplete")
+    if recipe.get("sha256") and sha256_file(state_file) != recipe["sha256"]:
+        raise CheckpointError(f"{state_file} is corrupt (sha256 does not match recipe.json)")
+    state = load_state(state_file)
+    ctx = open_context(run, recipe.get("which", "best"))
+    kind, method, opt = recipe["kind"], recipe["method"], recipe.get("options", {})
+    torch.manual_seed(ctx.cfg.seed)
+    src = f"{state_file}"
+    if kind == "prune":
+        model = (channel_prune(ctx.model, example_batch(ctx, 2, "train"), float(opt.get("amount", 0.5)))
+                 if method == "channels" else ctx.model)
+        load_state_strict(model, state, src)
+        return model.eval()
+    if method == "qat":
+        prepared = q.prepare_qat(ctx.model, example_batch(ctx, 2, "train"))
+        try:
+            prepared.load_state_dict(state, strict=True)  # observers resize their buffers as they load
+        except RuntimeError as e:
+            raise CheckpointError(f"{src} does not match the run's QAT model: {str(e).splitlines()[-1].strip()}") from None
+        return q.convert_qat(prepared)
+    load_state_strict(ctx.model, state, src)
+    if method == "static":
+        return q.static_int8(ctx.model, calibration_batches(ctx, int(opt.get("calib", 512))))
+    return q.quantize(ctx.model, method, group_size=int(opt.get("group_size", 32)))
+
+
+def save_variant(ctx: RunContext, tag: str, source: torch.nn.Module, result: dict, kind: str, method: str,
+                 options: dict) -> Path:
+    """RUN/compressed/<tag>/: `source`'s state (what `load_variant` rebuilds from, see the module docstring),
+    recipe.json and compress.json, as one atomically written folder."""
+    from lamina.compress.quantize import _inner
 
     out = ctx.root / "compressed" / tag
-    out.mkdir(parents=True, exist_ok=True)
-    with _quiet(), atomic_file(out / "model.pt") as tmp:
-        try:  # plain, pruned and torchao modules pickle whole
-            torch.save(model, tmp)
-            result["format"] = "torch.save (torch.load(path, weights_only=False))"
-        except Exception:  # FX-quantized GraphModules do not pickle: TorchScript carries their int8 kernels
-            with torch.inference_mode():
-                torch.jit.save(torch.jit.trace(model, example_batch(ctx, 2)), str(tmp))
-            result["format"] = "torchscript (torch.jit.load(path))"
-    atomic_write_text(out / "compress.json", json.dumps(result, indent=2, default=str))
-    return out
+    result["format"] = "model.safetensors + recipe.json (lamina.compress.run.load_variant rebuilds the model)"
+
+    def write(tmp: Path) -> None:
+        save_state(tmp / "model.safetensors", _inner(source))
+        recipe = {"format": RECIPE_FORMAT, "kind": kind, "method": method, "options": options,
+                  "run": str(ctx.root), "which": ctx.ckpt.name if ctx.ckpt.name in ("best", "last") else "best",
+                  "sha256": sha256_file(tmp / "model.safetensors")}
+        (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2))
+        (tmp / "compress.json").write_text(json.dumps(result, indent=2, default=str))
+
+    return write_folder(out, write)
 
 
 # ----- entry points (CLI verbs) ------------------------------------------------------------------
@@ -229,8 +313,9 @@ def quantize_run(path: str | Path, method: str = "dynamic", calib: int = 512, ep
         raise ConfigError(f"quantize: --method {method} (int8 activations, FX) is for conv nets and MLPs; for a "
                           "language model use dynamic, weight-int8 or weight-int4")
     torch.manual_seed(ctx.cfg.seed)
+    source = ctx.model  # what the variant is rebuilt from (load_variant): the run's weights, or the QAT model
     if method == "qat":
-        prepared = q.prepare_qat(ctx.model, example_batch(ctx, 2, "train"))
+        source = prepared = q.prepare_qat(ctx.model, example_batch(ctx, 2, "train"))
         finetune(ctx, prepared, epochs, progress=progress)
         qmodel = q.convert_qat(prepared)
     elif method == "static":
@@ -239,7 +324,8 @@ def quantize_run(path: str | Path, method: str = "dynamic", calib: int = 512, ep
         qmodel = q.quantize(ctx.model, method, group_size=group_size)
     rows = with_ratios([measure("fp32", ctx.model, ctx, repeats), measure(method, qmodel, ctx, repeats)])
     result = {"run": str(ctx.root), "method": method, "rows": rows}
-    result["saved"] = str(save_variant(ctx, f"quant-{method}", qmodel, result))
+    options = {"calib": calib} if method == "static" else {"group_size": group_size} if method == "weight-int4" else {}
+    result["saved"] = str(save_variant(ctx, f"quant-{method}", source, result, "quantize", method, options))
     return result
 
 
@@ -274,5 +360,6 @@ def prune_run(path: str | Path, method: str = "channels", amount: float = 0.5, e
     rows = with_ratios(rows)
     result = {"run": str(ctx.root), "method": method, "amount": amount, "epochs": epochs,
               "weight_sparsity": sparsity(pruned), "rows": rows}
-    result["saved"] = str(save_variant(ctx, f"prune-{method}-{int(round(amount * 100))}", pruned, result))
+    result["saved"] = str(save_variant(ctx, f"prune-{method}-{int(round(amount * 100))}", pruned, result, "prune",
+                                       method, {"amount": amount}))
     return result

@@ -26,7 +26,7 @@ they authenticate nothing. Readers that want only the weights (`lamina eval/serv
 before it existed) is refused with one line. Resuming (`load_sharded_into`, which needs the sharded optimizer
 state) reads `.metadata` with an unpickler that admits only torch's own DCP metadata classes (and torch
 dtypes/sizes/layouts, pathlib paths), and the non-tensor optimizer values with `torch.load(weights_only=True)`
-instead of DCP's default `weights_only=False`: a crafted file is refused, never run. DCP stores each tensor
+instead of DCP's default (unrestricted unpickling): a crafted file is refused, never run. DCP stores each tensor
 with its global shape, so a checkpoint written by N ranks resumes on M ranks.
 """
 
@@ -181,7 +181,7 @@ def _safe_dcp_reader(shards: Path):
 
 def _safe_dcp_planner():
     """DCP's default load planner, except that non-tensor values (optimizer hyper-parameters) are read with
-    torch.load(weights_only=True) instead of DCP's weights_only=False."""
+    torch.load(weights_only=True) instead of DCP's unrestricted torch.load."""
     from torch.distributed.checkpoint import DefaultLoadPlanner
 
     class SafePlanner(DefaultLoadPlanner):
@@ -207,12 +207,14 @@ def load_sharded_into(path: str | Path, model: torch.nn.Module, optimizer=None) 
     import warnings
 
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, get_model_state_dict, set_state_dict, \
         set_model_state_dict
 
     p = resolve(path)
     meta = read_meta(p)
     _check_hashes(p, meta, [n for n in meta["sha256"] if n.startswith("shards/")])
+    read_dcp_metadata(p / "shards" / ".metadata")  # a crafted file is refused here, before DCP wraps the error
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message=".*single process.*")
         try:
@@ -225,6 +227,14 @@ def load_sharded_into(path: str | Path, model: torch.nn.Module, optimizer=None) 
                 dcp.load({"model": msd, "optim": osd}, storage_reader=_safe_dcp_reader(p / "shards"),
                          planner=_safe_dcp_planner())
                 set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
+        except CheckpointException as e:  # DCP's wrapper of every rank's failure
+            causes = [w[0] if isinstance(w, tuple) else w for w in e.failures.values()]  # (exception, stack)
+            inner = next((c for c in causes if isinstance(c, CheckpointError)), None)
+            if inner is not None:
+                raise CheckpointError(inner.args[0]) from None
+            first = causes[0] if causes else e
+            msg = str(first).splitlines()[0] if str(first) else first.__class__.__name__
+            raise CheckpointError(f"{p} could not be read ({first.__class__.__name__}: {msg[:200]})") from None
         except (RuntimeError, KeyError, ValueError) as e:
             msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
             raise CheckpointError(f"{p} does not match the model: {msg}") from None
@@ -302,7 +312,7 @@ def load_checkpoint(path: str | Path, with_state: bool = True, consolidated: boo
 
 def _load_trainer_state(f: Path) -> dict:
     """state.pt with weights_only=True; anything that needs more (a pickle of arbitrary objects) is not a lamina
-    checkpoint: one line, never torch's advice to retry with weights_only=False."""
+    checkpoint: one line, never torch's advice to retry with unrestricted unpickling."""
     try:
         state = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
