@@ -390,7 +390,7 @@ def test_model_exception_gives_500_and_neighbours_and_server_survive(model, digi
         for i, r in results.items():
             if i % 10 == 0:
                 assert r.status_code == 500
-                assert r.json()["error"] == "model error: RuntimeError: poisoned sample second line"
+                assert r.json()["error"].startswith("model error") and "poisoned" not in r.text  # detail: server log
             else:
                 assert r.status_code == 200, r.text
                 check_rows(r.json()["predictions"], want[i:i + 1])
@@ -462,7 +462,7 @@ def test_metadata_and_metrics(backend, digits):
                                   "forward_threads": 1}
         assert md["limits"]["max_request_bytes"] == 123_456
         h = c.get("/health").json()
-        assert h["status"] == "ok" and h["queue_depth"] == 0 and h["pid"] > 0
+        assert h["status"] == "ok" and h["queue_depth"] == 0 and "pid" not in h
         post(c, x[:3])
         c.post("/predict", content=b"{", headers={"content-type": "application/json"})
         r = c.get("/metrics")

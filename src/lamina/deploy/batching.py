@@ -66,6 +66,7 @@ class MicroBatcher:
             raise ValueError(f"forward_threads: expected a positive integer, got {forward_threads}")
         self.on_batch = on_batch
         self.depth = 0  # samples waiting (not yet in a running forward)
+        self.reserved = 0  # samples admitted but not yet submitted (uploads being read/decoded): count as queued
         self._pending: deque[_Item] = deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -101,9 +102,22 @@ class MicroBatcher:
         return self._task is not None and not self._task.done()
 
     # ----- requests --------------------------------------------------------------------------
+    def reserve(self, n: int) -> None:
+        """Hold n places in the queue for a request still being read or decoded (an upload), so that a full
+        queue answers Overloaded before the work is done; give them back with `unreserve(n)` just before
+        `submit` (no await in between) or when the request fails."""
+        if self.depth + self.reserved + n > self.max_queue:
+            raise Overloaded(f"server busy: {self.depth + self.reserved} samples queued (limit {self.max_queue}); "
+                             f"retry later")
+        self.reserved += n
+
+    def unreserve(self, n: int) -> None:
+        self.reserved -= n
+
     async def submit(self, x: np.ndarray) -> np.ndarray:
-        if self.depth + len(x) > self.max_queue:
-            raise Overloaded(f"server busy: {self.depth} samples queued (limit {self.max_queue}); retry later")
+        if self.depth + self.reserved + len(x) > self.max_queue:
+            raise Overloaded(f"server busy: {self.depth + self.reserved} samples queued (limit {self.max_queue}); "
+                             f"retry later")
         item = _Item(x, asyncio.get_running_loop().create_future())
         self._pending.append(item)
         self.depth += len(x)

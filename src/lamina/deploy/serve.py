@@ -13,6 +13,16 @@ Design choices, and why:
   is queued: a bad request never reaches the model and never delays a good one beyond its own parse time.
   JSON decoding is one C call that holds the GIL (a thread would not free the loop), so the body limit also
   bounds the stall one request can cause: ~0.5 ms for a 28x28 image, ~150 ms for 256 of them (4 MB).
+- Uploads are checked before they cost memory: a compressed image's header declares its pixel count, which
+  Pillow reads without decoding (`Image.open` is lazy), so a 0.5 MB PNG of 13000x13000 pixels (0.5 GB once
+  decoded) is refused with 413 from the header; uploads hold places in the queue from before their body is
+  read (a full queue answers 503 first), and decodes run under a semaphore (`max_decodes` at once), so N
+  concurrent uploads cost at most max_decodes decoded images, not N.
+- Slow clients cannot hold connections: headers must arrive within `request_timeout` seconds of the
+  connection (or of the first byte of the next keep-alive request), and a body within `request_timeout` of
+  its headers (408). uvicorn has a keep-alive timeout but no header timeout, hence `_TimedH11Protocol`.
+- Failures are logged server-side (logger "lamina.serve"); 500 bodies carry a generic line, never exception
+  text; /health and /metadata show no pid or path.
 - /metrics is written in the Prometheus text format (0.0.4) by the small `Metrics` class below rather than
   with prometheus_client: four series need no dependency, and each app owns its numbers (prometheus_client's
   default registry is process-global, which several apps in one test process would share).
@@ -20,10 +30,13 @@ Design choices, and why:
 
 
 import asyncio
+import io
 import json
-import os
+import logging
+import re
 import tempfile
 import time
+import warnings
 from collections import Counter
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -35,6 +48,12 @@ from lamina.errors import ConfigError, DataError, LaminaError, MissingDependency
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024  # ~500 Fashion-MNIST images as JSON text
 DEFAULT_MAX_SAMPLES = 256
+DEFAULT_MIN_IMAGE_PIXELS = 4096 * 4096  # the default --max-image-pixels is max(this, 4 x the model's H x W)
+DEFAULT_MAX_DECODES = 2  # uploads decoded at once; the others wait (holding their queue places)
+DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds for a request's headers, and again for its body
+MAX_HEADER_BYTES = 16 * 1024  # h11's incomplete-event limit: larger header blocks are refused
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".bmp", ".ppm")
+_log = logging.getLogger("lamina.serve")
 UPLOAD_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".bmp", ".ppm", ".npy")
 _CONTENT_SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/bmp": ".bmp", "image/x-portable-graymap": ".pgm",
                    "application/x-npy": ".npy", "application/octet-stream": ""}
@@ -67,6 +86,7 @@ class _Backend:
         self.facts = facts
         self.model_name = model_name
         self.source = source
+        self.label = Path(source).name  # what /metadata shows: a name, never the server's paths
         self.task = facts.task
         self.input_shape = tuple(int(d) for d in facts.input_shape)
         self.class_names = list(facts.class_names or [])
@@ -148,7 +168,7 @@ def load_backend(path: str | Path, which: str = "best", threads: int | None = No
         except ImportError as e:
             raise MissingDependencyError(f'serving .onnx needs onnxruntime and lamina.deploy.runtime ({e}): '
                                          f'pip install "lamina[deploy]"') from None
-        return OnnxBackend(OnnxRunner(str(p), threads=threads), source=str(p))
+        return OnnxBackend(OnnxRunner(str(p), threads=threads), source=str(p))  # label: the file's name
     if not p.exists():
         raise DataError(f"{path}: not found; expected a run folder (e.g. runs/NAME) or a .onnx file")
     from lamina.data.transforms import eval_transforms
@@ -162,8 +182,16 @@ def load_backend(path: str | Path, which: str = "best", threads: int | None = No
 
         torch.set_num_threads(int(threads))
     run = open_run(p, which)
-    return TorchBackend(run.model, run.facts, eval_transforms(run.cfg.data.augment), model_name=run.cfg.model.name,
-                        source=str(run.checkpoint))
+    backend = TorchBackend(run.model, run.facts, eval_transforms(run.cfg.data.augment),
+                           model_name=run.cfg.model.name, source=str(run.checkpoint))
+    backend.label = f"{p.resolve().name}:{which}"  # the run folder's name and checkpoint, not its path
+    return backend
+
+
+def default_max_image_pixels(input_shape: tuple) -> int:
+    """max(4 x the model's H x W, 4096 x 4096): room for photos to be resized down, not for decompression bombs."""
+    hw = int(np.prod(input_shape[1:])) if len(input_shape) == 3 else 0
+    return max(4 * hw, DEFAULT_MIN_IMAGE_PIXELS)
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -230,8 +258,18 @@ def _shape_str(shape) -> str:
     return "(" + ", ".join(str(int(d)) for d in shape) + ")"
 
 
-def parse_tensor(obj, input_shape: tuple, max_samples: int) -> np.ndarray:
-    """JSON `{"inputs": sample | [samples]}` -> float32 (N, *input_shape), or Reject(422) naming the problem."""
+def _has_bool(nested) -> bool:
+    if isinstance(nested, bool):
+        return True
+    return isinstance(nested, list) and any(_has_bool(v) for v in nested)
+
+
+def parse_tensor(obj, input_shape: tuple, max_samples: int, raw: bytes | None = None) -> np.ndarray:
+    """JSON `{"inputs": sample | [samples]}` -> float32 (N, *input_shape), or Reject(422) naming the problem.
+
+    `raw`, the JSON text `obj` came from, lets booleans mixed with numbers (which numpy reads as 1.0 / 0.0) be
+    found with one C-speed search instead of a walk: once `obj` parsed to a numeric array, its only string is
+    the key "inputs", so a `true`/`false` in the text is a JSON literal."""
     if not isinstance(obj, dict):
         raise Reject(422, "invalid_input", f'expected a JSON object {{"inputs": ...}}, got a JSON {type(obj).__name__}')
     unknown = [k for k in obj if k != "inputs"]
@@ -249,6 +287,8 @@ def parse_tensor(obj, input_shape: tuple, max_samples: int) -> np.ndarray:
         kinds = {"U": "strings", "b": "booleans", "O": "null, objects or mixed values"}
         what = kinds.get(arr.dtype.kind, str(arr.dtype))
         raise Reject(422, "invalid_input", f"inputs: expected numbers, got {what}")
+    if (b"true" in raw or b"false" in raw) if raw is not None else _has_bool(obj["inputs"]):
+        raise Reject(422, "invalid_input", "inputs: expected numbers, got booleans mixed with numbers")
     if arr.shape == input_shape:
         arr = arr[None]
     if arr.ndim != len(input_shape) + 1 or arr.shape[1:] != input_shape:
@@ -267,6 +307,38 @@ def parse_tensor(obj, input_shape: tuple, max_samples: int) -> np.ndarray:
     return arr
 
 
+def _upload_suffix(fname: str, ctype: str) -> str:
+    suffix = Path(fname or "").suffix.lower() or _CONTENT_SUFFIX.get(ctype, "")
+    if suffix not in UPLOAD_SUFFIXES:
+        raise Reject(415, "unsupported_media_type", f"upload '{fname}': unsupported file type "
+                     f"'{suffix or ctype}'; accepted: {', '.join(UPLOAD_SUFFIXES)}")
+    return suffix
+
+
+def check_uploads(files: list[tuple[str, str, bytes]], max_image_pixels: int) -> None:
+    """Refuse, before anything is decoded, uploads of an unsupported type (415) and images whose header declares
+    more than `max_image_pixels` pixels (413). Reads headers only (Pillow's `Image.open` is lazy): microseconds,
+    so this runs on the event loop. A header Pillow cannot read is left to the decoder, which names the file."""
+    from PIL import Image
+
+    for fname, ctype, data in files:
+        if _upload_suffix(fname, ctype) not in IMAGE_SUFFIXES:
+            continue
+        try:
+            with warnings.catch_warnings(record=True):  # Pillow warns beyond MAX_IMAGE_PIXELS: we answer instead
+                warnings.simplefilter("always")
+                with Image.open(io.BytesIO(data)) as im:  # header only; raises beyond twice MAX_IMAGE_PIXELS
+                    w, h = im.size
+        except Image.DecompressionBombError as e:
+            w, h = None, re.search(r"\((\d+) pixels\)", str(e))  # Pillow names the size, not the sides
+        except Exception:  # noqa: BLE001 - corrupt or unknown: the decoder's 422 names the upload
+            continue
+        if w is None or w * h > max_image_pixels:
+            size = f"of {w}x{h} = {w * h} pixels " if w is not None else f"of {h.group(1)} pixels " if h else ""
+            raise Reject(413, "too_many_pixels", f"upload '{fname}': image {size}exceeds the limit of "
+                         f"{max_image_pixels} pixels (--max-image-pixels); send it resized")
+
+
 def _read_uploads(files: list[tuple[str, str, bytes]], facts: DataFacts) -> np.ndarray:
     """(filename, content type, bytes) uploads -> float32 (N, *input_shape) via read_inputs, as `lamina predict`."""
     from lamina.data.inputs import read_inputs
@@ -274,10 +346,7 @@ def _read_uploads(files: list[tuple[str, str, bytes]], facts: DataFacts) -> np.n
     with tempfile.TemporaryDirectory(prefix="lamina-serve-") as tmp:
         paths, names = [], {}
         for i, (fname, ctype, data) in enumerate(files):
-            suffix = Path(fname or "").suffix.lower() or _CONTENT_SUFFIX.get(ctype, "")
-            if suffix not in UPLOAD_SUFFIXES:
-                raise Reject(415, "unsupported_media_type", f"upload '{fname}': unsupported file type "
-                             f"'{suffix or ctype}'; accepted: {', '.join(UPLOAD_SUFFIXES)}")
+            suffix = _upload_suffix(fname, ctype)
             p = Path(tmp) / f"upload{i}{suffix}"
             p.write_bytes(data)
             paths.append(str(p))
@@ -309,16 +378,26 @@ def _answers(out: np.ndarray, task: str, class_names: list[str]) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- the app
 def create_app(backend, max_batch: int = 32, max_wait_ms: float = 5.0, batching: bool = True,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_samples: int = DEFAULT_MAX_SAMPLES,
-               max_queue: int = 4096, forward_threads: int = 1):
+               max_queue: int = 4096, forward_threads: int = 1, max_image_pixels: int | None = None,
+               max_decodes: int = DEFAULT_MAX_DECODES, request_timeout: float = DEFAULT_REQUEST_TIMEOUT):
     """The FastAPI app serving `backend` (see load_backend). The batching worker starts with the app's lifespan,
-    so use it under uvicorn or `with TestClient(app)`."""
+    so use it under uvicorn or `with TestClient(app)`. `max_image_pixels` defaults to
+    `default_max_image_pixels(backend.input_shape)`; `request_timeout` bounds the time to read a body (the
+    header timeout is the server's: see `uvicorn_config`)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from lamina.deploy.batching import MicroBatcher, ModelFailure, Overloaded
 
+    from PIL import Image
+
     metrics = Metrics()
+    if max_image_pixels is None:
+        max_image_pixels = default_max_image_pixels(backend.input_shape)
+    # Pillow's own bomb guard (warns beyond it, raises beyond twice it) at the same limit, for every decode
+    Image.MAX_IMAGE_PIXELS = int(max_image_pixels)
+    decodes = asyncio.Semaphore(max_decodes)
 
     def on_batch(n: int, seconds: float) -> None:
         metrics.batch_size.observe(n)
@@ -337,6 +416,7 @@ def create_app(backend, max_batch: int = 32, max_wait_ms: float = 5.0, batching:
     app = FastAPI(title=f"lamina serve: {backend.model_name}", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.batcher, app.state.metrics, app.state.backend = batcher, metrics, backend
+    app.state.request_timeout = request_timeout
 
     def error(status: int, kind: str, message: str) -> JSONResponse:
         metrics.errors[kind] += 1
@@ -354,6 +434,12 @@ def create_app(backend, max_batch: int = 32, max_wait_ms: float = 5.0, batching:
         return error(exc.status_code, "http", str(exc.detail))
 
     async def read_body(request: Request) -> bytes:
+        try:
+            return await asyncio.wait_for(_read_body(request), request_timeout)
+        except TimeoutError:
+            raise Reject(408, "timeout", f"request body not received within {request_timeout:g} s") from None
+
+    async def _read_body(request: Request) -> bytes:
         length = request.headers.get("content-length")
         if length is not None:
             if not length.isdigit():
@@ -370,7 +456,9 @@ def create_app(backend, max_batch: int = 32, max_wait_ms: float = 5.0, batching:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def parse_multipart(request: Request, body: bytes) -> np.ndarray:
+    async def parse_multipart(request: Request, body: bytes, held: list[int]) -> np.ndarray:
+        """Files of a multipart body -> float32 (N, *input_shape). `held[0]` counts the queue places this
+        request holds (batcher.reserve): one per file from before any decode."""
         from starlette.concurrency import run_in_threadpool
         from starlette.datastructures import UploadFile
 
@@ -397,17 +485,26 @@ def create_app(backend, max_batch: int = 32, max_wait_ms: float = 5.0, batching:
                                                f"'file')")
         if not files:
             raise Reject(422, "invalid_input", "multipart body without a file; upload an image or .npy as 'file'")
-        return await run_in_threadpool(_read_uploads, files, backend.facts)
+        check_uploads(files, max_image_pixels)
+        if len(files) > held[0]:
+            batcher.reserve(len(files) - held[0])
+            held[0] = len(files)
+        async with decodes:
+            return await run_in_threadpool(_read_uploads, files, backend.facts)
 
     @app.post("/predict")
     async def predict(request: Request):
         t0 = time.perf_counter()
+        held = [0]  # queue places reserved by an upload
         try:
             ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
             is_json = ctype == "application/json" or ctype.endswith("+json")
             if not is_json and ctype != "multipart/form-data":  # decided before reading the body
                 raise Reject(415, "unsupported_media_type", f"content type '{ctype or 'none'}' not accepted; send "
                              f"application/json or multipart/form-data")
+            if not is_json:  # an upload holds a queue place before its body is read: a full queue answers 503 first
+                batcher.reserve(1)
+                held[0] = 1
             body = await read_body(request)
             if not body:
                 raise Reject(400, "invalid_request", 'empty body; send JSON {"inputs": [...]} or a multipart file '
@@ -417,42 +514,54 @@ def create_app(backend, max_batch: int = 32, max_wait_ms: float = 5.0, batching:
                     obj = json.loads(body)
                 except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
                     raise Reject(400, "invalid_json", f"invalid JSON: {e}") from None
-                x = parse_tensor(obj, backend.input_shape, max_samples)
+                except RecursionError:  # nesting deeper than the decoder's recursion limit
+                    raise Reject(400, "invalid_json", "invalid JSON: nested too deeply; inputs need "
+                                                      f"{len(backend.input_shape) + 1} levels of lists") from None
+                x = parse_tensor(obj, backend.input_shape, max_samples, raw=body)
             else:
-                x = await parse_multipart(request, body)
+                x = await parse_multipart(request, body, held)
                 if len(x) > max_samples:
                     raise Reject(422, "too_many_samples", f"{len(x)} samples; at most {max_samples} per request")
+            batcher.unreserve(held[0])  # submit counts the samples themselves (no await in between)
+            held[0] = 0
             try:
                 out = await batcher.submit(x)
             except Overloaded as e:
                 raise Reject(503, "overloaded", str(e)) from None
             except ModelFailure as e:
-                raise Reject(500, "model_error", f"model error: {e}") from None
+                _log.error("model error on /predict: %s", e)
+                raise Reject(500, "model_error", "model error: the model failed on this request (details in the "
+                                                 "server log)") from None
             rows = _answers(out, backend.task, backend.class_names)
+        except Overloaded as e:  # batcher.reserve: an upload met a full queue
+            return error(503, "overloaded", str(e))
         except Reject as r:
             return error(r.status, r.kind, str(r))
-        except Exception as e:  # noqa: BLE001 - a bug here answers 500 and leaves the server running
-            return error(500, "internal", f"internal error: {type(e).__name__}: {e}")
+        except Exception:  # noqa: BLE001 - a bug here answers 500 and leaves the server running
+            _log.exception("internal error on /predict")
+            return error(500, "internal", "internal error (details in the server log)")
         finally:
+            batcher.unreserve(held[0])
             metrics.latency.observe(time.perf_counter() - t0)
         return Response(json.dumps({"predictions": rows}), media_type="application/json")
 
     @app.get("/health")
     async def health():
         ok = batcher.alive
-        return JSONResponse({"status": "ok" if ok else "worker stopped", "pid": os.getpid(),
-                             "queue_depth": batcher.depth},
+        return JSONResponse({"status": "ok" if ok else "worker stopped", "queue_depth": batcher.depth},
                             status_code=200 if ok else 503)
 
     @app.get("/metadata")
     async def metadata():
-        return {"model": backend.model_name, "source": backend.source, "backend": backend.name,
+        return {"model": backend.model_name, "source": backend.label, "backend": backend.name,
                 "task": backend.task, "input": backend.contract, "class_names": backend.class_names,
                 "num_outputs": backend.facts.num_outputs,
                 "batching": {"enabled": batcher.batching, "max_batch": batcher.max_batch,
                              "max_wait_ms": batcher.max_wait * 1000.0, "max_queue": batcher.max_queue,
                              "forward_threads": batcher.forward_threads},
-                "limits": {"max_request_bytes": max_request_bytes, "max_samples": max_samples}}
+                "limits": {"max_request_bytes": max_request_bytes, "max_samples": max_samples},
+                "uploads": {"max_image_pixels": max_image_pixels, "max_decodes": max_decodes,
+                            "request_timeout_s": request_timeout}}
 
     @app.get("/metrics")
     async def prometheus():
@@ -506,13 +615,67 @@ def bind_socket(host: str, port: int):
     return sock
 
 
-def serve(app, sock, log_level: str = "warning") -> None:
-    """Run `app` under uvicorn on an already bound socket until SIGINT/SIGTERM."""
+def _timed_h11_protocol(header_timeout: float):
+    """uvicorn's h11 protocol plus a header deadline. uvicorn closes idle keep-alive connections, but a client
+    that sends part of its headers is held forever (the keep-alive timer is cancelled by the first byte and
+    the first request has none). Here headers must be complete `header_timeout` seconds after the connection
+    opens, or after the first byte of a later request; otherwise the connection is closed."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class _TimedH11Protocol(H11Protocol):
+        _header_deadline = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm_header_deadline()
+
+        def _arm_header_deadline(self):
+            if self._header_deadline is None:
+                self._header_deadline = self.loop.call_later(header_timeout, self._header_timeout)
+
+        def _cancel_header_deadline(self):
+            if self._header_deadline is not None:
+                self._header_deadline.cancel()
+                self._header_deadline = None
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self._arm_header_deadline()  # (part of) the next request's headers: they have header_timeout
+            else:
+                self._cancel_header_deadline()  # headers complete: the body has its own timeout (408)
+
+        def connection_lost(self, exc):
+            self._cancel_header_deadline()
+            super().connection_lost(exc)
+
+        def _header_timeout(self):
+            self._header_deadline = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                if self.cycle is None or self.cycle.response_complete:
+                    self.transport.close()
+
+    return _TimedH11Protocol
+
+
+def uvicorn_config(app, log_level: str = "warning", request_timeout: float = DEFAULT_REQUEST_TIMEOUT):
+    """uvicorn.Config for `app`: h11 with a header deadline of `request_timeout` seconds, header blocks of at
+    most MAX_HEADER_BYTES, and idle keep-alive connections closed after 5 s."""
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_keep_alive=30)
-    uvicorn.Server(config).run(sockets=[sock])
+    return uvicorn.Config(app, log_level=log_level, access_log=False, timeout_keep_alive=5,
+                          http=_timed_h11_protocol(request_timeout), h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+
+
+def serve(app, sock, log_level: str = "warning") -> None:
+    """Run `app` under uvicorn on an already bound socket until SIGINT/SIGTERM; headers get the app's
+    request_timeout (create_app)."""
+    import uvicorn
+
+    timeout = getattr(app.state, "request_timeout", DEFAULT_REQUEST_TIMEOUT)
+    uvicorn.Server(uvicorn_config(app, log_level, timeout)).run(sockets=[sock])
 
 
 __all__ = ["create_app", "load_backend", "TorchBackend", "OnnxBackend", "Metrics", "parse_tensor", "serve",
-           "bind_socket", "Reject"]
+           "bind_socket", "Reject", "uvicorn_config", "check_uploads", "default_max_image_pixels"]
