@@ -105,7 +105,10 @@ def test_seed_beyond_64_bits_is_one_config_line(capsys):
 X = "<script>alert(1)</script>"
 
 
-def _hostile_run(tmp_path):
+def _hostile_run(tmp_path, typed: bool):
+    """A run folder whose files carry X in keys and values. typed=True: numbers where the report formats numbers
+    (what a run writes); typed=False: text, ragged metrics rows and wrong types everywhere."""
+    num = 0.5 if typed else X
     run = tmp_path / "run"
     (run / "explain").mkdir(parents=True)
     (run / "config.yaml").write_text(f"name: '{X}'\n")
@@ -113,7 +116,7 @@ def _hostile_run(tmp_path):
         "summary.json": {"test": {f"test/{X}": 0.5, "test/acc": X}, "params": X, "epochs": X, "device": X,
                          "model": X, "task": X, "data": {"name": X, "train": X, "val": 1, "test": 1},
                          "best_epoch": X, "monitor": X, X: X},
-        "calibration.json": {"before": {"ece": X, X: 1}, "after": {"ece": 0.1, "nll": X}, "temperature": X,
+        "calibration.json": {"before": {"ece": X, X: 1}, "after": {"ece": 0.1, "nll": X}, "temperature": num,
                              "n_val": X, "n_test": X, "n_bins": X},
         "gradient_health.json": {"findings": [{"kind": X, "layer": X, "value": X, "suggestion": X}],
                                  "report": {X: {"kind": X, "grad_norm": X, X: X}}},
@@ -123,25 +126,30 @@ def _hostile_run(tmp_path):
         "mitigation.json": {"method": X, "group": X, "mitigated_run": X,
                             "summary": {X: {"overall_accuracy": X, "accuracy_by_group": {X: X}}}},
         "learning_curve.json": {"rows": [{"fraction": X, "n_train": 1, "test": X}],
-                                "power_law": {"a": X, "b": X}, "error_at_2x": X, "n_for_half_error": X},
+                                "power_law": {"a": num, "b": num}, "error_at_2x": X, "n_for_half_error": X},
         f"explain/{X.replace('/', '_')}.json": {X: X, "method": X},
     }
+    if not typed:
+        js["gradient_health.json"]["findings"].append(X)
+        js["fairness.json"]["by_group"]["g"] = X
+        js["mitigation.json"]["summary"]["s"] = X
     for name, obj in js.items():
         (run / name).write_text(json.dumps(obj))
-    # metrics.csv: text where numbers go, a hostile column and a ragged row; curves.png present (no plotting)
-    (run / "metrics.csv").write_text(f"epoch,train/loss,val/loss,val/{X}\n1,1.0,1.0,{X}\n{X},0.5,0.9,{X}\n"
-                                     f"3,0.4,0.8,{X},{X}\n")
-    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
+    metrics = f"epoch,train/loss,val/loss,val/{X}\n1,1.0,1.0,{X}\n2,0.5,0.9,{X}\n"
+    if not typed:  # text where numbers go, and a ragged row
+        metrics += f"{X},0.4,0.8,{X},{X}\n"
+    (run / "metrics.csv").write_text(metrics)
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 16  # curves.png present: no plotting
     for name in ("curves.png", "confusion.png", "calibration.png", f"explain/{X.replace('/', '_')}.png"):
         (run / name).write_bytes(png)
     return run
 
 
-def test_report_escapes_every_value_from_the_run_folder(tmp_path):
+@pytest.mark.parametrize("typed", [True, False], ids=["values-a-run-writes", "wrong-types-too"])
+def test_report_escapes_every_value_from_the_run_folder(tmp_path, typed):
     from lamina.report.html import build_report
 
-    run = _hostile_run(tmp_path)
-    page = build_report(run).read_text()
+    page = build_report(_hostile_run(tmp_path, typed)).read_text()
     assert "<script" not in page.lower() and "alert(1)</" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # shown, as text
     for sid in ("overview", "calibration", "gradients", "robustness", "fairness", "learning-curve", "explanations"):
