@@ -4,7 +4,7 @@
 In a training step (the model in train mode) `forward` first attacks the batch, then runs the model once on
 [x_adv] (pgd) or [x, x_adv] (pgd with clean_fraction > 0, trades) concatenated: one forward per step keeps
 DDP's one-forward-one-backward contract. `loss` tells the two layouts apart by the outputs' length. In
-evaluation (eval mode) everything is the wrapped task's, so val/ and test/ metrics are clean accuracy;
+evaluation (eval mode, or any pass without gradients, as DistillTask reads it) everything is the wrapped task's, so val/ and test/ metrics are clean accuracy;
 train/acc is the accuracy under the training attack, and `train/adv_eps` marks the run as adversarially trained.
 
 The attack runs on the plain module (no DDP reducer hooks fire, no compiled graph) in eval mode with
@@ -47,7 +47,7 @@ class AdversarialTask:
 
     def forward(self, model, batch):
         net = unwrap_model(model)
-        if not net.training:  # evaluation: clean inputs
+        if not net.training or not torch.is_grad_enabled():  # evaluation, or a no-grad pass (BN recalibration)
             return self.task.forward(model, batch)
         x, y = batch["x"], batch["y"]
         attacked = net
