@@ -351,6 +351,35 @@ def _one_line_deprecations() -> None:
     warnings.showwarning = show
 
 
+_OOM = ("can't allocate memory", "out of memory", "not enough memory")
+
+
+def system_error_line(e: BaseException) -> str | None:
+    """One line for what the machine refused (a full disk, a folder that cannot be written, a name too long, not
+    enough memory); None for anything else, which stays a traceback (a bug to report)."""
+    import errno
+
+    if isinstance(e, OSError) and not isinstance(e, ConnectionError):
+        where = e.filename or "a file"
+        if e.errno == errno.ENOSPC:
+            return (f"disk full: no space left on the device writing {where}; free space or point logging.root "
+                    "elsewhere (the last good checkpoint is intact)")
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return f"cannot write {where}: {e.strerror}; choose a writable folder (logging.root=...)"
+        if e.errno in (errno.ENOTDIR, errno.EEXIST) and e.filename:
+            return (f"cannot create the folder {where}: a file of that name is in the way; logging.root and the run "
+                    "name must name folders")
+        if e.errno == errno.ENAMETOOLONG:
+            return f"file name too long for the file system: {str(where)[:80]}...; use a shorter run name (name=...)"
+        if e.errno == errno.ENOENT and e.filename:
+            return f"{where}: not found"
+        return None
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(m in str(e) for m in _OOM)):
+        return ("out of memory: a batch (or the model) does not fit in memory; try a smaller data.batch_size or "
+                "data.eval_batch_size (or a smaller model)")
+    return None
+
+
 def _dispatch(a, argv: list[str], console) -> int:
     debug = a.debug or "--debug" in argv
     from lamina.errors import LaminaError
@@ -364,11 +393,12 @@ def _dispatch(a, argv: list[str], console) -> int:
         return {"train": cmd_train, "finetune": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
                 "generate": cmd_generate, "embed": cmd_embed, "chat": cmd_chat, "models": cmd_models,
                 "data": cmd_data, **TRUST, **COMPRESS, **DEPLOY, **SERVE}[a.cmd](a, console)
-    except LaminaError as e:
-        if debug:
+    except (LaminaError, OSError, MemoryError, RuntimeError) as e:
+        line = str(e) if isinstance(e, LaminaError) else system_error_line(e)
+        if debug or line is None:
             raise
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: one line, from rank 0
-            print(str(e), file=sys.stderr)
+            print(line, file=sys.stderr)
         elif "TORCHELASTIC_RUN_ID" in os.environ:
             # torchrun stops every worker as soon as one exits non-zero: a rank that got here first would have
             # rank 0 killed before it printed the line (seen on a loaded machine). Let rank 0 speak first.

@@ -113,7 +113,7 @@ class VisionTransformer(nn.Module):
         n_pos = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
         self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, D))  # (1, P + N, D)
         self.pos_drop = nn.Dropout(cfg.dropout)
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()  # deeper blocks are dropped more often
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()  # deeper blocks are dropped more often
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = make_norm("layer", D, eps=1e-6)
         self.num_features = D

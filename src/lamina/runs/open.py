@@ -9,6 +9,7 @@ defaults included); checkpoints written before options were recorded are rebuilt
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -84,7 +85,10 @@ def open_run(path: str | Path, which: str = "best") -> Run:
         options = meta.get("model_options")
         if options is not None and not isinstance(options, dict):
             raise CheckpointError(f"{ckpt}/meta.json: model_options must be a mapping, got {type(options).__name__}")
-        model = build_run_model(cfg, facts, as_options(options) if options is not None else None)
+        options = as_options(options) if options is not None else None
+        if not cfg.model.pretrained:
+            check_declared_sizes(cfg, facts, options, ckpt)
+        model = build_run_model(cfg, facts, options)
     except (ConfigError, ModelError) as e:  # the run's config no longer builds (e.g. a model removed since)
         raise CheckpointError(f"{ckpt} cannot be rebuilt with this version of lamina: {e}") from None
     try:
@@ -93,6 +97,37 @@ def open_run(path: str | Path, which: str = "best") -> Run:
         last = str(e).splitlines()[-1].strip()
         raise CheckpointError(f"{ckpt} does not fit model {cfg.model.name}: {last}") from None
     return Run(cfg, model, task, facts, ckpt, folder)
+
+
+def check_declared_sizes(cfg: RunConfig, facts: DataFacts, options: dict | None, ckpt: Path) -> None:
+    """meta.json says how to build the model; model.safetensors holds what was trained. A meta.json that
+    declares a bigger model (huge model.channels, vocab_size, ...) would allocate it before the weights are
+    compared: build it on the meta device first (no memory), compare every shape with the file's header
+    (read without loading a tensor), and build for real only when they agree."""
+    path = ckpt / "model.safetensors"
+    if not path.is_file():  # sharded checkpoints of older runs: the loader says what it can read
+        return
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    try:
+        with torch.device("meta"):
+            declared = build_run_model(cfg, facts, options).state_dict()
+    except NotImplementedError:  # a model whose construction reads tensor values cannot be built on meta
+        return
+    for name, t in declared.items():
+        if name in saved and tuple(t.shape) != saved[name]:
+            raise CheckpointError(f"{ckpt}/meta.json declares a model whose {name} is {tuple(t.shape)}, but "
+                                  f"model.safetensors holds {saved[name]}: the metadata does not match the weights")
+    size = sum(t.numel() for t in declared.values())
+    held = sum(math.prod(s) for s in saved.values())
+    if size > 2 * held + 1_000_000:  # tied weights are stored once: the file may hold fewer elements, never many
+        raise CheckpointError(f"{ckpt}/meta.json declares a model of {size:,} values but model.safetensors holds "
+                              f"{held:,}: the metadata does not match the weights")
 
 
 # ----- verbs on a trained run ----------------------------------------------------------------------------
