@@ -112,3 +112,26 @@ def test_an_unexpected_runtime_error_is_still_a_traceback(tmp_path, monkeypatch)
     monkeypatch.setattr(Trainer, "fit", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # a bug to report, not a user's mistake
         main(["train", *FAST, f"logging.root={tmp_path}", "trainer.max_epochs=1"])
+
+
+@pytest.mark.parametrize("value,match", [("{not json", "is not JSON"), ("[1, 2]", "is not a JSON object")])
+def test_onnx_lamina_metadata_that_is_not_a_json_object_is_one_line(tmp_path, value, match):
+    import warnings
+
+    import torch
+
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from lamina.deploy.runtime import OnnxRunner
+    from lamina.errors import DataError
+
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.nn.Linear(3, 2), (torch.zeros(1, 3),), str(path), dynamo=False)
+    m = onnx.load(str(path))
+    m.metadata_props.add(key="lamina", value=value)
+    onnx.save(m, str(path))
+    with pytest.raises(DataError, match=match) as e:
+        OnnxRunner(path)
+    assert "\n" not in str(e.value)

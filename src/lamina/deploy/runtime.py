@@ -44,7 +44,14 @@ class OnnxRunner:
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph classes
             raise DataError(f"{self.path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from None
         meta = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        self.metadata: dict = json.loads(meta) if meta else {}
+        try:
+            self.metadata: dict = json.loads(meta) if meta else {}
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise DataError(f"{self.path}: its lamina metadata (metadata_props '{METADATA_KEY}') is not JSON "
+                            f"({e.__class__.__name__}); export the run again with lamina export") from None
+        if not isinstance(self.metadata, dict):
+            raise DataError(f"{self.path}: its lamina metadata (metadata_props '{METADATA_KEY}') is not a JSON "
+                            f"object (got {type(self.metadata).__name__}); export the run again with lamina export")
         self._inputs = self.session.get_inputs()
         self.input_names: list[str] = [i.name for i in self._inputs]
         self.input_shapes: list[list] = [list(i.shape) for i in self._inputs]  # a free axis is its name ("batch")
