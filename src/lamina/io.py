@@ -253,6 +253,32 @@ def load_state(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]
     return state
 
 
+
+def state_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor in a safetensors file, read from its header only (no tensor is loaded), tied
+    aliases recorded by `save_state` included. A file whose header cannot be read is one CheckpointError line."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            shapes = {k: tuple(int(d) for d in f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # noqa: BLE001 - SafetensorError (bad header), OSError, ...: not a readable file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first})") from None
+    raw = meta.get(ALIASES_KEY)
+    if raw is not None:
+        try:
+            aliases = json.loads(raw)
+            if not isinstance(aliases, dict):
+                raise ValueError(type(aliases).__name__)
+        except (ValueError, RecursionError) as e:
+            raise CheckpointError(f"{path}: metadata {ALIASES_KEY} is not a JSON object of names ({e})") from None
+        for alias, stored in aliases.items():
+            if stored in shapes:
+                shapes.setdefault(alias, shapes[stored])
+    return shapes
+
 # ----- strict loading ----------------------------------------------------------------------------------------
 LABELS = {
     "head": "does not match the model",
@@ -357,6 +383,6 @@ def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
 __all__ = [
     "ALIASES_KEY", "LABELS", "atomic_file", "atomic_write_bytes", "atomic_write_text", "check_state",
     "fsync_file", "list_files", "load_state", "load_state_strict", "make_temp_folder", "old_folder",
-    "publish_folder", "read_state_metadata", "save_state", "sha256_file", "state_for_saving", "state_payload",
+    "publish_folder", "read_state_metadata", "save_state", "sha256_file", "state_for_saving", "state_payload", "state_shapes",
     "tied_aliases", "write_folder",
 ]

@@ -18,6 +18,29 @@ from pathlib import Path
 from lamina.errors import CheckpointError
 
 
+MAX_CONTEXT = 1 << 20  # positions a file may declare (RoPE tables are built for all of them): Llama 3.1 says 131072
+
+
+def check_context(value, what: str, source: str) -> int:
+    """A declared context length as an int in 1 .. MAX_CONTEXT, else one CheckpointError line."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_CONTEXT:
+        raise CheckpointError(f"hub: {source}: {what} {value!r} is not a context length lamina builds (1 .. "
+                              f"{MAX_CONTEXT:,}); pass block_size= for fewer positions")
+    return value
+
+
+def check_built_size(meta_model, held: int, source: str) -> None:
+    """A model built on the meta device (no memory) against the values the weights file holds: refuse one that
+    would allocate far more than the file (buffers such as RoPE tables sized by a declared number), one line."""
+    seen, size = set(), 0
+    for t in [*meta_model.parameters(), *meta_model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            size += t.numel()
+    if size > 2 * held + 16_000_000:  # tied weights are stored once; RoPE tables and masks are small beside weights
+        raise CheckpointError(f"hub: {source}: the declared model holds {size:,} values but the weights file "
+                              f"{held:,}: the metadata does not match the weights")
+
 def resolve_source(source: str | Path) -> Path | None:
     """The file or folder behind a source (an installed package's weights), or None if there is none."""
     p = Path(source)
@@ -69,4 +92,4 @@ def load(source: str | Path, family: str | None = None, **options):
 
 from lamina.hub.pretrained import from_pretrained, save_pretrained
 
-__all__ = ["from_pretrained", "load", "pretrained_tokenizer", "resolve_source", "save_pretrained"]
+__all__ = ["MAX_CONTEXT", "check_built_size", "check_context", "from_pretrained", "load", "pretrained_tokenizer", "resolve_source", "save_pretrained"]

@@ -21,6 +21,7 @@ The tokenizer is rebuilt from the metadata (tokenizer.ggml.*) by transformers' G
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,27 @@ def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _llama_config(reader, path, block_size):
+    """(LlamaConfig, hyperparameters) from the metadata; a value of the wrong type, a layer count the tensors do
+    not have, or a context length past lamina.hub.MAX_CONTEXT is one CheckpointError line, before anything is built."""
+    from lamina.errors import ModelError
+
+    try:
+        return _llama_config_checked(reader, path, block_size)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, ArithmeticError, ModelError) as e:  # e.g. a string where a count belongs
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"hub: {path}: GGUF metadata does not describe a Llama lamina builds ({first})") from None
+
+
+def _number(value, key: str, path, kind=int):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise CheckpointError(f"hub: {path}: GGUF metadata {key} must be a number, got {value!r:.60}")
+    return kind(value)
+
+
+def _llama_config_checked(reader, path, block_size):
+    from lamina.hub import check_context
     from lamina.models.llama import LlamaConfig
 
     arch = _field(reader, "general.architecture")
@@ -60,10 +82,24 @@ def _llama_config(reader, path, block_size):
         value = _field(reader, f"llama.{key}")
         if value is None:
             raise CheckpointError(f"hub: {path}: GGUF metadata lacks llama.{key}, which a Llama config needs")
-        return value
+        return _number(value, f"llama.{key}", path, float if key.endswith("epsilon") else int)
 
-    n_embd, n_head = int(need("embedding_length")), int(need("attention.head_count"))
-    n_kv = int(_field(reader, "llama.attention.head_count_kv", n_head))
+    def opt(key, default, kind=int):
+        value = _field(reader, f"llama.{key}")
+        return default if value is None else _number(value, f"llama.{key}", path, kind)
+
+    n_embd, n_head = need("embedding_length"), need("attention.head_count")
+    if n_head <= 0 or n_embd <= 0:
+        raise CheckpointError(f"hub: {path}: GGUF metadata embedding_length {n_embd} / head_count {n_head} must be "
+                              "positive")
+    n_kv = opt("attention.head_count_kv", n_head)
+    # the layer count drives loops and name tables: it must be the number of blocks the file holds tensors for
+    n_layer = need("block_count")
+    blocks = {int(t.name.split(".")[1]) for t in reader.tensors
+              if t.name.startswith("blk.") and t.name.split(".")[1].isdigit()}
+    if len(blocks) != n_layer or (blocks and max(blocks) != n_layer - 1):  # never range(n_layer): n_layer is untrusted
+        raise CheckpointError(f"hub: {path}: GGUF metadata llama.block_count is {n_layer} but the file holds "
+                              f"tensors for {len(blocks)} block(s): the metadata does not match the weights")
     rope_dim = _field(reader, "llama.rope.dimension_count")
     if rope_dim is not None and int(rope_dim) != n_embd // n_head:
         raise CheckpointError(f"hub: {path}: partial rotary embeddings (rope.dimension_count {rope_dim} != head "
@@ -74,13 +110,17 @@ def _llama_config(reader, path, block_size):
     vocab = _field(reader, "llama.vocab_size") or (len(tokens.data) if tokens is not None else None)
     if vocab is None:
         raise CheckpointError(f"hub: {path}: GGUF metadata has neither llama.vocab_size nor tokenizer.ggml.tokens")
-    ctx = int(_field(reader, "llama.context_length", 2048))
+    ctx = opt("context_length", 2048)
+    if block_size is not None:
+        check_context(block_size, "block_size", path)
+    else:
+        check_context(ctx, "GGUF llama.context_length", path)
     tied = not any(t.name == "output.weight" for t in reader.tensors)  # llama.cpp omits output.weight when tied
     hp = {
-        "vocab_size": int(vocab), "block_size": int(block_size or ctx), "n_layer": int(need("block_count")),
-        "n_head": n_head, "n_kv_head": n_kv, "n_embd": n_embd, "ffn_hidden": int(need("feed_forward_length")),
-        "rope_base": float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        "norm_eps": float(need("attention.layer_norm_rms_epsilon")), "tie_weights": tied,
+        "vocab_size": _number(vocab, "llama.vocab_size", path), "block_size": int(block_size or ctx),
+        "n_layer": n_layer, "n_head": n_head, "n_kv_head": n_kv, "n_embd": n_embd,
+        "ffn_hidden": need("feed_forward_length"), "rope_base": opt("rope.freq_base", 10000.0, float),
+        "norm_eps": need("attention.layer_norm_rms_epsilon"), "tie_weights": tied,
     }
     return LlamaConfig(**hp), {**hp, "context_length": ctx}
 
@@ -102,8 +142,11 @@ def read_llama_state(reader, cfg, path) -> dict[str, torch.Tensor]:
     tied = {"lm_head.weight"} if cfg.tie_weights else set()
     from lamina.models.llama import Llama
 
+    from lamina.hub import check_built_size
+
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Llama(cfg).state_dict().items()}
+        meta_model = Llama(cfg)
+        expected = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
     q_k = {f"blocks.{i}.attn.{p}_proj.weight": (cfg.n_head if p == "q" else cfg.n_kv_head)
            for i in range(cfg.n_layer) for p in "qk"}
     # every name and shape checked from the header, before anything is dequantized
@@ -113,6 +156,8 @@ def read_llama_state(reader, cfg, path) -> dict[str, torch.Tensor]:
                     "head": "", "unexpected": "{n} tensor(s) with no place in lamina's llama",
                     "missing": "{n} model tensor(s) not in the file", "shape": "{n} shape mismatch(es)",
                     "shape_entry": "{key} {got} (lamina's {name} expects {want})"})
+    check_built_size(meta_model, sum(math.prod(s) for s in shapes.values()), str(path))  # RoPE tables included
+    del meta_model
     state = {}
     for t in reader.tensors:
         ours = to_lamina[t.name][1]

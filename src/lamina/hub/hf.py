@@ -19,6 +19,7 @@ GPT-2's attn.bias mask) are skipped and listed in info["unused"].
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -35,11 +36,25 @@ _POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": 
                   "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len"}
 
 
+_MAX_JSON_BYTES = 16 << 20  # config.json files are a few KB; the biggest tokenizer configs stay far below this
+
+
 def _read_json(path: Path) -> dict:
+    """A JSON object from a file, or one CheckpointError line (unreadable, too big, too deep, not an object)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        if path.stat().st_size > _MAX_JSON_BYTES:
+            raise CheckpointError(f"hub: {path}: {path.stat().st_size:,} bytes is too big for a config file "
+                                  f"(at most {_MAX_JSON_BYTES:,})")
+        value = json.loads(path.read_text())
+    except RecursionError:
+        raise CheckpointError(f"hub: {path}: not readable JSON (nested too deeply)") from None
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        if isinstance(e, CheckpointError):
+            raise
         raise CheckpointError(f"hub: {path}: not readable JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"hub: {path}: expected a JSON object at the top level, got {type(value).__name__}")
+    return value
 
 
 def read_pooling(folder: Path) -> str | None:
@@ -56,17 +71,42 @@ def read_pooling(folder: Path) -> str | None:
     return modes[0]
 
 
-def read_safetensors(folder: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Every tensor of the folder's *.safetensors files (one file or shards), and the file names."""
-    from safetensors.torch import load_file
-
+def _safetensors_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"hub: {folder}: no *.safetensors file; an HF-layout folder needs config.json and "
                               "model.safetensors (or shards); convert pytorch_model.bin with safetensors first")
+    return files
+
+
+def read_safetensors_shapes(folder: Path) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """name -> shape of every tensor of the folder's *.safetensors files, from their headers only (nothing is
+    loaded), and the file names; a bad header or a tensor in two shards is one CheckpointError line."""
+    from lamina.io import state_shapes
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    files = _safetensors_files(folder)
+    for f in files:
+        for key, shape in state_shapes(f).items():
+            if key in shapes:
+                raise CheckpointError(f"hub: {f.name}: tensor {key} also appears in another shard")
+            shapes[key] = shape
+    return shapes, [f.name for f in files]
+
+
+def read_safetensors(folder: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Every tensor of the folder's *.safetensors files (one file or shards), and the file names."""
+    from safetensors.torch import load_file
+
+    files = _safetensors_files(folder)
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        for key, value in load_file(str(f)).items():
+        try:
+            tensors = load_file(str(f))
+        except Exception as e:  # noqa: BLE001 - SafetensorError (bad header or data), OSError: not readable
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"hub: {f}: not a readable safetensors file ({first})") from None
+        for key, value in tensors.items():
             if key in state:
                 raise CheckpointError(f"hub: {f.name}: tensor {key} also appears in another shard")
             state[key] = value
@@ -280,6 +320,26 @@ def map_gpt2_state(model, state: dict[str, torch.Tensor], source: str) -> list[s
 
 
 # ----- the folder ----------------------------------------------------------------------------------------
+def _build_and_map(family: str, config: dict, pooling, state: dict, path: Path, dtype, source: str):
+    """(model, unused keys): the family's model for config.json with `state` copied in, every name and shape
+    checked; a config value of the wrong type or range is one CheckpointError line."""
+    try:
+        if family == "bert":
+            model = _bert_model(config, pooling, state, path, dtype)
+            return model, map_bert_state(model, state, source)
+        if family == "llama":
+            model = _llama_model(config, path, dtype)
+            return model, map_llama_state(model, state, source)
+        model = _gpt2_model(config, path, dtype)
+        return model, map_gpt2_state(model, state, source)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, ArithmeticError, AttributeError, KeyError) as e:  # ModelError is a ValueError
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"hub: {path}/config.json: does not describe a {family} model lamina builds "
+                              f"({first})") from None
+
+
 def load_hf_folder(path: str | Path, family: str | None = None, **options):
     """(model, info) for a Hugging Face-layout folder; see the module docstring. Options: dtype (a torch dtype)."""
     path = Path(path)
@@ -292,7 +352,10 @@ def load_hf_folder(path: str | Path, family: str | None = None, **options):
         raise CheckpointError(f"hub: {path}: no config.json; an HF-layout folder needs config.json and "
                               "*.safetensors")
     config = _read_json(cfg_path)
-    arch = (config.get("architectures") or [None])[0]
+    archs = config.get("architectures") or [None]
+    if not isinstance(archs, list) or not isinstance(archs[0], (str, type(None))):
+        raise CheckpointError(f"hub: {cfg_path}: architectures must be a list of names, got {archs!r:.80}")
+    arch = archs[0]
     family = family or config.get("model_type") or _ARCHITECTURES.get(arch)
     if family not in FAMILIES:
         raise CheckpointError(f"hub: {path}: family {family!r} (config.json model_type) is not supported for HF "
@@ -303,17 +366,27 @@ def load_hf_folder(path: str | Path, family: str | None = None, **options):
                               f"accepted: {accepted}")
     dtype = options.get("dtype")
     pooling = read_pooling(path) if family == "bert" else None
-    state, files = read_safetensors(path)
+    # config.json says how big to build, the weights what was trained: build on the meta device first (no
+    # memory), map the headers' shapes onto it (every name and shape checked), and only then read and allocate
+    shapes, files = read_safetensors_shapes(path)
     source = f"{path}/{files[0] if len(files) == 1 else '*.safetensors'}"
-    if family == "bert":
-        model = _bert_model(config, pooling, state, path, dtype)
-        unused = map_bert_state(model, state, source)
-    elif family == "llama":
-        model = _llama_model(config, path, dtype)
-        unused = map_llama_state(model, state, source)
-    else:
-        model = _gpt2_model(config, path, dtype)
-        unused = map_gpt2_state(model, state, source)
+    layers = config.get({"bert": "num_hidden_layers", "llama": "num_hidden_layers", "gpt2": "n_layer"}[family])
+    if isinstance(layers, int) and layers > len(shapes):  # every layer has tensors: never loop over a huge count
+        raise CheckpointError(f"hub: {cfg_path}: declares {layers:,} layers but the weights hold {len(shapes)} "
+                              "tensors: the metadata does not match the weights")
+    if family == "llama":
+        from lamina.hub import check_context
+
+        check_context(config.get("max_position_embeddings", 2048), "config.json max_position_embeddings", path)
+    with torch.device("meta"):
+        meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+        model, _ = _build_and_map(family, config, pooling, meta, path, None, source)
+    from lamina.hub import check_built_size
+
+    check_built_size(model, sum(math.prod(s) for s in shapes.values()), source)
+    del model, meta
+    state, files = read_safetensors(path)
+    model, unused = _build_and_map(family, config, pooling, state, path, dtype, source)
     tok = path / "tokenizer.json"
     default_arch = {"bert": "BertModel", "llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}[family]
     info = {"format": "hf", "family": family, "config": config, "tokenizer": str(tok) if tok.exists() else None,
@@ -323,4 +396,4 @@ def load_hf_folder(path: str | Path, family: str | None = None, **options):
 
 
 __all__ = ["load_hf_folder", "map_bert_state", "map_gpt2_state", "map_llama_state", "read_pooling",
-           "read_safetensors"]
+           "read_safetensors", "read_safetensors_shapes"]

@@ -14,12 +14,13 @@ folder and renamed into place, like checkpoints.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from lamina.errors import CheckpointError
-from lamina.io import load_state, load_state_strict, save_state, write_folder
+from lamina.io import check_state, load_state, load_state_strict, save_state, state_shapes, write_folder
 
 FORMAT = "lamina-pretrained-1"
 
@@ -64,7 +65,14 @@ def read_pretrained_meta(path: str | Path) -> dict:
     if not p.is_file():
         raise CheckpointError(f"{path} is not a lamina pretrained folder (no lamina_model.json); make one with "
                               "lamina.hub.save_pretrained(model, folder)")
-    meta = json.loads(p.read_text())
+    try:
+        meta = json.loads(p.read_text())
+    except RecursionError:
+        raise CheckpointError(f"{p}: not readable JSON (nested too deeply)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{p}: not readable JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{p}: expected a JSON object at the top level, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{p}: not a {FORMAT} file")
     return meta
@@ -76,12 +84,30 @@ def from_pretrained(path: str | Path, **overrides) -> torch.nn.Module:
     from lamina.models import create_model
 
     meta = read_pretrained_meta(path)
-    opts = {k: _tuples(v) for k, v in (meta.get("resolved") or meta["options"]).items()}
-    model = create_model(meta["model"], **{**opts, **overrides})
-    weights = load_state(Path(path) / "model.safetensors")  # tied weights come back under every name
-    load_state_strict(model, weights, str(path), labels={
-        "head": f"does not fit model {meta['model']}", "missing": "missing ({n})", "unexpected": "unexpected ({n})",
-        "shape": "shape mismatches ({n})"})
+    opts, name = meta.get("resolved") or meta.get("options"), meta.get("model")
+    if not isinstance(opts, dict) or not isinstance(name, str):
+        raise CheckpointError(f"{path}/lamina_model.json: needs \"model\" (a name) and \"options\" (an object)")
+    opts = {k: _tuples(v) for k, v in opts.items()}
+    labels = {"head": f"does not fit model {name}", "missing": "missing ({n})", "unexpected": "unexpected ({n})",
+              "shape": "shape mismatches ({n})"}
+    # lamina_model.json says how big to build: build on the meta device (no memory) and compare every shape with
+    # the safetensors header before allocating, so huge declared options cost nothing
+    weights_path = Path(path) / "model.safetensors"
+    shapes = state_shapes(weights_path)
+    try:
+        with torch.device("meta"):
+            declared = create_model(name, **{**opts, **overrides})
+    except NotImplementedError:  # a model whose construction reads tensor values cannot be built on meta
+        declared = None
+    if declared is not None:
+        from lamina.hub import check_built_size
+
+        check_state(declared, shapes, str(path), labels=labels)
+        check_built_size(declared, sum(math.prod(s) for s in shapes.values()), str(weights_path))
+        del declared
+    model = create_model(name, **{**opts, **overrides})
+    weights = load_state(weights_path)  # tied weights come back under every name
+    load_state_strict(model, weights, str(path), labels=labels)
     return model
 
 
