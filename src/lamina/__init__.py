@@ -5,6 +5,7 @@ imports inside functions and under `if TYPE_CHECKING` included:
 
     9  cli, __main__                    parse, validate, call the library; the only place that prints or exits
     8  trust  compress  deploy  report  tools: read a run through runs.open_run, target the model contract
+       search                        tuning, NAS, seeds, lr range test, scaling sweeps: many runs.train calls
     7  runs                             a config becomes data + model + task + Trainer + run folder; open_run;
                                         objectives (adversarial, distillation, SSL, continual, federated) plug
                                         in here, one file each under runs/objectives, chosen by their config
