@@ -163,7 +163,9 @@ def prepare(cfg: RunConfig, dist: Distributed, callbacks: Sequence = (), resume:
         loggers.append(TensorBoardLogger(folder.tensorboard))
     if resume is not None and main:
         loggers[0].load()
-    trainer = Trainer(tcfg, callbacks=[*cbs, *ft_callbacks, *(callbacks if main else ())], loggers=loggers,
+    # caller callbacks run on rank 0 only, unless they say `all_ranks` (e.g. a tuning reporter that broadcasts)
+    mine = [cb for cb in callbacks if main or getattr(cb, "all_ranks", False)]
+    trainer = Trainer(tcfg, callbacks=[*cbs, *ft_callbacks, *mine], loggers=loggers,
                       dist=dist)
     # saved in every checkpoint's meta.json: enough to rebuild this exact model and its data (open_run)
     trainer.checkpoint_info = {"config": to_dict(cfg), "model": cfg.model.name,
