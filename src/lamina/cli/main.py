@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                "trainer.strategy: auto|none|ddp|fsdp; trainer.context_parallel=N splits sequences (GPT/Llama);\n"
                "data.batch_size is the global batch. With --max-restarts a restarted job resumes from its last checkpoint.")
     _run_args(t, "a YAML config and/or dotted overrides such as trainer.max_epochs=3")
+    t.add_argument("--seeds", help="train once per seed (e.g. 0,1,2) and report test metrics as mean +- std with "
+                                   "every value (seeds.json beside the run folders)")
     ft = sub.add_parser("finetune", help="fine-tune pretrained weights (model.pretrained=SOURCE; finetune.* options)")
     _run_args(ft, "a YAML config with model.pretrained, and/or dotted overrides (finetune.mode=linear_probe)")
 
@@ -136,6 +138,8 @@ def cmd_train(a, console) -> int:
         from lamina.cli.progress import RichProgress
 
         callbacks.append(RichProgress(console))
+    if getattr(a, "seeds", None):
+        return _train_seeds(a, cfg, console)
     res = runs.train(cfg, callbacks=callbacks, resume=a.resume)
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports for everyone
         return 0
@@ -150,6 +154,34 @@ def cmd_train(a, console) -> int:
         console.print(f"[yellow]warning:[/] {w}")
     console.print(f"run folder: [bold]{res.run_dir}[/]")
     print(res.run_dir)  # stdout: machine-readable, e.g. RUN=$(lamina train ...)
+    return 0
+
+
+def _train_seeds(a, cfg, console) -> int:
+    from lamina.cli.search import parse_seeds
+    from lamina.errors import ConfigError
+    from lamina.search.seeds import format_seeds, train_seeds
+
+    seeds = parse_seeds(a.seeds)
+    if a.resume:
+        raise ConfigError("--seeds: cannot be combined with --resume (resume each seed's run folder on its own)")
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--seeds: run the seeds one after another without torchrun, or launch one torchrun per seed")
+    out = Path(cfg.logging.root) / f"{cfg.name or cfg.data.name + '-' + cfg.model.name}-seeds"
+
+    def progress(seed):
+        if cfg.trainer.progress and not a.no_progress:
+            from lamina.cli.progress import RichProgress
+
+            return [RichProgress(console)]
+        return []
+
+    r = train_seeds(cfg, seeds, out, callbacks_for=progress, on_run=lambda s, t: console.print(
+        f"seed {s}: " + "  ".join(f"{k} {v:.4f}" for k, v in t.items())))
+    console.print(f"[bold]{len(seeds)} seeds[/] ({r['wall_time_s']:.0f} s):")
+    console.print(format_seeds(r))
+    console.print(f"runs and seeds.json: [bold]{out}[/]")
+    print(out)
     return 0
 
 

@@ -63,6 +63,7 @@ def add_parsers(sub) -> None:
     lc.add_argument("--out", help="output folder (default: runs/<name>-learning-curve)")
     lc.add_argument("--equal-epochs", action="store_true",
                     help="same epochs for every subset (default: same optimizer steps)")
+    lc.add_argument("--seeds", help="train every fraction once per seed (e.g. 0,1,2): mean +- std per point")
     lc.add_argument("--json", action="store_true")
     lc.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
@@ -178,7 +179,10 @@ def cmd_learning_curve(a, console) -> int:
         fractions = [float(x) for x in a.fractions.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"--fractions: expected comma-separated numbers in (0, 1], got {a.fractions!r}") from None
-    r = learning_curve(cfg, fractions, out=a.out, equal_steps=not a.equal_epochs,
+    from lamina.cli.search import parse_seeds
+
+    seeds = parse_seeds(a.seeds)
+    r = learning_curve(cfg, fractions, out=a.out, equal_steps=not a.equal_epochs, seeds=seeds,
                        progress=lambda i, n, f: console.print(f"[{i + 1}/{n}] training on {f:g} of the data ..."))
     if _print_json(a, r):
         return 0
@@ -187,7 +191,10 @@ def cmd_learning_curve(a, console) -> int:
     for row in r["rows"]:
         cells = [f"{row[k]:>{w}.4f}" if row[k] is not None else " " * w for k, w in (("train", 12), ("val", 10),
                                                                                        ("test", 11))]
-        print(f"{row['fraction']:>9g}{row['n_train']:>9}{row['epochs']:>8}{''.join(cells)}{row['seconds']:>7.1f}")
+        spread = (f"  +- {row['test_std']:.4f} ({' '.join(f'{v:.4f}' for v in row['test_values'])})"
+                  if "test_std" in row else "")
+        print(f"{row['fraction']:>9g}{row['n_train']:>9}{row['epochs']:>8}{''.join(cells)}{row['seconds']:>7.1f}"
+              f"{spread}")
     if r.get("power_law"):
         p = r["power_law"]
         print(f"test error ~ {p['a']:.3g} * n^-{p['b']:.3f}: about {r['error_at_2x']:.4f} with twice the data")

@@ -44,13 +44,15 @@ def samples_for(power: dict, target_err: float) -> float:
 
 
 def learning_curve(cfg, fractions=(0.1, 0.25, 0.5, 1.0), out: str | Path | None = None, metric: str | None = None,
-                   equal_steps: bool = True, progress=None) -> dict:
+                   equal_steps: bool = True, progress=None, seeds: list[int] | None = None) -> dict:
     """Train `cfg` (a RunConfig) once per training fraction; each run is a normal run folder under
     <out>/runs. Records n_train, train/val/test metric and loss; fits a power law to the test error and
     writes learning_curve.json + learning_curve.png into `out`. `equal_steps`: a subset of fraction f trains
     max_epochs / f epochs, so every point gets the same number of updates and differs only in data (with
     equal epochs a 10% run gets a tenth of the steps and the curve mixes data with compute).
-    `progress(i, total, fraction)` is called before each run."""
+    `progress(i, total, fraction)` is called before each run. `seeds`: train every fraction once per seed (the
+    subset is drawn with the seed too); each row then holds the mean, `<key>_std` (sample std) and
+    `<key>_values` for train/val/test, and the plot draws the test spread as error bars."""
     from lamina.runs import train
 
     fr = sorted({float(f) for f in fractions})
@@ -59,27 +61,33 @@ def learning_curve(cfg, fractions=(0.1, 0.25, 0.5, 1.0), out: str | Path | None 
     out = Path(out or Path(cfg.logging.root) / f"{cfg.name or cfg.data.name}-learning-curve")
     out.mkdir(parents=True, exist_ok=True)
     rows, m = [], metric
+    seed_list = list(seeds) if seeds else [None]
     for i, f in enumerate(fr):
         if progress is not None:
             progress(i, len(fr), f)
-        run_cfg = cfg.model_copy(deep=True)
-        run_cfg.data.train_fraction = f
-        run_cfg.name = f"frac-{f:g}"
-        run_cfg.logging.root = str(out / "runs")
-        run_cfg.logging.tensorboard = False
-        run_cfg.trainer.progress = False
-        if equal_steps and run_cfg.trainer.max_steps is None:
-            run_cfg.trainer.max_epochs = math.ceil(cfg.trainer.max_epochs / f)
-        res = train(run_cfg)
-        s, hist = res.summary, res.history
-        m = m or ("acc" if "test/acc" in s["test"] else "loss")  # classification: accuracy; else loss
-        last = hist[-1] if hist else {}
-        best = next((r for r in hist if r.get("epoch") == s.get("best_epoch")), last)
-        rows.append({"fraction": f, "n_train": s["data"]["train"], "run_dir": s["run_dir"], "epochs": s["epochs"],
-                     "steps": s["steps"],
-                     "train": last.get(f"train/{m}"), "val": best.get(f"val/{m}"), "test": s["test"].get(f"test/{m}"),
-                     "train_loss": last.get("train/loss"), "val_loss": best.get("val/loss"),
-                     "test_loss": s["test"].get("test/loss"), "seconds": s["wall_time_s"]})
+        per_seed = []
+        for sd in seed_list:
+            run_cfg = cfg.model_copy(deep=True)
+            run_cfg.data.train_fraction = f
+            run_cfg.name = f"frac-{f:g}" if sd is None else f"frac-{f:g}-seed{sd}"
+            if sd is not None:
+                run_cfg.seed = sd
+            run_cfg.logging.root = str(out / "runs")
+            run_cfg.logging.tensorboard = False
+            run_cfg.trainer.progress = False
+            if equal_steps and run_cfg.trainer.max_steps is None:
+                run_cfg.trainer.max_epochs = math.ceil(cfg.trainer.max_epochs / f)
+            res = train(run_cfg)
+            s, hist = res.summary, res.history
+            m = m or ("acc" if "test/acc" in s["test"] else "loss")  # classification: accuracy; else loss
+            last = hist[-1] if hist else {}
+            best = next((r for r in hist if r.get("epoch") == s.get("best_epoch")), last)
+            per_seed.append({"fraction": f, "n_train": s["data"]["train"], "run_dir": s["run_dir"],
+                             "epochs": s["epochs"], "steps": s["steps"], "train": last.get(f"train/{m}"),
+                             "val": best.get(f"val/{m}"), "test": s["test"].get(f"test/{m}"),
+                             "train_loss": last.get("train/loss"), "val_loss": best.get("val/loss"),
+                             "test_loss": s["test"].get("test/loss"), "seconds": s["wall_time_s"]})
+        rows.append(per_seed[0] if sd is None else _seed_row(per_seed, seed_list))
     higher_better = m != "loss"
     errs = [(1 - r["test"]) if higher_better else r["test"] for r in rows if r["test"] is not None]
     ns = [r["n_train"] for r in rows if r["test"] is not None]
@@ -93,6 +101,22 @@ def learning_curve(cfg, fractions=(0.1, 0.25, 0.5, 1.0), out: str | Path | None 
     plot_learning_curve(result, out / "learning_curve.png", title=f"{cfg.data.name} / {cfg.model.name}")
     result["out"] = str(out)
     return result
+
+
+def _seed_row(per_seed: list[dict], seeds: list[int]) -> dict:
+    """One fraction's runs over several seeds: means, sample stds and every value."""
+    row = {"fraction": per_seed[0]["fraction"], "n_train": per_seed[0]["n_train"], "seeds": seeds,
+           "run_dir": [r["run_dir"] for r in per_seed], "epochs": per_seed[0]["epochs"], "steps": per_seed[0]["steps"],
+           "seconds": sum(r["seconds"] for r in per_seed)}
+    for k in ("train", "val", "test", "train_loss", "val_loss", "test_loss"):
+        vals = [r[k] for r in per_seed if r[k] is not None]
+        if not vals:
+            row[k] = None
+            continue
+        row[k] = float(np.mean(vals))
+        row[f"{k}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        row[f"{k}_values"] = vals
+    return row
 
 
 def plot_learning_curve(result: dict, path: str | Path, title: str = "") -> Path:
@@ -109,7 +133,12 @@ def plot_learning_curve(result: dict, path: str | Path, title: str = "") -> Path
     for key, style in (("train", "o--"), ("val", "s-"), ("test", "^-")):
         ys = [r[key] for r in rows]
         if any(y is not None for y in ys):
-            ax.plot(n, [np.nan if y is None else y for y in ys], style, label=key)
+            ys = [np.nan if y is None else y for y in ys]
+            if key == "test" and any(f"{key}_std" in r for r in rows):  # spread over seeds
+                ax.errorbar(n, ys, yerr=[r.get(f"{key}_std", 0.0) for r in rows], fmt=style, capsize=3,
+                            label=f"{key} (mean +- std over {len(rows[0].get('seeds', []))} seeds)")
+            else:
+                ax.plot(n, ys, style, label=key)
     power = result.get("power_law")
     if power:  # the fitted error law, drawn as the metric it predicts, a little past the data
         grid = np.geomspace(min(n), 2 * max(n), 50)
