@@ -147,6 +147,10 @@ def cmd_train(a, console) -> int:
     test = "  ".join(f"{k} {v:.4f}" for k, v in s["test"].items())
     console.print(f"[bold green]done[/] in {s['wall_time_s']:.1f}s ({s['train_samples_per_s'] or 0:.0f} samples/s)"
                   f"  {test}")
+    if isinstance(s.get("cost"), dict):
+        from lamina.runs.cost import describe
+
+        console.print(f"cost: {describe(s['cost'])}", markup=False)
     over = s.get("overfitting") or {}
     if over.get("overfitting"):
         console.print(f"[yellow]overfitting:[/] {over['advice']}")

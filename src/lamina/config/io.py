@@ -63,6 +63,8 @@ def _describe(err: dict, root: type[BaseModel]) -> str:
         return f"{path}: expected a number, got {got!r}"
     if kind in ("bool_parsing", "bool_type"):
         return f"{path}: expected true or false, got {got!r}"
+    if kind == "value_error" and ctx.get("error") is not None:  # a validator's own message, as written
+        return f"{path}: {ctx['error']}"
     if kind in ("model_type", "dict_type"):
         return f"{path or 'config'}: expected a mapping of keys to values, got {got!r}"
     return f"{path}: {err['msg'].lower()}, got {got!r}"

@@ -1,4 +1,4 @@
-"""Typed run config: data, model, task, optimizer, schedule, trainer, finetune, logging, and the training
+"""Typed run config: data, model, task, optimizer, schedule, trainer, finetune, logging, cost, and the training
 objectives (adversarial, distill).
 
 Sections with a fixed set of fields reject unknown keys ("did you mean ..."). The `data` and `model`
@@ -8,9 +8,12 @@ which validate them against their own typed configs.
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeFloat, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeFloat, field_validator,
+                      model_validator)
 
 
 class _Strict(BaseModel):
@@ -142,6 +145,42 @@ class LoggingConfig(_Strict):
     plots: bool = True
 
 
+@functools.lru_cache(maxsize=1)
+def codecarbon_countries() -> frozenset[str] | None:
+    """The 3-letter ISO codes CodeCarbon has a grid carbon intensity for (its global energy-mix table), read from
+    the installed package's data without importing it; None when CodeCarbon is not installed."""
+    import importlib.util
+    from pathlib import Path
+
+    try:
+        spec = importlib.util.find_spec("codecarbon")
+    except (ImportError, ValueError):
+        return None
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        try:
+            return frozenset(json.loads((Path(root) / "data/private_infra/global_energy_mix.json").read_text()))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+class CostConfig(_Strict):
+    # What a run cost (runs/cost.py): CodeCarbon's energy/CO2e around fit (rank 0) and the model's FLOPs
+    energy: bool = True  # cheap (a probe thread during data loading, a 1 s sampler); needs lamina[cost]
+    country: str = "USA"  # 3-letter ISO code of where the power comes from: picks the grid's g CO2e per kWh
+    flops: bool = True  # one forward + one forward/backward on a real batch before training: about one step
+
+    @field_validator("country", mode="before")
+    @classmethod
+    def _country(cls, v):
+        code = str(v).strip().upper()
+        known = codecarbon_countries()
+        if len(code) != 3 or not code.isalpha() or (known is not None and code not in known):
+            raise ValueError(f"expected a 3-letter ISO country code CodeCarbon knows (e.g. USA, FRA, DEU, GBR, IND, "
+                             f"CHN), got {v!r}")
+        return code
+
+
 class RunConfig(_Strict):
     name: str | None = None  # run folder name; default <data>-<model>-<time>
     seed: int = Field(0, ge=0, lt=2**63)  # torch.manual_seed takes a 64-bit seed
@@ -153,6 +192,7 @@ class RunConfig(_Strict):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    cost: CostConfig = Field(default_factory=CostConfig)  # energy, CO2e and FLOPs in summary.json
     # Training objectives (lamina/runs/objectives): each wraps the task when its section is set
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)  # adversarial training (PGD-AT, TRADES)
     distill: DistillConfig = Field(default_factory=DistillConfig)  # learn from a teacher run's soft targets

@@ -1,6 +1,6 @@
 """One self-contained HTML page per run: `lamina report RUN_DIR` -> RUN_DIR/report.html.
 
-The page reads what the run folder holds (config.yaml, summary.json, metrics.csv, the PNGs, and the JSON
+The page reads what the run folder holds (config.yaml, summary.json with the run's cost, metrics.csv, the PNGs, and the JSON
 that `lamina audit` / calibrate / attack / fairness / explain / learning-curve write) and renders a section
 for each part present; nothing is recomputed except the overfitting check (a pass over metrics.csv). Images
 are embedded as base64 data URIs and the style sheet is inline, so the file can be mailed or archived alone;
@@ -258,6 +258,48 @@ def _learning_curve(run: Path) -> str:
     return _table(rows) + note + _img(run / "learning_curve.png", "learning curve")
 
 
+def _si(v, unit: str) -> str:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        return _esc("" if v is None else v)
+    for factor, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= factor:
+            return f"{v / factor:.3g} {prefix}{unit}"
+    return f"{v:.3g} {unit}"
+
+
+def _real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _cost(summary: dict) -> str:
+    """summary["cost"] (runs/cost.py): energy and CO2e with their marking, per component, and FLOPs."""
+    c = _dict(summary.get("cost"))
+    if not c:
+        return ""
+    f = _dict(c.get("flops"))
+    kwh, kg, wall = c.get("energy_kwh"), c.get("co2e_kg"), c.get("wall_time_s")
+    cards = [(f"{kwh:.3g} kWh" if _real(kwh) else "not measured", "energy"),
+             (f"{kg * 1000:.3g} g" if _real(kg) else "", f"CO2e ({c.get('country')})"),
+             (f"{wall:.1f} s" if _real(wall) else "", "wall time")]
+    html_cards = "".join(f'<div class="card"><b>{_esc(v)}</b><span>{_esc(k)}</span></div>' for v, k in cards if v)
+    html_cards += "".join(f'<div class="card"><b>{_si(v, "FLOP")}</b><span>{k}</span></div>'
+                          for v, k in ((f.get("forward_per_sample"), "forward / sample"),
+                                       (f.get("training"), "training")) if _real(v))
+    source = c.get("source")
+    cls = {"measured": "ok", "not measured": "warn"}.get(source, "sub")
+    verdict = f'<p class="{cls}">{_esc(source)}: {_esc(c.get("explanation"))}</p>' if source else ""
+    parts = [{"component": k, "kWh": p.get("kwh"), "mean W": p.get("power_w"), "source": p.get("source"),
+              "method": p.get("method")} for k, p in _dict(c.get("components")).items() if isinstance(p, dict)]
+    facts = {"CO2e (kg)": kg, "g CO2e / kWh": c.get("g_co2e_per_kwh"), "tracked": c.get("tracked"),
+             "tracked (s)": c.get("tracked_s"), "scope": c.get("scope"), "tracker": c.get("tracker"),
+             "forward FLOPs / sample": f.get("forward_per_sample"),
+             "training FLOPs / sample (fwd + bwd)": f.get("train_per_sample"), "samples seen": f.get("samples_seen"),
+             "training FLOPs": f.get("training"), "FLOP count": f.get("note"), "FLOP method": f.get("method")}
+    return (f'<div class="cards">{html_cards}</div>' + verdict
+            + _table(parts, ["component", "kWh", "mean W", "source", "method"])
+            + _kv({k: v for k, v in facts.items() if v is not None}))
+
+
 # ----- the page ---------------------------------------------------------------------------------------
 def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the run's report.html (or `out`) and return its path."""
@@ -284,6 +326,9 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         _section("robustness", "Robustness", _robustness(run), "clean vs adversarial accuracy"),
         _section("fairness", "Fairness", _fairness(run)),
         _section("learning-curve", "Learning curve", _learning_curve(run)),
+        _section("cost", "Cost", _cost(summary),
+                 "energy and CO2e of training (CodeCarbon), each figure marked measured or estimated; FLOPs "
+                 "counted on one batch"),
     ]
     config = folder.config.read_text(errors="replace")
     parts.append(_section("config", "Config", f"<pre>{_esc(config)}</pre>",
@@ -292,7 +337,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     titles = {"overview": "Overview", "curves": "Curves", "overfitting": "Overfitting", "confusion": "Confusion",
               "calibration": "Calibration", "gradients": "Gradients", "explanations": "Explanations",
               "robustness": "Robustness", "fairness": "Fairness", "learning-curve": "Learning curve",
-              "config": "Config"}
+              "cost": "Cost", "config": "Config"}
     nav = "".join(f'<a href="#{sid}">{titles[sid]}</a>' for sid, _ in shown)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'

@@ -4,11 +4,14 @@
     history  = fit(prepared)        Trainer.fit, with exact resume from a checkpoint
     result   = finalize(prepared, history)   test metrics with the best weights, summary, post-run outputs
 
-`train(cfg)` does all three. Under torchrun (`trainer.strategy=ddp|fsdp`) every rank runs them; rank 0 picks
-the run folder and writes every file; all ranks train, evaluate and checkpoint together
-(engine/distributed.py). When torchrun restarts the workers after a failure (`--max-restarts`), the restarted
-ranks find the run folder of the first attempt (runs/.elastic/<rdzv id>) and resume from its last checkpoint.
-Nothing here prints; the CLI is a thin shell over it.
+`train(cfg)` does all three. What the run cost (runs/cost.py) comes with them: CodeCarbon probes the hardware
+while `prepare` loads data, `fit` counts the model's FLOPs on one batch and tracks energy around training (rank 0),
+`finalize` writes it all to summary["cost"].
+
+Under torchrun (`trainer.strategy=ddp|fsdp`) every rank runs them; rank 0 picks the run folder and writes every
+file; all ranks train, evaluate and checkpoint together (engine/distributed.py). When torchrun restarts the
+workers after a failure (`--max-restarts`), the restarted ranks find the run folder of the first attempt
+(runs/.elastic/<rdzv id>) and resume from its last checkpoint. Nothing here prints; the CLI is a thin shell over it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from lamina.errors import ConfigError
 from lamina.io import atomic_write_text
 from lamina.runs.build import (build_run_model, check_finite_data, count_params, data_facts, finetune_setup,
                                load_data, make_task, pretrained_tokenizer, resolved_options, task_class)
+from lamina.runs.cost import CostMeter
 from lamina.runs.folder import RunFolder
 from lamina.runs.objectives import ObjectiveContext, active_objectives, apply_objectives
 from lamina.runs.outputs import DEFAULT_OUTPUTS, RunEnd, jsonable
@@ -76,6 +80,7 @@ class Prepared:
     monitor: str
     resume: Path | None = None
     wall0: float = field(default_factory=time.perf_counter)
+    cost: CostMeter | None = None  # energy tracker and FLOP count (cfg.cost); None: no cost in the summary
 
 
 def _elastic_folder(cfg: RunConfig, dist: Distributed) -> tuple[Path, Path | None]:
@@ -101,6 +106,7 @@ def _elastic_folder(cfg: RunConfig, dist: Distributed) -> tuple[Path, Path | Non
 def prepare(cfg: RunConfig, dist: Distributed, callbacks: Sequence = (), resume: str | Path | None = None,
             run_dir: str | Path | None = None, task_wrapper: Callable | None = None) -> Prepared:
     wall0 = time.perf_counter()
+    cost = CostMeter(cfg.cost, dist)  # first: CodeCarbon's hardware probe runs while the data loads
     if resume is None and run_dir is None and launched_by_torchrun():
         run_dir, resume = _elastic_folder(cfg, dist)
     if resume is not None:
@@ -172,12 +178,18 @@ def prepare(cfg: RunConfig, dist: Distributed, callbacks: Sequence = (), resume:
                                "model_options": resolved_options(model), "objectives": active_objectives(cfg),
                                "data": json.loads(json.dumps(facts.to_dict(), default=jsonable))}
     return Prepared(cfg, dist, bundle, facts, task, model, folder, trainer, train_loader, val_loader, optimizer,
-                    scheduler, ckpt_cb, monitor, resume, wall0)
+                    scheduler, ckpt_cb, monitor, resume, wall0, cost)
 
 
 def fit(p: Prepared) -> list[dict]:
-    return p.trainer.fit(p.model, p.task, p.train_loader, p.val_loader, p.optimizer, p.scheduler,
-                         resume_from=p.resume)
+    if p.cost is None:
+        return p.trainer.fit(p.model, p.task, p.train_loader, p.val_loader, p.optimizer, p.scheduler,
+                             resume_from=p.resume)
+    p.cost.count_flops(p.model, p.task, p.train_loader, p.val_loader, p.dist.device, p.trainer.precision.autocast,
+                       dp_size=p.dist.dp_size, world_size=p.dist.world_size)
+    with p.cost.tracking():
+        return p.trainer.fit(p.model, p.task, p.train_loader, p.val_loader, p.optimizer, p.scheduler,
+                             resume_from=p.resume)
 
 
 def finalize(p: Prepared, history: list[dict], outputs: Sequence[Callable[[RunEnd], None]] = DEFAULT_OUTPUTS
@@ -214,6 +226,10 @@ def finalize(p: Prepared, history: list[dict], outputs: Sequence[Callable[[RunEn
         "context_parallel": dist.cp, "restarts": restart_count(),
         "bn_recalibrated": any(isinstance(cb, BatchNormRecalibration) for cb in trainer.callbacks),
     }
+    if p.cost is not None:
+        summary["cost"] = p.cost.result(trainer.samples_seen, summary["wall_time_s"], resumed=p.resume is not None)
+        if summary["cost"].get("warning"):
+            summary.setdefault("warnings", []).append(summary["cost"]["warning"])
     end = RunEnd(p.cfg, p.folder, model, task, p.facts, history, summary, artifacts, dist.is_main)
     for out in outputs:
         out(end)
