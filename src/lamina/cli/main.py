@@ -154,8 +154,10 @@ def cmd_train(a, console) -> int:
     over = s.get("overfitting") or {}
     if over.get("overfitting"):
         console.print(f"[yellow]overfitting:[/] {over['advice']}")
-    for w in s.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {w}")
+    from rich.markup import escape
+
+    for w in s.get("warnings", []):  # escaped: a warning's own brackets (pip install "lamina[cost]") are text
+        console.print(f"[yellow]warning:[/] {escape(w)}")
     console.print(f"run folder: [bold]{res.run_dir}[/]")
     print(res.run_dir)  # stdout: machine-readable, e.g. RUN=$(lamina train ...)
     return 0
@@ -354,7 +356,14 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    a = _parser().parse_args(argv)
+    parser = _parser()
+    a, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides after options (`lamina tune CFG --trials 30 trainer.max_epochs=3`): argparse stops
+    # collecting positionals at the first option, so the ones after it come back here
+    if extra and isinstance(getattr(a, "args", None), list) and all("=" in x and not x.startswith("-") for x in extra):
+        a.args += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     if a.cmd is None:
         _parser().print_help()

@@ -40,6 +40,17 @@ def add_parsers(sub) -> None:
     t.add_argument("--pruner", default="median", help="median | hyperband | none")
     t.add_argument("--seeds", help="after the search, train best.yaml with these seeds (e.g. 0,1,2): mean +- std")
 
+    n = sub.add_parser("nas", help="architecture search: validation metric vs parameters vs batch-1 CPU latency "
+                                   "(multi-objective Optuna); Pareto front plot and the front's configs as YAML")
+    _config_args(n)
+    n.add_argument("--space", required=True, help="YAML over model.* keys, list indices allowed: model.channels[1]")
+    _study_args(n, 24)
+    n.set_defaults(sampler="nsga2")
+    n.add_argument("--metric", help="per-epoch metric (default: trainer.monitor)")
+    n.add_argument("--direction", help="maximize | minimize (default: from trainer.monitor_mode)")
+    n.add_argument("--no-base", action="store_true", help="do not evaluate the config's own architecture as trial 0")
+    n.add_argument("--latency-repeats", type=int, default=50, help="timed batch-1 forwards per candidate")
+
     lr = sub.add_parser("lr-find", help="learning-rate range test: loss vs exponentially growing lr, a suggested "
                                         "lr and a plot (before a search)")
     _config_args(lr)
@@ -96,11 +107,7 @@ def cmd_tune(a, console) -> int:
     out = _out(a, cfg, "tune")
     s = TuneSettings(a.trials, out, a.metric, a.direction, a.pruner, a.sampler, a.jobs, a.storage)
 
-    def on_trial(o):
-        v = "" if o.value is None else f"{o.value:.4f}"
-        extra = f"  {o.error}" if o.error else ""
-        params = "  ".join(f"{k.split('.')[-1]}={_fmt(x)}" for k, x in space.values_of(o.params).items())
-        console.print(f"trial {o.number:>3}  {o.state:<8} {v:>8}  {o.seconds:6.1f}s  {params}{extra}")
+    on_trial = _trial_printer(space, console)
 
     console.print(f"study: {out}  ({a.trials} trials, {s.pruner} pruning, jobs={a.jobs})")
     summary = tune(cfg, space, space_raw, s, on_trial=on_trial)
@@ -140,6 +147,54 @@ def cmd_tune(a, console) -> int:
     return 0
 
 
+def _trial_printer(space, console):
+    def on_trial(o):
+        if isinstance(o.value, (list, tuple)):
+            v = f"{o.value[0]:.4f} {int(o.value[1]):>9,} p {o.value[2]:6.3f} ms"
+        else:
+            v = "" if o.value is None else f"{o.value:.4f}"
+        extra = f"  {o.error}" if o.error else ""
+        params = "  ".join(f"{k.split('.', 1)[-1]}={_fmt(x)}" for k, x in space.values_of(o.params).items())
+        console.print(f"trial {o.number:>3}  {o.state:<8} {v:>8}  {o.seconds:6.1f}s  {params}{extra}")
+
+    return on_trial
+
+
+def cmd_nas(a, console) -> int:
+    from lamina.config import read_yaml
+    from lamina.search.nas import NASSettings, nas
+    from lamina.search.space import SearchSpace
+    from lamina.search.study import need_optuna
+
+    need_optuna()
+    cfg = _load(a)
+    space_raw = read_yaml(a.space)
+    space = SearchSpace.from_dict(space_raw, where=f"nas space {Path(a.space).name}")
+    out = _out(a, cfg, "nas")
+    s = NASSettings(a.trials, out, a.metric, a.direction, a.sampler, a.jobs, a.storage,
+                    include_base=not a.no_base, latency_repeats=a.latency_repeats)
+    console.print(f"study: {out}  ({a.trials} trials, {a.sampler}, objectives: metric / params / latency)")
+    summary = nas(cfg, space, space_raw, s, on_trial=_trial_printer(space, console))
+    if a.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "trials"}, default=str))
+        return 0
+    c = summary["cost"]
+    console.print(f"[bold]{c['trials']}[/] trials, {c['train_time_s']:.0f} s of training; Pareto front "
+                  f"({summary['metric']}, params, latency):")
+    for p in summary["front"]:
+        v = p["values"]
+        console.print(f"  trial {p['number']:>3}{' (base)' if p['base'] else '':7} {v[summary['metric']]:.4f}  "
+                      f"{v['params']:>9,} params  {v['latency_ms']:6.3f} ms  {p['config']}")
+    b = summary.get("base")
+    if b:
+        dom = summary["dominate_base"]
+        console.print(f"base config (trial {b['number']}): {b['metric']:.4f}, {b['params']:,} params, "
+                      f"{b['latency_ms']:.3f} ms; dominated by {len(dom)} trial(s)" + (f": {dom}" if dom else ""))
+    console.print(f"plot: {out / 'pareto.png'}  page: {summary.get('page')}")
+    print(out)
+    return 0
+
+
 def cmd_lr_find(a, console) -> int:
     from lamina.search.lr_find import lr_find
 
@@ -159,4 +214,4 @@ def cmd_lr_find(a, console) -> int:
     return 0
 
 
-COMMANDS = {"tune": cmd_tune, "lr-find": cmd_lr_find}
+COMMANDS = {"tune": cmd_tune, "nas": cmd_nas, "lr-find": cmd_lr_find}

@@ -34,6 +34,7 @@ class SmallCNNConfig:
     channels: tuple[int, ...] = (64, 128)
     blocks_per_stage: int = 1  # conv-BN-ReLU layers per stage; 2 pays off on 28x28 (Fashion-MNIST), not on 8x8
     dropout: float = 0.0  # before the head; BN + label smoothing regularise enough on digits
+    kernel_size: int = 3  # 3x3 convs (VGG): two of them see 5x5 with fewer weights; odd, so padding keeps H, W
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
@@ -43,14 +44,17 @@ class SmallCNNConfig:
             raise ModelError(f"small_cnn: blocks_per_stage must be >= 1, got {self.blocks_per_stage}")
         if not 0.0 <= self.dropout < 1.0:
             raise ModelError(f"small_cnn: dropout must be in [0, 1), got {self.dropout}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ModelError(f"small_cnn: kernel_size must be a positive odd integer, got {self.kernel_size}")
         if self.in_chans < 1 or self.num_classes < 0:
             raise ModelError(
                 f"small_cnn: need in_chans >= 1 and num_classes >= 0, got {self.in_chans}, {self.num_classes}"
             )
 
 
-def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+def conv_bn_relu(cin: int, cout: int, k: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
 
 
 class SmallCNN(nn.Module):
@@ -62,7 +66,7 @@ class SmallCNN(nn.Module):
         for c in cfg.channels:
             layers = []
             for _ in range(cfg.blocks_per_stage):
-                layers.append(conv_bn_relu(cin, c))
+                layers.append(conv_bn_relu(cin, c, cfg.kernel_size))
                 cin = c
             stages.append(nn.Sequential(*layers, nn.MaxPool2d(2)))  # halves H, W
         self.stages = nn.Sequential(*stages)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,16 +136,77 @@ def overrides_for(values: dict[str, Any]) -> dict:
     return out
 
 
+_INDEX = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])+)$")
+
+
+def split_key(key: str) -> list:
+    """'model.stages[1][0]' -> ['model', 'stages', 1, 0]: dotted names, then list indices (one stage's width,
+    one block's expansion ratio) for options whose value is a list."""
+    parts: list = []
+    for piece in key.split("."):
+        m = _INDEX.match(piece)
+        if m:
+            parts.append(m.group(1))
+            parts.extend(int(i) for i in re.findall(r"\[(\d+)\]", m.group(2)))
+        elif "[" in piece or "]" in piece or not piece:
+            raise ConfigError(f"search space: {key}: expected dotted names with optional [index] suffixes, "
+                              f"e.g. model.channels[0]")
+        else:
+            parts.append(piece)
+    return parts
+
+
+def _model_default(raw: dict, name: str):
+    """The resolved default of a model option (e.g. cnn_medium's channels), for indexing into it."""
+    import torch
+
+    from lamina.models import create_model
+
+    model = raw.get("model", {})
+    opts = {k: v for k, v in model.items() if k not in ("name", "pretrained")}
+    try:
+        with torch.device("meta"):
+            resolved = create_model(model.get("name", "small_cnn"), **opts).lamina_spec.get("resolved") or {}
+    except LaminaError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a factory's own check, reported as one line
+        raise ConfigError(f"model {model.get('name')} rejects its options ({e})") from None
+    if name not in resolved:
+        raise ConfigError(f"'{name}' is not an option of model {model.get('name')}"
+                          f"{did_you_mean(name, resolved)}")
+    return _listify(resolved[name])
+
+
+def _listify(v):
+    return [_listify(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
 def apply_values(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
     """A copy of `cfg` with the dotted keys set; the result is validated like any config."""
     raw = to_dict(cfg)
     for key, v in values.items():
+        parts = split_key(key)
         d = raw
-        *head, last = key.split(".")
-        for h in head:
-            if not isinstance(d.get(h), dict):
+        for i, h in enumerate(parts[:-1]):
+            nxt = parts[i + 1]
+            if isinstance(h, int):
+                if not isinstance(d, list) or h >= len(d):
+                    raise ConfigError(f"{key}: index {h} is out of range (the value has {len(d)} entries)")
+                d = d[h]
+                continue
+            if isinstance(nxt, int) and h not in d:  # a list option left at its default: start from it
+                d[h] = _model_default(raw, h) if d is raw.get("model") else None
+            if isinstance(nxt, int):
+                if not isinstance(d.get(h), list):
+                    raise ConfigError(f"{key}: {h} is not a list option, so it takes no [index]")
+                d[h] = _listify(d[h])
+            elif not isinstance(d.get(h), dict):
                 d[h] = {}
             d = d[h]
+        last = parts[-1]
+        if isinstance(last, int):
+            if not isinstance(d, list) or last >= len(d):
+                raise ConfigError(f"{key}: index {last} is out of range (the value has {len(d)} entries)")
         d[last] = _thaw(v)
     return validate(raw)
 
@@ -208,7 +270,8 @@ def _flatten_keys(raw: dict, prefix: str = "") -> dict:
 
 def _check_free_option(cfg: RunConfig, key: str) -> None:
     """`model.*` and `data.*` are free options (validated by the factory/loader at run time): check them now."""
-    section, _, name = key.partition(".")
+    parts = split_key(key)
+    section, name = parts[0], parts[1] if len(parts) > 1 else ""
     if section == "model" and name not in ("name", "pretrained"):
         if cfg.model.pretrained:
             return  # the pretrained source decides the architecture; its options are checked when it loads

@@ -309,7 +309,7 @@ def trial_rows(study, space: SearchSpace) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         ua = t.user_attrs
-        rows.append({"number": t.number, "state": t.state.name.lower(), "value": t.value if t.values else None,
+        rows.append({"number": t.number, "state": t.state.name.lower(), "value": (t.values[0] if len(t.values) == 1 else list(t.values)) if t.values else None,
                      "params": space.values_of(dict(t.params)), "epochs": ua.get("epochs"),
                      "train_time_s": ua.get("train_time_s"), "wall_s": ua.get("wall_s"),
                      "samples": ua.get("samples"), "test": ua.get("test"), "run_dir": ua.get("run_dir"),
