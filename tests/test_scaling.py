@@ -59,10 +59,16 @@ def test_chinchilla_form_recovers_both_exponents():
     assert r["r2"] > 0.999 and r["n_points"] == 18
 
 
-def test_pure_power_law_is_exact_on_a_straight_line():
+def test_pure_power_law_is_exact_on_a_straight_line_and_its_intervals_cover_a_noisy_one():
     N = np.geomspace(1e3, 1e5, 5)
     r = fit_pure_power(N, 5.0 * N ** -0.2)
     assert math.isclose(r["params"]["alpha"], 0.2, abs_tol=1e-9) and math.isclose(r["params"]["A"], 5.0, rel_tol=1e-9)
+    N = np.geomspace(1e4, 1e6, 8)
+    r = fit_pure_power(N, _noisy(3.0 * N ** -0.076, 0.01, seed=0), bootstrap=500)
+    assert abs(r["params"]["alpha"] - 0.076) < 0.01 and r["r2_log"] > 0.95
+    for key in ("ci95_bootstrap", "ci95_ols"):
+        lo, hi = r[key]["alpha"]
+        assert lo < 0.076 < hi and hi - lo < 0.03, key
 
 
 def test_too_few_points_say_so_instead_of_fitting():

@@ -52,7 +52,7 @@ def _numbers(text: str, flag: str) -> list[float]:
 
 def _interval(fit: dict, name: str) -> str:
     parts = []
-    for key, what in (("ci95_bootstrap", "bootstrap"), ("ci95_covariance", "covariance")):
+    for key, what in (("ci95_bootstrap", "bootstrap"), ("ci95_covariance", "covariance"), ("ci95_ols", "OLS")):
         ci = fit.get(key, {}).get(name)
         if ci:
             parts.append(f"[{ci[0]:.3f}, {ci[1]:.3f}] {what}")
@@ -120,6 +120,11 @@ def cmd_scale(a, console) -> int:
         fit = row["size_law"]
         if "params" in fit:
             print(f"{sym}={row['budget']:.3g}: {_describe(fit)}")
+            pure = row.get("pure_power", {})
+            if "params" in pure:
+                q = pure["params"]
+                print(f"    without E: L = {q['A']:.4g} N^-{q['alpha']:.3f}: alpha {q['alpha']:.3f}"
+                      f"{_interval(pure, 'alpha')}")
         elif r["rule"] == "tokens":
             print(f"{sym}={row['budget']:.3g}: no fit: {fit['skipped']}")
         else:

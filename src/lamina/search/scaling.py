@@ -302,16 +302,34 @@ def fit_chinchilla(N: Sequence[float], D: Sequence[float], L: Sequence[float], b
     return r
 
 
-def fit_pure_power(N: Sequence[float], L: Sequence[float]) -> dict:
-    """L = A N^-alpha, no floor: ordinary least squares of log L on log N (R^2 in log space)."""
+def fit_pure_power(N: Sequence[float], L: Sequence[float], bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> dict:
+    """L = A N^-alpha, no floor (Kaplan et al.'s L(N) form): ordinary least squares of log L on log N, R^2 in log
+    space, 95% intervals on alpha from the slope's standard error (t quantile) and from the same bootstrap."""
     N, L = np.asarray(N, float), np.asarray(L, float)
-    if len(set(N.tolist())) < 2:
+    n = len(set(N.tolist()))
+    if n < 2:
         return {"skipped": "L = A N^-alpha needs at least 2 distinct sizes"}
-    slope, icpt = np.polyfit(np.log(N), np.log(L), 1)
-    fitted = icpt + slope * np.log(N)
-    ss_tot = float(np.sum((np.log(L) - np.log(L).mean()) ** 2))
-    return {"form": "A * N^-alpha", "params": {"A": float(math.exp(icpt)), "alpha": float(-slope)},
-            "r2_log": 1.0 - float(np.sum((np.log(L) - fitted) ** 2)) / ss_tot if ss_tot > 0 else None}
+    x, y = np.log(N), np.log(L)
+    slope, icpt = np.polyfit(x, y, 1)
+    resid = y - (icpt + slope * x)
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    out = {"form": "A * N^-alpha", "params": {"A": float(math.exp(icpt)), "alpha": float(-slope)}, "n_points": len(N),
+           "r2_log": 1.0 - float(np.sum(resid ** 2)) / ss_tot if ss_tot > 0 else None}
+    if len(N) > 2:
+        se = math.sqrt(float(np.sum(resid ** 2)) / (len(N) - 2) / float(np.sum((x - x.mean()) ** 2)))
+        q = _t975(len(N) - 2)
+        out["ci95_ols"] = {"alpha": [float(-slope - q * se), float(-slope + q * se)]}
+    if bootstrap and n > 2:
+        rng = np.random.default_rng(seed)
+        draws = []
+        for _ in range(int(bootstrap)):
+            idx = rng.integers(0, len(N), len(N))
+            if len(set(x[idx].tolist())) >= 2:
+                draws.append(-np.polyfit(x[idx], y[idx], 1)[0])
+        out["bootstrap"] = {"resamples": int(bootstrap), "fitted": len(draws), "seed": seed}
+        if len(draws) >= 20:
+            out["ci95_bootstrap"] = {"alpha": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]}
+    return out
 
 
 def predict(fit: dict, N, D=None):
@@ -484,7 +502,7 @@ def fit_sweep(points: list[dict], rule: str, bootstrap: int = DEFAULT_BOOTSTRAP,
                                                                   "val_loss": best["val_loss"], "label": best["label"]}}
         if rule == "tokens":
             row["size_law"] = fit_size_law(N, L, bootstrap, seed)
-            row["pure_power"] = fit_pure_power(N, L)
+            row["pure_power"] = fit_pure_power(N, L, bootstrap, seed)
         else:
             row["size_law"] = {"skipped": "a compute budget is an IsoFLOP profile (D = C / 6N falls as N grows), not "
                                           "L(N) at fixed data; see the joint fit"}
@@ -502,8 +520,21 @@ def plot_scaling(result: dict, path: str | Path, title: str = "") -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     from lamina.plots import save_figure
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 2.2, not 2.2 x 10^0, on a log axis spanning less than a decade
+
+    def finish(a, xlabel, legend_at):
+        a.set_xscale("log")
+        a.set_yscale("log")
+        a.yaxis.set_major_formatter(plain)
+        a.yaxis.set_minor_formatter(plain)
+        a.set_xlabel(xlabel)
+        a.set_ylabel("validation loss (nats/token)")
+        a.grid(alpha=0.3, which="both")
+        a.legend(fontsize=8, loc=legend_at)  # losses fall to the right: the upper right corner is free
 
     pts, fits, rule = result["points"], result["fits"], result["rule"]
     budgets = sorted({p["budget"] for p in pts})
@@ -518,22 +549,18 @@ def plot_scaling(result: dict, path: str | Path, title: str = "") -> Path:
     grid = np.geomspace(min(allN) / 1.3, max(allN) * 1.3, 80) if allN else np.array([])
     for colour, budget in zip(colours, budgets):
         group = sorted((p for p in pts if p["budget"] == budget), key=lambda p: p["N"])
-        ax.plot([p["N"] for p in group], [p["val_loss"] for p in group], "o", color=colour,
-                label=f"{sym} = {budget:.3g}")
         fit = next((f["size_law"] for f in fits.get("per_budget", []) if f["budget"] == budget), {})
+        label = f"{sym} = {budget:.3g}"
+        ax.plot([p["N"] for p in group], [p["val_loss"] for p in group], "o", color=colour)
         if "params" in fit:
             q = fit["params"]
-            ax.plot(grid, predict(fit, grid), "-", color=colour, lw=1.2,
-                    label=f"  {q['E']:.2f} + {q['A']:.3g} N^-{q['alpha']:.2f}")
+            label += f": {q['E']:.2f} + {q['A']:.3g} N^-{q['alpha']:.3f}"
+            ax.plot(grid, predict(fit, grid), "-", color=colour, lw=1.2)
         elif has_joint:  # the joint fit along this budget's line: fixed D, or D = C / 6N
             D = np.full_like(grid, group[0]["D"]) if rule == "tokens" else budget / (6 * grid)
             ax.plot(grid, predict(joint, grid, D), "--", color=colour, lw=1.0)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("non-embedding parameters N")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+        ax.plot([], [], "o-" if "params" in fit else "o", color=colour, label=label)  # one legend entry per budget
+    finish(ax, "non-embedding parameters N", "best")
     if two:
         ax2 = axes[0][1]
         labels = sorted({p["label"] for p in pts}, key=lambda lb: next(p["N"] for p in pts if p["label"] == lb))
@@ -548,12 +575,11 @@ def plot_scaling(result: dict, path: str | Path, title: str = "") -> Path:
                 ax2.plot(Ds, predict(joint, np.full_like(Ds, n), Ds), ":", color=colour, lw=1.0)
         if has_joint:
             q = joint["params"]
-            ax2.set_title(f"joint fit: {q['E']:.2f} + {q['A']:.3g}/N^{q['alpha']:.2f} + {q['B']:.3g}/D^{q['beta']:.2f}",
-                          fontsize=9)
-        ax2.set_xscale("log")
-        ax2.set_yscale("log")
-        ax2.set_xlabel("training tokens D")
-        ax2.set_ylabel("validation loss (nats/token)")
-        ax2.grid(alpha=0.3, which="both")
-        ax2.legend(fontsize=8)
+            ax2.set_title(f"joint fit (dotted): {q['E']:.2f} + {q['A']:.3g}/N^{q['alpha']:.3f} + "
+                          f"{q['B']:.3g}/D^{q['beta']:.3f}", fontsize=9)
+        finish(ax2, "training tokens D", "upper right")
+        Ds = sorted({p["D"] for p in pts})
+        if len(Ds) <= 8:  # within a decade or two, label the budgets themselves
+            ax2.set_xticks(Ds, [f"{d:.2g}" for d in Ds])
+            ax2.xaxis.set_minor_formatter(NullFormatter())
     return save_figure(fig, path, title)
