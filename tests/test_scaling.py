@@ -16,6 +16,8 @@ from lamina.models import create_model
 from lamina.search.scaling import (Budget, count_parameters, fit_chinchilla, fit_pure_power, fit_size_law,
                                    make_budgets, parse_sizes, plan_sweep, predict, steps_for)
 
+from conftest import ROOT, needs_shared
+
 E, A, ALPHA, B, BETA = 1.4, 60.0, 0.35, 400.0, 0.4
 
 
@@ -100,10 +102,10 @@ def tiny_text(tmp_path):
     return p
 
 
-def _args(tiny_text):
+def _args(tiny_text):  # one thread: tiny models gain nothing from two, and two spin on a shared machine
     return ["data.name=text", f"data.path={tiny_text}", "data.block_size=16", "data.batch_size=4",
             "data.eval_batch_size=512", "model.name=gpt", "model.n_layer=1", "model.n_head=2", "optimizer.lr=3e-3",
-            "schedule.name=cosine", "schedule.warmup_steps=100"]
+            "schedule.name=cosine", "schedule.warmup_steps=100", "trainer.threads=1"]
 
 
 def test_plan_scales_steps_schedule_and_compute(tiny_text):
@@ -146,6 +148,17 @@ def test_parse_sizes_inline_and_yaml(tmp_path):
     f.write_text("sizes: 3\n")
     with pytest.raises(ConfigError, match="sizes:. list"):
         parse_sizes(str(f))
+
+
+@needs_shared("tinyshakespeare/input.txt")
+def test_shakespeare_sizes_file_plans_the_measured_sweep(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(ROOT / "configs" / "shakespeare_char_gpt.yaml", ["data.batch_size=32"])
+    plans = plan_sweep(cfg, parse_sizes(ROOT / "configs" / "shakespeare_char_gpt_sizes.yaml"),
+                       make_budgets(tokens=[4e6]))
+    assert [p.params["non_embedding"] for p in plans] == [12384, 27792, 55536, 147904, 307920, 787584]
+    assert {p.steps for p in plans} == {1953} and {p.cfg.schedule.warmup_steps for p in plans} == {100}
+    assert plans[-1].params["total"] == 804096  # + 65 x 128 token table (tied head) + 64 x 128 positions
 
 
 # ----- end to end -------------------------------------------------------------------------------------------
