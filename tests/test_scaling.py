@@ -14,7 +14,8 @@ from lamina.config import load_config
 from lamina.errors import ConfigError
 from lamina.models import create_model
 from lamina.search.scaling import (Budget, count_parameters, fit_chinchilla, fit_pure_power, fit_size_law,
-                                   make_budgets, parse_sizes, plan_sweep, predict, steps_for)
+                                   fit_sweep, make_budgets, parse_sizes, plan_sweep, plot_scaling, predict,
+                                   steps_for)
 
 from conftest import ROOT, needs_shared
 
@@ -91,6 +92,27 @@ def test_compute_rule_gives_d_equal_c_over_6n_and_steps_from_tokens():
     with pytest.raises(ConfigError, match="positive"):
         make_budgets(tokens=[1e6, -1])
     assert [b.value for b in make_budgets(compute=[4e13, 1e13, 1e13])] == [1e13, 4e13]
+
+
+def test_compute_budgets_are_isoflop_profiles_fitted_jointly_and_plotted(tmp_path):
+    pts = []
+    for C in (1e12, 4e12, 1.6e13):  # synthetic IsoFLOP profiles from a known L(N, D)
+        for N in np.geomspace(1e4, 1e6, 6):
+            D = C / (6 * N)
+            pts.append({"budget": C, "N": float(N), "D": D, "C": C, "label": f"N{N:.0f}",
+                        "val_loss": float(E + A * N ** -ALPHA + B * D ** -BETA)})
+    fits = fit_sweep(pts, "compute", bootstrap=50)
+    per = fits["per_budget"]
+    assert all("IsoFLOP" in row["size_law"]["skipped"] for row in per)
+    N, D = (np.array([p[k] for p in pts]) for k in ("N", "D"))
+    best = [min((p for p in pts if p["budget"] == row["budget"]), key=lambda p: p["val_loss"]) for row in per]
+    assert [row["best"]["N"] for row in per] == [b["N"] for b in best]
+    assert [row["best"]["N"] for row in per] == sorted(row["best"]["N"] for row in per)  # bigger C, bigger N_opt
+    q = fits["joint"]["params"]
+    assert abs(q["alpha"] - ALPHA) < 0.01 and abs(q["beta"] - BETA) < 0.01  # noiseless: near exact
+    assert np.allclose(predict(fits["joint"], N, D), [p["val_loss"] for p in pts], rtol=1e-3)
+    png = plot_scaling({"points": pts, "fits": fits, "rule": "compute"}, tmp_path / "s.png")
+    assert png.stat().st_size > 5000
 
 
 @pytest.fixture

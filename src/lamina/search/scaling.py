@@ -515,7 +515,7 @@ def fit_sweep(points: list[dict], rule: str, bootstrap: int = DEFAULT_BOOTSTRAP,
 # ----- plot -------------------------------------------------------------------------------------------------
 def plot_scaling(result: dict, path: str | Path, title: str = "") -> Path:
     """Log-log loss vs N, one colour per budget, with the fitted curves; with several budgets a second panel:
-    loss vs D, one line per size, with the joint fit."""
+    loss vs D (token budgets) or vs C (compute budgets), one line per size, with the joint fit."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -561,25 +561,27 @@ def plot_scaling(result: dict, path: str | Path, title: str = "") -> Path:
             ax.plot(grid, predict(joint, grid, D), "--", color=colour, lw=1.0)
         ax.plot([], [], "o-" if "params" in fit else "o", color=colour, label=label)  # one legend entry per budget
     finish(ax, "non-embedding parameters N", "best")
-    if two:
+    if two:  # token budgets: loss vs D per size; compute budgets: loss vs C per size (the frontier's view)
         ax2 = axes[0][1]
+        xkey = "D" if rule == "tokens" else "C"
         labels = sorted({p["label"] for p in pts}, key=lambda lb: next(p["N"] for p in pts if p["label"] == lb))
         cs = plt.cm.plasma(np.linspace(0.05, 0.85, max(len(labels), 1)))
         for colour, lb in zip(cs, labels):
-            group = sorted((p for p in pts if p["label"] == lb), key=lambda p: p["D"])
+            group = sorted((p for p in pts if p["label"] == lb), key=lambda p: p[xkey])
             n = group[0]["N"]
-            ax2.plot([p["D"] for p in group], [p["val_loss"] for p in group], "o-", color=colour, ms=4,
+            ax2.plot([p[xkey] for p in group], [p["val_loss"] for p in group], "o-", color=colour, ms=4,
                      label=f"N = {n:,}")
             if has_joint:
-                Ds = np.geomspace(group[0]["D"] / 1.3, group[-1]["D"] * 1.3, 40)
-                ax2.plot(Ds, predict(joint, np.full_like(Ds, n), Ds), ":", color=colour, lw=1.0)
+                xs = np.geomspace(group[0][xkey] / 1.3, group[-1][xkey] * 1.3, 40)
+                D = xs if rule == "tokens" else xs / (6 * n)
+                ax2.plot(xs, predict(joint, np.full_like(xs, n), D), ":", color=colour, lw=1.0)
         if has_joint:
             q = joint["params"]
             ax2.set_title(f"joint fit (dotted): {q['E']:.2f} + {q['A']:.3g}/N^{q['alpha']:.3f} + "
                           f"{q['B']:.3g}/D^{q['beta']:.3f}", fontsize=9)
-        finish(ax2, "training tokens D", "upper right")
-        Ds = sorted({p["D"] for p in pts})
-        if len(Ds) <= 8:  # within a decade or two, label the budgets themselves
-            ax2.set_xticks(Ds, [f"{d:.2g}" for d in Ds])
+        finish(ax2, "training tokens D" if rule == "tokens" else "training compute C = 6ND (FLOPs)", "upper right")
+        ticks = sorted({p[xkey] for p in pts}) if rule == "tokens" else budgets
+        if len(ticks) <= 8:  # within a decade or two, label the budgets themselves
+            ax2.set_xticks(ticks, [f"{t:.2g}" for t in ticks])
             ax2.xaxis.set_minor_formatter(NullFormatter())
     return save_figure(fig, path, title)
