@@ -253,6 +253,7 @@ class CostMeter:
         self._note = None  # why there is no energy figure
         self._warn = False  # the note deserves a warning (energy was asked for)
         self._thread = None
+        self.overhead: dict[str, float] = {}  # seconds the run spent on its cost outside what is tracked
         if not self.cfg.energy:
             self._note = "cost.energy=false"
         elif self.rank != 0:
@@ -278,6 +279,7 @@ class CostMeter:
                 self.flops = {"note": f"rank {self.rank}: rank 0 counts the FLOPs"}
             return self.flops
         device = torch.device(device) if device is not None else torch.device("cpu")
+        t0 = time.perf_counter()
         try:
             model.to(device)  # what Trainer.setup does first: the count runs where training will
             train_batch = peek_batch(train_loader)
@@ -299,10 +301,20 @@ class CostMeter:
             self.flops = {"note": "not counted: one batch's forward/backward ran out of memory outside training"}
         except Exception as e:  # noqa: BLE001 - the count is a report, never a reason for the run to fail
             self.flops = {"note": f"not counted: {type(e).__name__}: {e}"[:300]}
+        self.overhead["flop_count_s"] = time.perf_counter() - t0
         return self.flops
 
     # ----- energy --------------------------------------------------------------------------------------
     def start(self) -> None:
+        if self._thread is None and self._tracker is None:  # energy off, another rank, or already failed
+            return
+        t0 = time.perf_counter()
+        try:
+            self._start()
+        finally:
+            self.overhead["tracker_start_s"] = time.perf_counter() - t0  # the probe's wait included
+
+    def _start(self) -> None:
         if self._thread is not None:
             self._thread.join(PROBE_TIMEOUT_S)
             if self._thread.is_alive():
@@ -319,7 +331,9 @@ class CostMeter:
         if self._tracker is None or self._t0 is None:
             return
         self._tracked_s = time.perf_counter() - self._t0
+        t0 = time.perf_counter()
         self._tracker.stop()
+        self.overhead["tracker_stop_s"] = time.perf_counter() - t0
         self._data = getattr(self._tracker, "final_emissions_data", None)
         if self._data is None or _num(getattr(self._data, "energy_consumed", None)) is None:
             self._data, self._note, self._warn = None, "codecarbon returned no measurement", True
@@ -364,6 +378,8 @@ class CostMeter:
             if resumed:
                 flops["note"] = "samples seen include those before the resume"
         out["flops"] = flops
+        if self.overhead:
+            out["overhead_s"] = dict(self.overhead)
         return out
 
 
