@@ -206,3 +206,15 @@ def test_cli_line_format():
                                               "flops": {"forward_per_sample": 1.23e6, "training": 4.5e12}}
     assert describe(c) == ("0.00031 kWh (estimated: CPU: 8 W TDP x load (no RAPL); RAM: 10 W model), 0.12 g CO2e "
                            "(USA), 1.23 MFLOP/sample forward, 4.5 TFLOP training")
+
+
+def test_report_survives_cost_of_the_wrong_types(tmp_path):
+    from lamina.report.html import build_report
+
+    (tmp_path / "config.yaml").write_text("name: x\n")
+    cost = {"energy_kwh": "<i>e</i>", "co2e_kg": [1], "wall_time_s": {"a": 1}, "source": "<s>", "country": "<c>",
+            "components": {"<x>": {"kwh": "<y>", "source": 3}, "ram": [1]}, "flops": {"forward_per_sample": "<z>"}}
+    (tmp_path / "summary.json").write_text(json.dumps({"cost": cost}))
+    page = build_report(tmp_path).read_text()
+    assert '<section id="cost">' in page
+    assert not any(tag in page for tag in ("<i>", "<s>", "<c>", "<x>", "<y>", "<z>"))
