@@ -1,6 +1,8 @@
 """Overfitting onset, the OverfittingMonitor callback, train_fraction subsets and the learning-curve tool."""
 
 import json
+
+import numpy as np
 import warnings
 
 import pytest
@@ -130,3 +132,17 @@ def test_learning_curve_trains_each_fraction_with_equal_steps_and_writes_json_an
     assert json.loads((tmp_path / "learning_curve.json").read_text())["rows"][1]["fraction"] == 0.5
     with pytest.raises(ConfigError, match="fractions"):
         learning_curve(cfg, (0.0, 1.5), out=tmp_path)
+
+
+def test_learning_curve_seeds_report_mean_std_and_every_value(tmp_path, capsys):
+    from lamina.cli.main import main
+
+    args = ["learning-curve", "--fractions", "0.5", "--seeds", "0,1", "--out", str(tmp_path / "lc"),
+            "trainer.max_epochs=1", "logging.plots=false", "logging.tensorboard=false", "model.channels=[8,16]",
+            f"logging.root={tmp_path}"]
+    assert main(args) == 0
+    row = json.loads((tmp_path / "lc" / "learning_curve.json").read_text())["rows"][0]
+    tests = row["test_values"]
+    assert row["seeds"] == [0, 1] and len(tests) == 2 and len(set(row["run_dir"])) == 2
+    assert row["test"] == pytest.approx(np.mean(tests)) and row["test_std"] == pytest.approx(np.std(tests, ddof=1))
+    assert f"+- {row['test_std']:.4f}" in capsys.readouterr().out

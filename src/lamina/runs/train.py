@@ -238,17 +238,23 @@ def finalize(p: Prepared, history: list[dict], outputs: Sequence[Callable[[RunEn
 
 def train(cfg: RunConfig, callbacks: Sequence = (), resume: str | Path | None = None,
           run_dir: str | Path | None = None, task_wrapper: Callable | None = None,
-          outputs: Sequence[Callable[[RunEnd], None]] = DEFAULT_OUTPUTS) -> RunResult:
+          outputs: Sequence[Callable[[RunEnd], None]] = DEFAULT_OUTPUTS,
+          on_stopped: Callable[[Prepared, BaseException], None] | None = None) -> RunResult:
     """Train per config. `resume`: a run folder or checkpoint; training continues in that run folder.
     `task_wrapper(task, bundle) -> task`: composes a different training objective over the configured task
-    (e.g. trust.fairness's group-reweighted loss) without a config section. `outputs`: post-run outputs."""
+    (e.g. trust.fairness's group-reweighted loss) without a config section. `outputs`: post-run outputs.
+    `on_stopped(prepared, exc)`: called when training ends by an exception (a pruned search trial), before it
+    propagates, so the caller can still read what the partial run cost."""
     device = select_device(cfg.trainer.device)  # device/precision errors before anything is written
     Precision(cfg.trainer.precision, device)
     dist = Distributed.from_config(cfg.trainer, device)
+    prepared = None
     try:
         prepared = prepare(cfg, dist, callbacks, resume, run_dir, task_wrapper)
         result = finalize(prepared, fit(prepared), outputs)
-    except BaseException:
+    except BaseException as e:
+        if on_stopped is not None and prepared is not None:
+            on_stopped(prepared, e)
         dist.close(clean=False)
         raise
     dist.close()

@@ -39,9 +39,9 @@ from lamina.config import RunConfig, to_dict, to_yaml, validate
 from lamina.errors import ConfigError
 from lamina.io import atomic_write_text
 from lamina.search.space import SearchSpace, apply_values, split_key
-from lamina.search.study import (TrialOutcome, check_jobs, check_trials, join_workers, need_optuna, open_storage,
-                                 run_trials, spawn_workers, sqlite_url, write_settings)
-from lamina.search.tune import _cpu_seconds, _threads_per_job, search_cost, trial_config, trial_rows, write_plots
+from lamina.search.study import (TrialOutcome, check_jobs, check_trials, need_optuna, open_storage, run_study,
+                                 run_trials, sqlite_url, write_settings)
+from lamina.search.tune import _threads_per_job, search_cost, trial_config, trial_rows, write_plots
 
 OBJECTIVES = ("metric", "params", "latency_ms")
 NAS_SAMPLERS = ("nsga2", "tpe", "random")
@@ -145,7 +145,7 @@ def _objective(base: RunConfig, space: SearchSpace, s: NASSettings, threads: int
         m = measure_run(res.run_dir, s.latency_repeats)
         trial.set_user_attr("params", m["params"])
         trial.set_user_attr("latency_ms", m["latency_ms"])
-        return best_of(rep.values, s.direction), float(m["params"]), m["latency_ms"]
+        return best_of(rep.values, s.direction, s.metric), float(m["params"]), m["latency_ms"]
 
     return objective
 
@@ -237,16 +237,9 @@ def nas(base: RunConfig, space: SearchSpace, space_raw: dict, settings: NASSetti
         bv = base_values(base, space)
         if bv is not None:
             study.enqueue_trial(bv, user_attrs={"base": True})
-    t0, cpu0 = time.perf_counter(), _cpu_seconds()
-    procs = spawn_workers(s.jobs, _spec(base, space_raw, s)) if s.jobs > 1 else []
-    try:
-        run_trials(study, s.trials, _objective(base, space, s, _threads_per_job(s.jobs)), s.out / ".lock",
-                   on_trial=on_trial)
-    except BaseException:
-        join_workers(procs, interrupted=True)
-        raise
-    join_workers(procs)
-    return write_outputs(study, base, space, s, wall=time.perf_counter() - t0, cpu=_cpu_seconds() - cpu0)
+    wall, cpu = run_study(study, s.trials, _objective(base, space, s, _threads_per_job(s.jobs)), s.out / ".lock",
+                          s.jobs, _spec(base, space_raw, s), on_trial)
+    return write_outputs(study, base, space, s, wall=wall, cpu=cpu)
 
 
 def dominates(a: dict, b: dict, maximize: bool) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import sys
@@ -121,8 +122,9 @@ def recover_stale(study) -> int:
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         pid, h = t.user_attrs.get("pid"), t.user_attrs.get("host")
         if h == host and isinstance(pid, int) and pid != os.getpid() and not _alive(pid):
-            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
             study._storage.set_trial_user_attr(t._trial_id, "error", "stopped (its process ended mid-trial)")
+            study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
             if t.params and not t.user_attrs.get("retried"):
                 study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, "retried": True})
             n += 1
@@ -130,10 +132,13 @@ def recover_stale(study) -> int:
 
 
 def counted(study) -> int:
-    """Trials that count towards --trials: finished (complete or pruned) and running."""
+    """Trials that count towards --trials: finished (complete, pruned, or failed: a diverged or invalid trial
+    spent its budget too) and running. Only trials interrupted from outside (Ctrl-C, a killed process) do not
+    count: their values are run again."""
     optuna = need_optuna()
     S = optuna.trial.TrialState
-    return len(study.get_trials(deepcopy=False, states=(S.COMPLETE, S.PRUNED, S.RUNNING)))
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(S.COMPLETE, S.PRUNED, S.RUNNING, S.FAIL))
+               if not (t.state == S.FAIL and t.user_attrs.get("interrupted")))
 
 
 @dataclass
@@ -181,16 +186,100 @@ def run_trials(study, trials: int, objective: Callable, lock: Path,
         except BaseException:  # Ctrl-C, a bug: the trial is failed (retried on resume), nothing finished is lost
             with contextlib.suppress(Exception):
                 trial.set_user_attr("error", "interrupted")
+                trial.set_user_attr("interrupted", True)
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 if trial.params and not trial.user_attrs.get("retried"):
                     study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retried": True})
             raise
         else:
-            frozen = study.tell(trial, value)
-            out = TrialOutcome(trial.number, "complete", value, dict(trial.params), time.perf_counter() - t0)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                # diverged (NaN loss): a failed trial that counts, so a search of unstable settings still ends
+                trial.set_user_attr("error", f"objective is not a finite number ({value})")
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                out = TrialOutcome(trial.number, "failed", None, dict(trial.params), time.perf_counter() - t0,
+                                   f"objective is not a finite number ({value})")
+            else:
+                study.tell(trial, value)
+                out = TrialOutcome(trial.number, "complete", value, dict(trial.params), time.perf_counter() - t0)
             fails = 0
         if on_trial:
             on_trial(out)
+
+
+def outcome_of(frozen) -> TrialOutcome | None:
+    """A finished trial as the printer sees it (None while it runs)."""
+    state = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}.get(frozen.state.name)
+    if state is None:
+        return None
+    value = None
+    if frozen.values:
+        value = frozen.values[0] if len(frozen.values) == 1 else list(frozen.values)
+    secs = ((frozen.datetime_complete - frozen.datetime_start).total_seconds()
+            if frozen.datetime_complete and frozen.datetime_start else 0.0)
+    return TrialOutcome(frozen.number, state, value, dict(frozen.params), secs, frozen.user_attrs.get("error"))
+
+
+class TrialWatcher:
+    """Reports every worker's finished trials, not only the calling process's: a thread polls the shared storage
+    and calls on_trial once per trial, in the order they finish. Trials finished before it started (a resumed
+    study) are not reported again."""
+
+    def __init__(self, study, on_trial: Callable[[TrialOutcome], None], every: float = 2.0):
+        import threading
+
+        self.study, self.on_trial, self.every = study, on_trial, every
+        self.seen = {t.number for t in study.get_trials(deepcopy=False) if outcome_of(t) is not None}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lamina-trial-watcher", daemon=True)
+
+    def poll(self) -> None:
+        new = [t for t in self.study.get_trials(deepcopy=False) if t.number not in self.seen]
+        for t in sorted(new, key=lambda t: t.datetime_complete or t.datetime_start or 0):
+            out = outcome_of(t)
+            if out is not None:
+                self.seen.add(t.number)
+                self.on_trial(out)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            with contextlib.suppress(Exception):  # a locked database now is read again next time
+                self.poll()
+
+    def __enter__(self) -> "TrialWatcher":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        if exc[0] is None:
+            self.poll()
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (the worker processes, once joined)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def run_study(study, trials: int, objective: Callable, lock: Path, jobs: int, spec: dict,
+              on_trial: Callable[[TrialOutcome], None] | None = None) -> tuple[float, float]:
+    """Run the study here and in jobs - 1 spawned workers until it holds `trials` trials; with workers, a
+    watcher reports everyone's trials. Returns (wall seconds, CPU seconds) of the whole command."""
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
+    procs = spawn_workers(jobs, spec) if jobs > 1 else []
+    watch = TrialWatcher(study, on_trial) if procs and on_trial else contextlib.nullcontext()
+    with watch:
+        try:
+            run_trials(study, trials, objective, lock, on_trial=None if procs else on_trial)
+        except BaseException:
+            join_workers(procs, interrupted=True)
+            raise
+        join_workers(procs)
+    return time.perf_counter() - t0, cpu_seconds() - cpu0
 
 
 def write_settings(out: Path, settings: dict) -> None:
@@ -249,4 +338,4 @@ def join_workers(procs: list, interrupted: bool = False) -> None:
 
 
 __all__ = ["need_optuna", "check_trials", "check_jobs", "sqlite_url", "open_storage", "file_lock", "recover_stale",
-           "counted", "run_trials", "TrialOutcome", "write_settings", "spawn_workers", "worker_main", "join_workers"]
+           "counted", "run_trials", "TrialOutcome", "TrialWatcher", "outcome_of", "run_study", "cpu_seconds", "write_settings", "spawn_workers", "worker_main", "join_workers"]

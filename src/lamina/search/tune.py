@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,8 +32,8 @@ from lamina.engine.callbacks import Callback
 from lamina.errors import ConfigError
 from lamina.io import atomic_write_text
 from lamina.search.space import SearchSpace, apply_values
-from lamina.search.study import (TrialOutcome, check_jobs, check_trials, file_lock, join_workers, need_optuna,
-                                 open_storage, run_trials, spawn_workers, sqlite_url, write_settings)
+from lamina.search.study import (TrialOutcome, check_jobs, check_trials, cpu_seconds, file_lock, need_optuna,
+                                 open_storage, run_study, run_trials, sqlite_url, write_settings)
 
 PRUNERS = ("median", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
@@ -120,7 +120,10 @@ def make_sampler(name: str, seed: int, multi_objective: bool = False):
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8)
 
 
-def best_of(values: list[float], direction: str) -> float:
+def best_of(values: list[float], direction: str, metric: str = "the metric") -> float:
+    if not values:
+        raise ConfigError(f"{metric} was never reported: the trial ended before its first validation epoch "
+                          f"(trainer.max_steps shorter than an epoch, or trainer.val_every larger than max_epochs)")
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return float("nan")
@@ -148,12 +151,23 @@ def _objective(base: RunConfig, space: SearchSpace, s: TuneSettings, threads: in
         rep = PruningReporter(trial, s.metric, s.pruner != "none")
         trial.set_user_attr("values", json.loads(json.dumps(values, default=list)))
         t0 = time.perf_counter()
+
+        def stopped(p, _exc):  # a pruned trial's energy and FLOPs still count toward the search's cost
+            if p.cost is not None:
+                cost = p.cost.result(p.trainer.samples_seen, time.perf_counter() - p.wall0)
+                trial.set_user_attr("cost", json.loads(json.dumps(cost, default=str)))
+
         try:
             if dist is None:
-                res = runs.train(cfg, callbacks=[rep, *s.extra_callbacks])
+                res = runs.train(cfg, callbacks=[rep, *s.extra_callbacks], on_stopped=stopped)
             else:
                 p = runs.prepare(cfg, dist, [rep, *s.extra_callbacks])
-                res = runs.finalize(p, runs.fit(p))
+                try:
+                    history = runs.fit(p)
+                except BaseException as e:
+                    stopped(p, e)
+                    raise
+                res = runs.finalize(p, history)
         finally:
             trial.set_user_attr("train_time_s", rep.train_time)
             trial.set_user_attr("samples", rep.samples)
@@ -164,7 +178,7 @@ def _objective(base: RunConfig, space: SearchSpace, s: TuneSettings, threads: in
         trial.set_user_attr("test", {k: v for k, v in summ.get("test", {}).items() if isinstance(v, (int, float))})
         if summ.get("cost"):
             trial.set_user_attr("cost", json.loads(json.dumps(summ["cost"], default=str)))
-        return best_of(rep.values, s.direction)
+        return best_of(rep.values, s.direction, s.metric)
 
     return objective
 
@@ -209,16 +223,9 @@ def tune(base: RunConfig, space: SearchSpace, space_raw: dict, settings: TuneSet
     write_settings(s.out, {"kind": "tune", "config": to_dict(base), "space": space_raw, "metric": s.metric,
                            "direction": s.direction})
     study = _open_study(base, s)
-    t0, cpu0 = time.perf_counter(), _cpu_seconds()
-    procs = spawn_workers(s.jobs, _spec(base, space_raw, s)) if s.jobs > 1 else []
-    try:
-        run_trials(study, s.trials, _objective(base, space, s, _threads_per_job(s.jobs)), s.out / ".lock",
-                   on_trial=on_trial)
-    except BaseException:
-        join_workers(procs, interrupted=True)
-        raise
-    join_workers(procs)
-    return write_outputs(study, base, space, s, wall=time.perf_counter() - t0, cpu=_cpu_seconds() - cpu0)
+    wall, cpu = run_study(study, s.trials, _objective(base, space, s, _threads_per_job(s.jobs)), s.out / ".lock",
+                          s.jobs, _spec(base, space_raw, s), on_trial)
+    return write_outputs(study, base, space, s, wall=wall, cpu=cpu)
 
 
 def _tune_distributed(base, space, space_raw, s, on_trial) -> dict:
@@ -232,7 +239,7 @@ def _tune_distributed(base, space, space_raw, s, on_trial) -> dict:
         write_settings(s.out, {"kind": "tune", "config": to_dict(base), "space": space_raw, "metric": s.metric,
                                "direction": s.direction})
         study = _open_study(base, s)
-    t0, cpu0 = time.perf_counter(), _cpu_seconds()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     try:
         while True:
             trial = None
@@ -242,7 +249,11 @@ def _tune_distributed(base, space, space_raw, s, on_trial) -> dict:
                 with file_lock(s.out / ".lock"):
                     recover_stale(study)
                     trial = study.ask() if counted(study) < s.trials else None
-            params = dist.broadcast_object(None if trial is None else (trial.number, trial.params))
+                if trial is not None:
+                    trial.set_user_attr("pid", os.getpid())
+                    trial.set_user_attr("host", socket.gethostname())
+                    space.suggest(trial)  # draw now: the other ranks get the values, not the sampler
+            params = dist.broadcast_object(None if trial is None else (trial.number, dict(trial.params)))
             if params is None:
                 break
             number, stored = params
@@ -253,7 +264,7 @@ def _tune_distributed(base, space, space_raw, s, on_trial) -> dict:
         dist.close()
     if not dist.is_main:
         return {}
-    return write_outputs(study, base, space, s, wall=time.perf_counter() - t0, cpu=_cpu_seconds() - cpu0)
+    return write_outputs(study, base, space, s, wall=time.perf_counter() - t0, cpu=cpu_seconds() - cpu0)
 
 
 class _FixedTrial:
@@ -297,11 +308,6 @@ def run_trials_once(study, trial, objective, dist, on_trial) -> None:
         study.tell(trial, value)
         if on_trial:
             on_trial(TrialOutcome(trial.number, "complete", value, dict(trial.params), time.perf_counter() - t0))
-
-
-def _cpu_seconds() -> float:
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 # ----- outputs ---------------------------------------------------------------------------------------
