@@ -21,8 +21,9 @@ from lamina.config import load_config  # noqa: E402
 from lamina.errors import ConfigError  # noqa: E402
 from lamina.search.space import SearchSpace, apply_values, parse_param, split_key  # noqa: E402
 
-FAST = ["trainer.progress=false", "logging.tensorboard=false", "logging.plots=false", "trainer.max_epochs=2",
-        "data.batch_size=256"]
+# energy tracking off (CodeCarbon's start/stop per trial); the pruning test turns it on to check pruned trials' cost
+FAST = ["trainer.progress=false", "logging.tensorboard=false", "logging.plots=false", "cost.energy=false",
+        "trainer.max_epochs=2", "data.batch_size=256"]
 
 
 def _space(tmp_path, spec: dict, name="space.yaml") -> str:
@@ -116,6 +117,7 @@ def test_tune_writes_a_best_config_that_trains_and_resumes(tmp_path, capsys):
     s2 = json.loads((out / "study.json").read_text())
     assert len(s2["trials"]) == 4 and s2["trials"][:3] == s["trials"][:3]
     # a different space on the same folder is refused (its trials would mix two searches)
+    capsys.readouterr()
     other = _space(tmp_path, {**SPACE, "optimizer.weight_decay": {"type": "uniform", "low": 0.0, "high": 0.1}},
                    "other.yaml")
     rc, err = _err(capsys, ["tune", "--space", other, "--trials", "5", "--out", str(out), *FAST])
@@ -193,7 +195,7 @@ def test_pruning_in_a_real_study_saves_epochs(tmp_path, capsys):
     out = tmp_path / "hb"
     assert main(["tune", "--space", space, "--trials", "8", "--out", str(out), "--pruner", "hyperband",
                  "--sampler", "random", f"logging.root={tmp_path}", *FAST[:-2], "trainer.max_epochs=4",
-                 "data.batch_size=256"]) == 0
+                 "data.batch_size=256", "cost.energy=true"]) == 0
     s = json.loads((out / "study.json").read_text())
     pruned = [t for t in s["trials"] if t["state"] == "pruned"]
     assert pruned and all(t["epochs"] < 4 for t in pruned)
@@ -220,7 +222,8 @@ def test_a_killed_trial_is_failed_and_retried_on_resume(tmp_path):
     assert counted(study) == 3
     assert recover_stale(study) == 1
     states = {tr.number: tr.state.name for tr in study.get_trials()}
-    assert states == {0: "COMPLETE", 1: "FAIL", 2: "RUNNING"}
+    assert states == {0: "COMPLETE", 1: "FAIL", 2: "RUNNING", 3: "WAITING"}  # 3: trial 1's values, enqueued
+    assert counted(study) == 2  # the interrupted trial does not count: its values run again
     retry = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     assert retry.params["x"] == x  # the stopped trial's values come first
     assert study.get_trials()[0].value == 0.5  # nothing finished was lost
@@ -380,6 +383,7 @@ def test_nas_front_configs_run_and_base_is_trial_0(tmp_path, capsys):
     for p in s["front"]:
         cfg = load_config(p["config"], [])
         assert cfg.model.options["channels"][0] == p["params"]["model.channels[0]"]
+    capsys.readouterr()
     rc, err = _err(capsys, ["nas", "--space", _space(tmp_path, SPACE, "s2.yaml"), "--out", str(tmp_path / "n2"),
                             *FAST])
     assert rc == 2 and len(err) == 1 and "optimizer.lr: an architecture search varies model options" in err[0]

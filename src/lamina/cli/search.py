@@ -109,8 +109,8 @@ def cmd_tune(a, console) -> int:
 
     on_trial = _trial_printer(space, console)
 
-    console.print(f"study: {out}  ({a.trials} trials, {s.pruner} pruning, jobs={a.jobs})")
-    summary = tune(cfg, space, space_raw, s, on_trial=on_trial)
+    summary = tune(cfg, space, space_raw, s, on_trial=on_trial, on_start=lambda: console.print(
+        f"study: {out}  ({a.trials} trials, {s.pruner} pruning, jobs={a.jobs})"))
     if not summary:  # a torchrun rank other than 0
         return 0
     if seeds:
@@ -173,8 +173,8 @@ def cmd_nas(a, console) -> int:
     out = _out(a, cfg, "nas")
     s = NASSettings(a.trials, out, a.metric, a.direction, a.sampler, a.jobs, a.storage,
                     include_base=not a.no_base, latency_repeats=a.latency_repeats)
-    console.print(f"study: {out}  ({a.trials} trials, {a.sampler}, objectives: metric / params / latency)")
-    summary = nas(cfg, space, space_raw, s, on_trial=_trial_printer(space, console))
+    summary = nas(cfg, space, space_raw, s, on_trial=_trial_printer(space, console), on_start=lambda: console.print(
+        f"study: {out}  ({a.trials} trials, {a.sampler}, objectives: metric / params / latency)"))
     if a.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "trials"}, default=str))
         return 0

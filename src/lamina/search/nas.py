@@ -225,7 +225,7 @@ def run_worker(spec: dict) -> None:
 
 
 def nas(base: RunConfig, space: SearchSpace, space_raw: dict, settings: NASSettings,
-        on_trial: Callable[[TrialOutcome], None] | None = None) -> dict:
+        on_trial: Callable[[TrialOutcome], None] | None = None, on_start: Callable[[], None] | None = None) -> dict:
     s = settings.resolved(base)
     check_space(space)
     space.check(base)
@@ -233,6 +233,8 @@ def nas(base: RunConfig, space: SearchSpace, space_raw: dict, settings: NASSetti
     write_settings(s.out, {"kind": "nas", "config": to_dict(base), "space": space_raw, "metric": s.metric,
                            "direction": s.direction, "objectives": [s.metric, "params", "latency_ms"]})
     study = _open_study(base, s)
+    if on_start:
+        on_start()
     if s.include_base and not study.get_trials(deepcopy=False):
         bv = base_values(base, space)
         if bv is not None:

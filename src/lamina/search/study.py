@@ -279,7 +279,22 @@ def run_study(study, trials: int, objective: Callable, lock: Path, jobs: int, sp
             join_workers(procs, interrupted=True)
             raise
         join_workers(procs)
-    return time.perf_counter() - t0, cpu_seconds() - cpu0
+    return record_command(study, time.perf_counter() - t0, cpu_seconds() - cpu0)
+
+
+def record_command(study, wall: float, cpu: float) -> tuple[float, float]:
+    """Add one command's wall and CPU seconds to the study (a resumed search is the sum of its commands);
+    returns the totals over every command so far."""
+    cmds = list(study.user_attrs.get("commands", [])) + [{"wall_s": wall, "cpu_s": cpu, "host": socket.gethostname()}]
+    study.set_user_attr("commands", cmds)
+    return sum(c["wall_s"] for c in cmds), sum(c["cpu_s"] for c in cmds)
+
+
+def _meaning(key: str, value):
+    """What a setting means for the search: where runs are logged (logging.*) does not change any trial."""
+    if key == "config" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "logging"}
+    return value
 
 
 def write_settings(out: Path, settings: dict) -> None:
@@ -292,7 +307,7 @@ def write_settings(out: Path, settings: dict) -> None:
         except ValueError:
             raise ConfigError(f"{f}: not a JSON file; delete it or choose another --out") from None
         keys = ("kind", "config", "space", "metric", "direction", "objectives")
-        diff = [k for k in keys if old.get(k) != settings.get(k)]
+        diff = [k for k in keys if _meaning(k, old.get(k)) != _meaning(k, settings.get(k))]
         if diff:
             raise ConfigError(f"{out}: this study was started with a different {diff[0]}; resume it with the same "
                               f"config and space, or choose another --out")
@@ -338,4 +353,4 @@ def join_workers(procs: list, interrupted: bool = False) -> None:
 
 
 __all__ = ["need_optuna", "check_trials", "check_jobs", "sqlite_url", "open_storage", "file_lock", "recover_stale",
-           "counted", "run_trials", "TrialOutcome", "TrialWatcher", "outcome_of", "run_study", "cpu_seconds", "write_settings", "spawn_workers", "worker_main", "join_workers"]
+           "counted", "run_trials", "TrialOutcome", "TrialWatcher", "outcome_of", "run_study", "cpu_seconds", "record_command", "write_settings", "spawn_workers", "worker_main", "join_workers"]

@@ -33,7 +33,8 @@ from lamina.errors import ConfigError
 from lamina.io import atomic_write_text
 from lamina.search.space import SearchSpace, apply_values
 from lamina.search.study import (TrialOutcome, check_jobs, check_trials, cpu_seconds, file_lock, need_optuna,
-                                 open_storage, run_study, run_trials, sqlite_url, write_settings)
+                                 open_storage, record_command, run_study, run_trials, sqlite_url,
+                                 write_settings)
 
 PRUNERS = ("median", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
@@ -211,24 +212,27 @@ def run_worker(spec: dict) -> None:
 
 
 def tune(base: RunConfig, space: SearchSpace, space_raw: dict, settings: TuneSettings,
-         on_trial: Callable[[TrialOutcome], None] | None = None) -> dict:
-    """Run (or resume) the study; returns the study summary that study.json holds."""
+         on_trial: Callable[[TrialOutcome], None] | None = None, on_start: Callable[[], None] | None = None) -> dict:
+    """Run (or resume) the study; returns the study summary that study.json holds. `on_start()` is called once
+    everything is checked and the study is open (a header printed then never precedes an input error)."""
     from lamina.engine.distributed import launched_by_torchrun
 
     s = settings.resolved(base)
     space.check(base)
     s.out.mkdir(parents=True, exist_ok=True)
     if launched_by_torchrun():
-        return _tune_distributed(base, space, space_raw, s, on_trial)
+        return _tune_distributed(base, space, space_raw, s, on_trial, on_start)
     write_settings(s.out, {"kind": "tune", "config": to_dict(base), "space": space_raw, "metric": s.metric,
                            "direction": s.direction})
     study = _open_study(base, s)
+    if on_start:
+        on_start()
     wall, cpu = run_study(study, s.trials, _objective(base, space, s, _threads_per_job(s.jobs)), s.out / ".lock",
                           s.jobs, _spec(base, space_raw, s), on_trial)
     return write_outputs(study, base, space, s, wall=wall, cpu=cpu)
 
 
-def _tune_distributed(base, space, space_raw, s, on_trial) -> dict:
+def _tune_distributed(base, space, space_raw, s, on_trial, on_start=None) -> dict:
     """torchrun: one process group for the whole study; rank 0 owns the study, every rank trains."""
     from lamina.engine.distributed import Distributed
     from lamina.engine.precision import select_device
@@ -239,6 +243,8 @@ def _tune_distributed(base, space, space_raw, s, on_trial) -> dict:
         write_settings(s.out, {"kind": "tune", "config": to_dict(base), "space": space_raw, "metric": s.metric,
                                "direction": s.direction})
         study = _open_study(base, s)
+        if on_start:
+            on_start()
     t0, cpu0 = time.perf_counter(), cpu_seconds()
     try:
         while True:
@@ -264,7 +270,8 @@ def _tune_distributed(base, space, space_raw, s, on_trial) -> dict:
         dist.close()
     if not dist.is_main:
         return {}
-    return write_outputs(study, base, space, s, wall=time.perf_counter() - t0, cpu=cpu_seconds() - cpu0)
+    wall, cpu = record_command(study, time.perf_counter() - t0, cpu_seconds() - cpu0)
+    return write_outputs(study, base, space, s, wall=wall, cpu=cpu)
 
 
 class _FixedTrial:
@@ -326,8 +333,10 @@ def trial_rows(study, space: SearchSpace) -> list[dict]:
 def search_cost(rows: list[dict], wall: float | None = None, cpu: float | None = None) -> dict:
     """What the whole search cost: training seconds and samples over every trial (pruned ones included), this
     command's wall and CPU seconds, and the energy of the trials whose runs measured it."""
-    done = [r for r in rows if r["state"] in ("complete", "pruned")]
-    out = {"trials": len(done), "complete": sum(r["state"] == "complete" for r in rows),
+    # compute is summed over every trial that ran (failed and interrupted ones spent it too)
+    done = [r for r in rows if r["state"] in ("complete", "pruned", "fail")]
+    out = {"trials": sum(r["state"] in ("complete", "pruned") for r in rows),
+           "complete": sum(r["state"] == "complete" for r in rows),
            "pruned": sum(r["state"] == "pruned" for r in rows), "failed": sum(r["state"] == "fail" for r in rows),
            "train_time_s": sum(r["train_time_s"] or 0 for r in done),
            "trial_wall_s": sum(r["wall_s"] or 0 for r in done),
@@ -336,7 +345,7 @@ def search_cost(rows: list[dict], wall: float | None = None, cpu: float | None =
     if wall is not None:
         out["command_wall_s"] = wall
     if cpu is not None:
-        out["command_cpu_s"] = cpu  # this command's processes (workers included) since it started
+        out["command_cpu_s"] = cpu  # every command's processes (workers included), summed over resumes
     costs = [r["cost"] for r in done if r.get("cost")]
     if costs:
         try:
@@ -355,15 +364,6 @@ def write_outputs(study, base: RunConfig, space: SearchSpace, s: TuneSettings, w
     summary = {"study": s.study_name, "out": str(s.out), "metric": s.metric, "direction": s.direction,
                "pruner": s.pruner, "sampler": s.sampler, "trials_requested": s.trials,
                "cost": search_cost(rows, wall, cpu), "trials": rows}
-    prev = s.out / "study.json"
-    if prev.is_file():  # a resumed study: the commands before this one count too
-        try:
-            old = json.loads(prev.read_text()).get("cost", {})
-            for k in ("command_wall_s", "command_cpu_s"):
-                if k in summary["cost"] and isinstance(old.get(k), (int, float)):
-                    summary["cost"][k] += old[k]
-        except ValueError:
-            pass
     if complete:
         best = study.best_trial
         values = space.values_of(dict(best.params))
@@ -378,11 +378,12 @@ def write_outputs(study, base: RunConfig, space: SearchSpace, s: TuneSettings, w
                            "config": str(s.out / "best.yaml"), "test": best.user_attrs.get("test"),
                            "run_dir": best.user_attrs.get("run_dir")}
     summary["plots"] = write_plots(study, s.out, s.metric)
-    atomic_write_text(prev, json.dumps(summary, indent=2, default=str))
+    study_json = s.out / "study.json"
+    atomic_write_text(study_json, json.dumps(summary, indent=2, default=str))
     from lamina.search.page import write_study_page
 
     summary["page"] = str(write_study_page(s.out, summary))
-    atomic_write_text(prev, json.dumps(summary, indent=2, default=str))
+    atomic_write_text(study_json, json.dumps(summary, indent=2, default=str))
     return summary
 
 
