@@ -61,6 +61,11 @@ def step(name: str, args: list[str], log: Path, steps: list[dict]) -> None:
 
 def search(work: Path, pruner: str, trials: int, jobs: int, steps: list[dict]) -> dict:
     out = work / f"fm-{pruner}"
+    done = out / "study.json"
+    if done.is_file():  # finished earlier: read as it is (re-running would only rewrite the same outputs)
+        s = json.loads(done.read_text())
+        if s["cost"]["trials"] >= trials:
+            return s
     step(f"tune --pruner {pruner}", ["tune", str(CONFIG), "--space", str(SPACE), "--trials", str(trials), "--jobs",
                                      str(jobs), "--pruner", pruner, "--out", str(out), *PROXY],
          work / f"tune-{pruner}.log", steps)
