@@ -108,7 +108,10 @@ def main() -> None:
                       "train_time_s": c["train_time_s"], "command_cpu_s": c.get("command_cpu_s"),
                       "command_wall_s": c.get("command_wall_s"),
                       "energy_kwh": (c.get("energy") or {}).get("energy_kwh"),
-                      "energy_source": (c.get("energy") or {}).get("source")}
+                      "energy_source": (c.get("energy") or {}).get("source"),
+                      "energy_runs": (c.get("energy") or {}).get("runs"),
+                      "trial_rows": [{k: t.get(k) for k in ("number", "state", "value", "epochs", "samples",
+                                                            "train_time_s", "params")} for t in s["trials"]]}
         rows.append([f"--pruner {p}", f"{c['complete']}/{c['pruned']}", f"{c['train_samples']:,}", c["epochs"],
                      f"{c['train_time_s'] / 60:.1f}", f"{(c.get('command_cpu_s') or 0) / 60:.1f}",
                      f"{s['best']['value']:.4f}"])

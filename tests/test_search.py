@@ -380,6 +380,11 @@ def test_nas_front_configs_run_and_base_is_trial_0(tmp_path, capsys):
     assert s["base"]["number"] == 0 and s["trials"][0]["params"] == {"model.channels[0]": 64, "model.kernel_size": 3}
     assert s["base"]["params"] == 75978  # small_cnn's parameter count (`lamina models`)
     assert s["front"] and (out / "pareto.png").is_file() and (out / "study.html").is_file()
+    b = s["base"]
+    for t in s["trials"][1:]:  # beat_base: a better metric (val/loss: lower) with fewer params or lower latency
+        if t["state"] == "complete":
+            m, n, lat = t["value"]
+            assert (t["number"] in s["beat_base"]) == (m < b["metric"] and (n < b["params"] or lat < b["latency_ms"]))
     for p in s["front"]:
         cfg = load_config(p["config"], [])
         assert cfg.model.options["channels"][0] == p["params"]["model.channels[0]"]

@@ -187,9 +187,11 @@ def cmd_nas(a, console) -> int:
                       f"{v['params']:>9,} params  {v['latency_ms']:6.3f} ms  {p['config']}")
     b = summary.get("base")
     if b:
-        dom = summary["dominate_base"]
+        dom, beat = summary["dominate_base"], summary.get("beat_base", [])
         console.print(f"base config (trial {b['number']}): {b['metric']:.4f}, {b['params']:,} params, "
-                      f"{b['latency_ms']:.3f} ms; dominated by {len(dom)} trial(s)" + (f": {dom}" if dom else ""))
+                      f"{b['latency_ms']:.3f} ms; dominated (all three objectives) by {len(dom)} trial(s)"
+                      + (f": {dom}" if dom else "") + f"; better {summary['metric']} with fewer params or lower "
+                      f"latency: {len(beat)}" + (f": {beat}" if beat else ""))
     console.print(f"plot: {out / 'pareto.png'}  page: {summary.get('page')}")
     print(out)
     return 0

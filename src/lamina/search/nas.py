@@ -280,13 +280,17 @@ def write_outputs(study, base: RunConfig, space: SearchSpace, s: NASSettings, wa
         p["params_list"] = p.pop("config_values")
     base_pt = next((p for p in points if p["base"]), None)
     dominating = [p["number"] for p in points if base_pt and dominates(p, base_pt, maximize)]
+    # the weaker, common reading: a better metric with fewer parameters or a lower latency
+    better = (lambda a, b: a > b) if maximize else (lambda a, b: a < b)
+    beating = [p["number"] for p in points if base_pt and not p["base"] and better(p["metric"], base_pt["metric"])
+               and (p["params"] < base_pt["params"] or p["latency_ms"] < base_pt["latency_ms"])]
     summary = {"kind": "nas", "study": s.study_name, "out": str(s.out), "metric": s.metric, "direction": s.direction,
                "objectives": [s.metric, "params", "latency_ms"], "sampler": s.sampler,
                "trials_requested": s.trials, "cost": search_cost(rows, wall, cpu),
                "front": [{"number": p["number"], "values": p["values"], "test": p["test"], "config": p["config"],
                           "params": p["params_list"], "base": p["base"]} for p in front],
                "base": base_pt and {k: base_pt[k] for k in ("number", "metric", "params", "latency_ms", "test")},
-               "dominate_base": dominating, "trials": rows}
+               "dominate_base": dominating, "beat_base": beating, "trials": rows}
     plot_front(points, front, s, s.out / "pareto.png")
     summary["plots"] = {"pareto": str(s.out / "pareto.png")}
     summary["plots"].update(write_plots(_single(study, optuna), s.out, s.metric) if points else {})

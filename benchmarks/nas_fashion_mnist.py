@@ -1,0 +1,105 @@
+"""Architecture search on Fashion-MNIST: validation accuracy vs parameters vs batch-1 CPU latency (issue 15).
+
+Runs through the CLI, exactly as a user would:
+
+    lamina nas configs/fashion_mnist.yaml --space configs/search/fashion_mnist_nas.yaml --trials 24 --jobs 2
+        data.train_fraction=0.2 trainer.max_epochs=6
+
+NSGA-II over the cnn family's own options (widths per stage, conv layers per stage, kernel size), with
+`cnn_medium` itself as trial 0. Prints the Pareto front and which trials beat `cnn_medium` (a higher
+validation accuracy with fewer parameters or a lower latency) or dominate it (no worse on all three, better on
+one). With --confirm, the front model that beats the base with the fewest parameters and `cnn_medium` are then
+trained at full data with seeds 0, 1, 2 (`lamina train ... --seeds 0,1,2`), so the claim does not rest on the
+proxy budget alone. A finished study in --work is read, not re-run. Load averages are recorded before and after.
+
+    nice .venv/bin/python benchmarks/nas_fashion_mnist.py --work /tmp/fm-nas [--confirm] [--epochs 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, write_result  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LAMINA = [sys.executable, "-m", "lamina.cli.main"]
+CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
+SPACE = ROOT / "configs" / "search" / "fashion_mnist_nas.yaml"
+PROXY = ["data.train_fraction=0.2", "trainer.max_epochs=6", "logging.tensorboard=false"]
+
+
+def loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def step(name: str, args: list[str], log: Path, steps: list[dict]) -> None:
+    before, t0 = loadavg(), time.perf_counter()
+    with open(log, "w") as f:
+        p = subprocess.run([*LAMINA, *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if p.returncode:
+        raise SystemExit(f"{name} failed ({p.returncode}); see {log}")
+    steps.append({"step": name, "load_before": before, "load_after": loadavg(), "wall_s": time.perf_counter() - t0,
+                  "busy": before > (os.cpu_count() or 1)})
+
+
+def seeds(work: Path, name: str, config: Path, extra: list[str], steps: list[dict]) -> dict:
+    f = work / "final" / f"{name}-seeds" / "seeds.json"
+    if not f.is_file():
+        step(f"train {name} --seeds 0,1,2", ["train", str(config), "--seeds", "0,1,2", "--no-progress",
+                                             f"name={name}", f"logging.root={work / 'final'}",
+                                             "logging.tensorboard=false", *extra], work / f"{name}.log", steps)
+    return json.loads(f.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default="/tmp/lamina-fm-nas")
+    ap.add_argument("--trials", type=int, default=24)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--confirm", action="store_true", help="train the chosen front model and the base at full data")
+    ap.add_argument("--epochs", type=int, default=8)
+    a = ap.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    steps: list[dict] = []
+    out = work / "nas"
+    done = out / "study.json"
+    if not (done.is_file() and json.loads(done.read_text())["cost"]["trials"] >= a.trials):
+        step("nas", ["nas", str(CONFIG), "--space", str(SPACE), "--trials", str(a.trials), "--jobs", str(a.jobs),
+                     "--out", str(out), *PROXY], work / "nas.log", steps)
+    s = json.loads(done.read_text())
+    metric = s["metric"]
+    rows = [[p["number"], "base" if p["base"] else "", f"{p['values'][metric]:.4f}", f"{p['values']['params']:,}",
+             f"{p['values']['latency_ms']:.3f}", json.dumps(p["params"])] for p in s["front"]]
+    print_table(["trial", "", metric, "params", "latency ms", "architecture"], rows)
+    b = s["base"]
+    print(f"cnn_medium (trial {b['number']}): {b['metric']:.4f}, {b['params']:,} params, {b['latency_ms']:.3f} ms; "
+          f"beaten by {s.get('beat_base')}, dominated by {s['dominate_base']}")
+    result = {"proxy": PROXY, "space": str(SPACE.relative_to(ROOT)), "base": b, "front": s["front"],
+              "beat_base": s.get("beat_base"), "dominate_base": s["dominate_base"], "cost": s["cost"], "steps": steps}
+    if a.confirm and s.get("beat_base"):
+        by_number = {t["number"]: t for t in s["trials"]}
+        pick = min(s["beat_base"], key=lambda n: by_number[n]["value"][1])  # fewest parameters
+        arch = by_number[pick]["params"]
+        chosen = out / "front" / f"trial-{pick:04d}.yaml"
+        full = [f"trainer.max_epochs={a.epochs}"]
+        base_r = seeds(work, f"fm-cnn-medium{a.epochs}", CONFIG, full, steps)
+        pick_r = seeds(work, f"fm-nas-{pick}-{a.epochs}", chosen, ["data.train_fraction=1", *full], steps)
+        result["confirm"] = {"trial": pick, "architecture": arch, "epochs": a.epochs,
+                             "base_test_acc": base_r["test"]["test/acc"], "chosen_test_acc": pick_r["test"]["test/acc"]}
+        print_table(["model (full data)", "test acc mean", "std", "values"],
+                    [[name, f"{r['test']['test/acc']['mean']:.4f}", f"{r['test']['test/acc']['std']:.4f}",
+                      " ".join(f"{v:.4f}" for v in r["test"]["test/acc"]["values"])]
+                     for name, r in (("cnn_medium", base_r), (f"nas trial {pick}", pick_r))])
+    write_result("nas_fashion_mnist", result)
+
+
+if __name__ == "__main__":
+    main()
