@@ -32,7 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LAMINA = [sys.executable, "-m", "lamina.cli.main"]
 CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
 SPACE = ROOT / "configs" / "search" / "fashion_mnist_nas.yaml"
-PROXY = ["data.train_fraction=0.2", "trainer.max_epochs=6", "logging.tensorboard=false"]
 
 
 def loadavg() -> float:
@@ -65,7 +64,11 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--confirm", action="store_true", help="train the chosen front model and the base at full data")
     ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--proxy-fraction", type=float, default=0.2, help="share of the training set per trial")
+    ap.add_argument("--proxy-epochs", type=int, default=6, help="epochs per trial")
     a = ap.parse_args()
+    proxy = [f"data.train_fraction={a.proxy_fraction}", f"trainer.max_epochs={a.proxy_epochs}",
+             "logging.tensorboard=false"]
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     steps: list[dict] = []
@@ -73,7 +76,7 @@ def main() -> None:
     done = out / "study.json"
     if not (done.is_file() and json.loads(done.read_text())["cost"]["trials"] >= a.trials):
         step("nas", ["nas", str(CONFIG), "--space", str(SPACE), "--trials", str(a.trials), "--jobs", str(a.jobs),
-                     "--out", str(out), *PROXY], work / "nas.log", steps)
+                     "--out", str(out), *proxy], work / "nas.log", steps)
     s = json.loads(done.read_text())
     metric = s["metric"]
     rows = [[p["number"], "base" if p["base"] else "", f"{p['values'][metric]:.4f}", f"{p['values']['params']:,}",
@@ -82,7 +85,7 @@ def main() -> None:
     b = s["base"]
     print(f"cnn_medium (trial {b['number']}): {b['metric']:.4f}, {b['params']:,} params, {b['latency_ms']:.3f} ms; "
           f"beaten by {s.get('beat_base')}, dominated by {s['dominate_base']}")
-    result = {"proxy": PROXY, "space": str(SPACE.relative_to(ROOT)), "base": b, "front": s["front"],
+    result = {"proxy": proxy, "space": str(SPACE.relative_to(ROOT)), "base": b, "front": s["front"],
               "beat_base": s.get("beat_base"), "dominate_base": s["dominate_base"], "cost": s["cost"], "steps": steps}
     if a.confirm and s.get("beat_base"):
         by_number = {t["number"]: t for t in s["trials"]}
