@@ -89,3 +89,37 @@ def peak_rss_mib(call) -> tuple[float, str]:
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return (peak - before) / 1024, method
+
+
+# ----- benchmarks that drive the CLI (search studies, seed runs) ----------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def loadavg1() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def cli_step(name: str, args: list[str], log: Path, steps: list[dict]) -> None:
+    """`lamina ARGS` as a user runs it, output to `log`; appends wall time and the load before/after to `steps`
+    (busy: it started above the core count, so its times include other jobs)."""
+    import subprocess
+    import sys
+
+    before, t0 = loadavg1(), time.perf_counter()
+    with open(log, "w") as f:
+        p = subprocess.run([sys.executable, "-m", "lamina.cli.main", *args], cwd=ROOT, stdout=f,
+                           stderr=subprocess.STDOUT)
+    if p.returncode:
+        raise SystemExit(f"{name} failed ({p.returncode}); see {log}")
+    steps.append({"step": name, "load_before": before, "load_after": loadavg1(), "wall_s": time.perf_counter() - t0,
+                  "busy": before > (os.cpu_count() or 1)})
+
+
+def seed_runs(work: Path, name: str, config: Path, extra: list[str], steps: list[dict]) -> dict:
+    """`lamina train CONFIG --seeds 0,1,2` under <work>/final, unless its seeds.json is already there."""
+    f = work / "final" / f"{name}-seeds" / "seeds.json"
+    if not f.is_file():
+        cli_step(f"train {name} --seeds 0,1,2", ["train", str(config), "--seeds", "0,1,2", "--no-progress",
+                                                 f"name={name}", f"logging.root={work / 'final'}",
+                                                 "logging.tensorboard=false", *extra], work / f"{name}.log", steps)
+    return json.loads(f.read_text())

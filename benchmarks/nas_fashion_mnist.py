@@ -19,42 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_result  # noqa: E402
+from _common import ROOT, cli_step, print_table, seed_runs, write_result  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-LAMINA = [sys.executable, "-m", "lamina.cli.main"]
 CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
 SPACE = ROOT / "configs" / "search" / "fashion_mnist_nas.yaml"
-
-
-def loadavg() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
-
-
-def step(name: str, args: list[str], log: Path, steps: list[dict]) -> None:
-    before, t0 = loadavg(), time.perf_counter()
-    with open(log, "w") as f:
-        p = subprocess.run([*LAMINA, *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if p.returncode:
-        raise SystemExit(f"{name} failed ({p.returncode}); see {log}")
-    steps.append({"step": name, "load_before": before, "load_after": loadavg(), "wall_s": time.perf_counter() - t0,
-                  "busy": before > (os.cpu_count() or 1)})
-
-
-def seeds(work: Path, name: str, config: Path, extra: list[str], steps: list[dict]) -> dict:
-    f = work / "final" / f"{name}-seeds" / "seeds.json"
-    if not f.is_file():
-        step(f"train {name} --seeds 0,1,2", ["train", str(config), "--seeds", "0,1,2", "--no-progress",
-                                             f"name={name}", f"logging.root={work / 'final'}",
-                                             "logging.tensorboard=false", *extra], work / f"{name}.log", steps)
-    return json.loads(f.read_text())
 
 
 def main() -> None:
@@ -75,7 +47,7 @@ def main() -> None:
     out = work / "nas"
     done = out / "study.json"
     if not (done.is_file() and json.loads(done.read_text())["cost"]["trials"] >= a.trials):
-        step("nas", ["nas", str(CONFIG), "--space", str(SPACE), "--trials", str(a.trials), "--jobs", str(a.jobs),
+        cli_step("nas", ["nas", str(CONFIG), "--space", str(SPACE), "--trials", str(a.trials), "--jobs", str(a.jobs),
                      "--out", str(out), *proxy], work / "nas.log", steps)
     s = json.loads(done.read_text())
     metric = s["metric"]
@@ -93,8 +65,8 @@ def main() -> None:
         arch = by_number[pick]["params"]
         chosen = out / "front" / f"trial-{pick:04d}.yaml"
         full = [f"trainer.max_epochs={a.epochs}"]
-        base_r = seeds(work, f"fm-cnn-medium{a.epochs}", CONFIG, full, steps)
-        pick_r = seeds(work, f"fm-nas-{pick}-{a.epochs}", chosen, ["data.train_fraction=1", *full], steps)
+        base_r = seed_runs(work, f"fm-cnn-medium{a.epochs}", CONFIG, full, steps)
+        pick_r = seed_runs(work, f"fm-nas-{pick}-{a.epochs}", chosen, ["data.train_fraction=1", *full], steps)
         result["confirm"] = {"trial": pick, "architecture": arch, "epochs": a.epochs,
                              "base_test_acc": base_r["test"]["test/acc"], "chosen_test_acc": pick_r["test"]["test/acc"]}
         print_table(["model (full data)", "test acc mean", "std", "values"],

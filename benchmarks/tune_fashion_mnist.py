@@ -26,37 +26,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_result  # noqa: E402
+from _common import ROOT, cli_step, print_table, seed_runs, write_result  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-LAMINA = [sys.executable, "-m", "lamina.cli.main"]
 CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
 SPACE = ROOT / "configs" / "search" / "fashion_mnist_space.yaml"
 PROXY = ["data.train_fraction=0.2", "trainer.max_epochs=6", "logging.tensorboard=false"]
 ANCHOR = 0.9373  # ../shared/ANCHORS.md: plain PyTorch CNN on Fashion-MNIST, 8 epochs
-
-
-def loadavg() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
-
-
-def step(name: str, args: list[str], log: Path, steps: list[dict]) -> None:
-    before = loadavg()
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        p = subprocess.run([*LAMINA, *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if p.returncode:
-        raise SystemExit(f"{name} failed ({p.returncode}); see {log}")
-    cores = os.cpu_count() or 1
-    steps.append({"step": name, "load_before": before, "load_after": loadavg(), "wall_s": time.perf_counter() - t0,
-                  "busy": before > cores})
 
 
 def search(work: Path, pruner: str, trials: int, jobs: int, steps: list[dict]) -> dict:
@@ -66,19 +45,10 @@ def search(work: Path, pruner: str, trials: int, jobs: int, steps: list[dict]) -
         s = json.loads(done.read_text())
         if s["cost"]["trials"] >= trials:
             return s
-    step(f"tune --pruner {pruner}", ["tune", str(CONFIG), "--space", str(SPACE), "--trials", str(trials), "--jobs",
+    cli_step(f"tune --pruner {pruner}", ["tune", str(CONFIG), "--space", str(SPACE), "--trials", str(trials), "--jobs",
                                      str(jobs), "--pruner", pruner, "--out", str(out), *PROXY],
          work / f"tune-{pruner}.log", steps)
     return json.loads((out / "study.json").read_text())
-
-
-def seeds(work: Path, name: str, config: Path, extra: list[str], steps: list[dict]) -> dict:
-    f = work / "final" / f"{name}-seeds" / "seeds.json"
-    if not f.is_file():
-        step(f"train {name} --seeds 0,1,2", ["train", str(config), "--seeds", "0,1,2", "--no-progress",
-                                             f"name={name}", f"logging.root={work / 'final'}",
-                                             "logging.tensorboard=false", *extra], work / f"{name}.log", steps)
-    return json.loads(f.read_text())
 
 
 def main() -> None:
@@ -95,10 +65,10 @@ def main() -> None:
     studies = {p: search(work, p, a.trials, a.jobs, steps) for p in ("median", "none")}
     best_yaml = Path(studies["median"]["best"]["config"])
     full = ["data.train_fraction=1", f"trainer.max_epochs={a.epochs}"]
-    base = seeds(work, f"fm-base{a.epochs}", CONFIG, [f"trainer.max_epochs={a.epochs}"], steps)
-    best = seeds(work, f"fm-best{a.epochs}", best_yaml, full, steps)
-    proxy = seeds(work, "fm-best-proxy", best_yaml, [], steps)
-    proxy_none = seeds(work, "fm-none-best-proxy", Path(studies["none"]["best"]["config"]), [], steps)
+    base = seed_runs(work, f"fm-base{a.epochs}", CONFIG, [f"trainer.max_epochs={a.epochs}"], steps)
+    best = seed_runs(work, f"fm-best{a.epochs}", best_yaml, full, steps)
+    proxy = seed_runs(work, "fm-best-proxy", best_yaml, [], steps)
+    proxy_none = seed_runs(work, "fm-none-best-proxy", Path(studies["none"]["best"]["config"]), [], steps)
 
     rows, summary = [], {}
     for p, s in studies.items():
