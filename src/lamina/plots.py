@@ -1,5 +1,6 @@
 """Run plots as PNG (a leaf: matplotlib + numpy, no other lamina import): loss and metric curves per epoch, a
-confusion matrix for classification, and `save_figure`, the finish every lamina figure gets (trust, report, runs)."""
+confusion matrix for classification, a continual-learning accuracy matrix, and `save_figure`, the finish every
+lamina figure gets (trust, report, runs)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,45 @@ def plot_confusion(cm: np.ndarray, class_names: list[str] | None, path: str | Pa
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
     ax.set_title(title or f"confusion matrix (acc {np.trace(cm) / max(cm.sum(), 1):.4f})")
     return save_figure(fig, path)
+
+
+def plot_accuracy_matrix(matrix: list[list[float]], path: str | Path, title: str = "",
+                         labels: list[str] | None = None) -> Path:
+    """Continual learning: accuracy on experience j (column) after training through experience i (row); the
+    diagonal is each experience just learned, the lower triangle what was kept, the upper what was not seen yet."""
+    m = np.asarray(matrix, dtype=float)
+    rows, cols = m.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * cols + 2.2), max(3.2, 0.7 * rows + 1.6)))
+    im = ax.imshow(m, cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(cols), labels or [str(j) for j in range(cols)])
+    ax.set_yticks(range(rows), [str(i) for i in range(rows)] if rows > 1 else ["joint"])
+    ax.set_xlabel("tested on experience")
+    ax.set_ylabel("after training on experience")
+    for i in range(rows):
+        for j in range(cols):
+            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="black" if m[i, j] > 0.6 else "white")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="test accuracy")
+    return save_figure(fig, path, title)
+
+
+def plot_stream_comparison(curves: dict[str, list[float]], bounds: dict[str, float], path: str | Path,
+                           title: str = "") -> Path:
+    """Continual strategies side by side: mean test accuracy over the experiences seen so far, after each
+    experience; `bounds` (e.g. joint training) as horizontal lines."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    for name, ys in curves.items():
+        ax.plot(range(1, len(ys) + 1), ys, "-o", ms=4, label=f"{name} ({ys[-1]:.3f})")
+    for name, y in bounds.items():
+        ax.axhline(y, ls="--", color="grey", label=f"{name} ({y:.3f})")
+    n = max((len(v) for v in curves.values()), default=1)
+    ax.set_xticks(range(1, n + 1))
+    ax.set_xlabel("experiences trained")
+    ax.set_ylabel("mean test accuracy on seen experiences")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path, title)
 
 
 def save_figure(fig, path: str | Path, title: str = "") -> Path:

@@ -14,8 +14,9 @@ _SHOW = ("train/loss", "train/acc", "train/mae", "val/loss", "val/acc", "val/ppl
 
 
 class RichProgress(Callback):
-    def __init__(self, console: Console | None = None, refresh_s: float = 0.1):
+    def __init__(self, console: Console | None = None, refresh_s: float = 0.1, header: bool = True):
         self.console = console or Console(stderr=True)
+        self.header = header  # False: the caller printed its own (one fit of many, e.g. a continual stream)
         self.refresh_s = refresh_s
         self.progress: Progress | None = None
         self._task = None
@@ -24,9 +25,10 @@ class RichProgress(Callback):
     def on_fit_start(self, trainer):
         # Printed here, after data, model and config were all accepted: a rejected run prints one line only.
         m = trainer.checkpoint_info
-        self.console.print(f"[bold]lamina train[/]: data [cyan]{m.get('data', {}).get('name', '?')}[/], model "
-                           f"[cyan]{m.get('model', '?')}[/], {trainer.cfg.max_epochs} epochs on {trainer.device}"
-                           + (f", resuming at epoch {trainer.epoch + 1}" if trainer.epoch else ""))
+        if self.header:
+            self.console.print(f"[bold]lamina train[/]: data [cyan]{m.get('data', {}).get('name', '?')}[/], model "
+                               f"[cyan]{m.get('model', '?')}[/], {trainer.cfg.max_epochs} epochs on {trainer.device}"
+                               + (f", resuming at epoch {trainer.epoch + 1}" if trainer.epoch else ""))
         self.progress = Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
             MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),

@@ -1,5 +1,5 @@
 """Typed run config: data, model, task, optimizer, schedule, trainer, finetune, logging, cost, and the training
-objectives (adversarial, distill).
+objectives (adversarial, distill) and the continual-learning stream.
 
 Sections with a fixed set of fields reject unknown keys ("did you mean ..."). The `data` and `model`
 sections also carry free options (e.g. `model.depth=4`) that go to the data set loader / model factory,
@@ -116,6 +116,31 @@ class DistillConfig(_Strict):
     alpha: float = Field(0.9, ge=0, le=1)  # weight of the soft-target term; the T^2 factor keeps its gradient scale
 
 
+class ContinualConfig(_Strict):
+    # Continual learning (`lamina continual`, lamina/runs/continual.py): the run's data cut into a stream of
+    # experiences, trained one after another; trainer.max_epochs is per experience.
+    stream: Literal["split", "permuted"] = "split"  # split: disjoint class groups; permuted: pixels shuffled
+    scenario: Literal["class", "task", "domain"] = "class"  # split: class- or task-incremental; permuted: domain
+    experiences: PositiveInt = 5  # Split Fashion-MNIST: 5 experiences of 2 classes, the usual protocol
+    class_order: list[int] | None = None  # split: the class sequence; None: 0, 1, ..., C-1
+    strategy: Literal["naive", "replay", "ewc", "lwf", "joint"] = "naive"  # joint: all data at once (upper bound)
+    buffer_size: PositiveInt = 1000  # replay: samples kept by reservoir sampling over the whole stream
+    replay_batch: PositiveInt | None = None  # replay: buffer samples added to each batch; None: data.batch_size
+    ewc_lambda: NonNegativeFloat = 1000.0  # EWC: weight of the quadratic penalty (Kirkpatrick et al. 2017)
+    ewc_samples: PositiveInt = 1000  # EWC: samples per experience for the diagonal Fisher (per-sample gradients)
+    lwf_alpha: NonNegativeFloat = 1.0  # LwF: weight of the distillation term from the previous model
+    lwf_temperature: PositiveFloat = 2.0  # LwF: softening of old and new outputs (Li & Hoiem 2016 use 2)
+
+    @model_validator(mode="after")
+    def _fits(self):
+        if self.stream == "permuted" and self.scenario != "domain":
+            raise ValueError(f"scenario: a permuted stream keeps every class in every experience, so it is "
+                             f"domain-incremental; set continual.scenario=domain, got {self.scenario}")
+        if self.stream == "split" and self.scenario == "domain":
+            raise ValueError("scenario: a split stream is class- or task-incremental (class or task), got domain")
+        return self
+
+
 class TrainerConfig(_Strict):
     max_epochs: PositiveInt = 20  # the default job (digits) needs ~20 short epochs
     max_steps: PositiveInt | None = None  # stop after this many optimizer steps
@@ -196,6 +221,7 @@ class RunConfig(_Strict):
     # Training objectives (lamina/runs/objectives): each wraps the task when its section is set
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)  # adversarial training (PGD-AT, TRADES)
     distill: DistillConfig = Field(default_factory=DistillConfig)  # learn from a teacher run's soft targets
+    continual: ContinualConfig = Field(default_factory=ContinualConfig)  # used by `lamina continual` only
 
 # Sections that moved; old configs and run folders that still use them are read with a deprecation warning.
 MOVED = {("trainer", "adversarial"): "adversarial", ("trainer", "distill"): "distill"}
