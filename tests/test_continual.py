@@ -16,7 +16,7 @@ from lamina.data.base import TensorData
 from lamina.data.streams import class_groups, make_stream
 from lamina.errors import ConfigError
 from lamina.runs.continual import parse_strategies, seen_accuracy, stream_metrics
-from lamina.runs.objectives.continual import (ContinualTask, ReservoirBuffer, check_buffer, masked_cross_entropy,
+from lamina.runs.objectives.continual import (ContinualTask, EWCAnchors, ReservoirBuffer, check_buffer, masked_cross_entropy,
                                               per_sample_fisher)
 from lamina.tasks.classification import ClassificationTask
 
@@ -107,9 +107,23 @@ def test_ewc_penalty_and_lwf_term_by_hand():
         model.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
     fisher = {"weight": torch.tensor([[1.0, 0.0], [0.5, 2.0]])}
     star = {"weight": torch.tensor([[0.0, 2.0], [1.0, 4.0]])}
-    t = ContinualTask(ClassificationTask(2), ewc=[(fisher, star)], ewc_lambda=3.0, model=model)
+    anchors = EWCAnchors()
+    anchors.add(fisher, star)
+    t = ContinualTask(ClassificationTask(2), ewc=anchors, ewc_lambda=3.0, model=model)
     # sum F (theta - theta*)^2 = 1*1 + 0 + 0.5*4 + 0 = 3
     assert float(t.ewc_penalty().detach()) == pytest.approx(3.0)
+    # a second anchor: the merged quadratic equals the explicit sum over anchors, value and gradient
+    fisher2 = {"weight": torch.tensor([[2.0, 1.0], [0.0, 0.25]])}
+    star2 = {"weight": torch.tensor([[1.5, -1.0], [7.0, 0.0]])}
+    anchors.add(fisher2, star2)
+    explicit = sum((f["weight"] * (model.weight - a["weight"]).pow(2)).sum()
+                   for f, a in ((fisher, star), (fisher2, star2)))
+    merged = t.ewc_penalty()
+    assert float(merged.detach()) == pytest.approx(float(explicit.detach()), rel=1e-6)
+    g1 = torch.autograd.grad(merged, model.weight)[0]
+    g2 = torch.autograd.grad(explicit, model.weight)[0]
+    torch.testing.assert_close(g1, g2)
+    assert anchors.tensors() == 2  # A and m for the one parameter, however many experiences
     new, old = torch.tensor([[1.0, 0.0, 5.0]]), torch.tensor([[0.0, 1.0, -5.0]])
     t2 = ContinualTask(ClassificationTask(3), old_groups=[[0, 1]], lwf_temperature=2.0)
     p_old = torch.softmax(torch.tensor([0.0, 0.5]), 0)
@@ -212,7 +226,8 @@ def test_ewc_and_lwf_keep_what_naive_forgets(tmp_path, capsys):
     assert s["naive"]["bwt"] < -0.8 and s["ewc"]["bwt"] > s["naive"]["bwt"] + 0.5
     assert s["ewc"]["matrix"][-1][0] > 0.5 and s["naive"]["matrix"][-1][0] == 0.0  # experience 0 still known
     assert s["lwf"]["acc"] > s["naive"]["acc"] + 0.03
-    assert s["ewc"]["memory"]["ewc_tensors"] == 4 * 2 * 3 * 2  # 4 old experiences x (F, theta*) x 3 Linear x (w, b)
+    # 4 past experiences merged into one quadratic: (A, m) x 3 Linear x (weight, bias)
+    assert s["ewc"]["memory"]["ewc_anchors"] == 4 and s["ewc"]["memory"]["ewc_tensors"] == 2 * 3 * 2
     assert not (out / "naive" / "accuracy_matrix.png").exists()
 
 

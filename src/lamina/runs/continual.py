@@ -35,8 +35,8 @@ from lamina.io import atomic_write_text
 from lamina.runs.build import (build_run_model, check_finite_data, count_params, data_facts, load_data, make_task,
                                resolved_options, task_class)
 from lamina.runs.folder import RunFolder
-from lamina.runs.objectives.continual import (ContinualTask, ReservoirBuffer, check_buffer, fisher_subset,
-                                              per_sample_fisher, snapshot)
+from lamina.runs.objectives.continual import (ContinualTask, EWCAnchors, ReservoirBuffer, check_buffer,
+                                              fisher_subset, per_sample_fisher, snapshot)
 from lamina.runs.outputs import jsonable
 
 STRATEGIES = ("naive", "replay", "ewc", "lwf", "joint")
@@ -122,7 +122,7 @@ def train_stream(cfg: RunConfig, strategy: str | None = None, callbacks: Sequenc
             "data": json.loads(json.dumps(facts.to_dict(), default=jsonable))}
 
     buffer = ReservoirBuffer(c.buffer_size, cfg.seed) if strategy == "replay" else None
-    ewc: list = []
+    ewc = EWCAnchors()
     old_model, old_groups = None, []
     matrix: list[list[float]] = []
     history: list[dict] = []
@@ -166,7 +166,7 @@ def train_stream(cfg: RunConfig, strategy: str | None = None, callbacks: Sequenc
             rows_mask = masks[e.train.tensors["exp"][pick]].to(trainer.device) if masks is not None else None
             fisher = per_sample_fisher(model, x, y, rows_mask)
             star = {n: p.detach().clone() for n, p in model.named_parameters() if n in fisher}
-            ewc.append((fisher, star))
+            ewc.add(fisher, star)
         elif strategy == "lwf" and more:
             old_model = snapshot(model)
             seen = [cl for e in exps[:k + 1] for cl in e.classes]
@@ -195,7 +195,7 @@ def train_stream(cfg: RunConfig, strategy: str | None = None, callbacks: Sequenc
         "memory": {"buffer_samples": len(buffer) if buffer else 0,
                    "buffer_bytes": (buffer.x.numel() * buffer.x.element_size() if buffer and buffer.x is not None
                                     else 0),
-                   "ewc_tensors": sum(len(f) * 2 for f, _ in ewc)},
+                   "ewc_anchors": len(ewc), "ewc_tensors": ewc.tensors()},
         "settings": c.model_dump(), "history": history,
     }
     atomic_write_text(folder.path / "stream.json", json.dumps(result, indent=2, default=jsonable))

@@ -8,8 +8,10 @@ classification task for each experience.
   preallocated tensor (memory bounded by buffer_size x sample size) and is filled after each experience.
 - **ewc**: elastic weight consolidation (Kirkpatrick et al. 2017): after experience t, the diagonal of the
   empirical Fisher information F_t (mean over samples of the squared per-sample gradient of log p(y|x), taken
-  with torch.func so each sample's gradient is exact) and the weights theta*_t are stored; later training adds
-  lambda/2 * sum_t sum_i F_t,i (theta_i - theta*_t,i)^2.
+  with torch.func so each sample's gradient is exact) and the weights theta*_t are kept; later training adds
+  lambda/2 * sum_t sum_i F_t,i (theta_i - theta*_t,i)^2. A sum of quadratics is one quadratic, so the anchors
+  are merged as they come (EWCAnchors): the same penalty and gradient for any number of past experiences at
+  the cost of two tensors per parameter, one step's work and memory no longer growing with the stream.
 - **lwf**: learning without forgetting (Li & Hoiem 2016): a frozen copy of the model as it was before the
   experience; its softened outputs on the current inputs, over the classes of earlier experiences, are
   distilled into the model (alpha * T^2 * KL, per old head in task-incremental runs).
@@ -112,6 +114,40 @@ def per_sample_fisher(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
     return {n: f / len(x) for n, f in fisher.items()}
 
 
+class EWCAnchors:
+    """sum_t sum_i F_t,i (theta_i - a_t,i)^2 kept as sum_i A_i (theta_i - m_i)^2 + c, exactly:
+    A = sum_t F_t, m = sum_t F_t a_t / A (0 where A = 0), c = sum_t F_t a_t^2 - A m^2 (accumulated in float64)."""
+
+    def __init__(self):
+        self.A: dict[str, torch.Tensor] = {}
+        self.m: dict[str, torch.Tensor] = {}
+        self.c = 0.0
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def add(self, fisher: dict[str, torch.Tensor], star: dict[str, torch.Tensor]) -> None:
+        for n, f in fisher.items():
+            f64, a64 = f.double(), star[n].detach().double()
+            if n in self.A:
+                A0, m0 = self.A[n].double(), self.m[n].double()
+                A1 = A0 + f64
+                m1 = torch.where(A1 > 0, (A0 * m0 + f64 * a64) / A1.clamp_min(1e-300), torch.zeros_like(A1))
+                self.c += float((A0 * m0.pow(2) + f64 * a64.pow(2) - A1 * m1.pow(2)).sum())
+            else:
+                A1, m1 = f64, torch.where(f64 > 0, a64, torch.zeros_like(a64))
+            self.A[n], self.m[n] = A1.to(f.dtype), m1.to(f.dtype)
+        self.count += 1
+
+    def penalty(self, model: torch.nn.Module) -> torch.Tensor:
+        params = dict(model.named_parameters())
+        return sum((A * (params[n] - self.m[n]).pow(2)).sum() for n, A in self.A.items()) + self.c
+
+    def tensors(self) -> int:
+        return len(self.A) + len(self.m)
+
+
 class ContinualTask:
     """The run's classification task during one experience of a stream, with the strategy's additions:
     replayed samples in each training batch, an EWC penalty, an LwF distillation term, task-incremental masks.
@@ -121,7 +157,7 @@ class ContinualTask:
     "exp" (each sample's experience) and each row is scored among its own experience's classes."""
 
     def __init__(self, task, *, exp_masks: torch.Tensor | None = None, replay: ReservoirBuffer | None = None,
-                 replay_batch: int = 0, ewc: list | None = None, ewc_lambda: float = 0.0,
+                 replay_batch: int = 0, ewc: EWCAnchors | None = None, ewc_lambda: float = 0.0,
                  model: torch.nn.Module | None = None, old_model: torch.nn.Module | None = None,
                  old_groups: list[list[int]] | None = None, lwf_alpha: float = 0.0, lwf_temperature: float = 2.0):
         if getattr(task, "name", None) != "classification":
@@ -129,7 +165,7 @@ class ContinualTask:
                               f"{getattr(task, 'name', type(task).__name__)}")
         self.task, self.exp_masks = task, exp_masks
         self.replay, self.replay_batch = replay, int(replay_batch)
-        self.ewc, self.ewc_lambda, self.model = ewc or [], float(ewc_lambda), model
+        self.ewc, self.ewc_lambda, self.model = ewc, float(ewc_lambda), model
         self.old_model = old_model.eval().requires_grad_(False) if old_model is not None else None
         self.old_groups = old_groups or []
         self.lwf_alpha, self.lwf_temperature = float(lwf_alpha), float(lwf_temperature)
@@ -173,7 +209,7 @@ class ContinualTask:
             n, m = len(outputs), len(rl)
             # the mean over the joined batch, as if replayed samples had been in the loader's batch
             loss = (loss * n + self._ce(rl, ry, rexp) * m) / (n + m)
-        if self.ewc and self.ewc_lambda:
+        if self.ewc is not None and len(self.ewc) and self.ewc_lambda:
             loss = loss + self.ewc_lambda / 2 * self.ewc_penalty()
         if "old" in stash and self.lwf_alpha:
             loss = loss + self.lwf_alpha * self.lwf_term(outputs, stash["old"])
@@ -186,12 +222,7 @@ class ContinualTask:
         return masked_cross_entropy(logits, y, rows, getattr(self.task, "label_smoothing", 0.0))
 
     def ewc_penalty(self) -> torch.Tensor:
-        params = dict(self.model.named_parameters())
-        total = 0.0
-        for fisher, star in self.ewc:
-            for n, f in fisher.items():
-                total = total + (f * (params[n] - star[n]).pow(2)).sum()
-        return total
+        return self.ewc.penalty(self.model)
 
     def lwf_term(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         t = self.lwf_temperature
@@ -224,5 +255,5 @@ def fisher_subset(n: int, k: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)[:min(k, n)]
 
 
-__all__ = ["ContinualTask", "ReservoirBuffer", "check_buffer", "fisher_subset", "masked_cross_entropy",
+__all__ = ["ContinualTask", "EWCAnchors", "ReservoirBuffer", "check_buffer", "fisher_subset", "masked_cross_entropy",
            "per_sample_fisher", "snapshot"]
