@@ -128,7 +128,7 @@ class ContinualConfig(_Strict):
     replay_batch: PositiveInt | None = None  # replay: buffer samples added to each batch; None: data.batch_size
     ewc_lambda: NonNegativeFloat = 1000.0  # EWC: weight of the quadratic penalty (Kirkpatrick et al. 2017)
     ewc_samples: PositiveInt = 1000  # EWC: samples per experience for the diagonal Fisher (per-sample gradients)
-    lwf_alpha: NonNegativeFloat = 1.0  # LwF: weight of the distillation term from the previous model
+    lwf_alpha: NonNegativeFloat = 1.0  # LwF: weight of KL(old_T || new_T) from the previous model (paper's lambda_o)
     lwf_temperature: PositiveFloat = 2.0  # LwF: softening of old and new outputs (Li & Hoiem 2016 use 2)
 
     @model_validator(mode="after")

@@ -14,7 +14,9 @@ classification task for each experience.
   the cost of two tensors per parameter, one step's work and memory no longer growing with the stream.
 - **lwf**: learning without forgetting (Li & Hoiem 2016): a frozen copy of the model as it was before the
   experience; its softened outputs on the current inputs, over the classes of earlier experiences, are
-  distilled into the model (alpha * T^2 * KL, per old head in task-incremental runs).
+  distilled into the model: alpha * KL(old_T || new_T), per old head in task-incremental runs. As in the paper
+  (lambda_o = 1, T = 2, a cross-entropy on softened outputs, which has KL's gradient): no T^2 factor, unlike
+  Hinton et al.'s distillation (runs/objectives/distill.py), so alpha = 1 is the paper's balance.
 
 Task-incremental runs score each sample among its own experience's classes: logits of other classes are
 masked out of the loss (cross-entropy with label smoothing spread over the allowed classes only) and out of
@@ -231,7 +233,7 @@ class ContinualTask:
             idx = torch.tensor(g, device=new.device)
             s = F.log_softmax(new.float().index_select(1, idx) / t, -1)
             o = F.log_softmax(old.float().index_select(1, idx) / t, -1)
-            terms.append(F.kl_div(s, o, reduction="batchmean", log_target=True) * t * t)
+            terms.append(F.kl_div(s, o, reduction="batchmean", log_target=True))
         return sum(terms) / len(terms)
 
     def train_stats(self, outputs, batch):
