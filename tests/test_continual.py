@@ -260,3 +260,14 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, expected):
     rc = main(["continual", *FAST, f"logging.root={tmp_path}", *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and expected in err[0], err
+
+
+def test_a_batchnorm_cnn_with_channels_last_streams_too(tmp_path, capsys):
+    # any zoo classifier: small_cnn (BatchNorm, NHWC); replayed samples join its batches, EWC's Fisher runs in
+    # eval mode through torch.func, and short experiences get BatchNorm recalibration as short runs do
+    rc = main(["continual", *FAST, "model.name=small_cnn", "trainer.channels_last=true", "trainer.max_epochs=2",
+               f"logging.root={tmp_path}", "continual.buffer_size=200", "continual.ewc_samples=100",
+               "--strategies", "replay,ewc", "--out", str(tmp_path / "cnn"), "--json", "logging.plots=false"])
+    assert rc == 0, capsys.readouterr().err
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["strategies"]
+    assert s["replay"]["acc"] > 0.4 and s["replay"]["matrix"][-1][-1] > 0.8 and s["ewc"]["matrix"][-1][-1] > 0.8

@@ -28,7 +28,7 @@ import torch
 from lamina.config import RunConfig, to_dict, to_yaml
 from lamina.data.base import TensorData
 from lamina.data.streams import Experience, make_stream
-from lamina.engine import Trainer, build_scheduler, seed_everything
+from lamina.engine import BatchNormRecalibration, Trainer, build_scheduler, seed_everything
 from lamina.engine.optim import build_optimizer
 from lamina.errors import ConfigError
 from lamina.io import atomic_write_text
@@ -38,6 +38,7 @@ from lamina.runs.folder import RunFolder
 from lamina.runs.objectives.continual import (ContinualTask, EWCAnchors, ReservoirBuffer, check_buffer,
                                               fisher_subset, per_sample_fisher, snapshot)
 from lamina.runs.outputs import jsonable
+from lamina.runs.train import SHORT_RUN_STEPS, _has_batchnorm
 
 STRATEGIES = ("naive", "replay", "ewc", "lwf", "joint")
 
@@ -145,7 +146,10 @@ def train_stream(cfg: RunConfig, strategy: str | None = None, callbacks: Sequenc
         spe = max(1, -(-len(train_loader) // cfg.trainer.accumulate))
         total = cfg.trainer.max_steps or spe * cfg.trainer.max_epochs
         scheduler = build_scheduler(optimizer, cfg.schedule, total, spe, cfg.optimizer.lr)
-        trainer = Trainer(cfg.trainer, callbacks=list(callbacks))
+        cbs = list(callbacks)
+        if total < SHORT_RUN_STEPS and _has_batchnorm(model):  # as runs.train does: short experiences would
+            cbs.insert(0, BatchNormRecalibration())  # evaluate with running statistics that trail the weights
+        trainer = Trainer(cfg.trainer, callbacks=cbs)
         trainer.checkpoint_info = info
         emit({"event": "experience_start", "experience": k, "experiences": len(steps),
               "classes": sorted({c_ for e in group for c_ in e.classes}), "train": len(train)})
