@@ -36,7 +36,7 @@ from lamina.runs.build import (build_run_model, check_finite_data, count_params,
                                resolved_options, task_class)
 from lamina.runs.folder import RunFolder
 from lamina.runs.objectives.continual import (ContinualTask, EWCAnchors, ReservoirBuffer, check_buffer,
-                                              fisher_subset, per_sample_fisher, snapshot)
+                                              check_task, fisher_subset, per_sample_fisher, snapshot)
 from lamina.runs.outputs import jsonable
 from lamina.runs.train import SHORT_RUN_STEPS, _has_batchnorm
 
@@ -90,8 +90,7 @@ def train_stream(cfg: RunConfig, strategy: str | None = None, callbacks: Sequenc
     bundle = load_data(cfg)
     check_finite_data(bundle)
     task_cls = task_class(cfg, bundle)
-    if task_cls.name != "classification":
-        raise ConfigError(f"continual: a stream needs a classification data set; '{bundle.name}' is {task_cls.name}")
+    check_task(task_cls.name, bundle.name)
     facts = data_facts(bundle, task_cls)
     base_task = make_task(cfg, facts)
     num_classes = int(facts.num_outputs)

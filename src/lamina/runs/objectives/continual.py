@@ -34,6 +34,14 @@ import torch.nn.functional as F
 from lamina.errors import ConfigError
 
 
+SUPPORTED_TASKS = ("classification",)  # streams are cut by class labels; strategies act on logits
+
+
+def check_task(name: str, data: str) -> None:
+    if name not in SUPPORTED_TASKS:
+        raise ConfigError(f"continual: a stream needs a classification data set; '{data}' is {name}")
+
+
 def masked_cross_entropy(logits: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor,
                          label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy of `logits` (B, C) restricted per row to `allowed` (B, C) bool; label smoothing spreads its
@@ -162,7 +170,7 @@ class ContinualTask:
                  replay_batch: int = 0, ewc: EWCAnchors | None = None, ewc_lambda: float = 0.0,
                  model: torch.nn.Module | None = None, old_model: torch.nn.Module | None = None,
                  old_groups: list[list[int]] | None = None, lwf_alpha: float = 0.0, lwf_temperature: float = 2.0):
-        if getattr(task, "name", None) != "classification":
+        if getattr(task, "name", None) not in SUPPORTED_TASKS:
             raise ConfigError(f"continual: streams need a classification task; this run's task is "
                               f"{getattr(task, 'name', type(task).__name__)}")
         self.task, self.exp_masks = task, exp_masks
@@ -257,5 +265,5 @@ def fisher_subset(n: int, k: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)[:min(k, n)]
 
 
-__all__ = ["ContinualTask", "EWCAnchors", "ReservoirBuffer", "check_buffer", "fisher_subset", "masked_cross_entropy",
+__all__ = ["SUPPORTED_TASKS", "check_task", "ContinualTask", "EWCAnchors", "ReservoirBuffer", "check_buffer", "fisher_subset", "masked_cross_entropy",
            "per_sample_fisher", "snapshot"]
