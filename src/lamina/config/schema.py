@@ -141,6 +141,25 @@ class ContinualConfig(_Strict):
         return self
 
 
+class FewShotConfig(_Strict):
+    # Few-shot learning (`lamina fewshot`, lamina/runs/fewshot.py): train on some classes, test N-way K-shot
+    # episodes on classes never seen in training. data.name=omniglot: train on the minimal background set small1,
+    # test on the characters of small2's alphabets that small1 lacks, plus Lake et al.'s twenty 20-way runs.
+    method: Literal["protonet", "baseline"] = "protonet"  # baseline: supervised pretraining + a head fitted per episode
+    head: Literal["centroid", "logistic"] = "centroid"  # baseline's per-episode classifier on frozen embeddings
+    train_classes: list[int] | None = None  # other data sets: the classes to train on (None: the first half)
+    ways: PositiveInt = 5  # test episodes: classes per episode
+    shots: PositiveInt = 1  # test episodes: labelled samples per class
+    queries: PositiveInt = 15  # samples per class to classify in each episode
+    train_ways: PositiveInt | None = None  # protonet training episodes (Snell et al. train wider than they test)
+    train_shots: PositiveInt | None = None  # None: `shots`
+    train_queries: PositiveInt | None = None  # None: `queries`; fewer make a training episode cheaper
+    episodes: PositiveInt = 2000  # protonet: training episodes (trainer.max_epochs passes over them)
+    test_episodes: int = Field(600, ge=1, le=100_000)  # 600 or more for a tight 95% interval
+    within_alphabet: bool = False  # omniglot: draw each episode's classes from one alphabet (harder)
+    size: PositiveInt = 28  # omniglot: image side after resizing the 105 px originals
+
+
 class TrainerConfig(_Strict):
     max_epochs: PositiveInt = 20  # the default job (digits) needs ~20 short epochs
     max_steps: PositiveInt | None = None  # stop after this many optimizer steps
@@ -222,6 +241,7 @@ class RunConfig(_Strict):
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)  # adversarial training (PGD-AT, TRADES)
     distill: DistillConfig = Field(default_factory=DistillConfig)  # learn from a teacher run's soft targets
     continual: ContinualConfig = Field(default_factory=ContinualConfig)  # used by `lamina continual` only
+    fewshot: FewShotConfig = Field(default_factory=FewShotConfig)  # used by `lamina fewshot` only
 
 # Sections that moved; old configs and run folders that still use them are read with a deprecation warning.
 MOVED = {("trainer", "adversarial"): "adversarial", ("trainer", "distill"): "distill"}

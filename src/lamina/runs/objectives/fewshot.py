@@ -1,0 +1,111 @@
+"""Few-shot learning objectives and heads, on any zoo model through its contract (forward_features, forward_head
+with pre_logits=True as the embedding).
+
+- **Prototypical networks** (Snell, Swersky & Zemel 2017): each episode's support embeddings are averaged per
+  class into prototypes; queries are classified by softmax over negative squared Euclidean distances; the loss
+  is the queries' cross-entropy. `ProtoNetTask` is that loss as a task over episode batches
+  (data/episodes.py), so the Trainer trains it like any other run.
+- **Heads for a frozen encoder**, fitted per episode on the support only: nearest centroid (the prototype rule,
+  the "strong baseline" of Chen et al. 2019 / Tian et al. 2020 with a supervised encoder) or multinomial
+  logistic regression (scikit-learn's LogisticRegression on L2-normalised embeddings, as Tian et al.).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+PRETRAIN_TASK = "classification"  # what the baseline's encoder is pretrained on, and what the data must be
+
+
+def check_task(task: str, data: str, num_classes) -> None:
+    from lamina.errors import ConfigError
+
+    if task != PRETRAIN_TASK or not num_classes:
+        raise ConfigError(f"fewshot: needs a classification data set with class labels; '{data}' is {task}")
+
+
+def embed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's embedding: pooled features before its classifier (the model contract)."""
+    return model.forward_head(model.forward_features(x), pre_logits=True).flatten(1)
+
+
+def split_episode(z: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    n, k = int(batch["ways"]), int(batch["shots"])
+    return z[:n * k], z[n * k:], batch["y"][n * k:], n, k
+
+
+def prototype_logits(support: torch.Tensor, query: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """-||q - c||^2 for each query and class prototype c (the mean of the class's k support embeddings)."""
+    protos = support.float().reshape(n, k, -1).mean(1)  # support is class-major: (n*k, D) -> (n, k, D)
+    return -torch.cdist(query.float(), protos).pow(2)  # (Q, n)
+
+
+class ProtoNetTask:
+    """Episode batch -> embeddings -> prototype loss on the queries. Reports query accuracy as train/acc."""
+
+    name = "fewshot"
+
+    def forward(self, model, batch):
+        return embed(model, batch["x"])
+
+    def loss(self, outputs, batch) -> torch.Tensor:
+        s, q, yq, n, k = split_episode(outputs, batch)
+        return F.cross_entropy(prototype_logits(s, q, n, k), yq)
+
+    def train_stats(self, outputs, batch):
+        s, q, yq, n, k = split_episode(outputs.detach(), batch)
+        correct = (prototype_logits(s, q, n, k).argmax(-1) == yq).sum()
+        return {"correct": correct, "queries": torch.tensor(len(yq), device=correct.device)}
+
+    def summarize_train(self, sums: dict, n: int) -> dict:
+        return {"acc": float(sums["correct"]) / max(float(sums["queries"]), 1.0)}
+
+
+def episode_accuracy(support: torch.Tensor, ys: torch.Tensor, query: torch.Tensor, yq: torch.Tensor, n: int, k: int,
+                     head: str = "centroid") -> float:
+    if head == "centroid":
+        pred = prototype_logits(support, query, n, k).argmax(-1)
+        return float((pred == yq).float().mean())
+    from sklearn.linear_model import LogisticRegression
+
+    s = F.normalize(support.float(), dim=-1).cpu().numpy()
+    q = F.normalize(query.float(), dim=-1).cpu().numpy()
+    clf = LogisticRegression(max_iter=1000, C=10.0).fit(s, ys.cpu().numpy())
+    return float((torch.as_tensor(clf.predict(q)) == yq.cpu()).float().mean())
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its normal 95% interval, 1.96 * sample std / sqrt(n)."""
+    n = len(values)
+    m = sum(values) / n
+    if n < 2:
+        return m, float("nan")
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    return m, 1.96 * sd / math.sqrt(n)
+
+
+@torch.no_grad()
+def evaluate_episodes(model: torch.nn.Module, sampler, head: str = "centroid", on_episode=None) -> dict:
+    """Accuracy over the sampler's test episodes (model in eval mode), mean and 95% interval."""
+    was = model.training
+    model.eval()
+    accs = []
+    try:
+        for i, batch in enumerate(sampler):
+            z = embed(model, batch["x"])
+            s, q, yq, n, k = split_episode(z, batch)
+            accs.append(episode_accuracy(s, batch["y"][:n * k], q, yq, n, k, head))
+            if on_episode:
+                on_episode(i + 1, len(sampler))
+    finally:
+        model.train(was)
+    m, ci = mean_ci95(accs)
+    return {"acc": m, "ci95": ci, "episodes": len(accs), "values": accs}
+
+
+__all__ = ["PRETRAIN_TASK", "ProtoNetTask", "check_task", "embed", "episode_accuracy", "evaluate_episodes", "mean_ci95", "prototype_logits",
+           "split_episode"]
