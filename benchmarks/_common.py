@@ -123,3 +123,14 @@ def seed_runs(work: Path, name: str, config: Path, extra: list[str], steps: list
                                                  f"name={name}", f"logging.root={work / 'final'}",
                                                  "logging.tensorboard=false", *extra], work / f"{name}.log", steps)
     return json.loads(f.read_text())
+
+
+def start_work(folder: str) -> tuple[Path, float]:
+    """The benchmark's work folder (created) and the 1-min load average at its start, flagged when it is above the
+    core count (the times that follow then include other jobs)."""
+    work = Path(folder)
+    work.mkdir(parents=True, exist_ok=True)
+    load0 = loadavg1()
+    if load0 > (os.cpu_count() or 1):
+        print(f"warning: 1-min load average {load0:.2f} is above the {os.cpu_count()} cores; times include other jobs")
+    return work, load0

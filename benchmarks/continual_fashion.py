@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, cli_step, loadavg1, print_table, write_result  # noqa: E402
+from _common import ROOT, cli_step, loadavg1, print_table, start_work, write_result  # noqa: E402
 
 CONFIG = ROOT / "configs" / "continual_fashion.yaml"
 STREAMS = {"split-class": [], "split-task": ["continual.scenario=task"],
@@ -166,11 +165,7 @@ def main() -> None:
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-overhead", action="store_true")
     a = ap.parse_args()
-    work = Path(a.work)
-    work.mkdir(parents=True, exist_ok=True)
-    load0 = loadavg1()
-    if load0 > (os.cpu_count() or 1):
-        print(f"warning: 1-min load average {load0:.2f} is above the {os.cpu_count()} cores; times include other jobs")
+    work, load0 = start_work(a.work)
     steps: list[dict] = []
     result = {"config": str(CONFIG.relative_to(ROOT)), "load_before": load0}
     if not a.skip_quality:
