@@ -128,11 +128,16 @@ def main() -> None:
     steps, results = [], {}
     for name, args in jobs():
         out = work / (name.replace(" ", "-") + ".json")
+        step_file = out.with_suffix(".step.json")
         if not out.is_file():
             log = work / (name.replace(" ", "-") + ".log")
+            mine: list[dict] = []
             cli_step(name, ["fewshot", *args, "trainer.progress=false", "logging.tensorboard=false",
-                            f"logging.root={work / 'runs'}", "--json"], log, steps)
+                            f"logging.root={work / 'runs'}", "--json"], log, mine)
             out.write_text(log.read_text().strip().splitlines()[-1])
+            step_file.write_text(json.dumps(mine[0]))
+        if step_file.is_file():  # a finished job read again keeps the wall time and loads it ran with
+            steps.append(json.loads(step_file.read_text()))
         results[name] = json.loads(out.read_text())
     rows = []
     for name, r in results.items():
