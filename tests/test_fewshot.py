@@ -138,3 +138,39 @@ def test_omniglot_protonet_learns_characters_it_never_saw(tmp_path, capsys):
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "Japanese_(katakana)" in r["split"]["test"] and r["heads"]["centroid"]["acc"] > 0.5
     assert r["one_shot_runs"]["trials"] == 400 and r["one_shot_runs"]["error"] < 0.8  # chance: 95% error
+
+
+def test_anil_adapts_only_the_head_and_differentiates_through_it():
+    from lamina.models import create_model
+    from lamina.runs.objectives.fewshot import ANILTask
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn", in_chans=1, num_classes=7, channels=(8, 8))
+    task = ANILTask(model, ways=3, steps=2, lr=0.5)
+    assert task.head_names == ["head.weight", "head.bias"]
+    batch = next(iter(EpisodeSampler(_pool(6, 10), ways=3, shots=2, queries=2, episodes=1, seed=0)))
+    batch["x"] = torch.randn(len(batch["x"]), 1, 8, 8)
+    feats = model.forward_features(batch["x"])
+    # the inner loop by hand: 2 SGD steps on the support's cross-entropy from the head's current weights
+    w, b = model.head.weight, model.head.bias
+    for _ in range(2):
+        logits = feats[:6].mean((2, 3)) @ w.T + b
+        gw, gb = torch.autograd.grad(F.cross_entropy(logits, batch["y"][:6]), (w, b), create_graph=True)
+        w, b = w - 0.5 * gw, b - 0.5 * gb
+    ref = feats[6:].mean((2, 3)) @ w.T + b
+    out = task.forward(model, batch)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    task.loss(out, batch).backward()
+    # second order: the outer loss reaches the body (through the support features) and the head's init
+    assert model.head.weight.grad.abs().sum() > 0 and model.stages[0][0][0].weight.grad.abs().sum() > 0
+
+
+def test_anil_end_to_end_on_held_out_digits(tmp_path, capsys):
+    rc = main(["fewshot", *FAST, "data.name=digits", "model.name=small_cnn", "model.channels=[32,32]",
+               f"logging.root={tmp_path}", "fewshot.method=anil", "fewshot.episodes=600", "fewshot.test_episodes=100",
+               "trainer.max_epochs=1",
+               "fewshot.queries=5", "fewshot.train_classes=[0,1,2,3,4]", "--json"])
+    assert rc == 0, capsys.readouterr().err
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(r["heads"]) == {"anil", "centroid"} and r["inner_steps"] == 10
+    assert r["heads"]["anil"]["acc"] > 0.4  # 5-way: chance is 20%

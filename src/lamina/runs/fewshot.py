@@ -30,7 +30,7 @@ from lamina.io import atomic_write_text
 from lamina.models import create_model, get_entry
 from lamina.runs.build import count_params, load_data, make_task
 from lamina.runs.folder import RunFolder
-from lamina.runs.objectives.fewshot import (PRETRAIN_TASK, ProtoNetTask, check_task, embed, evaluate_episodes,
+from lamina.runs.objectives.fewshot import (PRETRAIN_TASK, ANILTask, ProtoNetTask, check_task, embed, evaluate_episodes,
                                             mean_ci95, prototype_logits)
 from lamina.runs.outputs import jsonable
 
@@ -136,11 +136,15 @@ def train_fewshot(cfg: RunConfig, callbacks: Sequence = (), on_event: Callable[[
     emit({"event": "start", "method": f.method, "train_classes": n_train, "train_samples": len(train),
           "test_classes": int(test.y.max()) + 1, "params": count_params(model)})
     t0 = time.perf_counter()
-    if f.method == "protonet":
+    anil = None
+    if f.method in ("protonet", "anil"):
+        if f.method == "anil":  # the head adapts to an episode's classes: train with the test's number of ways
+            train_ways = f.ways
+            anil = ANILTask(model, f.ways, f.inner_steps, f.inner_lr)
         sampler = EpisodeSampler(train, train_ways, train_shots, f.train_queries or f.queries, f.episodes,
                                  seed=cfg.seed)
         epochs = cfg.trainer.max_epochs
-        trainer = _fit(cfg, model, ProtoNetTask(), sampler, callbacks, f.episodes * epochs, epochs)
+        trainer = _fit(cfg, model, anil or ProtoNetTask(), sampler, callbacks, f.episodes * epochs, epochs)
     else:  # supervised pretraining on the training classes, the run's own classification task and loader
         from lamina.data.base import DataBundle
         from lamina.data.facts import DataFacts
@@ -155,14 +159,14 @@ def train_fewshot(cfg: RunConfig, callbacks: Sequence = (), on_event: Callable[[
     device = trainer.device
     emit({"event": "trained", "seconds": train_s})
     t1 = time.perf_counter()
-    heads = ["centroid"] if f.method == "protonet" else ["centroid", "logistic"]
+    heads = {"protonet": ["centroid"], "anil": ["anil", "centroid"], "baseline": ["centroid", "logistic"]}[f.method]
     results = {}
     for h in heads:
         test_sampler.to(device)
         test_sampler.epoch = 0  # every head sees the same episodes
-        results[h] = evaluate_episodes(model, test_sampler, h,
-                                       on_episode=lambda i, n, h=h: emit({"event": "episode", "head": h, "i": i,
-                                                                          "n": n}))
+        tick = (lambda i, n, h=h: emit({"event": "episode", "head": h, "i": i, "n": n}))
+        results[h] = (anil.evaluate(model, test_sampler, tick) if h == "anil"
+                      else evaluate_episodes(model, test_sampler, h, on_episode=tick))
     runs = one_shot_runs(model, d["runs"], device) if d["runs"] else None
     folder = RunFolder(run_dir) if run_dir else RunFolder.new(cfg.logging.root, cfg.name or
                                                               f"{cfg.data.name}-fewshot-{f.method}",
@@ -172,9 +176,10 @@ def train_fewshot(cfg: RunConfig, callbacks: Sequence = (), on_event: Callable[[
     trainer.save_checkpoint(folder.checkpoints / "last")
     out = {"run_dir": str(folder.path), "method": f.method, "model": cfg.model.name, "params": count_params(model),
            "split": d["split"], "ways": f.ways, "shots": f.shots, "queries": f.queries,
-           "train_ways": train_ways if f.method == "protonet" else None,
-           "train_shots": train_shots if f.method == "protonet" else None,
-           "train_queries": (f.train_queries or f.queries) if f.method == "protonet" else None,
+           "train_ways": train_ways if anil or f.method == "protonet" else None,
+           "train_shots": train_shots if anil or f.method == "protonet" else None,
+           "train_queries": (f.train_queries or f.queries) if anil or f.method == "protonet" else None,
+           "inner_steps": f.inner_steps if anil else None, "inner_lr": f.inner_lr if anil else None,
            "within_alphabet": f.within_alphabet, "test_episodes": f.test_episodes,
            "heads": {h: {k: v for k, v in r.items() if k != "values"} for h, r in results.items()},
            "episode_acc": {h: r["values"] for h, r in results.items()},

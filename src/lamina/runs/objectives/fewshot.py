@@ -73,6 +73,101 @@ class ProtoNetTask:
         return {"acc": float(sums["correct"]) / max(float(sums["queries"]), 1.0)}
 
 
+class _HeadView(torch.nn.Module):
+    """Calls the wrapped model's forward_head, so torch.func.functional_call can swap in adapted head weights."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.m = model
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.m.forward_head(feats)
+
+
+class ANILTask:
+    """ANIL (Raghu et al. 2020, "almost no inner loop"): MAML with only the head adapted. The model's own head,
+    reset to `ways` outputs, is the meta-learned initialisation; per episode it takes `steps` SGD steps of size
+    `lr` on the support's cross-entropy (torch.func.functional_call with the adapted weights, graph kept, so the
+    outer loss on the queries differentiates through the adaptation into the body and the head's init)."""
+
+    name = "fewshot"
+
+    def __init__(self, model: torch.nn.Module, ways: int, steps: int = 5, lr: float = 0.1):
+        before = {n: id(p) for n, p in model.named_parameters()}
+        model.reset_classifier(ways)  # the contract: a fresh head with `ways` outputs
+        self.head_names = [n for n, p in model.named_parameters() if before.get(n) != id(p)]
+        if not self.head_names:
+            raise ValueError("anil: the model's reset_classifier created no new parameters")
+        self.view, self.ways, self.steps, self.lr = _HeadView(model), int(ways), int(steps), float(lr)
+        self._acc = None
+
+    def adapt(self, feats_support: torch.Tensor, ys: torch.Tensor, create_graph: bool) -> dict:
+        from torch.func import functional_call
+
+        params = {f"m.{n}": p for n, p in self.view.m.named_parameters() if n in self.head_names}
+        for _ in range(self.steps):
+            loss = F.cross_entropy(functional_call(self.view, params, (feats_support,)).float(), ys)
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+            params = {k: p - self.lr * g for (k, p), g in zip(params.items(), grads)}
+        return params
+
+    def query_logits(self, model, batch, create_graph: bool) -> torch.Tensor:
+        from torch.func import functional_call
+
+        n, k = int(batch["ways"]), int(batch["shots"])
+        if n != self.ways:
+            raise ValueError(f"anil: the head has {self.ways} outputs, the episode {n} ways")
+        feats = model.forward_features(batch["x"])
+        params = self.adapt(feats[:n * k], batch["y"][:n * k], create_graph)
+        return functional_call(self.view, params, (feats[n * k:],))
+
+    def forward(self, model, batch):
+        return self.query_logits(model, batch, create_graph=torch.is_grad_enabled())
+
+    def loss(self, outputs, batch) -> torch.Tensor:
+        n, k = int(batch["ways"]), int(batch["shots"])
+        return F.cross_entropy(outputs.float(), batch["y"][n * k:])
+
+    def train_stats(self, outputs, batch):
+        n, k = int(batch["ways"]), int(batch["shots"])
+        yq = batch["y"][n * k:]
+        correct = (outputs.detach().argmax(-1) == yq).sum()
+        return {"correct": correct, "queries": torch.tensor(len(yq), device=correct.device)}
+
+    def summarize_train(self, sums: dict, n: int) -> dict:
+        return {"acc": float(sums["correct"]) / max(float(sums["queries"]), 1.0)}
+
+    def evaluate(self, model, sampler, on_episode=None) -> dict:
+        """Test episodes: the head adapted on each support (first order: nothing is trained), queries scored."""
+        # BatchNorm as in training: statistics of the episode itself (transductive, as MAML and ANIL evaluate),
+        # with the running buffers restored afterwards so evaluation changes nothing
+        was = model.training
+        saved = {n: b.clone() for n, b in model.named_buffers()}
+        model.train()
+        accs = []
+        try:
+            for i, batch in enumerate(sampler):
+                n, k = int(batch["ways"]), int(batch["shots"])
+                with torch.no_grad():
+                    feats = model.forward_features(batch["x"])
+                with torch.enable_grad():
+                    params = self.adapt(feats[:n * k], batch["y"][:n * k], create_graph=False)
+                with torch.no_grad():
+                    from torch.func import functional_call
+
+                    pred = functional_call(self.view, params, (feats[n * k:],)).argmax(-1)
+                accs.append(float((pred == batch["y"][n * k:]).float().mean()))
+                if on_episode:
+                    on_episode(i + 1, len(sampler))
+        finally:
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    b.copy_(saved[n])
+            model.train(was)
+        m, ci = mean_ci95(accs)
+        return {"acc": m, "ci95": ci, "episodes": len(accs), "values": accs}
+
+
 def episode_accuracy(support: torch.Tensor, ys: torch.Tensor, query: torch.Tensor, yq: torch.Tensor, n: int, k: int,
                      head: str = "centroid") -> float:
     if head == "centroid":
@@ -115,5 +210,5 @@ def evaluate_episodes(model: torch.nn.Module, sampler, head: str = "centroid", o
     return {"acc": m, "ci95": ci, "episodes": len(accs), "values": accs}
 
 
-__all__ = ["PRETRAIN_TASK", "ProtoNetTask", "check_task", "embed", "episode_accuracy", "evaluate_episodes", "mean_ci95", "prototype_logits",
+__all__ = ["ANILTask", "PRETRAIN_TASK", "ProtoNetTask", "check_task", "embed", "episode_accuracy", "evaluate_episodes", "mean_ci95", "prototype_logits",
            "split_episode"]
