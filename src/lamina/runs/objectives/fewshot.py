@@ -99,7 +99,6 @@ class ANILTask:
         if not self.head_names:
             raise ValueError("anil: the model's reset_classifier created no new parameters")
         self.view, self.ways, self.steps, self.lr = _HeadView(model), int(ways), int(steps), float(lr)
-        self._acc = None
 
     def adapt(self, feats_support: torch.Tensor, ys: torch.Tensor, create_graph: bool) -> dict:
         from torch.func import functional_call
@@ -137,35 +136,29 @@ class ANILTask:
     def summarize_train(self, sums: dict, n: int) -> dict:
         return {"acc": float(sums["correct"]) / max(float(sums["queries"]), 1.0)}
 
+    def episode_accuracy(self, model, batch) -> float:
+        """The head adapted on the episode's support (first order: nothing is trained), its queries scored."""
+        from torch.func import functional_call
+
+        n, k = int(batch["ways"]), int(batch["shots"])
+        with torch.no_grad():
+            feats = model.forward_features(batch["x"])
+        with torch.enable_grad():
+            params = self.adapt(feats[:n * k], batch["y"][:n * k], create_graph=False)
+        with torch.no_grad():
+            pred = functional_call(self.view, params, (feats[n * k:],)).argmax(-1)
+        return float((pred == batch["y"][n * k:]).float().mean())
+
     def evaluate(self, model, sampler, on_episode=None) -> dict:
-        """Test episodes: the head adapted on each support (first order: nothing is trained), queries scored."""
         # BatchNorm as in training: statistics of the episode itself (transductive, as MAML and ANIL evaluate),
         # with the running buffers restored afterwards so evaluation changes nothing
-        was = model.training
         saved = {n: b.clone() for n, b in model.named_buffers()}
-        model.train()
-        accs = []
         try:
-            for i, batch in enumerate(sampler):
-                n, k = int(batch["ways"]), int(batch["shots"])
-                with torch.no_grad():
-                    feats = model.forward_features(batch["x"])
-                with torch.enable_grad():
-                    params = self.adapt(feats[:n * k], batch["y"][:n * k], create_graph=False)
-                with torch.no_grad():
-                    from torch.func import functional_call
-
-                    pred = functional_call(self.view, params, (feats[n * k:],)).argmax(-1)
-                accs.append(float((pred == batch["y"][n * k:]).float().mean()))
-                if on_episode:
-                    on_episode(i + 1, len(sampler))
+            return evaluate_episodes(model, sampler, self.episode_accuracy, on_episode, train_mode=True)
         finally:
             with torch.no_grad():
                 for n, b in model.named_buffers():
                     b.copy_(saved[n])
-            model.train(was)
-        m, ci = mean_ci95(accs)
-        return {"acc": m, "ci95": ci, "episodes": len(accs), "values": accs}
 
 
 def episode_accuracy(support: torch.Tensor, ys: torch.Tensor, query: torch.Tensor, yq: torch.Tensor, n: int, k: int,
@@ -191,17 +184,21 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
     return m, 1.96 * sd / math.sqrt(n)
 
 
-@torch.no_grad()
-def evaluate_episodes(model: torch.nn.Module, sampler, head: str = "centroid", on_episode=None) -> dict:
-    """Accuracy over the sampler's test episodes (model in eval mode), mean and 95% interval."""
+def evaluate_episodes(model: torch.nn.Module, sampler, head="centroid", on_episode=None,
+                      train_mode: bool = False) -> dict:
+    """Accuracy over the sampler's test episodes, mean and 95% interval. `head`: "centroid" or "logistic" on the
+    frozen embeddings, or a callable (model, batch) -> accuracy (ANIL adapts its head per episode)."""
     was = model.training
-    model.eval()
+    model.train(train_mode)
     accs = []
     try:
         for i, batch in enumerate(sampler):
-            z = embed(model, batch["x"])
-            s, q, yq, n, k = split_episode(z, batch)
-            accs.append(episode_accuracy(s, batch["y"][:n * k], q, yq, n, k, head))
+            if callable(head):
+                accs.append(head(model, batch))
+            else:
+                with torch.no_grad():
+                    s, q, yq, n, k = split_episode(embed(model, batch["x"]), batch)
+                accs.append(episode_accuracy(s, batch["y"][:n * k], q, yq, n, k, head))
             if on_episode:
                 on_episode(i + 1, len(sampler))
     finally:
@@ -210,5 +207,5 @@ def evaluate_episodes(model: torch.nn.Module, sampler, head: str = "centroid", o
     return {"acc": m, "ci95": ci, "episodes": len(accs), "values": accs}
 
 
-__all__ = ["ANILTask", "PRETRAIN_TASK", "ProtoNetTask", "check_task", "embed", "episode_accuracy", "evaluate_episodes", "mean_ci95", "prototype_logits",
-           "split_episode"]
+__all__ = ["ANILTask", "PRETRAIN_TASK", "ProtoNetTask", "check_task", "embed", "episode_accuracy",
+           "evaluate_episodes", "mean_ci95", "prototype_logits", "split_episode"]
