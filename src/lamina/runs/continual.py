@@ -5,7 +5,6 @@ in order with a strategy (runs/objectives/continual.py), and scored on every exp
 
     average accuracy  ACC = mean_j R[T-1, j]
     backward transfer BWT = mean_{j < T-1} (R[T-1, j] - R[j, j])   (negative: forgetting)
-    forward transfer  FWT = mean_{j > 0} (R[j-1, j] - random_j)     (only for domain streams, where it means much)
 
 (Lopez-Paz & Ranzato 2017, "Gradient Episodic Memory".) Each experience trains `trainer.max_epochs` epochs with a
 fresh optimizer and schedule (the usual protocol: the learner is not told when the next task comes, but its
@@ -25,20 +24,19 @@ from pathlib import Path
 
 import torch
 
-from lamina.config import RunConfig, to_dict, to_yaml
+from lamina.config import RunConfig, to_yaml
 from lamina.data.base import TensorData
 from lamina.data.streams import Experience, make_stream
-from lamina.engine import BatchNormRecalibration, Trainer, build_scheduler, seed_everything
-from lamina.engine.optim import build_optimizer
+from lamina.engine import Trainer, seed_everything
 from lamina.errors import ConfigError
 from lamina.io import atomic_write_text
 from lamina.runs.build import (build_run_model, check_finite_data, count_params, data_facts, load_data, make_task,
-                               resolved_options, task_class)
+                               task_class)
 from lamina.runs.folder import RunFolder
 from lamina.runs.objectives.continual import (ContinualTask, EWCAnchors, ReservoirBuffer, check_buffer,
                                               check_task, fisher_subset, per_sample_fisher, snapshot)
 from lamina.runs.outputs import jsonable
-from lamina.runs.train import SHORT_RUN_STEPS, _has_batchnorm
+from lamina.runs.train import checkpoint_info, fit_part
 
 STRATEGIES = ("naive", "replay", "ewc", "lwf", "joint")
 
@@ -117,9 +115,7 @@ def train_stream(cfg: RunConfig, strategy: str | None = None, callbacks: Sequenc
     folder.path.mkdir(parents=True, exist_ok=True)
     folder.write_text("config.yaml", to_yaml(cfg))
     folder.write_text("data.json", json.dumps(facts.to_dict(), indent=2, default=jsonable))
-    info = {"config": to_dict(cfg), "model": cfg.model.name, "model_options": resolved_options(model),
-            "objectives": [f"continual:{strategy}"],
-            "data": json.loads(json.dumps(facts.to_dict(), default=jsonable))}
+    info = checkpoint_info(cfg, model, facts, [f"continual:{strategy}"])
 
     buffer = ReservoirBuffer(c.buffer_size, cfg.seed) if strategy == "replay" else None
     ewc = EWCAnchors()
@@ -141,19 +137,11 @@ def train_stream(cfg: RunConfig, strategy: str | None = None, callbacks: Sequenc
                            bundle.class_names, bundle.meta)
         train_loader = task.train_loader(sub, cfg.data, cfg.seed + k, None)
         val_loader = task.eval_loader(val, sub, cfg.data, None) if val is not None else None
-        optimizer = build_optimizer(model, cfg.optimizer)
-        spe = max(1, -(-len(train_loader) // cfg.trainer.accumulate))
-        total = cfg.trainer.max_steps or spe * cfg.trainer.max_epochs
-        scheduler = build_scheduler(optimizer, cfg.schedule, total, spe, cfg.optimizer.lr)
-        cbs = list(callbacks)
-        if total < SHORT_RUN_STEPS and _has_batchnorm(model):  # as runs.train does: short experiences would
-            cbs.insert(0, BatchNormRecalibration())  # evaluate with running statistics that trail the weights
-        trainer = Trainer(cfg.trainer, callbacks=cbs)
-        trainer.checkpoint_info = info
         emit({"event": "experience_start", "experience": k, "experiences": len(steps),
               "classes": sorted({c_ for e in group for c_ in e.classes}), "train": len(train)})
         t0 = time.perf_counter()
-        rows = trainer.fit(model, task, train_loader, val_loader, optimizer, scheduler)
+        trainer = fit_part(cfg, model, task, train_loader, val_loader, callbacks, info)
+        rows = trainer.history
         t_fit, t_train = time.perf_counter() - t0, trainer.train_time  # fit includes validation; train_time not
         history += [{"experience": k, **r} for r in rows]
         t1 = time.perf_counter()

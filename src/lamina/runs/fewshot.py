@@ -23,8 +23,7 @@ import torch
 from lamina.config import RunConfig, to_dict, to_yaml
 from lamina.data.base import TensorData
 from lamina.data.episodes import EpisodeSampler
-from lamina.engine import Trainer, build_scheduler, seed_everything
-from lamina.engine.optim import build_optimizer
+from lamina.engine import seed_everything
 from lamina.errors import ConfigError
 from lamina.io import atomic_write_text
 from lamina.models import create_model, get_entry
@@ -33,6 +32,7 @@ from lamina.runs.folder import RunFolder
 from lamina.runs.objectives.fewshot import (PRETRAIN_TASK, ANILTask, ProtoNetTask, check_task, embed, evaluate_episodes,
                                             mean_ci95, prototype_logits)
 from lamina.runs.outputs import jsonable
+from lamina.runs.train import fit_part
 
 
 def _relabel(data: TensorData, classes: list[int]) -> TensorData:
@@ -96,16 +96,6 @@ def _encoder(cfg: RunConfig, input_shape: tuple, num_classes: int) -> torch.nn.M
     return model
 
 
-def _fit(cfg: RunConfig, model, task, loader, callbacks, total_steps: int, epochs: int) -> Trainer:
-    optimizer = build_optimizer(model, cfg.optimizer)
-    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps, max(1, total_steps // max(epochs, 1)),
-                                cfg.optimizer.lr)
-    trainer = Trainer(cfg.trainer.model_copy(update={"max_epochs": epochs}), callbacks=list(callbacks))
-    trainer.checkpoint_info = {"config": to_dict(cfg), "model": cfg.model.name, "objectives": ["fewshot"]}
-    trainer.fit(model, task, loader, None, optimizer, scheduler)
-    return trainer
-
-
 @torch.no_grad()
 def one_shot_runs(model: torch.nn.Module, runs, device) -> dict:
     """Error rate on Lake et al.'s 20-way one-shot runs with the prototype (here: nearest-neighbour) rule."""
@@ -135,6 +125,7 @@ def train_fewshot(cfg: RunConfig, callbacks: Sequence = (), on_event: Callable[[
     model = _encoder(cfg, d["input_shape"], n_train)
     emit({"event": "start", "method": f.method, "train_classes": n_train, "train_samples": len(train),
           "test_classes": int(test.y.max()) + 1, "params": count_params(model)})
+    info = {"config": to_dict(cfg), "model": cfg.model.name, "objectives": [f"fewshot:{f.method}"]}
     t0 = time.perf_counter()
     anil = None
     if f.method in ("protonet", "anil"):
@@ -143,8 +134,8 @@ def train_fewshot(cfg: RunConfig, callbacks: Sequence = (), on_event: Callable[[
             anil = ANILTask(model, f.ways, f.inner_steps, f.inner_lr)
         sampler = EpisodeSampler(train, train_ways, train_shots, f.train_queries or f.queries, f.episodes,
                                  seed=cfg.seed)
-        epochs = cfg.trainer.max_epochs
-        trainer = _fit(cfg, model, anil or ProtoNetTask(), sampler, callbacks, f.episodes * epochs, epochs)
+        trainer = fit_part(cfg, model, anil or ProtoNetTask(), sampler, callbacks=callbacks, info=info,
+                           recalibrate_short=False)
     else:  # supervised pretraining on the training classes, the run's own classification task and loader
         from lamina.data.base import DataBundle
         from lamina.data.facts import DataFacts
@@ -153,8 +144,7 @@ def train_fewshot(cfg: RunConfig, callbacks: Sequence = (), on_event: Callable[[
         facts = DataFacts.from_bundle(bundle, PRETRAIN_TASK, n_train)
         task = make_task(cfg, facts)
         loader = task.train_loader(bundle, cfg.data, cfg.seed, None)
-        epochs = cfg.trainer.max_epochs
-        trainer = _fit(cfg, model, task, loader, callbacks, len(loader) * epochs, epochs)
+        trainer = fit_part(cfg, model, task, loader, callbacks=callbacks, info=info, recalibrate_short=False)
     train_s = time.perf_counter() - t0
     device = trainer.device
     emit({"event": "trained", "seconds": train_s})

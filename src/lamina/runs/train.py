@@ -31,6 +31,7 @@ from lamina.engine import (BatchNormRecalibration, CSVLogger, EarlyStopping, LRM
                            TensorBoardLogger, Trainer, build_scheduler, seed_everything)
 from lamina.engine.checkpoint import load_model_weights, resolve
 from lamina.engine.distributed import Distributed, launched_by_torchrun, restart_count
+from lamina.engine.optim import build_optimizer
 from lamina.engine.precision import Precision, select_device
 from lamina.errors import ConfigError
 from lamina.io import atomic_write_text
@@ -103,6 +104,30 @@ def _elastic_folder(cfg: RunConfig, dist: Distributed) -> tuple[Path, Path | Non
     return Path(d), Path(resume) if resume else None
 
 
+def checkpoint_info(cfg: RunConfig, model: torch.nn.Module, facts: DataFacts, objectives: list[str]) -> dict:
+    """What every checkpoint's meta.json carries: enough to rebuild this exact model and its data (open_run)."""
+    return {"config": to_dict(cfg), "model": cfg.model.name, "model_options": resolved_options(model),
+            "objectives": objectives, "data": json.loads(json.dumps(facts.to_dict(), default=jsonable))}
+
+
+def fit_part(cfg: RunConfig, model: torch.nn.Module, task, train_loader, val_loader=None, callbacks: Sequence = (),
+             info: dict | None = None, recalibrate_short: bool = True) -> Trainer:
+    """One fit with a fresh optimizer and schedule over `train_loader` (cfg.trainer's epochs or max_steps): a step
+    of a loop that trains one model several times (continual experiences, few-shot encoders). Short fits of
+    BatchNorm models get BatchNorm recalibration as short runs do (`recalibrate_short`)."""
+    optimizer = build_optimizer(model, cfg.optimizer)
+    spe = max(1, -(-len(train_loader) // cfg.trainer.accumulate))
+    total = cfg.trainer.max_steps or spe * cfg.trainer.max_epochs
+    scheduler = build_scheduler(optimizer, cfg.schedule, total, spe, cfg.optimizer.lr)
+    cbs = list(callbacks)
+    if recalibrate_short and total < SHORT_RUN_STEPS and _has_batchnorm(model):
+        cbs.insert(0, BatchNormRecalibration())  # before any callback that reads the statistics
+    trainer = Trainer(cfg.trainer, callbacks=cbs)
+    trainer.checkpoint_info = info or {}
+    trainer.fit(model, task, train_loader, val_loader, optimizer, scheduler)
+    return trainer
+
+
 def prepare(cfg: RunConfig, dist: Distributed, callbacks: Sequence = (), resume: str | Path | None = None,
             run_dir: str | Path | None = None, task_wrapper: Callable | None = None) -> Prepared:
     wall0 = time.perf_counter()
@@ -173,10 +198,7 @@ def prepare(cfg: RunConfig, dist: Distributed, callbacks: Sequence = (), resume:
     mine = [cb for cb in callbacks if main or getattr(cb, "all_ranks", False)]
     trainer = Trainer(tcfg, callbacks=[*cbs, *ft_callbacks, *mine], loggers=loggers,
                       dist=dist)
-    # saved in every checkpoint's meta.json: enough to rebuild this exact model and its data (open_run)
-    trainer.checkpoint_info = {"config": to_dict(cfg), "model": cfg.model.name,
-                               "model_options": resolved_options(model), "objectives": active_objectives(cfg),
-                               "data": json.loads(json.dumps(facts.to_dict(), default=jsonable))}
+    trainer.checkpoint_info = checkpoint_info(cfg, model, facts, active_objectives(cfg))
     return Prepared(cfg, dist, bundle, facts, task, model, folder, trainer, train_loader, val_loader, optimizer,
                     scheduler, ckpt_cb, monitor, resume, wall0, cost)
 
