@@ -19,6 +19,20 @@ def test_version():
     assert p.returncode == 0 and p.stdout.strip().startswith("lamina 0.")
 
 
+def test_every_verb_help_renders(capsys):
+    """argparse formats help strings with %: one stray '%' in any verb's help broke `lamina --help` for all."""
+    from lamina.cli.main import _parser
+
+    p = _parser()
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["--help"])
+    assert e.value.code == 0
+    verbs = next(a for a in p._actions if isinstance(getattr(a, "choices", None), dict)).choices
+    for name, sp in verbs.items():
+        assert sp.format_help(), name
+    assert "fewshot" in capsys.readouterr().out
+
+
 def test_print_config_is_resolved_yaml(capsys, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("trainer:\n  max_epochs: 4\nmodel:\n  name: mlp\n  depth: 3\n")

@@ -15,7 +15,7 @@ _EPILOG = """examples:
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("fewshot", help="few-shot learning: prototypical networks or a pretrained-encoder baseline, "
-                                       "N-way K-shot episodes on held-out classes with 95% intervals",
+                                       "N-way K-shot episodes on held-out classes with 95%% intervals",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
     s.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]", help="a YAML config and/or dotted overrides")
     s.add_argument("--no-progress", action="store_true", help="no live progress bar")

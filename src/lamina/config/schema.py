@@ -141,6 +141,16 @@ class ContinualConfig(_Strict):
         return self
 
 
+class SSLConfig(_Strict):
+    # Self-supervised pretraining (lamina/runs/objectives/ssl.py); method=none: off
+    method: Literal["none", "simclr", "byol", "mae"] = "none"
+
+
+class FederatedConfig(_Strict):
+    # Federated learning (`lamina federated`, lamina/runs/federated.py)
+    pass
+
+
 class FewShotConfig(_Strict):
     # Few-shot learning (`lamina fewshot`, lamina/runs/fewshot.py): train on some classes, test N-way K-shot
     # episodes on classes never seen in training. data.name=omniglot: train on the minimal background set small1,
@@ -246,6 +256,8 @@ class RunConfig(_Strict):
     distill: DistillConfig = Field(default_factory=DistillConfig)  # learn from a teacher run's soft targets
     continual: ContinualConfig = Field(default_factory=ContinualConfig)  # used by `lamina continual` only
     fewshot: FewShotConfig = Field(default_factory=FewShotConfig)  # used by `lamina fewshot` only
+    ssl: SSLConfig = Field(default_factory=SSLConfig)  # self-supervised pretraining objective (SimCLR, BYOL, MAE)
+    federated: FederatedConfig = Field(default_factory=FederatedConfig)  # used by `lamina federated` only
 
 # Sections that moved; old configs and run folders that still use them are read with a deprecation warning.
 MOVED = {("trainer", "adversarial"): "adversarial", ("trainer", "distill"): "distill"}

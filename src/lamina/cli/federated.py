@@ -1,0 +1,10 @@
+"""`lamina federated` verbs (being built)."""
+
+from __future__ import annotations
+
+
+def add_parsers(sub) -> None:
+    pass
+
+
+COMMANDS: dict = {}
