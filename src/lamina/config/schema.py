@@ -142,13 +142,80 @@ class ContinualConfig(_Strict):
 
 
 class SSLConfig(_Strict):
-    # Self-supervised pretraining (lamina/runs/objectives/ssl.py); method=none: off
-    method: Literal["none", "simclr", "byol", "mae"] = "none"
+    # Self-supervised pretraining (`lamina pretrain`, lamina/runs/ssl.py; the losses in runs/objectives/ssl.py):
+    # the run's images without their labels; the encoder it leaves is a `model.pretrained` source and is probed
+    # (linear + k-NN) on the labels it never saw. trainer.max_epochs counts passes over the training images.
+    method: Literal["none", "simclr", "byol", "mae"] = "none"  # contrastive / non-contrastive / masked patches
+    temperature: PositiveFloat = 0.5  # simclr: NT-Xent's temperature (Chen et al. 2020 use 0.5 on CIFAR-10)
+    proj_dim: PositiveInt = 128  # simclr/byol: projection size (both papers: 128 / 256; 128 fits small encoders)
+    proj_hidden: PositiveInt = 512  # simclr/byol: hidden width of the projector and BYOL's predictor
+    momentum: float = Field(0.99, ge=0.0, lt=1.0)  # byol: target EMA at step 0, cosine-raised to 1 (paper 0.996
+    # for 1000 epochs; short runs need the target to follow faster)
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # simclr/byol views: resized-crop area range (0.08 erases
+    # 28 px garments; 0.2 is the usual small-image choice)
+    jitter: float = Field(0.4, ge=0.0, le=1.0)  # simclr/byol views: brightness/contrast strength (gray: no hue)
+    jitter_p: float = Field(0.8, ge=0.0, le=1.0)  # its probability per view, SimCLR's 0.8
+    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)  # mae: fraction of patches hidden from the encoder (He et al.)
+    decoder_dim: PositiveInt = 64  # mae: the light decoder's width (half the encoder's; MAE's decoder is < 10%
+    # of the compute)
+    decoder_depth: PositiveInt = 2  # mae: decoder blocks
+    decoder_heads: PositiveInt = 4
+    norm_pix: bool = True  # mae: predict each patch's normalized pixels (He et al.: +0.5-1 pt linear probe)
+    knn_k: PositiveInt = 20  # probe: neighbours of the weighted k-NN classifier (Wu et al. 2018 use 200 on
+    # ImageNet; 20 on 10-class sets)
+    knn_temperature: PositiveFloat = 0.07  # probe: weight exp(cos / T) of each neighbour's vote
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale: expected 0 < low <= high <= 1, got {list(self.crop_scale)}")
+        if self.decoder_dim % self.decoder_heads:
+            raise ValueError(f"decoder_dim: {self.decoder_dim} must be divisible by decoder_heads "
+                             f"({self.decoder_heads})")
+        return self
 
 
 class FederatedConfig(_Strict):
-    # Federated learning (`lamina federated`, lamina/runs/federated.py)
-    pass
+    # Federated learning on Flower (`lamina federated`, lamina/runs/federated.py): the training split cut into
+    # `clients` partitions; each round Flower samples clients, each trains `local_epochs` on its own partition
+    # from the global weights, the strategy aggregates; the global model is tested centrally after every round.
+    strategy: Literal["fedavg", "fedprox"] = "fedavg"  # fedprox: FedAvg + a proximal term against client drift
+    mu: NonNegativeFloat = 0.1  # fedprox: weight of mu/2 ||w - w_global||^2 (Li et al. 2020 tune 0.001-1)
+    clients: PositiveInt = 10  # partitions of the training split, one per client
+    split: Literal["iid", "dirichlet"] = "iid"  # dirichlet: per-class client shares ~ Dir(alpha) (Hsu et al. 2019)
+    alpha: PositiveFloat = 0.3  # dirichlet concentration: 100 is near IID, 0.1 leaves most clients 1-2 classes
+    min_client_samples: PositiveInt = 10  # dirichlet: redraw until every client holds at least this many
+    rounds: PositiveInt = 20  # server rounds (one global model update each)
+    fraction_fit: float = Field(1.0, gt=0, le=1)  # client sampling: share of clients asked to train each round
+    min_fit_clients: PositiveInt = 2  # a round samples at least this many (Flower's min_fit_clients)
+    local_epochs: PositiveInt = 1  # passes over its own data a client makes per round (trainer.max_epochs unused)
+    dropout_client: int | None = Field(None, ge=0)  # this client drops out mid-fit in `dropout_round` (a failure)
+    dropout_round: PositiveInt | None = None  # the round it drops out in; the round goes on with the others
+    dropout_prob: float = Field(0.0, ge=0, lt=1)  # any sampled client drops out mid-fit with this probability
+    clip: PositiveFloat | None = None  # DP: clip each client's update to this L2 norm (Flower's server-side clipping)
+    noise: NonNegativeFloat = 0.0  # DP: Gaussian noise multiplier on the clipped mean (needs clip)
+    engine: Literal["inprocess", "processes"] = "inprocess"  # processes: Flower's gRPC server + client processes
+    address: str = "127.0.0.1:0"  # processes: where the gRPC server listens; port 0 picks a free one
+    round_timeout: PositiveFloat = 600.0  # processes: seconds a round waits for a client before counting it failed
+    seed: int | None = None  # partitions, sampling, dropouts; None: the run's seed
+
+    @model_validator(mode="after")
+    def _fits(self):
+        if self.min_fit_clients > self.clients:
+            raise ValueError(f"min_fit_clients: {self.min_fit_clients} is more than the {self.clients} clients; "
+                             f"expected at most {self.clients}")
+        if self.dropout_client is not None and self.dropout_client >= self.clients:
+            raise ValueError(f"dropout_client: client {self.dropout_client} does not exist; expected 0 to "
+                             f"{self.clients - 1}")
+        if (self.dropout_client is None) != (self.dropout_round is None):
+            raise ValueError("dropout_client and dropout_round: set both (which client drops out, in which round) "
+                             "or neither")
+        if self.dropout_round is not None and self.dropout_round > self.rounds:
+            raise ValueError(f"dropout_round: {self.dropout_round} is after the last round {self.rounds}")
+        if self.noise > 0 and self.clip is None:
+            raise ValueError("noise: differential-privacy noise is scaled by the clipping norm; set federated.clip too")
+        return self
 
 
 class FewShotConfig(_Strict):

@@ -119,6 +119,60 @@ class RandomAffine:
         return {**batch, "x": F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)}
 
 
+class RandomResizedCrop:
+    """Per sample: a box of `scale` x the image area and aspect ratio in `ratio` (log-uniform) at a random position,
+    resized to `size` (default: the input size) by one affine_grid + bilinear grid_sample for the whole batch.
+    The crop SimCLR, BYOL and MoCo rely on most (Chen et al. 2020, Fig. 5): views share content at varying scale.
+    Boxes larger than the image along a side are clipped to it, as torchvision falls back to the full side."""
+
+    def __init__(self, size: int | Sequence[int] | None = None, scale: Sequence[float] = (0.08, 1.0),
+                 ratio: Sequence[float] = (3 / 4, 4 / 3)):
+        self.size = None if size is None else tuple(int(s) for s in _pair(size, "resized_crop.size"))
+        self.scale, self.ratio = _pair(scale, "resized_crop.scale"), _pair(ratio, "resized_crop.ratio")
+        if not 0 < self.scale[0] <= self.scale[1] <= 1 or not 0 < self.ratio[0] <= self.ratio[1]:
+            raise DataError(f"resized_crop: expected 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], "
+                            f"got scale={scale!r}, ratio={ratio!r}")
+
+    def __call__(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
+        x = _images(batch, "resized_crop")
+        B, C, H, W = x.shape
+        dev = x.device
+        area = _uniform(B, *self.scale, generator, dev)
+        logr = _uniform(B, math.log(self.ratio[0]), math.log(self.ratio[1]), generator, dev)
+        w = torch.sqrt(area * torch.exp(logr)).clamp(max=1.0)  # box width / image width
+        h = torch.sqrt(area / torch.exp(logr)).clamp(max=1.0)
+        cx = _uniform(B, -1.0, 1.0, generator, dev) * (1 - w)  # box centre in [-1, 1] units, box inside the image
+        cy = _uniform(B, -1.0, 1.0, generator, dev) * (1 - h)
+        zero = torch.zeros_like(w)
+        theta = torch.stack([torch.stack([w, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1).to(x.dtype)  # (B,2,3)
+        oh, ow = self.size or (H, W)
+        grid = F.affine_grid(theta, [B, C, oh, ow], align_corners=False)
+        return {**batch, "x": F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)}
+
+
+class ColorJitter:
+    """With probability p per sample: brightness (x * b) then contrast (mean + (x - mean) * c), b and c uniform in
+    [1 - brightness, 1 + brightness] and [1 - contrast, 1 + contrast], clamped to [0, 1] as torchvision does for
+    float images; so it belongs before `normalize`. Gray images have no hue or saturation to jitter."""
+
+    def __init__(self, brightness: float = 0.4, contrast: float = 0.4, p: float = 0.8):
+        self.brightness, self.contrast, self.p = float(brightness), float(contrast), float(p)
+        if not (0 <= self.brightness <= 1 and 0 <= self.contrast <= 1 and 0 <= self.p <= 1):
+            raise DataError(f"color_jitter: expected brightness, contrast and p in [0, 1], got {brightness!r}, "
+                            f"{contrast!r}, {p!r}")
+
+    def __call__(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
+        x = _images(batch, "color_jitter")
+        B, dev = x.shape[0], x.device
+        on = (torch.rand(B, generator=generator) < self.p).to(dev)[:, None, None, None]
+        b = _uniform(B, 1 - self.brightness, 1 + self.brightness, generator, dev)[:, None, None, None].to(x.dtype)
+        c = _uniform(B, 1 - self.contrast, 1 + self.contrast, generator, dev)[:, None, None, None].to(x.dtype)
+        y = (x * b).clamp(0, 1)
+        m = y.mean(dim=(1, 2, 3), keepdim=True)
+        y = (m + (y - m) * c).clamp(0, 1)
+        return {**batch, "x": torch.where(on, y, x)}
+
+
 class Normalize:
     """(x - mean) / std per channel; deterministic, so evaluation and prediction apply it too (eval_transforms)."""
 
@@ -151,7 +205,8 @@ class Compose:
         return batch
 
 
-TRANSFORMS = {"random_crop": RandomCrop, "hflip": RandomHorizontalFlip, "affine": RandomAffine, "normalize": Normalize}
+TRANSFORMS = {"random_crop": RandomCrop, "hflip": RandomHorizontalFlip, "affine": RandomAffine,
+              "resized_crop": RandomResizedCrop, "color_jitter": ColorJitter, "normalize": Normalize}
 
 
 def build_transforms(spec: Sequence[dict] | None) -> Compose:

@@ -356,6 +356,21 @@ class BertClassifier(_BertBase):
         self.head = self._new_head(num_classes)
 
 
+def classifier_from_mlm(mlm: BertMaskedLM, num_classes: int, pool: str = "cls") -> BertClassifier:
+    """A sequence classifier on a masked-LM model's embeddings and encoder blocks (every tensor copied, shapes
+    asserted); its MLM head is dropped, the pooler and the (C -> num_classes) head are new. How a `lamina train`
+    MLM run becomes the encoder of a text classifier (model.pretrained=<run folder>)."""
+    fields = {k: getattr(mlm.cfg, k) for k in BertConfig.__dataclass_fields__}
+    clf = bert_mini(**fields, num_classes=num_classes, pool=pool)
+    body = {k: v for k, v in mlm.state_dict().items() if not k.startswith(("mlm_transform.", "lm_head."))}
+    missing, unexpected = clf.load_state_dict(body, strict=False)
+    new = {k for k in missing if not k.startswith(("pooler.", "head."))}
+    if new or unexpected:
+        raise ModelError(f"bert: the masked-LM encoder does not fit a classifier: missing {sorted(new)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}")
+    return clf
+
+
 # ----- HF weights ----------------------------------------------------------------------------------------
 def hf_bert_key_map(n_layer: int) -> dict[str, str]:
     """HF BERT parameter name -> lamina name, for BertModel names (without the "bert." prefix of the task

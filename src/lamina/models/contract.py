@@ -53,6 +53,12 @@ def _fmt_shape(shape: tuple) -> str:
     return "(" + ", ".join(["B"] + [str(int(d)) for d in shape]) + ")"
 
 
+def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, num_features): the pooled features before the classifier, the embedding tools that learn or probe
+    representations (few-shot, self-supervised, k-NN) share."""
+    return model.forward_head(model.forward_features(x), pre_logits=True).flatten(1)
+
+
 def check_input_shape(model: nn.Module, sample_shape: tuple) -> None:
     """Raise InputShapeError when a per-sample shape (no batch dim) does not fit `model.input_spec`.
 

@@ -95,7 +95,8 @@ def build_run_model(cfg: RunConfig, facts: DataFacts, options: dict | None = Non
         from lamina import hub
         from lamina.hub.adapt import adapt_pretrained
 
-        model, info = hub.load(cfg.model.pretrained)
+        run_source = is_run_folder(cfg.model.pretrained)
+        model, info = load_run_encoder(cfg.model.pretrained, facts) if run_source else hub.load(cfg.model.pretrained)
         return adapt_pretrained(model, info, facts, cfg.finetune.input_size)
     entry = get_entry(cfg.model.name)
     task_cls = TASKS[facts.task]
@@ -109,6 +110,29 @@ def build_run_model(cfg: RunConfig, facts: DataFacts, options: dict | None = Non
 
         add_input_preprocessing(model, None, cfg.finetune.input_size, shape[0])
     return model
+
+
+def is_run_folder(source) -> bool:
+    """A `lamina train` / `lamina pretrain` run folder (or one of its checkpoints) rather than hub weights."""
+    p = Path(source)
+    return p.is_dir() and ((p / "checkpoints").is_dir() or ((p / "meta.json").is_file() and
+                                                          (p / "model.safetensors").is_file()))
+
+
+def load_run_encoder(source, facts: DataFacts) -> tuple[torch.nn.Module, dict]:
+    """(model, info) of a run folder used as `model.pretrained`: the run's model with its trained weights (a
+    self-supervised encoder, a supervised classifier, a masked LM). A masked LM fine-tuned for sequence
+    classification keeps its embeddings and blocks under a new pooler and head (models.bert.classifier_from_mlm).
+    Its tokenizer.json (pretrained_tokenizer) cuts the new data, so the vocabularies agree."""
+    from lamina.runs.open import open_run  # same layer; open_run itself builds models through this module
+
+    run = open_run(source)
+    model = run.model
+    if getattr(model, "output_kind", None) == "masked_lm" and facts.task == "sequence_classification":
+        from lamina.models.bert import classifier_from_mlm
+
+        model = classifier_from_mlm(model, int(facts.num_classes or facts.num_outputs))
+    return model, {"family": run.cfg.model.name, "format": "lamina-run", "source": str(run.checkpoint)}
 
 
 def resolved_options(model: torch.nn.Module) -> dict | None:

@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lamina.models.contract import pooled_features
+
 
 PRETRAIN_TASK = "classification"  # what the baseline's encoder is pretrained on, and what the data must be
 
@@ -28,9 +30,7 @@ def check_task(task: str, data: str, num_classes) -> None:
         raise ConfigError(f"fewshot: needs a classification data set with class labels; '{data}' is {task}")
 
 
-def embed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The model's embedding: pooled features before its classifier (the model contract)."""
-    return model.forward_head(model.forward_features(x), pre_logits=True).flatten(1)
+embed = pooled_features  # the model's embedding: pooled features before its classifier (the model contract)
 
 
 def split_episode(z: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
