@@ -103,3 +103,18 @@ def save_figure(fig, path: str | Path, title: str = "") -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_federated(curves: dict[str, list[float]], path: str | Path, title: str = "") -> Path:
+    """Federated learning: test accuracy of the global model after each round (round 0: the initial model), one
+    line per setting (strategy and client split, or the centralised baseline)."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.9))
+    for name, ys in curves.items():
+        style = "--" if name == "central" else "-"
+        ax.plot(range(len(ys)), ys, style, marker="o", ms=3, label=f"{name} ({ys[-1]:.3f})")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy of the global model")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path, title)
