@@ -81,11 +81,13 @@ class SeededClientManager(SimpleClientManager):
         self._state = random.Random(seed).getstate()
         self.expect, self.wait_s = expect, wait_s
 
+    def wait_expected(self) -> None:
+        """Before round 1 (the strategy sizes its sample by the clients connected at that moment)."""
+        if self.expect and not self.wait_for(self.expect, timeout=self.wait_s):
+            raise RuntimeError(f"only {len(self)} of {self.expect} federated clients connected in {self.wait_s}s")
+        self.expect = 0
+
     def sample(self, num_clients, min_num_clients=None, criterion=None):
-        if self.expect:
-            if not self.wait_for(self.expect, timeout=self.wait_s):
-                raise RuntimeError(f"only {len(self)} of {self.expect} federated clients connected in {self.wait_s}s")
-            self.expect = 0
         outer = random.getstate()
         random.setstate(self._state)
         try:
@@ -106,7 +108,9 @@ class Recorder(Strategy):
     def __repr__(self) -> str:
         return f"Recorder({self.inner!r})"
 
-    def initialize_parameters(self, client_manager):
+    def initialize_parameters(self, client_manager):  # Server.fit's first call: wait for the gRPC clients here
+        if isinstance(client_manager, SeededClientManager):
+            client_manager.wait_expected()
         return self.inner.initialize_parameters(client_manager)
 
     def configure_fit(self, server_round, parameters, client_manager):
