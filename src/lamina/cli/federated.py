@@ -28,7 +28,8 @@ def add_parsers(sub) -> None:
     s.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]", help="a YAML config and/or dotted overrides")
     s.add_argument("--compare", help="comma-separated settings to run on the same data and seed (default: the "
                                      "config's federated.strategy and federated.split alone)")
-    s.add_argument("--out", help="output folder of a comparison (default: runs/<name>-federated)")
+    s.add_argument("--out", help="output folder: a comparison's (default: runs/<name>-federated) or a single "
+                                 "run's run folder (default: a new folder under logging.root)")
     s.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -64,7 +65,7 @@ def cmd_federated(a, console) -> int:
                           f"({ev['round_s']:.1f}s){who}")
 
     if names is None:
-        r = run_federated(cfg, on_event)
+        r = run_federated(cfg, on_event, run_dir=a.out)
         if a.json:
             print(json.dumps({k: v for k, v in r.items() if k != "rounds"}))
             return 0
