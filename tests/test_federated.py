@@ -117,7 +117,7 @@ def test_round_one_global_model_is_the_sample_weighted_mean(tmp_path, strategy):
                "federated.alpha=0.5", f"federated.strategy={strategy}", "federated.mu=0.5")
     r = run_federated(cfg)
     assert r["rounds"][1]["trained"] == [0, 1, 2] and r["rounds"][1]["models_built"] == 3
-    s, w0, outs = _initial_and_clients(cfg, mu=0.5 if strategy == "fedprox" else 0.0)
+    _, _, outs = _initial_and_clients(cfg, mu=0.5 if strategy == "fedprox" else 0.0)
     sizes = [outs[c][1] for c in range(3)]
     assert sizes == r["client_sizes"] and len(set(sizes)) > 1  # unequal clients: weighting matters
     got = _weights(r["run_dir"])

@@ -10,10 +10,9 @@ import random
 import socket
 import warnings
 
-import numpy as np
 from flwr.client import NumPyClient
-from flwr.common import (DisconnectRes, EvaluateIns, EvaluateRes, FitIns, FitRes, GetParametersIns,
-                         GetParametersRes, GetPropertiesIns, GetPropertiesRes, ReconnectIns, ndarrays_to_parameters)
+from flwr.common import (DisconnectRes, EvaluateIns, EvaluateRes, FitIns, FitRes, GetParametersIns, GetParametersRes,
+                         GetPropertiesIns, GetPropertiesRes, ReconnectIns, ndarrays_to_parameters)
 from flwr.server import Server, ServerConfig
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -123,9 +122,10 @@ class Recorder(Strategy):
     def aggregate_fit(self, server_round, results, failures):
         trained = sorted(int(r.metrics["cid"]) for _, r in results)
         sampled = self._sampled.get(server_round, [])
+        messages = [(str(e) or type(e).__name__) if isinstance(e, BaseException) else f"status {e[1].status.code}"
+                    for e in failures]
         rec = {"sampled": sampled, "trained": trained, "failed": sorted(set(sampled) - set(trained)),
-               "failure_messages": sorted((str(e) or type(e).__name__) if isinstance(e, BaseException) else f"status {e[1].status.code}"
-                                          for e in failures),
+               "failure_messages": sorted(messages),
                "client_metrics": sorted((dict(r.metrics) for _, r in results), key=lambda m: m["cid"])}
         if self.counter is not None:
             rec["models_built"] = self.counter["built"]
@@ -149,11 +149,11 @@ def _mean_train_loss(metrics: list[tuple[int, dict]]) -> dict:
 
 def build_strategy(s: FedSetup, server_model: GlobalModel, partition, counter=None) -> Strategy:
     f = s.cfg.federated
-    common = dict(fraction_fit=f.fraction_fit, fraction_evaluate=0.0, min_fit_clients=f.min_fit_clients,
-                  min_evaluate_clients=0, min_available_clients=f.min_fit_clients,
-                  evaluate_fn=server_model.evaluate, accept_failures=True,
-                  on_fit_config_fn=lambda r: {"server_round": r}, fit_metrics_aggregation_fn=_mean_train_loss,
-                  initial_parameters=ndarrays_to_parameters(server_model.initial()))
+    common = {"fraction_fit": f.fraction_fit, "fraction_evaluate": 0.0, "min_fit_clients": f.min_fit_clients,
+              "min_evaluate_clients": 0, "min_available_clients": f.min_fit_clients,
+              "evaluate_fn": server_model.evaluate, "accept_failures": True,
+              "on_fit_config_fn": lambda r: {"server_round": r}, "fit_metrics_aggregation_fn": _mean_train_loss,
+              "initial_parameters": ndarrays_to_parameters(server_model.initial())}
     inner = FedProx(proximal_mu=f.mu, **common) if f.strategy == "fedprox" else FedAvg(**common)
     if f.clip is not None:
         expected = max(int(f.clients * f.fraction_fit), f.min_fit_clients)

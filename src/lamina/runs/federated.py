@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -51,8 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lamina.config import RunConfig, to_yaml, validate
-from lamina.config import to_dict
+from lamina.config import RunConfig, to_dict, to_yaml, validate
 from lamina.data.base import DataBundle
 from lamina.data.facts import DataFacts
 from lamina.data.partitions import class_counts, label_skew, make_partition
@@ -77,8 +75,8 @@ def require_flwr():
     try:
         import flwr  # noqa: F401
     except ImportError:
-        raise MissingDependencyError('flwr is not installed; federated learning needs pip install "lamina[federated]"') \
-            from None
+        raise MissingDependencyError('flwr is not installed; federated learning needs '
+                                     'pip install "lamina[federated]"') from None
     from lamina.runs import _flower
 
     return _flower
@@ -387,6 +385,6 @@ def compare_settings(cfg: RunConfig, settings: Sequence[str], out: str | Path,
     return summary
 
 
-__all__ = ["ClientDropout", "FedSetup", "SETTINGS", "STRATEGIES", "check_strategy", "compare_settings",
-           "drops_out", "get_weights", "local_fit", "make_setup", "parse_settings", "require_flwr", "run_federated",
-           "set_weights", "setting_config"]
+__all__ = ["SETTINGS", "STRATEGIES", "ClientDropout", "FedSetup", "check_strategy", "compare_settings", "drops_out",
+           "get_weights", "local_fit", "make_setup", "parse_settings", "require_flwr", "run_federated", "set_weights",
+           "setting_config"]
