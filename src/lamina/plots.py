@@ -112,6 +112,9 @@ def plot_federated(curves: dict[str, list[float]], path: str | Path, title: str 
     for name, ys in curves.items():
         style = "--" if name == "central" else "-"
         ax.plot(range(len(ys)), ys, style, marker="o", ms=3, label=f"{name} ({ys[-1]:.3f})")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy of the global model")
     ax.set_ylim(0, 1.02)
