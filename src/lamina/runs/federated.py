@@ -200,7 +200,9 @@ def local_fit(s: FedSetup, cid: int, weights: Sequence[np.ndarray], server_round
     callbacks = []
     if drops_out(cfg, cid, server_round):
         callbacks.append(_DropMidway(len(loader) // 2, leave or _raise_dropout(cid, server_round)))
-    trainer = fit_part(local, model, task, loader, None, callbacks, None, recalibrate_short=False)
+    # a client's few steps leave BatchNorm's running statistics trailing its weights (fit_part recalibrates short
+    # fits): each client sends statistics of its own final weights on its own data, which FedAvg then averages
+    trainer = fit_part(local, model, task, loader, None, callbacks, None)
     last = trainer.history[-1] if trainer.history else {}
     metrics = {"cid": int(cid), "train_loss": float(last.get("train/loss", float("nan"))),
                "train_s": float(trainer.train_time)}
