@@ -5,24 +5,26 @@ a hand-written PyTorch FedAvg loop of the same algorithm.
 
 Part 1 drives the CLI as a user would, once per seed:
 
-    lamina federated configs/federated_fashion.yaml seed=S --compare fedavg-iid,fedavg-dirichlet,fedprox-dirichlet,central
-        --out WORK/cmp-sS --json
+    lamina federated configs/federated_fashion.yaml seed=S
+        --compare fedavg-iid,fedavg-dirichlet,fedprox-dirichlet,central --out WORK/cmp-sS --json
 
 and reports the final-round test accuracy as mean +- std over seeds, and the non-IID penalty (FedAvg IID minus FedAvg
 Dirichlet, per seed). Part 2: fedavg-iid with half the clients sampled per round and each sampled client dropping
 out mid-fit with probability 0.1. Part 3: the gRPC engine (Flower's start_server + one process per client), 4
-clients, 3 rounds. Part 4 runs, in this process and interleaved, lamina's loop (runs.federated.run_federated:
+clients, 3 rounds, one client process exiting mid-fit. Part 3b: FedProx's mu swept, and FedAvg vs FedProx at 3
+local epochs (seed 0). Part 4 runs, in this process and interleaved, lamina's loop (runs.federated.run_federated:
 Flower's Server, strategy and client manager, lamina's Trainer on each client, central test and an atomic
 checkpoint after every round) and a plain loop written here without lamina or Flower (the same MLP init,
 partitions, Adam, batch size, rounds, central test per round); both times include the per-round test. Load
 averages are recorded; a start above the core count is flagged.
 
-    nice .venv/bin/python benchmarks/federated_fashion.py --work /tmp/fl-bench [--seeds 0,1,2] [--repeats 2]
+    nice .venv/bin/python benchmarks/federated_fashion.py --work /tmp/fl-bench [--seeds 0,1,2] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -117,13 +119,37 @@ def grpc(work: Path, steps: list[dict]) -> dict:
     return out
 
 
+def prox(work: Path, steps: list[dict]) -> dict:
+    """FedProx against FedAvg on the Dirichlet split, seed 0: mu swept at 1 local epoch, and both at 3 local epochs
+    (more local work, more client drift: where the proximal term is meant to help)."""
+    out = {"mu_sweep": {}, "local_epochs_3": {}}
+    for mu in (0.01, 1.0):
+        d = work / f"prox-mu{mu}"
+        if not (d / "federated.json").is_file():
+            cli_step(f"federated fedprox-dirichlet mu {mu}",
+                     ["federated", str(CONFIG), *QUIET, f"logging.root={work / 'runs'}", "federated.strategy=fedprox",
+                      "federated.split=dirichlet", f"federated.mu={mu}", "--out", str(d), "--json"],
+                     work / f"prox-mu{mu}.log", steps)
+        out["mu_sweep"][str(mu)] = json.loads((d / "federated.json").read_text())["final_acc"]
+    d = work / "local3"
+    if not (d / "comparison.json").is_file():
+        cli_step("federated local_epochs 3", ["federated", str(CONFIG), *QUIET, f"logging.root={work / 'runs'}",
+                                              "federated.local_epochs=3", "--compare",
+                                              "fedavg-dirichlet,fedprox-dirichlet", "--out", str(d), "--json"],
+                 work / "local3.log", steps)
+    c = json.loads((d / "comparison.json").read_text())
+    out["local_epochs_3"] = {n: v["final_acc"] for n, v in c["settings"].items()}
+    print(f"\nFedProx on Dirichlet alpha 0.1, seed 0: final acc by mu (1 local epoch) {out['mu_sweep']}; "
+          f"3 local epochs: {out['local_epochs_3']}")
+    return out
+
+
 # ----- part 4: a hand-written FedAvg loop ---------------------------------------------------------------------
 def hand_fedavg(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, parts: list[torch.Tensor],
-                xt: torch.Tensor, yt: torch.Tensor, rounds: int, batch: int, lr: float, seed: int) -> tuple[float, float]:
+                xt: torch.Tensor, yt: torch.Tensor, rounds: int, batch: int, lr: float,
+                seed: int) -> tuple[float, float]:
     """FedAvg as one writes it in plain PyTorch: every client trains a copy of the global model for one epoch with
     a fresh Adam, the server averages the state dicts weighted by sample count, then tests. (seconds, final acc)"""
-    import copy
-
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     acc = 0.0
@@ -171,18 +197,18 @@ def overhead(repeats: int, rounds: int) -> dict:
         res = run_federated(cfg)
         lam.append(res["loop_s"])
         accs["lamina"].append(res["final_acc"])
-        import copy
-
         t, acc = hand_fedavg(copy.deepcopy(init), x, y, s.parts, xt, yt, rounds, cfg.data.batch_size,
                              cfg.optimizer.lr, cfg.seed + r)
         hand.append(t)
         accs["hand"].append(acc)
-        print(f"  repeat {r}: lamina {lam[-1]:.1f}s (acc {res['final_acc']:.4f}, wall {time.perf_counter() - l0:.1f}s), "
+        print(f"  repeat {r}: lamina {lam[-1]:.1f}s (acc {res['final_acc']:.4f}, "
+              f"wall {time.perf_counter() - l0:.1f}s), "
               f"hand-written {t:.1f}s (acc {acc:.4f})")
     ml, mh = statistics.median(lam), statistics.median(hand)
     print(f"\noverhead: FedAvg IID, {cfg.federated.clients} clients, {rounds} rounds, 1 local epoch, test every round")
-    print_table(["loop", "median s", "final acc"], [["hand-written PyTorch", f"{mh:.2f}", f"{statistics.mean(accs['hand']):.4f}"],
-                                                    ["lamina (Flower)", f"{ml:.2f}", f"{statistics.mean(accs['lamina']):.4f}"]])
+    print_table(["loop", "median s", "final acc"],
+                [["hand-written PyTorch", f"{mh:.2f}", f"{statistics.mean(accs['hand']):.4f}"],
+                 ["lamina (Flower)", f"{ml:.2f}", f"{statistics.mean(accs['lamina']):.4f}"]])
     print(f"ratio lamina / hand-written: {ml / mh:.3f}")
     return {"rounds": rounds, "clients": cfg.federated.clients, "lamina_s": lam, "hand_s": hand, "ratio": ml / mh,
             "acc": accs}
@@ -194,7 +220,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--overhead-rounds", type=int, default=10)
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: quality,sampled,grpc,overhead")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: quality,sampled,grpc,prox,overhead")
     a = ap.parse_args()
     skip = set(a.skip.split(","))
     work, load0 = start_work(a.work)
@@ -207,6 +233,8 @@ def main() -> None:
         result["sampled"] = sampled(work, steps)
     if "grpc" not in skip:
         result["grpc"] = grpc(work, steps)
+    if "prox" not in skip:
+        result["prox"] = prox(work, steps)
     if "overhead" not in skip:
         l0 = loadavg1()
         result["overhead"] = overhead(a.repeats, a.overhead_rounds)
