@@ -178,6 +178,21 @@ def test_knn_votes_by_cosine_similarity():
     assert knn_accuracy(f_train, y_train, f_test[2:], torch.tensor([1]), k=3, temperature=1.0) == 1.0
 
 
+def test_linear_probe_matches_scikit_learn():
+    """Same objective as LogisticRegression(C=1) on StandardScaler features: the same test predictions."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(600) % 4
+    f = torch.randn(600, 12, generator=g) + 0.8 * F.one_hot(y, 12).float() @ torch.randn(12, 12, generator=g)
+    ours = linear_probe(f[:400], y[:400], f[400:], y[400:])
+    sc = StandardScaler().fit(f[:400].numpy())
+    ref = LogisticRegression(C=1.0, max_iter=5000, tol=1e-8).fit(sc.transform(f[:400].numpy()), y[:400].numpy())
+    ref_acc = float((ref.predict(sc.transform(f[400:].numpy())) == y[400:].numpy()).mean())
+    assert 0.4 < ours and abs(ours - ref_acc) <= 1 / 200  # at most one of 200 test points decided differently
+
+
 def test_linear_probe_separates_separable_features_and_not_noise():
     g = torch.Generator().manual_seed(0)
     y = torch.arange(300) % 3

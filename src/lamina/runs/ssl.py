@@ -5,7 +5,7 @@
                          zoo model (the encoder; its classifier head untrained), so `lamina eval`, `lamina probe`
                          and `model.pretrained=<run folder>` read it like any run. Then probes it.
     probe(model, ...)    how linearly separable / how clustered the frozen features are on labelled data:
-                         linear probe (multinomial logistic regression, scikit-learn, on standardised features of
+                         linear probe (multinomial logistic regression, scikit-learn's objective by L-BFGS, on standardised features of
                          the whole train split, scored on test) and weighted k-NN (Wu et al. 2018: the k nearest
                          train features by cosine similarity vote with weight exp(cos / T)).
     probe_run(path)      the same for any run folder (a supervised run: its penultimate features), or for the
@@ -56,15 +56,33 @@ def encode(model: torch.nn.Module, loader, device) -> tuple[torch.Tensor, torch.
 
 
 def linear_probe(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Tensor, y_test: torch.Tensor,
-                 max_iter: int = 1000) -> float:
-    """Test accuracy of a multinomial logistic regression (lbfgs, C=1) on standardised frozen features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
+                 C: float = 1.0, max_iter: int = 500, device=None) -> float:
+    """Test accuracy of multinomial logistic regression on standardised frozen features: scikit-learn's
+    LogisticRegression(C) objective (sum of cross-entropies + ||W||^2 / (2C), intercept unpenalised), written in
+    torch and minimised by full-batch L-BFGS so it runs on the features' device in seconds where lbfgs in
+    scikit-learn takes minutes on 55,000 x 128 (tests/test_ssl.py checks it against scikit-learn)."""
+    dev = torch.device(device) if device is not None else f_train.device
+    x, xt = f_train.to(dev, torch.float32), f_test.to(dev, torch.float32)
+    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-8)  # StandardScaler's
+    x, xt = (x - mean) / std, (xt - mean) / std
+    y = y_train.to(dev).long()
+    n_cls = int(max(y_train.max(), y_test.max())) + 1
+    w = torch.zeros(x.shape[1], n_cls, device=dev, requires_grad=True)
+    b = torch.zeros(n_cls, device=dev, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
+                            tolerance_change=1e-9, line_search_fn="strong_wolfe")
+    lam = 1.0 / (2.0 * C * len(x))  # the mean-loss form of sklearn's summed objective
 
-    scaler = StandardScaler().fit(f_train.numpy())
-    clf = LogisticRegression(max_iter=max_iter)
-    clf.fit(scaler.transform(f_train.numpy()), y_train.numpy())
-    return float((clf.predict(scaler.transform(f_test.numpy())) == y_test.numpy()).mean())
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, y) + lam * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return float(((xt @ w + b).argmax(1).cpu() == y_test.cpu()).float().mean())
 
 
 def knn_accuracy(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Tensor, y_test: torch.Tensor,
@@ -90,7 +108,7 @@ def probe(model: torch.nn.Module, train_loader, test_loader, device, k: int = 20
     ftr, ytr = encode(model, train_loader, device)
     fte, yte = encode(model, test_loader, device)
     t1 = time.perf_counter()
-    out = {"linear_probe": linear_probe(ftr, ytr, fte, yte), "knn": knn_accuracy(ftr, ytr, fte, yte, k, temperature),
+    out = {"linear_probe": linear_probe(ftr, ytr, fte, yte, device=device), "knn": knn_accuracy(ftr, ytr, fte, yte, k, temperature),
            "knn_k": k, "features": int(ftr.shape[1]), "train": len(ftr), "test": len(fte),
            "encode_s": t1 - t0}
     out["probe_s"] = time.perf_counter() - t1
