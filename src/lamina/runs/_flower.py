@@ -130,6 +130,9 @@ class Recorder(Strategy):
         if self.counter is not None:
             rec["models_built"] = self.counter["built"]
         self.server_model.participation[server_round] = rec
+        # Flower gathers results from a set of futures (arbitrary order); a fixed order makes the float sums, and
+        # so the whole run, repeat exactly
+        results = sorted(results, key=lambda pr: int(pr[1].metrics["cid"]))
         return self.inner.aggregate_fit(server_round, results, failures)
 
     def configure_evaluate(self, server_round, parameters, client_manager):
