@@ -18,6 +18,8 @@ from lamina.tasks.contrastive import ContrastiveTask  # noqa: E402
 TASKS["contrastive"] = ContrastiveTask
 from lamina.tasks.fusion import FusionTask  # noqa: E402
 TASKS["fusion"] = FusionTask
+from lamina.tasks.ctc import CTCTask  # noqa: E402
+TASKS["ctc"] = CTCTask
 
 
 def build_task(name: str, **kwargs):
