@@ -75,6 +75,10 @@ CASES = {
                    lambda: {"image": _digits(), "text": (t := _text()), "text_mask": _mask(t),
                             "audio": torch.randn(N, 20, 6, generator=torch.Generator().manual_seed(0)),
                             "audio_mask": torch.ones(N, 20, dtype=torch.bool)}),
+    # the classical head: the quantum one simulates complex state vectors, which neither ONNX nor torch.export
+    # handles (a one-line ExportError, tests/test_quantum.py)
+    "hybrid": ("hybrid_mlp", dict(in_features=64, num_classes=10, head_kind="classical"),
+               lambda: (_digits().flatten(1),)),
 }
 # Each dynamo export costs seconds of tracing and translation: three families (a conv net, a decoder, an encoder
 # that takes the TorchScript fallback) run by default, the rest are marked slow (`-m "not slow"` skips them).

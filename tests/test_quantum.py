@@ -268,3 +268,16 @@ def test_cli_missing_pennylane_is_one_line_exit_2(monkeypatch, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     want = 'missing dependency: pennylane is not installed; the quantum layer needs pip install "lamina[quantum]"'
     assert rc == 2 and err == [want], err
+
+
+@pytest.mark.slow
+def test_quantum_head_export_is_a_one_line_export_error(tmp_path):
+    # complex state vectors: ONNX has no complex type and torch.export cannot trace PennyLane's tape; the user gets
+    # one line naming both exporters' failures (the classical head exports: tests/test_export.py's "hybrid" case)
+    pytest.importorskip("onnxscript")
+    from lamina.deploy.export import ExportError, export_onnx
+
+    model = create_model("hybrid_mlp", in_features=64, num_classes=10).eval()
+    with pytest.raises(ExportError, match="hybrid_mlp: ONNX export failed with both exporters") as err:
+        export_onnx(model, {"x": torch.randn(8, 64)}, tmp_path / "m.onnx")
+    assert "\n" not in str(err.value) and not (tmp_path / "m.onnx").exists()
