@@ -240,7 +240,11 @@ def test_cli_trains_the_hybrid_config_above_chance(tmp_path, capsys):
     from lamina.cli.main import main
 
     cfg = ROOT / "configs" / "quantum_digits.yaml"
-    rc = main(["train", str(cfg), "trainer.max_epochs=3", f"logging.root={tmp_path}", "name=q", *FAST])
+    n = torch.get_num_threads()
+    try:
+        rc = main(["train", str(cfg), "trainer.max_epochs=3", f"logging.root={tmp_path}", "name=q", *FAST])
+    finally:
+        torch.set_num_threads(n)  # the config's trainer.threads=1 must not leak into later tests on this worker
     assert rc == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "q" / "summary.json").read_text())
     assert summary["model"] == "hybrid_mlp" and summary["test"]["test/acc"] > 0.4  # 10 classes: chance is 0.1
