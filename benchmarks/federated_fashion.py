@@ -61,25 +61,31 @@ def quality(work: Path, seeds: list[int], steps: list[dict]) -> dict:
     agg = {}
     for s in SETTINGS:
         accs = [r["settings"][s]["final_acc"] for r in per_seed]
+        # the last 5 rounds' mean: non-IID curves swing by ~0.01 from round to round, one round is a noisy reading
+        last5 = [statistics.mean(r["settings"][s]["acc_per_round"][-5:]) for r in per_seed]
         agg[s] = {"final_acc_values": accs, "final_acc_mean": statistics.mean(accs), "final_acc_std": _std(accs),
+                  "last5_mean_values": last5, "last5_mean": statistics.mean(last5), "last5_std": _std(last5),
                   "label_skew_mean": statistics.mean(r["settings"][s]["label_skew"] for r in per_seed),
                   "loop_s_mean": statistics.mean(r["settings"][s]["loop_s"] for r in per_seed),
                   "acc_per_round_seed0": per_seed[0]["settings"][s]["acc_per_round"]}
     pen = [r["non_iid_penalty"]["fedavg"] for r in per_seed]
+    pen5 = [a - b for a, b in zip(agg["fedavg-iid"]["last5_mean_values"], agg["fedavg-dirichlet"]["last5_mean_values"])]
     prox_gain = [r["settings"]["fedprox-dirichlet"]["final_acc"] - r["settings"]["fedavg-dirichlet"]["final_acc"]
                  for r in per_seed]
     out = {"seeds": seeds, "settings": agg,
            "non_iid_penalty_fedavg": {"values": pen, "mean": statistics.mean(pen), "std": _std(pen)},
+           "non_iid_penalty_fedavg_last5": {"values": pen5, "mean": statistics.mean(pen5), "std": _std(pen5)},
            "fedprox_minus_fedavg_dirichlet": {"values": prox_gain, "mean": statistics.mean(prox_gain),
                                               "std": _std(prox_gain)},
            "plot": str(work / f"cmp-s{seeds[0]}" / "comparison.png"), "rounds": per_seed[0]["rounds"],
            "clients": per_seed[0]["clients"], "alpha": per_seed[0]["alpha"], "mu": per_seed[0]["mu"]}
     print(f"\nFashion-MNIST, {out['clients']} clients, {out['rounds']} rounds, 1 local epoch, seeds {seeds}")
-    print_table(["setting", "final acc mean", "std", "label skew", "loop s"],
+    print_table(["setting", "final acc mean", "std", "last-5 mean", "std", "label skew", "loop s"],
                 [[s, f"{r['final_acc_mean']:.4f}", f"{r['final_acc_std']:.4f}" if r["final_acc_std"] else "-",
+                  f"{r['last5_mean']:.4f}", f"{r['last5_std']:.4f}" if r["last5_std"] else "-",
                   f"{r['label_skew_mean']:.3f}", f"{r['loop_s_mean']:.1f}"] for s, r in agg.items()])
     print(f"non-IID penalty (FedAvg IID - Dirichlet alpha {out['alpha']}): {out['non_iid_penalty_fedavg']['mean']:+.4f}"
-          f"  per seed {[round(p, 4) for p in pen]}")
+          f"  per seed {[round(p, 4) for p in pen]}; on the last-5-round means {statistics.mean(pen5):+.4f}")
     return out
 
 
@@ -119,28 +125,38 @@ def grpc(work: Path, steps: list[dict]) -> dict:
     return out
 
 
-def prox(work: Path, steps: list[dict]) -> dict:
-    """FedProx against FedAvg on the Dirichlet split, seed 0: mu swept at 1 local epoch, and both at 3 local epochs
-    (more local work, more client drift: where the proximal term is meant to help)."""
+def prox(work: Path, seeds: list[int], steps: list[dict]) -> dict:
+    """FedProx against FedAvg on the Dirichlet split: mu 0.01 on every seed, mu 1.0 on the first (mu 0.1 is part 1's),
+    at 1 local epoch; and both at 3 local epochs, first seed (more local work, more client drift: where the
+    proximal term is meant to help)."""
     out = {"mu_sweep": {}, "local_epochs_3": {}}
-    for mu in (0.01, 1.0):
-        d = work / f"prox-mu{mu}"
-        if not (d / "federated.json").is_file():
-            cli_step(f"federated fedprox-dirichlet mu {mu}",
-                     ["federated", str(CONFIG), *QUIET, f"logging.root={work / 'runs'}", "federated.strategy=fedprox",
-                      "federated.split=dirichlet", f"federated.mu={mu}", "--out", str(d), "--json"],
-                     work / f"prox-mu{mu}.log", steps)
-        out["mu_sweep"][str(mu)] = json.loads((d / "federated.json").read_text())["final_acc"]
+    for mu, mu_seeds in ((0.01, seeds), (1.0, seeds[:1])):
+        runs = []
+        for seed in mu_seeds:
+            d = work / (f"prox-mu{mu}" if seed == seeds[0] else f"prox-mu{mu}-s{seed}")
+            if not (d / "federated.json").is_file():
+                cli_step(f"federated fedprox-dirichlet mu {mu} seed {seed}",
+                         ["federated", str(CONFIG), *QUIET, f"logging.root={work / 'runs'}", f"seed={seed}",
+                          "federated.strategy=fedprox", "federated.split=dirichlet", f"federated.mu={mu}", "--out",
+                          str(d), "--json"], work / f"{d.name}.log", steps)
+            accs = [x["test/acc"] for x in json.loads((d / "federated.json").read_text())["rounds"]]
+            runs.append({"seed": seed, "final_acc": accs[-1], "last5_mean": statistics.mean(accs[-5:])})
+        out["mu_sweep"][str(mu)] = {"runs": runs, "final_acc_mean": statistics.mean(r["final_acc"] for r in runs),
+                                    "last5_mean": statistics.mean(r["last5_mean"] for r in runs)}
     d = work / "local3"
     if not (d / "comparison.json").is_file():
         cli_step("federated local_epochs 3", ["federated", str(CONFIG), *QUIET, f"logging.root={work / 'runs'}",
-                                              "federated.local_epochs=3", "--compare",
+                                              f"seed={seeds[0]}", "federated.local_epochs=3", "--compare",
                                               "fedavg-dirichlet,fedprox-dirichlet", "--out", str(d), "--json"],
                  work / "local3.log", steps)
     c = json.loads((d / "comparison.json").read_text())
-    out["local_epochs_3"] = {n: v["final_acc"] for n, v in c["settings"].items()}
-    print(f"\nFedProx on Dirichlet alpha 0.1, seed 0: final acc by mu (1 local epoch) {out['mu_sweep']}; "
-          f"3 local epochs: {out['local_epochs_3']}")
+    out["local_epochs_3"] = {n: {"final_acc": v["final_acc"], "last5_mean": statistics.mean(v["acc_per_round"][-5:])}
+                             for n, v in c["settings"].items()}
+    print("\nFedProx on Dirichlet alpha 0.1, 1 local epoch: "
+          + ", ".join(f"mu {m}: final {v['final_acc_mean']:.4f}, last-5 {v['last5_mean']:.4f} "
+                      f"(seeds {[r['seed'] for r in v['runs']]})" for m, v in out["mu_sweep"].items()))
+    print("3 local epochs, seed 0: " + ", ".join(f"{n}: final {v['final_acc']:.4f}, last-5 {v['last5_mean']:.4f}"
+                                                 for n, v in out["local_epochs_3"].items()))
     return out
 
 
@@ -234,7 +250,7 @@ def main() -> None:
     if "grpc" not in skip:
         result["grpc"] = grpc(work, steps)
     if "prox" not in skip:
-        result["prox"] = prox(work, steps)
+        result["prox"] = prox(work, [int(s) for s in a.seeds.split(",")], steps)
     if "overhead" not in skip:
         l0 = loadavg1()
         result["overhead"] = overhead(a.repeats, a.overhead_rounds)
