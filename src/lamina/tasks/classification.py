@@ -19,9 +19,14 @@ class ClassificationTask(DenseTask):
     name = "classification"
     default_monitor = ("val/acc", "max")
 
-    def __init__(self, num_classes: int, label_smoothing: float = 0.0):
+    def __init__(self, num_classes: int, label_smoothing: float = 0.0, per_class: bool = False,
+                 class_names: list[str] | None = None):
         self.num_classes = int(num_classes)
         self.label_smoothing = float(label_smoothing)
+        # per_class: also AUROC (macro, one-vs-rest) and each class's recall and AUROC, the numbers a screening
+        # task is judged by; off by default because AUROC keeps every prediction of the split in memory
+        self.per_class = bool(per_class)
+        self.class_names = list(class_names or [str(i) for i in range(self.num_classes)])
 
     # ----- building a run ------------------------------------------------------------------------------
     @classmethod
@@ -36,7 +41,11 @@ class ClassificationTask(DenseTask):
 
     @classmethod
     def from_facts(cls, facts, options: dict) -> "ClassificationTask":
-        return cls(facts.num_outputs, label_smoothing=options.get("label_smoothing", 0.0))
+        per_class = options.get("per_class", False)
+        if not isinstance(per_class, bool):
+            raise ConfigError(f"task.per_class: expected true or false, got {per_class!r}")
+        return cls(facts.num_outputs, label_smoothing=options.get("label_smoothing", 0.0), per_class=per_class,
+                   class_names=facts.class_names)
 
     def test_outputs(self, trainer, model, loader, data) -> dict:
         preds = trainer.predict(model, self, loader)["label"]
@@ -59,10 +68,15 @@ class ClassificationTask(DenseTask):
 
     def make_metrics(self):
         kw = {"task": "multiclass", "num_classes": self.num_classes}
-        return torchmetrics.MetricCollection({
-            "acc": torchmetrics.Accuracy(**kw),
-            "f1_macro": torchmetrics.F1Score(average="macro", **kw),
-        })
+        metrics = {"acc": torchmetrics.Accuracy(**kw), "f1_macro": torchmetrics.F1Score(average="macro", **kw)}
+        if self.per_class:
+            from torchmetrics.wrappers import ClasswiseWrapper
+
+            names = [str(n) for n in self.class_names]
+            metrics["auroc"] = torchmetrics.AUROC(**kw)
+            metrics["recall"] = ClasswiseWrapper(torchmetrics.Recall(average=None, **kw), names, prefix="recall_")
+            metrics["auroc_cls"] = ClasswiseWrapper(torchmetrics.AUROC(average=None, **kw), names, prefix="auroc_")
+        return torchmetrics.MetricCollection(metrics)
 
     def update_metrics(self, metrics, outputs, batch):
         metrics.update(outputs.float(), batch["y"])
