@@ -11,7 +11,9 @@ the run seed changes only initialisation and batch order). The pairs (N, L) = (2
 where the circuit's 3 * N * L weights equal exactly k layers of tanh(Linear(N, N)) (k = 1 each), so the twin has
 the same parameter count, not merely a near one. Also: the same at (5, 2) on breast_cancer (569 x 30, 2 classes),
 and logistic regression on the raw 64 pixels (`mlp` with depth 0) for scale. Test accuracy mean +- std (ddof=1)
-over seeds, training time from each run's summary.
+over seeds, training time (wall) from each run's summary; every run on one intra-op thread (the config's
+trainer.threads=1: the circuit's tiny ops gain nothing from a second thread and lose a lot to its barrier on a
+busy machine).
 
 Part 2 times the circuit alone, each qubit count in a fresh process on one thread: forward + backward of a
 32-sample batch (QuantumLayer(N, 2 layers, strong)), forward under no_grad, the classical twin of the same size
@@ -61,11 +63,12 @@ def seeds_run(work: Path, name: str, args: list[str], seeds: list[int], steps: l
                         f"logging.root={work / 'runs'}", *FAST], work / f"{name}.log", steps)
     res = json.loads(f.read_text())
     accs = [r["test"]["test/acc"] for r in res["runs"]]
-    train_s = [json.loads((Path(r["run_dir"]) / "summary.json").read_text())["train_time_s"] for r in res["runs"]]
-    params = json.loads((Path(res["runs"][0]["run_dir"]) / "summary.json").read_text())["params"]
+    summaries = [json.loads((Path(r["run_dir"]) / "summary.json").read_text()) for r in res["runs"]]
+    train_s = [s["train_time_s"] for s in summaries]
     return {"acc_values": accs, "acc_mean": statistics.mean(accs),
-            "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "train_s_mean": statistics.mean(train_s), "train_s_values": train_s, "params": params, "seeds": seeds}
+            "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "train_s_mean": statistics.mean(train_s),
+            "train_s_values": train_s, "params": summaries[0]["params"], "threads": summaries[0]["threads"],
+            "seeds": seeds}
 
 
 def accuracy(work: Path, seeds_main: list[int], seeds_other: list[int], steps: list[dict]) -> dict:
@@ -81,7 +84,8 @@ def accuracy(work: Path, seeds_main: list[int], seeds_other: list[int], steps: l
         work, "digits-logreg", ["data.name=digits", "data.batch_size=32", "model.name=mlp", "model.depth=0",
                                 "model.dropout=0.0", "optimizer.lr=0.01", "optimizer.weight_decay=0.0",
                                 "schedule.name=onecycle", "task.label_smoothing=0.0", "trainer.max_epochs=30",
-                                "trainer.monitor=val/acc", "trainer.monitor_mode=max"], seeds_other, steps)
+                                "trainer.monitor=val/acc", "trainer.monitor_mode=max", "trainer.threads=1"],
+        seeds_other, steps)
     for kind in ("quantum", "classical"):
         out["breast_cancer"][f"{kind} n=5 L=2"] = {"n_qubits": 5, "n_layers": 2, "head_kind": kind, **seeds_run(
             work, f"cancer-{kind}", [str(CONFIG), "data.name=breast_cancer", f"model.head_kind={kind}"], seeds_other,
