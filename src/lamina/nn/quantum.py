@@ -32,9 +32,10 @@ from torch import nn
 from lamina.errors import MissingDependencyError, ModelError, unknown_name
 
 # Simulation cost is exponential in qubits: a batch of B states holds B * 2^n complex64 amplitudes (8 bytes each),
-# and backprop keeps one such state per gate (3 * n_qubits * n_layers rotations + the entanglers). At 20 qubits a
-# single sample's state is 8 MiB and one 64-sample batch with 2 strongly entangling layers keeps ~150 states, i.e.
-# ~75 GiB: past this bound training cannot fit in a workstation's memory, so a larger value is a mistake, not a plan.
+# and backprop keeps about a hundred such states for 2 strongly entangling layers (benchmarks/quantum.py measured
+# 1.6 GiB of peak memory for 16 MiB batched states at 16 qubits, and x1.9 time and memory per added qubit). At 20
+# qubits one 64-sample batch would need ~50 GiB: past this bound training cannot fit in a workstation's memory, so a
+# larger value is a mistake, not a plan.
 MAX_QUBITS = 20
 ENTANGLERS = {
     "strong": 3,  # StronglyEntanglingLayers: Rot(phi, theta, omega) per qubit per layer + a CNOT ring (3 params)
