@@ -79,6 +79,11 @@ CASES = {
     # handles (a one-line ExportError, tests/test_quantum.py)
     "hybrid": ("hybrid_mlp", dict(in_features=64, num_classes=10, head_kind="classical"),
                lambda: (_digits().flatten(1),)),
+    # speech: log-mel frames of real digits' pixels would be meaningless; seeded frames, the whole length
+    "ctc": ("ctc_bilstm", dict(n_mels=8, channels=8, hidden=8, layers=1),
+            lambda: (torch.randn(N, 20, 8, generator=torch.Generator().manual_seed(0)),)),
+    "cnn3d": ("cnn3d_small", dict(in_chans=1, num_classes=3, channels=(4, 8)),
+              lambda: (_digits()[:, :, None].expand(N, 1, 8, 8, 8).contiguous(),)),
 }
 # Each dynamo export costs seconds of tracing and translation: three families (a conv net, a decoder, an encoder
 # that takes the TorchScript fallback) run by default, the rest are marked slow (`-m "not slow"` skips them).

@@ -149,6 +149,11 @@ def dense_model_options(facts: DataFacts, entry) -> dict:
         opts["in_features"] = math.prod(shape)
         if facts.meta.get("cat_cardinalities"):
             opts["cat_cardinalities"] = tuple(facts.meta["cat_cardinalities"])
+    elif entry.input_kind == "volume":
+        if len(shape) != 4:
+            raise ConfigError(f"model.name: {entry.name} is a volume model (input (B, C, D, H, W)) but data set "
+                              f"'{facts.name}' gives per-sample shape {shape}; use an image or vector model")
+        opts["in_chans"] = shape[0]
     else:
         if len(shape) != 3:
             raise ConfigError(f"model.name: {entry.name} is an image model (input (B, C, H, W)) but data set "
