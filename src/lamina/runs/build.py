@@ -128,7 +128,9 @@ def load_run_encoder(source, facts: DataFacts) -> tuple[torch.nn.Module, dict]:
 
     run = open_run(source)
     model = run.model
-    if getattr(model, "output_kind", None) == "masked_lm" and facts.task == "sequence_classification":
+    from lamina.tasks.sequence_classification import SequenceClassificationTask
+
+    if getattr(model, "output_kind", None) == "masked_lm" and issubclass(TASKS[facts.task], SequenceClassificationTask):
         from lamina.models.bert import classifier_from_mlm
 
         model = classifier_from_mlm(model, int(facts.num_classes or facts.num_outputs))

@@ -39,6 +39,7 @@ from lamina.runs.folder import RunFolder
 from lamina.runs.objectives.ssl import SSLTask, build_learner
 from lamina.runs.outputs import jsonable
 from lamina.runs.train import checkpoint_info, fit_part
+from lamina.tasks.classification import ClassificationTask
 
 
 # ----- probes --------------------------------------------------------------------------------------------------
@@ -126,8 +127,8 @@ def probe_run(path: str | Path, random: bool = False) -> dict:
         cfg = run.cfg.model_copy(update={"model": run.cfg.model.model_copy(update={"pretrained": None})})
         seed_everything(cfg.seed)
         model = build_run_model(cfg, run.facts)
-    if run.facts.task != "classification":
-        raise ConfigError(f"probe: linear and k-NN probes need a classification data set with labels; run "
+    if not isinstance(run.task, ClassificationTask) or len(run.facts.input_shape) != 3:
+        raise ConfigError(f"probe: linear and k-NN probes need an image classification data set with labels; run "
                           f"{run.folder.path} is {run.facts.task}")
     device = run.device
     res = probe(model, run.eval_loader("train", device), run.eval_loader("test", device), device,
@@ -150,7 +151,7 @@ def pretrain(cfg: RunConfig, callbacks: Sequence = (), on_event: Callable[[dict]
     bundle = load_data(cfg)
     check_finite_data(bundle)
     task_cls = task_class(cfg, bundle)
-    if task_cls.name != "classification" or len(bundle.input_shape) != 3:
+    if not issubclass(task_cls, ClassificationTask) or len(bundle.input_shape) != 3:
         raise ConfigError(f"data.name: self-supervised pretraining works on image data sets (C, H, W); "
                           f"'{bundle.name}' is {task_cls.name} with input {tuple(bundle.input_shape)}")
     facts = data_facts(bundle, task_cls)

@@ -48,10 +48,10 @@ def load_recording(path: str | Path, sample_rate: int, resample: bool = False) -
 def transcribe(run_path: str | Path, wav: str | Path, beam: int | None = None, resample: bool = False) -> dict:
     from lamina.data.audio import LogMel
     from lamina.runs.open import open_run
-    from lamina.tasks.ctc import greedy_decode, prefix_beam_search
+    from lamina.tasks.ctc import CTCTask, greedy_decode, prefix_beam_search
 
     run = open_run(run_path)
-    if run.facts.task != "ctc":
+    if not isinstance(run.task, CTCTask):
         raise ConfigError(f"transcribe needs a speech-recognition run (task ctc); {run.folder.path} is {run.facts.task}")
     meta = run.facts.meta
     x = load_recording(wav, int(meta["sample_rate"]), resample)
