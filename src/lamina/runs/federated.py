@@ -8,8 +8,8 @@ Who does what:
   and accept failures; `DifferentialPrivacyServerSideFixedClipping` clips each update and adds Gaussian noise
   when federated.clip / noise are set. None of this is re-implemented here.
 - lamina (this module): the client's local training (`local_fit`: a fresh model from the global weights,
-  runs.train.fit_part for federated.local_epochs over the partition, FedProx's proximal term as the task
-  wrapper in runs/objectives/federated.py), the central test of the global model after every round, its
+  runs.train.fit_part for federated.local_epochs over the partition, BatchNorm statistics recomputed after the
+  short fit, FedProx's proximal term as the task wrapper in runs/objectives/federated.py), the central test of the global model after every round, its
   checkpoint (checkpoints/last, written atomically, so `lamina eval RUN`, `predict`, `export` and
   `model.pretrained=RUN` open it like any run) and federated.json (per round: test accuracy and loss, the clients
   sampled, those that trained and those that failed).
@@ -55,6 +55,7 @@ from lamina.data.base import DataBundle
 from lamina.data.facts import DataFacts
 from lamina.data.partitions import class_counts, label_skew, make_partition
 from lamina.engine import Trainer, seed_everything
+from lamina.engine.callbacks import Callback
 from lamina.engine.checkpoint import save_checkpoint
 from lamina.errors import ConfigError, MissingDependencyError
 from lamina.io import atomic_write_text
@@ -152,7 +153,7 @@ def drops_out(cfg: RunConfig, cid: int, server_round: int) -> bool:
     return False
 
 
-class _DropMidway:
+class _DropMidway(Callback):
     """Leaves local training after half of the first epoch's batches (`leave()` raises or exits)."""
 
     def __init__(self, after: int, leave: Callable[[], None]):
@@ -162,14 +163,6 @@ class _DropMidway:
         self.seen += 1
         if self.seen >= self.after:
             self.leave()
-
-    def on_fit_start(self, trainer) -> None: ...
-    def on_epoch_end(self, trainer, metrics) -> None: ...
-    def on_fit_end(self, trainer) -> None: ...
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state) -> None: ...
 
 
 def _raise_dropout(cid: int, server_round: int) -> Callable[[], None]:
