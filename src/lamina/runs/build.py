@@ -128,11 +128,10 @@ def load_run_encoder(source, facts: DataFacts) -> tuple[torch.nn.Module, dict]:
 
     run = open_run(source)
     model = run.model
+    from lamina.models.bert import BertMaskedLM, classifier_from_mlm
     from lamina.tasks.sequence_classification import SequenceClassificationTask
 
-    if getattr(model, "output_kind", None) == "masked_lm" and issubclass(TASKS[facts.task], SequenceClassificationTask):
-        from lamina.models.bert import classifier_from_mlm
-
+    if isinstance(model, BertMaskedLM) and issubclass(TASKS[facts.task], SequenceClassificationTask):
         model = classifier_from_mlm(model, int(facts.num_classes or facts.num_outputs))
     return model, {"family": run.cfg.model.name, "format": "lamina-run", "source": str(run.checkpoint)}
 

@@ -65,6 +65,8 @@ from lamina.runs.folder import RunFolder
 from lamina.runs.objectives.federated import FedProxTask
 from lamina.runs.outputs import jsonable
 from lamina.runs.train import checkpoint_info, fit_part
+from lamina.tasks import TASKS
+from lamina.tasks.classification import ClassificationTask
 
 STRATEGIES = ("fedavg", "fedprox")
 SPLITS = ("iid", "dirichlet")
@@ -110,7 +112,7 @@ def make_setup(cfg: RunConfig) -> FedSetup:
     check_finite_data(bundle)
     task_cls = task_class(cfg, bundle)
     facts = data_facts(bundle, task_cls)
-    if f.split == "dirichlet" and facts.task != "classification":
+    if f.split == "dirichlet" and not issubclass(task_cls, ClassificationTask):
         raise ConfigError(f"federated.split: dirichlet splits by class label and needs a classification task; this "
                           f"run's task is {facts.task} (use federated.split=iid)")
     if bundle.test is None or len(bundle.test) == 0:
@@ -303,7 +305,7 @@ def run_federated(cfg: RunConfig, on_event: Callable[[dict], None] | None = None
     folder.write_text("config.yaml", to_yaml(cfg))
     folder.write_text("data.json", json.dumps(s.facts.to_dict(), indent=2, default=jsonable))
     server_model = GlobalModel(s, folder, label, emit)
-    labels = s.bundle.train.y if s.facts.task == "classification" else None
+    labels = s.bundle.train.y if issubclass(TASKS[s.facts.task], ClassificationTask) else None
     sizes = [len(p) for p in s.parts]
     server_model.result = {
         "run_dir": str(folder.path), "data": s.bundle.name, "model": cfg.model.name,
