@@ -82,6 +82,8 @@ CASES = {
     # speech: log-mel frames of real digits' pixels would be meaningless; seeded frames, the whole length
     "ctc": ("ctc_bilstm", dict(n_mels=8, channels=8, hidden=8, layers=1),
             lambda: (torch.randn(N, 20, 8, generator=torch.Generator().manual_seed(0)),)),
+    "detection": ("centernet_small", dict(in_chans=1, num_classes=3, widths=(8, 16, 32), neck=16, head=16),
+                  lambda: (_digits(side=32),)),
     "cnn3d": ("cnn3d_small", dict(in_chans=1, num_classes=3, channels=(4, 8)),
               lambda: (_digits()[:, :, None].expand(N, 1, 8, 8, 8).contiguous(),)),
 }

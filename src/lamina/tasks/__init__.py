@@ -20,6 +20,8 @@ from lamina.tasks.fusion import FusionTask  # noqa: E402
 TASKS["fusion"] = FusionTask
 from lamina.tasks.ctc import CTCTask  # noqa: E402
 TASKS["ctc"] = CTCTask
+from lamina.tasks.detection import DetectionTask  # noqa: E402
+TASKS["detection"] = DetectionTask
 
 
 def build_task(name: str, **kwargs):

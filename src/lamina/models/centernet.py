@@ -1,0 +1,102 @@
+"""CenterNet-style anchor-free detector (Zhou et al. 2019, "Objects as Points") with a small FPN neck.
+
+    x (B, C, H, W)
+    -> backbone: stem conv s2 -> stage s4 (c4) -> stage s8 (c8)          (conv-BN-ReLU, 2 per stage)
+    -> neck (FPN top-down): p4 = lateral(c4) + upsample(lateral(c8))      (B, F, H/4, W/4)
+    -> heads, each conv3x3-ReLU-conv1x1 on p4:
+         heatmap (num_classes)  object centres, one channel per class (logits; the task applies sigmoid)
+         size (2)               box width, height in pixels / stride
+         offset (2)             centre's sub-cell offset in [0, 1)
+    -> one tensor (B, num_classes + 4, H/4, W/4): one output keeps export and the Trainer's contract simple
+
+The heatmap's bias starts at -2.19 (sigmoid 0.1, the paper's prior) so early training is not swamped by the
+background's loss. `stride` (4) is what the task uses to map cells to pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lamina.errors import ModelError
+from lamina.models.contract import build_model
+from lamina.models.registry import register_model
+
+
+@dataclass
+class CenterNetConfig:
+    in_chans: int = 1
+    num_classes: int = 10
+    widths: tuple[int, int, int] = (32, 64, 128)  # stem, stride-4 and stride-8 stages
+    neck: int = 64  # FPN width
+    head: int = 64  # hidden width of each head
+
+    def __post_init__(self):
+        if len(self.widths) != 3 or any(not isinstance(w, int) or w < 1 for w in self.widths):
+            raise ModelError(f"centernet_small: widths must be 3 positive integers, got {self.widths!r}")
+        for k in ("in_chans", "num_classes", "neck", "head"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ModelError(f"centernet_small: {k} must be a positive integer, got {v!r}")
+
+
+def _cbr(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def _head(cin: int, hidden: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, hidden, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(hidden, cout, 1))
+
+
+class CenterNet(nn.Module):
+    output_kind = "detection"
+    stride = 4
+
+    def __init__(self, cfg: CenterNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.input_spec = (cfg.in_chans, None, None)
+        self.min_input_size = 8
+        w0, w1, w2 = cfg.widths
+        self.stem = _cbr(cfg.in_chans, w0, 2)
+        self.stage4 = nn.Sequential(_cbr(w0, w1, 2), _cbr(w1, w1))
+        self.stage8 = nn.Sequential(_cbr(w1, w2, 2), _cbr(w2, w2))
+        self.lat4, self.lat8 = nn.Conv2d(w1, cfg.neck, 1), nn.Conv2d(w2, cfg.neck, 1)
+        self.smooth = _cbr(cfg.neck, cfg.neck)
+        self.num_classes = cfg.num_classes
+        self.num_features = cfg.neck
+        self.heatmap = _head(cfg.neck, cfg.head, cfg.num_classes)
+        self.size = _head(cfg.neck, cfg.head, 2)
+        self.offset = _head(cfg.neck, cfg.head, 2)
+        nn.init.constant_(self.heatmap[-1].bias, -2.19)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        c4 = self.stage4(self.stem(x))  # (B, w1, H/4, W/4)
+        c8 = self.stage8(c4)  # (B, w2, H/8, W/8)
+        p4 = self.lat4(c4) + F.interpolate(self.lat8(c8), size=c4.shape[-2:], mode="nearest")
+        return self.smooth(p4)  # (B, neck, H/4, W/4)
+
+    def forward_head(self, p: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if pre_logits:
+            return p.mean(dim=(2, 3))  # (B, neck): the pooled features, as the classifier contract gives
+        return torch.cat([self.heatmap(p), self.size(p), self.offset(p)], dim=1)  # (B, C + 4, H/4, W/4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.heatmap = _head(self.cfg.neck, self.cfg.head, num_classes)
+        nn.init.constant_(self.heatmap[-1].bias, -2.19)
+
+
+@register_model("detection", input_kind="detection")
+def centernet_small(**kwargs) -> CenterNet:
+    """CenterNet-style anchor-free detector: 3-stage CNN, FPN neck at stride 4, heatmap + size + offset heads."""
+    return build_model("centernet_small", CenterNet, CenterNetConfig(), kwargs)
+
+
+__all__ = ["CenterNet", "CenterNetConfig", "centernet_small"]
