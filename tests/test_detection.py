@@ -113,7 +113,7 @@ def test_fashion_scenes_boxes_are_inside_and_disjoint(scenes):
     assert x.shape == (40, 1, 64, 64) and 0 <= x.min() and x.max() <= 1
 
 
-def test_short_detection_run_reports_coco_map(tmp_path, scenes):
+def test_short_detection_run_reports_coco_map_and_predict_draws_boxes(tmp_path, scenes, capsys):
     from conftest import ROOT
 
     from lamina import runs
@@ -125,6 +125,21 @@ def test_short_detection_run_reports_coco_map(tmp_path, scenes):
                        "logging.tensorboard=false", "cost.energy=false", f"logging.root={tmp_path}"])
     res = runs.train(cfg)
     assert {"test/map", "test/map_50"} <= set(res.summary["test"]) and 0 <= res.summary["test"]["test/map"] <= 1
+    import json
+
+    from PIL import Image
+
+    from lamina.cli.main import main
+
+    png = tmp_path / "scene.png"
+    Image.fromarray((scenes.test.tensors["x"][0, 0].numpy() * 255).astype("uint8")).save(png)
+    capsys.readouterr()
+    assert main(["predict", str(res.run_dir), str(png), "--draw", str(tmp_path / "drawn"), "--min-score", "0",
+                 "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip())
+    assert row["detections"] and (tmp_path / "drawn" / "scene.png").is_file()
+    d = row["detections"][0]
+    assert set(d) == {"class", "label", "score", "box"} and len(d["box"]) == 4
 
 
 def test_detection_bad_options_are_config_errors():

@@ -121,3 +121,18 @@ def plot_federated(curves: dict[str, list[float]], path: str | Path, title: str 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path, title)
+
+
+def plot_detections(image, detections: list[dict], path: str | Path, title: str = "") -> Path:
+    """An image (C, H, W) tensor or array with its detections ({"box": [x1, y1, x2, y2], "class", "score"}) drawn."""
+    img = np.asarray(image, dtype=np.float32)
+    img = img[0] if img.shape[0] == 1 else np.transpose(img, (1, 2, 0))
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+    for d in detections:
+        x1, y1, x2, y2 = d["box"]
+        ax.add_patch(plt.Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, color="red", lw=1.5))
+        ax.text(x1, y1 - 1, f"{d['class']} {d['score']:.2f}", color="red", fontsize=7, va="bottom")
+    ax.axis("off")
+    return save_figure(fig, path, title)
+

@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", metavar="INPUT")
     pr.add_argument("--which", default="best", choices=["best", "last"])
     pr.add_argument("--json", action="store_true", help="print JSON lines")
+    pr.add_argument("--draw", metavar="DIR", help="detection runs: write each input with its boxes to DIR/<name>.png")
+    pr.add_argument("--min-score", type=float, default=0.3, help="detection runs: report boxes above this score")
     pr.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     g = sub.add_parser("generate", help="sample text from a trained language model (streams to stdout)")
@@ -229,10 +231,13 @@ def cmd_predict(a, console) -> int:
             else:
                 print(r["input"] + "\t" + "  ".join(f"{t['name']} ({t['class']}) {t['prob']:.3f}" for t in r["top"]))
         return 0
-    rows = runs.predict(a.path, a.inputs, which=a.which)
+    rows = runs.predict(a.path, a.inputs, which=a.which, draw_dir=a.draw, min_score=a.min_score)
     for r in rows:
         if a.json:
             print(json.dumps(r))
+        elif "detections" in r:
+            print(f"{r['input']}\t" + ("  ".join(f"{d['class']} {d['score']:.2f} {d['box']}" for d in r["detections"])
+                                      or "(nothing)"))
         elif "label" in r:
             print(f"{r['input']}\t{r['class']}\t{r['confidence']:.4f}")
         else:

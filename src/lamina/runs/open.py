@@ -140,7 +140,10 @@ def evaluate(path: str | Path, split: str = "test", which: str = "best") -> dict
     return {"checkpoint": str(run.checkpoint), "split": split, "n": len(data), **metrics}
 
 
-def predict(path: str | Path, inputs: list[str], which: str = "best") -> list[dict]:
+def predict(path: str | Path, inputs: list[str], which: str = "best", draw_dir: str | Path | None = None,
+            min_score: float = 0.3) -> list[dict]:
+    """Per input: a class (classifiers), values (regression) or boxes above `min_score` (detectors; with
+    `draw_dir`, each input is also drawn with its boxes to draw_dir/<name>.png)."""
     from lamina.data import make_loader
     from lamina.data.base import TensorData
     from lamina.data.inputs import read_inputs
@@ -154,7 +157,20 @@ def predict(path: str | Path, inputs: list[str], which: str = "best") -> list[di
     out = trainer.predict(run.model, run.task, loader)
     rows = []
     for i, name in enumerate(names):
-        if "label" in out:
+        if "boxes" in out:
+            names_ = run.facts.class_names or []
+            dets = [{"class": names_[int(c)] if int(c) < len(names_) else str(int(c)), "label": int(c),
+                     "score": round(float(sc), 4), "box": [round(v, 1) for v in b.tolist()]}
+                    for b, sc, c in zip(out["boxes"][i], out["scores"][i], out["labels"][i])
+                    if int(c) >= 0 and float(sc) >= min_score]
+            rows.append({"input": name, "detections": dets})
+            if draw_dir is not None:
+                from lamina.plots import plot_detections
+
+                Path(draw_dir).mkdir(parents=True, exist_ok=True)
+                rows[-1]["drawn"] = str(plot_detections(x_parts["x"][i], dets, Path(draw_dir) / f"{Path(name).stem}.png",
+                                                        title=Path(name).name))
+        elif "label" in out:
             label = int(out["label"][i])
             cls = run.facts.class_names[label] if run.facts.class_names else str(label)
             rows.append({"input": name, "label": label, "class": cls, "confidence": float(out["confidence"][i])})
