@@ -151,3 +151,18 @@ def test_detection_bad_options_are_config_errors():
         DetectionTask.from_facts(facts, {"nms_iou": 1.5})
     with pytest.raises(ConfigError, match="label smoothing"):
         DetectionTask.from_facts(facts, {"label_smoothing": 0.1})
+
+
+def test_box_flip_moves_boxes_with_the_pixels():
+    from lamina.data.transforms import RandomBoxFlip
+
+    x = torch.zeros(2, 1, 16, 16)
+    x[0, 0, 2:6, 1:5] = 1.0  # an object at x 1..5, y 2..6
+    boxes = torch.tensor([[[1.0, 2, 5, 6], [0, 0, 0, 0]], [[3.0, 3, 9, 9], [0, 0, 0, 0]]])
+    labels = torch.tensor([[4, -1], [2, -1]])
+    out = RandomBoxFlip(p=1.0)({"x": x, "boxes": boxes, "labels": labels})
+    assert out["boxes"][0, 0].tolist() == [11.0, 2.0, 15.0, 6.0] and out["boxes"][0, 1].tolist() == [0, 0, 0, 0]
+    ys, xs = torch.nonzero(out["x"][0, 0] > 0, as_tuple=True)
+    assert [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] == [11, 2, 15, 6]
+    same = RandomBoxFlip(p=0.0)({"x": x, "boxes": boxes, "labels": labels})
+    assert torch.equal(same["boxes"], boxes) and torch.equal(same["x"], x)

@@ -85,6 +85,28 @@ class RandomHorizontalFlip:
         return {**batch, "x": torch.where(mask[:, None, None, None], x.flip(-1), x)}
 
 
+class RandomBoxFlip:
+    """Detection batches: mirror each sample left-right with probability p, its boxes (B, K, 4) (x1, y1, x2, y2)
+    with it (x1' = W - x2, x2' = W - x1; padding rows, labels -1, stay zero)."""
+
+    def __init__(self, p: float = 0.5):
+        self.p = float(p)
+        if not 0.0 <= self.p <= 1.0:
+            raise DataError(f"box_hflip.p: expected a probability in [0, 1], got {p!r}")
+
+    def __call__(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
+        x = _images(batch, "box_hflip")
+        boxes, labels = batch.get("boxes"), batch.get("labels")
+        if boxes is None or labels is None:
+            raise DataError("box_hflip: needs batch['boxes'] and batch['labels'] (a detection data set); use hflip")
+        mask = (torch.rand(x.shape[0], generator=generator) < self.p).to(x.device)
+        W = x.shape[-1]
+        flipped = torch.stack([W - boxes[..., 2], boxes[..., 1], W - boxes[..., 0], boxes[..., 3]], -1)
+        flipped = flipped * (labels >= 0)[..., None]
+        return {**batch, "x": torch.where(mask[:, None, None, None], x.flip(-1), x),
+                "boxes": torch.where(mask[:, None, None], flipped, boxes)}
+
+
 class RandomAffine:
     """Per-sample rotation (uniform in +-degrees, or in [lo, hi] for a pair; positive = counter-clockwise),
     translation (fraction of width/height) and scale, as one affine_grid + bilinear grid_sample; pixels from
@@ -205,7 +227,8 @@ class Compose:
         return batch
 
 
-TRANSFORMS = {"random_crop": RandomCrop, "hflip": RandomHorizontalFlip, "affine": RandomAffine,
+TRANSFORMS = {"random_crop": RandomCrop, "hflip": RandomHorizontalFlip, "box_hflip": RandomBoxFlip,
+              "affine": RandomAffine,
               "resized_crop": RandomResizedCrop, "color_jitter": ColorJitter, "normalize": Normalize}
 
 
