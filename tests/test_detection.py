@@ -166,3 +166,66 @@ def test_box_flip_moves_boxes_with_the_pixels():
     assert [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] == [11, 2, 15, 6]
     same = RandomBoxFlip(p=0.0)({"x": x, "boxes": boxes, "labels": labels})
     assert torch.equal(same["boxes"], boxes) and torch.equal(same["x"], x)
+
+
+def _coco_folder(tmp, scenes, n=12):
+    import json
+
+    from PIL import Image
+
+    (tmp / "img").mkdir()
+    coco = {"images": [], "annotations": [], "categories": [{"id": c + 1, "name": f"c{c}"} for c in range(10)]}
+    for i in range(n):
+        big = torch.nn.functional.interpolate(scenes.train.tensors["x"][i:i + 1], size=(128, 128), mode="bilinear")[0, 0]
+        Image.fromarray((big.numpy() * 255).astype("uint8")).save(tmp / "img" / f"{i}.png")
+        coco["images"].append({"id": i, "file_name": f"{i}.png", "width": 128, "height": 128})
+        for b, lab in zip(scenes.train.tensors["boxes"][i], scenes.train.tensors["labels"][i]):
+            if lab >= 0:
+                x1, y1, x2, y2 = (2 * b).tolist()
+                coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i,
+                                            "category_id": int(lab) + 1, "bbox": [x1, y1, x2 - x1, y2 - y1]})
+    (tmp / "ann.json").write_text(json.dumps(coco))
+    return coco
+
+
+def test_coco_files_load_with_boxes_scaled_and_bad_entries_are_one_line(tmp_path, scenes, capsys):
+    import json
+
+    from lamina.data import load_dataset
+    from lamina.errors import DataError
+
+    coco = _coco_folder(tmp_path, scenes)
+    b = load_dataset("coco_detection", path=str(tmp_path / "img"), annotations=str(tmp_path / "ann.json"), size=64,
+                     val_fraction=0.0, test_fraction=0.0)
+    assert b.train.tensors["x"].shape == (12, 1, 64, 64) and b.class_names[0] == "c0"
+    got = {tuple(bx.tolist()) for bx, lab in zip(b.train.tensors["boxes"].reshape(-1, 4),
+                                                b.train.tensors["labels"].reshape(-1)) if lab >= 0}
+    want = {tuple(bx.tolist()) for bx, lab in zip(scenes.train.tensors["boxes"][:12].reshape(-1, 4),
+                                                 scenes.train.tensors["labels"][:12].reshape(-1)) if lab >= 0}
+    assert got == want  # 128 px annotations scaled back onto the 64 px images
+    cases = [("annotations", [], "no annotations"),
+             ("bbox", [5, 5, -3, 4], "both must be positive"),
+             ("bbox", [100, 100, 40, 40], "outside its 128x128 image"),
+             ("category_id", 99, "not in 'categories'"),
+             ("image_id", 77, "not in 'images'")]
+    for key, value, expect in cases:
+        bad = json.loads(json.dumps(coco))
+        if key == "annotations":
+            bad["annotations"] = value
+        else:
+            bad["annotations"][0][key] = value
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(DataError, match=expect):
+            load_dataset("coco_detection", path=str(tmp_path / "img"), annotations=str(tmp_path / "bad.json"))
+        rc = main_cli(["train", "data.name=coco_detection", f"data.path={tmp_path / 'img'}",
+                       f"data.annotations={tmp_path / 'bad.json'}", "model.name=centernet_small", "task.name=detection",
+                       f"logging.root={tmp_path / 'runs'}", "trainer.progress=false"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and expect in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing written half
+
+
+def main_cli(args):
+    from lamina.cli.main import main
+
+    return main(args)

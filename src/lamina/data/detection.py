@@ -107,4 +107,101 @@ def fashion_scenes(*, size: int = 64, min_objects: int = 1, max_objects: int = 3
                       (1, int(size), int(size)), len(FASHION_MNIST_CLASSES), list(FASHION_MNIST_CLASSES), meta)
 
 
-__all__ = ["BACKGROUNDS", "fashion_scenes"]
+MAX_ANNOTATION_BYTES = 256 << 20  # one COCO JSON file; larger ones are refused before parsing
+MAX_IMAGE_PIXELS = 8192 * 8192  # one image, checked from its header before decoding
+
+
+def _coco_error(path, what: str) -> DataError:
+    return DataError(f"{path}: {what}")
+
+
+@registered("coco_detection", "object detection from a COCO-format annotation file + image folder (your data), "
+            "resized to size x size", "detection", "paths: path= (images), annotations= (COCO JSON)")
+def coco_detection(*, path: str, annotations: str, size: int = 64, grayscale: bool = True, val_fraction: float = 0.1,
+                   test_fraction: float = 0.2, seed: int = 0) -> DataBundle:
+    """Images named by the file's `images[].file_name` under `path`, boxes `annotations[].bbox` (x, y, w, h in
+    pixels of the original image) scaled to the resized image, classes from `categories` (sorted by id). Every
+    annotation is checked before any image is decoded: boxes of zero or negative size, boxes outside their image,
+    unknown image or category ids, and a file with no annotations are one-line DataErrors naming the entry."""
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from lamina.data.splits import split_indices
+
+    root, ann_path = Path(path).expanduser(), Path(annotations).expanduser()
+    if not ann_path.is_file():
+        raise _coco_error(ann_path, "annotation file not found")
+    if ann_path.stat().st_size > MAX_ANNOTATION_BYTES:
+        raise _coco_error(ann_path, f"annotation file larger than {MAX_ANNOTATION_BYTES >> 20} MB")
+    try:
+        coco = json.loads(ann_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _coco_error(ann_path, f"not JSON ({e.__class__.__name__}: {str(e)[:80]})") from None
+    if not isinstance(coco, dict) or not all(isinstance(coco.get(k), list) for k in ("images", "annotations",
+                                                                                       "categories")):
+        raise _coco_error(ann_path, "expected a COCO object with lists 'images', 'annotations' and 'categories'")
+    if not coco["annotations"]:
+        raise _coco_error(ann_path, "the file has no annotations; a detector needs boxes to learn from")
+    if not 16 <= int(size) <= 1024:
+        raise DataError(f"coco_detection: size must be in 16 .. 1024, got {size}")
+    cats = sorted(coco["categories"], key=lambda c: c.get("id", 0))
+    cat_index = {c["id"]: i for i, c in enumerate(cats)}
+    images = {im["id"]: im for im in coco["images"]}
+    per_image: dict = {i: [] for i in images}
+    for a in coco["annotations"]:
+        aid = a.get("id", "?")
+        if a.get("image_id") not in images:
+            raise _coco_error(ann_path, f"annotation {aid} refers to image_id {a.get('image_id')!r}, which is not in "
+                              "'images'")
+        if a.get("category_id") not in cat_index:
+            raise _coco_error(ann_path, f"annotation {aid} has category_id {a.get('category_id')!r}, not in "
+                              "'categories'")
+        bbox = a.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            raise _coco_error(ann_path, f"annotation {aid}: bbox must be [x, y, width, height], got {bbox!r}")
+        x, y, w, h = bbox
+        im = images[a["image_id"]]
+        W, H = im.get("width"), im.get("height")
+        if w <= 0 or h <= 0:
+            raise _coco_error(ann_path, f"annotation {aid}: box of width {w} and height {h}; both must be positive")
+        if W and H and (x < 0 or y < 0 or x + w > W + 0.5 or y + h > H + 0.5):
+            raise _coco_error(ann_path, f"annotation {aid}: box {bbox} lies outside its {W}x{H} image "
+                              f"{im.get('file_name')!r}")
+        per_image[a["image_id"]].append(a)
+    ids = [i for i in images if per_image[i]]  # images without boxes teach nothing here
+    k_max = max(len(per_image[i]) for i in ids)
+    S = int(size)
+    x = torch.zeros(len(ids), 1 if grayscale else 3, S, S)
+    boxes = torch.zeros(len(ids), k_max, 4)
+    labels = torch.full((len(ids), k_max), -1, dtype=torch.int64)
+    for n, i in enumerate(ids):
+        im = images[i]
+        f = root / str(im.get("file_name", ""))
+        if not f.is_file():
+            raise _coco_error(f, "image file not found (from the annotation file's images[].file_name)")
+        try:
+            with Image.open(f) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise _coco_error(f, f"{img.width}x{img.height} image is larger than {MAX_IMAGE_PIXELS:,} pixels")
+                W, H = img.size
+                if im.get("width") and (im["width"], im["height"]) != (W, H):
+                    raise _coco_error(f, f"image is {W}x{H} but the annotation file says {im['width']}x{im['height']}")
+                arr = np.asarray(img.convert("L" if grayscale else "RGB").resize((S, S), Image.BILINEAR), np.float32)
+        except OSError as e:
+            raise _coco_error(f, f"not a readable image ({str(e)[:80]})") from None
+        x[n] = torch.from_numpy(arr / 255.0).reshape(S, S, -1).permute(2, 0, 1)
+        for k, a in enumerate(per_image[i]):
+            bx, by, bw, bh = a["bbox"]
+            boxes[n, k] = torch.tensor([bx * S / W, by * S / H, (bx + bw) * S / W, (by + bh) * S / H])
+            labels[n, k] = cat_index[a["category_id"]]
+    tr, va, te = split_indices(len(ids), val_fraction, test_fraction, seed)
+    parts = [TensorData(x=x[j], boxes=boxes[j], labels=labels[j]) if len(j) else None for j in (tr, va, te)]
+    names = [str(c.get("name", c["id"])) for c in cats]
+    meta = {"loader": "coco_detection", "classes": names, "size": S, "max_objects": k_max}
+    return DataBundle("coco_detection", parts[0], parts[1], parts[2], "detection", (x.shape[1], S, S), len(names),
+                      names, meta)
+
+
+__all__ = ["BACKGROUNDS", "MAX_ANNOTATION_BYTES", "MAX_IMAGE_PIXELS", "coco_detection", "fashion_scenes"]
