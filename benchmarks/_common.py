@@ -51,12 +51,13 @@ def print_table(headers: list[str], rows: list[list]) -> str:
     return text
 
 
-def write_result(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{name}.json"
+def write_result(name: str, payload: dict, path: str | Path | None = None) -> Path:
+    """benchmarks/results/<name>.json (or `path`, e.g. a device machine's output folder) with when and machine."""
+    out = Path(path) if path else RESULTS / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": machine(), **payload}
-    out.write_text(json.dumps(payload, indent=2))
+    out.write_text(json.dumps(payload, indent=2, default=str))
     print(f"wrote {out}")
     return out
 

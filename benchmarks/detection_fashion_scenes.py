@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, loadavg1, machine, print_table, start_work  # noqa: E402
+from _common import ROOT, loadavg1, print_table, start_work, write_result  # noqa: E402
 
 
 def main() -> int:
@@ -30,8 +30,7 @@ def main() -> int:
     ap.add_argument("--json", help="result path (default benchmarks/results/detection_fashion_scenes.json)")
     a = ap.parse_args()
     work, load0 = start_work(a.work)
-    out = Path(a.json) if a.json else ROOT / "benchmarks" / "results" / "detection_fashion_scenes.json"
-    result = {"machine": machine(), "load_before": load0}
+    result = {"load_before": load0}
     from lamina import runs
     from lamina.config import load_config
     from lamina.deploy.export import eager_fn, export_onnx, onnx_fn, parity
@@ -81,9 +80,7 @@ def main() -> int:
                   lat["eager_median"], lat["onnxruntime_median"], lat["eager_median"] / lat["onnxruntime_median"]]])
     print(f"ONNX parity ({info['exporter']}): max abs diff {par['max_abs_diff']:.2e}")
     result["load_after"] = loadavg1()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
-    print(f"wrote {out}")
+    write_result("detection_fashion_scenes", result, a.json)
     return 0
 
 

@@ -11,13 +11,12 @@ Trainer's own train_samples_per_s. Load averages are recorded; a start above the
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, loadavg1, machine, print_table, start_work  # noqa: E402
+from _common import ROOT, loadavg1, print_table, start_work, write_result  # noqa: E402
 
 
 def train_once(work: Path, seed: int, extra: list[str]) -> dict:
@@ -46,8 +45,7 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     work, load0 = start_work(a.work)
-    out = Path(a.json) if a.json else ROOT / "benchmarks" / "results" / "speech_fsdd.json"
-    result = {"machine": machine(), "load_before": load0, "args": vars(a)}
+    result = {"load_before": load0, "args": vars(a)}
     # throughput: 320 utterances, one epoch, on this machine's CPU threads
     tp = None if a.skip_throughput else train_once(work, 0, ["data.train_size=320", "data.val_size=40", "data.test_size=40",
                               "trainer.max_epochs=1", "trainer.device=cpu", *a.overrides])
@@ -64,9 +62,7 @@ def main() -> int:
                     [[r["seed"], r["test/wer"], r["test/cer"], r["test/wer_beam"], r["test/cer_beam"],
                       r["train_time_s"], r["train_samples_per_s"]] for r in runs])
     result["load_after"] = loadavg1()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
-    print(f"wrote {out}")
+    write_result("speech_fsdd", result, a.json)
     return 0
 
 

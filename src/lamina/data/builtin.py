@@ -120,6 +120,12 @@ def fashion_mnist(*, val_fraction: float = 5000 / 60000, test_fraction: float | 
     return DataBundle("fashion_mnist", train, val, test, "classification", (1, 28, 28), 10, list(FASHION_MNIST_CLASSES), meta)
 
 
+def datasets_root() -> Path:
+    """$LAMINA_DATASETS if set, else datasets/ in the source checkout: the small data sets the repository ships."""
+    env = os.environ.get("LAMINA_DATASETS")
+    return Path(env).expanduser() if env else Path(__file__).resolve().parents[3] / "datasets"
+
+
 def shared_data_dir() -> Path:
     """$LAMINA_SHARED_DATA if set, else ../shared/data relative to the current working directory."""
     env = os.environ.get("LAMINA_SHARED_DATA")

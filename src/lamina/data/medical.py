@@ -20,7 +20,6 @@ the last two as in MedMNIST v2 (see datasets/pneumoniamnist/README.md for how th
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch.nn.functional as F
@@ -29,16 +28,11 @@ import numpy as np
 import torch
 
 from lamina.data.base import DataBundle, TensorData
+from lamina.data.builtin import datasets_root
 from lamina.data.files import PathLike, registered
 from lamina.errors import DataError
 
 PNEUMONIA_CLASSES = ["normal", "pneumonia"]
-
-
-def datasets_root() -> Path:
-    """$LAMINA_DATASETS if set, else datasets/ in the source checkout."""
-    env = os.environ.get("LAMINA_DATASETS")
-    return Path(env).expanduser() if env else Path(__file__).resolve().parents[3] / "datasets"
 
 
 def read_medmnist(path: Path, classes: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -254,5 +248,5 @@ def medical_volumes(*, path: PathLike, size: int = 32, window_preset: str | None
                       "classification", (1, int(size), int(size), int(size)), len(classes), classes, meta)
 
 
-__all__ = ["MAX_VOXELS", "PNEUMONIA_CLASSES", "WINDOWS", "datasets_root", "medical_volumes", "pneumoniamnist",
+__all__ = ["MAX_VOXELS", "PNEUMONIA_CLASSES", "WINDOWS", "medical_volumes", "pneumoniamnist",
            "read_dicom", "read_dicom_series", "read_medmnist", "read_nifti", "read_volume", "window"]

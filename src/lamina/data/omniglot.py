@@ -15,7 +15,6 @@ checked before it is decoded.
 from __future__ import annotations
 
 import io
-import os
 import re
 import zipfile
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from lamina.data.base import TensorData
+from lamina.data.builtin import datasets_root
 from lamina.errors import DataError
 
 _MAX_SIDE = 512  # Omniglot images are 105 px; anything much larger is not one of them
@@ -32,9 +32,7 @@ _MAX_SIDE = 512  # Omniglot images are 105 px; anything much larger is not one o
 
 def omniglot_root() -> Path:
     """$LAMINA_DATASETS/omniglot if set, else datasets/omniglot in the source checkout."""
-    env = os.environ.get("LAMINA_DATASETS")
-    base = Path(env).expanduser() if env else Path(__file__).resolve().parents[3] / "datasets"
-    return base / "omniglot"
+    return datasets_root() / "omniglot"
 
 
 def _decode(raw: bytes, size: int, name: str) -> np.ndarray:

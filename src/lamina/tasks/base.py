@@ -25,6 +25,12 @@ def check_options(what: str, options: Mapping, allowed: Sequence[str]) -> None:
         raise ConfigError(f"task.{bad[0]}: {unknown_name(what, bad[0], allowed)}")
 
 
+def refuse_label_smoothing(options: Mapping, why: str) -> None:
+    """Tasks whose loss has no label smoothing: `task.label_smoothing` (which every config passes) must be 0."""
+    if options.get("label_smoothing"):
+        raise ConfigError(f"task.label_smoothing: {why}; set it to 0, got {options['label_smoothing']}")
+
+
 def model_inputs(batch: dict) -> tuple[tuple, dict]:
     """Positional input is batch["x"]; categorical codes travel as x_cat (see models/mlp.py)."""
     kwargs = {"x_cat": batch["x_cat"]} if "x_cat" in batch else {}

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lamina.errors import ConfigError
-from lamina.tasks.base import BaseTask, check_options
+from lamina.tasks.base import BaseTask, check_options, refuse_label_smoothing
 
 
 def greedy_decode(logits: torch.Tensor, lengths: torch.Tensor, blank: int = 0) -> list[list[int]]:
@@ -90,9 +90,7 @@ class CTCTask(BaseTask):
     @classmethod
     def from_facts(cls, facts, options: dict) -> "CTCTask":
         check_options("option of task ctc", options, cls.OPTIONS)
-        if options.get("label_smoothing"):
-            raise ConfigError(f"task.label_smoothing: CTC sums over alignments and has no label smoothing; set it "
-                              f"to 0, got {options['label_smoothing']}")
+        refuse_label_smoothing(options, "CTC sums over alignments and has no label smoothing")
         beam = options.get("beam", 8)
         if not isinstance(beam, int) or isinstance(beam, bool) or not 1 <= beam <= 256:
             raise ConfigError(f"task.beam: expected an integer beam width in 1 .. 256, got {beam!r}")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from lamina.errors import ConfigError, MissingDependencyError
 from lamina.nn.boxes import batched_nms, box_iou, nms
-from lamina.tasks.base import BaseTask, check_options
+from lamina.tasks.base import BaseTask, check_options, refuse_label_smoothing
 
 
 class COCOMeanAP:
@@ -89,9 +89,7 @@ class DetectionTask(BaseTask):
     @classmethod
     def from_facts(cls, facts, options: dict) -> "DetectionTask":
         check_options("option of task detection", options, cls.OPTIONS)
-        if options.get("label_smoothing"):
-            raise ConfigError(f"task.label_smoothing: detection heatmaps have no label smoothing; set it to 0, got "
-                              f"{options['label_smoothing']}")
+        refuse_label_smoothing(options, "detection heatmaps have no label smoothing")
         md, iou = options.get("max_detections", 20), options.get("nms_iou", 0.5)
         if not isinstance(md, int) or not 1 <= md <= 1000:
             raise ConfigError(f"task.max_detections: expected an integer in 1 .. 1000, got {md!r}")
