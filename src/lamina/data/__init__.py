@@ -11,6 +11,7 @@ from lamina.data import text_classification  # noqa: F401  (text_classification,
 from lamina.data import speech  # noqa: F401  (fsdd_sequences: spoken digit sequences for CTC)
 from lamina.data import medical  # noqa: F401  (pneumoniamnist)
 from lamina.data import detection  # noqa: F401  (fashion_scenes)
+from lamina.data import faces  # noqa: F401  (faces: a folder per person; ORL by default)
 from lamina.data.base import DataBundle, TensorData
 from lamina.data.files import decode_text, encode_text, load_image_files, read_idx, transform_table_rows
 from lamina.data.loader import InMemoryLoader, make_loader

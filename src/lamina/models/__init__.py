@@ -11,6 +11,7 @@ from lamina.models import t5  # noqa: F401  (T5 encoder-decoder)
 from lamina.models import ctc  # noqa: F401  (CTC acoustic models for speech recognition)
 from lamina.models import cnn3d  # noqa: F401  (3-D CNN for medical volumes)
 from lamina.models import centernet  # noqa: F401  (anchor-free detector)
+from lamina.models import face  # noqa: F401  (face embedders for ArcFace / CosFace / triplets)
 from lamina.models import hybrid  # noqa: F401  (hybrid quantum-classical classifiers; pennylane lazily)
 from lamina.models.contract import check_input_shape, example_input
 from lamina.models.generation import generate

@@ -22,6 +22,8 @@ from lamina.tasks.ctc import CTCTask  # noqa: E402
 TASKS["ctc"] = CTCTask
 from lamina.tasks.detection import DetectionTask  # noqa: E402
 TASKS["detection"] = DetectionTask
+from lamina.tasks.faces import FaceTask  # noqa: E402
+TASKS["face"] = FaceTask
 
 
 def build_task(name: str, **kwargs):
