@@ -84,6 +84,8 @@ CASES = {
             lambda: (torch.randn(N, 20, 8, generator=torch.Generator().manual_seed(0)),)),
     "detection": ("centernet_small", dict(in_chans=1, num_classes=3, widths=(8, 16, 32), neck=16, head=16),
                   lambda: (_digits(side=32),)),
+    "face": ("face_cnn", dict(in_chans=1, num_classes=5, embed_dim=16, backbone_options={"channels": (8, 16)}),
+             lambda: (_digits(),)),
     "cnn3d": ("cnn3d_small", dict(in_chans=1, num_classes=3, channels=(4, 8)),
               lambda: (_digits()[:, :, None].expand(N, 1, 8, 8, 8).contiguous(),)),
 }

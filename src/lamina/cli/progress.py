@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from lamina.engine.callbacks import Callback
 
 _SHOW = ("train/loss", "train/acc", "train/mae", "val/loss", "val/acc", "val/ppl", "val/mae", "val/r2", "val/zero_shot_acc",
-         "val/i2t_top1")
+         "val/i2t_top1", "train/top1", "val/top1", "val/eer")
 
 
 class RichProgress(Callback):
