@@ -229,3 +229,89 @@ def main_cli(args):
     from lamina.cli.main import main
 
     return main(args)
+
+
+def _voc_folder(tmp, coco):
+    """The same boxes as _coco_folder's, as Pascal VOC XML (1-based inclusive pixels)."""
+    (tmp / "xml").mkdir()
+    for im in coco["images"]:
+        objs = "".join(
+            f"<object><name>c{a['category_id'] - 1}</name><difficult>0</difficult><bndbox><xmin>{a['bbox'][0] + 1}"
+            f"</xmin><ymin>{a['bbox'][1] + 1}</ymin><xmax>{a['bbox'][0] + a['bbox'][2]}</xmax>"
+            f"<ymax>{a['bbox'][1] + a['bbox'][3]}</ymax></bndbox></object>"
+            for a in coco["annotations"] if a["image_id"] == im["id"])
+        (tmp / "xml" / f"{im['id']}.xml").write_text(
+            f"<annotation><filename>{im['file_name']}</filename><size><width>128</width><height>128</height>"
+            f"<depth>1</depth></size>{objs}</annotation>")
+
+
+def test_voc_xml_loads_the_same_boxes_as_coco_and_bad_files_are_one_line(tmp_path, scenes, capsys):
+    from lamina.data import load_dataset
+    from lamina.errors import DataError
+
+    coco = _coco_folder(tmp_path, scenes)
+    _voc_folder(tmp_path, coco)
+    kw = dict(size=64, val_fraction=0.0, test_fraction=0.0)
+    c = load_dataset("coco_detection", path=str(tmp_path / "img"), annotations=str(tmp_path / "ann.json"), **kw)
+    v = load_dataset("voc_detection", path=str(tmp_path / "img"), annotations=str(tmp_path / "xml"),
+                     classes=[f"c{i}" for i in range(10)], **kw)
+    order = [int(f.stem) for f in sorted((tmp_path / "xml").glob("*.xml"))]  # files sort as 0, 1, 10, 11, 2, ...
+    assert torch.allclose(v.train.tensors["boxes"], c.train.tensors["boxes"][order], atol=1e-4)
+    assert torch.equal(v.train.tensors["labels"], c.train.tensors["labels"][order])
+    assert torch.equal(v.train.tensors["x"], c.train.tensors["x"][order])
+    first = (tmp_path / "xml" / "0.xml").read_text()
+    box = first.split("<bndbox>")[1].split("</bndbox>")[0]
+    cases = [(first.replace(box, "<xmin>50</xmin><ymin>5</ymin><xmax>40</xmax><ymax>9</ymax>"), "non-positive width"),
+             (first.replace(box, "<xmin>100</xmin><ymin>5</ymin><xmax>140</xmax><ymax>9</ymax>"), "outside its 128x128"),
+             (first.replace("<name>", "<name>zebra", 1), "is not in data.classes"),
+             (first.replace("<xmin>", "<xmin>x", 1), "<xmin> missing or not a number"),
+             (first[:40], "not a readable XML file")]
+    for text, expect in cases:
+        (tmp_path / "xml" / "0.xml").write_text(text)
+        with pytest.raises(DataError, match=expect):
+            load_dataset("voc_detection", path=str(tmp_path / "img"), annotations=str(tmp_path / "xml"),
+                         classes=[f"c{i}" for i in range(10)])
+        rc = main_cli(["train", "data.name=voc_detection", f"data.path={tmp_path / 'img'}",
+                       f"data.annotations={tmp_path / 'xml'}", "data.classes=[c0,c1,c2,c3,c4,c5,c6,c7,c8,c9]",
+                       "model.name=centernet_small", "task.name=detection", f"logging.root={tmp_path / 'runs'}",
+                       "trainer.progress=false"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and expect in err and len(err.splitlines()) == 1, err
+    # difficult objects are left out by default, kept on request
+    (tmp_path / "xml" / "0.xml").write_text(first.replace("<difficult>0</difficult>", "<difficult>1</difficult>"))
+    n_easy = (load_dataset("voc_detection", path=str(tmp_path / "img"), annotations=str(tmp_path / "xml"), **kw)
+              .train.tensors["labels"] >= 0).sum()
+    n_all = (load_dataset("voc_detection", path=str(tmp_path / "img"), annotations=str(tmp_path / "xml"),
+                          skip_difficult=False, **kw).train.tensors["labels"] >= 0).sum()
+    assert n_all - n_easy == first.count("<object>")
+    with pytest.raises(DataError, match="no .xml annotation files"):
+        load_dataset("voc_detection", path=str(tmp_path / "img"), annotations=str(tmp_path / "img"))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize("backbone,options,taps", [("resnet18", {"widths": [8, 16, 32, 64]}, (0, 1)),
+                                                   ("resnet18", {"small_input": True, "widths": [8, 16, 32, 64]},
+                                                    (2, 3)),
+                                                   ("efficientnet_lite0", {"width_mult": 0.25, "depth_mult": 0.25},
+                                                    (1, 2)),
+                                                   ("cnn_medium", {"channels": [8, 16, 32]}, (1, 2))])
+def test_zoo_backbones_under_the_fpn(backbone, options, taps):
+    from lamina.errors import ModelError
+    from lamina.models import create_model
+
+    m = create_model("centernet_small", in_chans=1, num_classes=3, backbone=backbone, backbone_options=options,
+                     neck=16, head=16)
+    assert (m.tap4, m.tap8) == taps
+    x = torch.randn(2, 1, 64, 64)
+    maps = m.backbone.stage_features(x)
+    assert maps[m.tap4].shape[-1] == 16 and maps[m.tap8].shape[-1] == 8  # strides 4 and 8
+    out = m(x)
+    assert out.shape == (2, 7, 16, 16)
+    out.sum().backward()
+    stages = getattr(m.backbone, "stages", None) or m.backbone.blocks
+    assert all(p.grad is not None for p in stages[m.tap8].parameters())  # the stages the neck reads learn
+    assert all(p.grad is None for s in stages[m.tap8 + 1:] for p in s.parameters())  # deeper ones never run
+    with pytest.raises(ModelError, match="strides"):
+        create_model("centernet_small", backbone="resnet20")
+    with pytest.raises(ModelError, match="no stage feature maps"):
+        create_model("centernet_small", backbone="vit_tiny")

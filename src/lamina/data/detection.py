@@ -126,10 +126,6 @@ def coco_detection(*, path: str, annotations: str, size: int = 64, grayscale: bo
     import json
     from pathlib import Path
 
-    from PIL import Image
-
-    from lamina.data.splits import split_indices
-
     root, ann_path = Path(path).expanduser(), Path(annotations).expanduser()
     if not ann_path.is_file():
         raise _coco_error(ann_path, "annotation file not found")
@@ -170,38 +166,136 @@ def coco_detection(*, path: str, annotations: str, size: int = 64, grayscale: bo
             raise _coco_error(ann_path, f"annotation {aid}: box {bbox} lies outside its {W}x{H} image "
                               f"{im.get('file_name')!r}")
         per_image[a["image_id"]].append(a)
-    ids = [i for i in images if per_image[i]]  # images without boxes teach nothing here
-    k_max = max(len(per_image[i]) for i in ids)
-    S = int(size)
-    x = torch.zeros(len(ids), 1 if grayscale else 3, S, S)
-    boxes = torch.zeros(len(ids), k_max, 4)
-    labels = torch.full((len(ids), k_max), -1, dtype=torch.int64)
-    for n, i in enumerate(ids):
+    records = []
+    for i in images:
+        if not per_image[i]:  # images without boxes teach nothing here
+            continue
         im = images[i]
-        f = root / str(im.get("file_name", ""))
+        declared = (im["width"], im["height"]) if im.get("width") and im.get("height") else None
+        objs = [(a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3],
+                 cat_index[a["category_id"]]) for a in per_image[i]]
+        records.append((root / str(im.get("file_name", "")), declared, objs))
+    names = [str(c.get("name", c["id"])) for c in cats]
+    return _detection_bundle("coco_detection", records, names, size, grayscale, val_fraction, test_fraction, seed,
+                             "the annotation file's images[].file_name")
+
+
+def _detection_bundle(name: str, records: list, names: list[str], size: int, grayscale: bool, val_fraction: float,
+                      test_fraction: float, seed: int, named_by: str) -> DataBundle:
+    """Decode checked records [(image file, declared (W, H) or None, [(x1, y1, x2, y2, class), ...])] into a
+    detection bundle: images resized to size x size, boxes scaled with them, labels padded with -1."""
+    from PIL import Image
+
+    from lamina.data.splits import split_indices
+
+    k_max = max(len(objs) for _, _, objs in records)
+    S = int(size)
+    x = torch.zeros(len(records), 1 if grayscale else 3, S, S)
+    boxes = torch.zeros(len(records), k_max, 4)
+    labels = torch.full((len(records), k_max), -1, dtype=torch.int64)
+    for n, (f, declared, objs) in enumerate(records):
         if not f.is_file():
-            raise _coco_error(f, "image file not found (from the annotation file's images[].file_name)")
+            raise _coco_error(f, f"image file not found (from {named_by})")
         try:
             with Image.open(f) as img:
                 if img.width * img.height > MAX_IMAGE_PIXELS:
                     raise _coco_error(f, f"{img.width}x{img.height} image is larger than {MAX_IMAGE_PIXELS:,} pixels")
                 W, H = img.size
-                if im.get("width") and (im["width"], im["height"]) != (W, H):
-                    raise _coco_error(f, f"image is {W}x{H} but the annotation file says {im['width']}x{im['height']}")
+                if declared is not None and tuple(declared) != (W, H):
+                    raise _coco_error(f, f"image is {W}x{H} but the annotations say {declared[0]}x{declared[1]}")
                 arr = np.asarray(img.convert("L" if grayscale else "RGB").resize((S, S), Image.BILINEAR), np.float32)
         except OSError as e:
             raise _coco_error(f, f"not a readable image ({str(e)[:80]})") from None
         x[n] = torch.from_numpy(arr / 255.0).reshape(S, S, -1).permute(2, 0, 1)
-        for k, a in enumerate(per_image[i]):
-            bx, by, bw, bh = a["bbox"]
-            boxes[n, k] = torch.tensor([bx * S / W, by * S / H, (bx + bw) * S / W, (by + bh) * S / H])
-            labels[n, k] = cat_index[a["category_id"]]
-    tr, va, te = split_indices(len(ids), val_fraction, test_fraction, seed)
+        for k, (x1, y1, x2, y2, c) in enumerate(objs):
+            boxes[n, k] = torch.tensor([x1 * S / W, y1 * S / H, x2 * S / W, y2 * S / H])
+            labels[n, k] = c
+    tr, va, te = split_indices(len(records), val_fraction, test_fraction, seed)
     parts = [TensorData(x=x[j], boxes=boxes[j], labels=labels[j]) if len(j) else None for j in (tr, va, te)]
-    names = [str(c.get("name", c["id"])) for c in cats]
-    meta = {"loader": "coco_detection", "classes": names, "size": S, "max_objects": k_max}
-    return DataBundle("coco_detection", parts[0], parts[1], parts[2], "detection", (x.shape[1], S, S), len(names),
-                      names, meta)
+    meta = {"loader": name, "classes": names, "size": S, "max_objects": k_max}
+    return DataBundle(name, parts[0], parts[1], parts[2], "detection", (x.shape[1], S, S), len(names), names, meta)
 
 
-__all__ = ["BACKGROUNDS", "MAX_ANNOTATION_BYTES", "MAX_IMAGE_PIXELS", "coco_detection", "fashion_scenes"]
+MAX_XML_BYTES = 1 << 20  # one Pascal VOC annotation; real ones are a few KB
+
+
+def _voc_number(obj, tag: str, where: str) -> float:
+    node = obj.find(tag)
+    try:
+        return float(node.text)  # type: ignore[union-attr, arg-type]
+    except (AttributeError, TypeError, ValueError):
+        raise DataError(f"{where}: <{tag}> missing or not a number") from None
+
+
+@registered("voc_detection", "object detection from Pascal VOC XML annotations (one file per image) + image folder "
+            "(your data), resized to size x size", "detection", "paths: path= (images), annotations= (XML folder)")
+def voc_detection(*, path: str, annotations: str, size: int = 64, grayscale: bool = True,
+                  classes: list[str] | None = None, skip_difficult: bool = True, val_fraction: float = 0.1,
+                  test_fraction: float = 0.2, seed: int = 0) -> DataBundle:
+    """One XML per image (Annotations/*.xml): <filename>, <size><width><height>, and <object>s with <name> and
+    <bndbox> xmin, ymin, xmax, ymax in VOC's 1-based inclusive pixels (read as x1 = xmin - 1, x2 = xmax).
+    Classes: `classes` in that order, else every name found, sorted. Objects marked <difficult>1 are left out
+    (VOC's evaluation ignores them) unless skip_difficult is false. As for COCO files, everything is checked
+    before any image is decoded: an unreadable or oversized XML, a box of non-positive size or outside its
+    image, an unknown class name, a folder with no XML or no boxes are one-line DataErrors naming the file.
+    Parsed with the standard library's expat, which resolves no external entities and limits entity expansion."""
+    import xml.etree.ElementTree as ET
+    from pathlib import Path
+
+    root, ann_dir = Path(path).expanduser(), Path(annotations).expanduser()
+    if not ann_dir.is_dir():
+        raise _coco_error(ann_dir, "annotation folder not found (a folder of Pascal VOC .xml files)")
+    files = sorted(ann_dir.glob("*.xml"))
+    if not files:
+        raise _coco_error(ann_dir, "no .xml annotation files in the folder")
+    if not 16 <= int(size) <= 1024:
+        raise DataError(f"voc_detection: size must be in 16 .. 1024, got {size}")
+    parsed = []
+    for f in files:
+        if f.stat().st_size > MAX_XML_BYTES:
+            raise _coco_error(f, f"annotation file larger than {MAX_XML_BYTES >> 10} KB")
+        try:
+            doc = ET.fromstring(f.read_bytes())
+        except ET.ParseError as e:
+            raise _coco_error(f, f"not a readable XML file ({e})") from None
+        size_node = doc.find("size")
+        W, H = (_voc_number(doc if size_node is None else size_node, t, str(f)) for t in ("width", "height"))
+        if W <= 0 or H <= 0:
+            raise _coco_error(f, f"image size {W}x{H}; both must be positive")
+        objs = []
+        for k, obj in enumerate(doc.findall("object")):
+            name = (obj.findtext("name") or "").strip()
+            if not name:
+                raise _coco_error(f, f"object {k} has no <name>")
+            if skip_difficult and (obj.findtext("difficult") or "0").strip() == "1":
+                continue
+            bb = obj.find("bndbox")
+            if bb is None:
+                raise _coco_error(f, f"object {k} ({name}) has no <bndbox>")
+            x1, y1, x2, y2 = (_voc_number(bb, t, f"{f}: object {k}") for t in ("xmin", "ymin", "xmax", "ymax"))
+            x1, y1 = x1 - 1, y1 - 1
+            if x2 <= x1 or y2 <= y1:
+                raise _coco_error(f, f"object {k} ({name}): box ({x1 + 1:g}, {y1 + 1:g}, {x2:g}, {y2:g}) has "
+                                  "non-positive width or height")
+            if x1 < 0 or y1 < 0 or x2 > W + 0.5 or y2 > H + 0.5:
+                raise _coco_error(f, f"object {k} ({name}): box ({x1 + 1:g}, {y1 + 1:g}, {x2:g}, {y2:g}) lies "
+                                  f"outside its {W:g}x{H:g} image")
+            objs.append((x1, y1, x2, y2, name))
+        if objs:
+            image = root / (doc.findtext("filename") or f"{f.stem}.jpg").strip()
+            parsed.append((image, (int(W), int(H)), objs))
+    if not parsed:
+        raise _coco_error(ann_dir, "the annotations hold no boxes; a detector needs boxes to learn from")
+    found = sorted({o[4] for _, _, objs in parsed for o in objs})
+    names = list(classes) if classes else found
+    unknown = [n for n in found if n not in names]
+    if unknown:
+        raise _coco_error(ann_dir, f"class {unknown[0]!r} is not in data.classes ({', '.join(names)})")
+    index = {n: i for i, n in enumerate(names)}
+    records = [(img, wh, [(*o[:4], index[o[4]]) for o in objs]) for img, wh, objs in parsed]
+    return _detection_bundle("voc_detection", records, names, size, grayscale, val_fraction, test_fraction, seed,
+                             "the XML's <filename>")
+
+
+__all__ = ["BACKGROUNDS", "MAX_ANNOTATION_BYTES", "MAX_IMAGE_PIXELS", "coco_detection", "fashion_scenes",
+           "voc_detection"]

@@ -9,13 +9,18 @@
          offset (2)             centre's sub-cell offset in [0, 1)
     -> one tensor (B, num_classes + 4, H/4, W/4): one output keeps export and the Trainer's contract simple
 
+`backbone` swaps the built-in stem and stages for a classifier of the zoo (resnet18, efficientnet_lite0,
+cnn_medium, ... with `backbone_options`): its `stage_features` give the pyramid, and the neck reads the last map
+at stride 4 and the last at stride 8 (found by one dry run when the model is built; deeper stages are never
+computed).
+
 The heatmap's bias starts at -2.19 (sigmoid 0.1, the paper's prior) so early training is not swamped by the
 background's loss. `stride` (4) is what the task uses to map cells to pixels.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -33,6 +38,8 @@ class CenterNetConfig:
     widths: tuple[int, int, int] = (32, 64, 128)  # stem, stride-4 and stride-8 stages
     neck: int = 64  # FPN width
     head: int = 64  # hidden width of each head
+    backbone: str = ""  # "" = the built-in 3-stage CNN (widths); else a zoo classifier with stage_features
+    backbone_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if len(self.widths) != 3 or any(not isinstance(w, int) or w < 1 for w in self.widths):
@@ -45,6 +52,33 @@ class CenterNetConfig:
 
 def _cbr(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def _zoo_backbone(cfg: CenterNetConfig):
+    """(backbone, (index of the last stage at stride 4, ... at stride 8), (their channels)) for cfg.backbone."""
+    from lamina.models.registry import create_model, get_entry
+
+    try:
+        entry = get_entry(cfg.backbone)
+    except ModelError as e:
+        raise ModelError(f"centernet backbone: {e}") from None
+    net = create_model(cfg.backbone, **{**cfg.backbone_options, "in_chans": cfg.in_chans, "num_classes": 0})
+    if entry.input_kind != "image" or not hasattr(net, "stage_features"):
+        raise ModelError(f"centernet backbone: {cfg.backbone} gives no stage feature maps; use a conv backbone "
+                         "(cnn_medium, resnet18, resnet20, efficientnet_lite0, ...)")
+    side = 64
+    was = net.training
+    net.eval()
+    with torch.no_grad():
+        maps = net.stage_features(torch.zeros(1, cfg.in_chans, side, side))
+    net.train(was)
+    strides = [side // m.shape[-1] for m in maps]
+    if 4 not in strides or 8 not in strides:
+        raise ModelError(f"centernet backbone: {cfg.backbone}'s stages have strides {strides}; the neck needs maps "
+                         "at stride 4 and 8 (resnet18/34/50, efficientnet and cnn_medium give both)")
+    i4 = max(i for i, s in enumerate(strides) if s == 4)
+    i8 = max(i for i, s in enumerate(strides) if s == 8)
+    return net, (i4, i8), (maps[i4].shape[1], maps[i8].shape[1])
 
 
 def _head(cin: int, hidden: int, cout: int) -> nn.Sequential:
@@ -60,10 +94,13 @@ class CenterNet(nn.Module):
         self.cfg = cfg
         self.input_spec = (cfg.in_chans, None, None)
         self.min_input_size = 8
-        w0, w1, w2 = cfg.widths
-        self.stem = _cbr(cfg.in_chans, w0, 2)
-        self.stage4 = nn.Sequential(_cbr(w0, w1, 2), _cbr(w1, w1))
-        self.stage8 = nn.Sequential(_cbr(w1, w2, 2), _cbr(w2, w2))
+        if cfg.backbone:
+            self.backbone, (self.tap4, self.tap8), (w1, w2) = _zoo_backbone(cfg)
+        else:
+            w0, w1, w2 = cfg.widths
+            self.stem = _cbr(cfg.in_chans, w0, 2)
+            self.stage4 = nn.Sequential(_cbr(w0, w1, 2), _cbr(w1, w1))
+            self.stage8 = nn.Sequential(_cbr(w1, w2, 2), _cbr(w2, w2))
         self.lat4, self.lat8 = nn.Conv2d(w1, cfg.neck, 1), nn.Conv2d(w2, cfg.neck, 1)
         self.smooth = _cbr(cfg.neck, cfg.neck)
         self.num_classes = cfg.num_classes
@@ -74,8 +111,12 @@ class CenterNet(nn.Module):
         nn.init.constant_(self.heatmap[-1].bias, -2.19)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        c4 = self.stage4(self.stem(x))  # (B, w1, H/4, W/4)
-        c8 = self.stage8(c4)  # (B, w2, H/8, W/8)
+        if self.cfg.backbone:
+            maps = self.backbone.stage_features(x, upto=self.tap8)
+            c4, c8 = maps[self.tap4], maps[self.tap8]
+        else:
+            c4 = self.stage4(self.stem(x))  # (B, w1, H/4, W/4)
+            c8 = self.stage8(c4)  # (B, w2, H/8, W/8)
         p4 = self.lat4(c4) + F.interpolate(self.lat8(c8), size=c4.shape[-2:], mode="nearest")
         return self.smooth(p4)  # (B, neck, H/4, W/4)
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from lamina.errors import ModelError
-from lamina.models.contract import build_model
+from lamina.models.contract import build_model, run_stages
 from lamina.models.registry import register_model
 from lamina.nn import init_weights
 
@@ -79,6 +79,10 @@ class SmallCNN(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(x)  # (B, channels[-1], H / 2^k, W / 2^k)
+
+    def stage_features(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+        """Each stage's output (stage i at stride 2^(i+1)), the first `upto + 1` only when given."""
+        return run_stages(x, self.stages, upto)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         # Global average pool rather than flatten: works at any input size and trained as well on digits.

@@ -12,6 +12,8 @@ Every classifier-like model in lamina exposes:
   image of any size, `(13,)` a vector of 13 features
 * `model_name: str`: the registry name (set by the factory)
 * image models may state `min_input_size`, the smallest side their downsampling handles cleanly
+* conv backbones (cnn, resnet, efficientnet) also give `stage_features(x, upto=None)`: every stage's feature
+  map, the pyramid a detector's neck reads
 
 Tools (trainer, explain, attacks, export) and the data layer use `check_input_shape` / `example_input`
 instead of knowing any particular model.
@@ -51,6 +53,18 @@ def format_spec(spec: tuple) -> str:
 
 def _fmt_shape(shape: tuple) -> str:
     return "(" + ", ".join(["B"] + [str(int(d)) for d in shape]) + ")"
+
+
+def run_stages(x: torch.Tensor, stages: nn.Sequential, upto: int | None = None) -> list[torch.Tensor]:
+    """`stage_features` of the conv backbones (cnn, resnet, efficientnet): the output of each stage in order,
+    stopping after stage `upto` when given. Detectors build their feature pyramids from these."""
+    outs = []
+    for i, stage in enumerate(stages):
+        x = stage(x)
+        outs.append(x)
+        if upto is not None and i >= upto:
+            break
+    return outs
 
 
 def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

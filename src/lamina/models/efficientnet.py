@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lamina.errors import ModelError, unknown_name
-from lamina.models.contract import build_model
+from lamina.models.contract import build_model, run_stages
 from lamina.models.registry import register_model
 from lamina.nn import DropPath, get_activation, init_weights
 
@@ -228,6 +228,10 @@ class EfficientNet(nn.Module):
         self.drop = nn.Dropout(cfg.drop_rate)
         self.classifier = nn.Linear(head, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         init_weights(self, "relu")  # He (fan_out) for convs, as TF/timm; ReLU6/SiLU are ReLU-like
+
+    def stage_features(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+        """Each MBConv stage's output (before the 1x1 head), the first `upto + 1` only when given."""
+        return run_stages(self.act1(self.bn1(self.conv_stem(x))), self.blocks, upto)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv_stem(x)))  # (B, stem, H/s, W/s)

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lamina.errors import ModelError, unknown_name
-from lamina.models.contract import build_model
+from lamina.models.contract import build_model, run_stages
 from lamina.models.registry import register_model
 from lamina.nn import init_weights
 
@@ -170,6 +170,10 @@ class ResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))  # (B, num_features, h, w)
+
+    def stage_features(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+        """Each stage's output, the first `upto + 1` only when given (a detector's FPN needs no deeper maps)."""
+        return run_stages(self.stem(x), self.stages, upto)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pool(x).flatten(1)  # (B, num_features)
