@@ -11,8 +11,8 @@
 
 `backbone` swaps the built-in stem and stages for a classifier of the zoo (resnet18, efficientnet_lite0,
 cnn_medium, ... with `backbone_options`): its `stage_features` give the pyramid, and the neck reads the last map
-at stride 4 and the last at stride 8 (found by one dry run when the model is built; deeper stages are never
-computed).
+at stride 4 and the last at stride 8 (found by one dry run when the model is built; the backbone then drops
+its deeper stages, which would only cost time and dead parameters).
 
 The heatmap's bias starts at -2.19 (sigmoid 0.1, the paper's prior) so early training is not swamped by the
 background's loss. `stride` (4) is what the task uses to map cells to pixels.
@@ -63,7 +63,7 @@ def _zoo_backbone(cfg: CenterNetConfig):
     except ModelError as e:
         raise ModelError(f"centernet backbone: {e}") from None
     net = create_model(cfg.backbone, **{**cfg.backbone_options, "in_chans": cfg.in_chans, "num_classes": 0})
-    if entry.input_kind != "image" or not hasattr(net, "stage_features"):
+    if entry.input_kind != "image" or not hasattr(net, "stage_features") or not hasattr(net, "keep_stages"):
         raise ModelError(f"centernet backbone: {cfg.backbone} gives no stage feature maps; use a conv backbone "
                          "(cnn_medium, resnet18, resnet20, efficientnet_lite0, ...)")
     side = 64
@@ -78,6 +78,7 @@ def _zoo_backbone(cfg: CenterNetConfig):
                          "at stride 4 and 8 (resnet18/34/50, efficientnet and cnn_medium give both)")
     i4 = max(i for i, s in enumerate(strides) if s == 4)
     i8 = max(i for i, s in enumerate(strides) if s == 8)
+    net.keep_stages(i8 + 1)  # deeper stages would be parameters no loss reaches (DDP refuses those)
     return net, (i4, i8), (maps[i4].shape[1], maps[i8].shape[1])
 
 

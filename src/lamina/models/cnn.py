@@ -84,6 +84,10 @@ class SmallCNN(nn.Module):
         """Each stage's output (stage i at stride 2^(i+1)), the first `upto + 1` only when given."""
         return run_stages(x, self.stages, upto)
 
+    def keep_stages(self, n: int) -> None:
+        """Drop the stages after the first n: what is left is a feature pyramid for a detector's neck."""
+        self.stages = self.stages[:n]
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         # Global average pool rather than flatten: works at any input size and trained as well on digits.
         x = x.mean((2, 3))  # (B, num_features)

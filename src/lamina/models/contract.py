@@ -13,7 +13,7 @@ Every classifier-like model in lamina exposes:
 * `model_name: str`: the registry name (set by the factory)
 * image models may state `min_input_size`, the smallest side their downsampling handles cleanly
 * conv backbones (cnn, resnet, efficientnet) also give `stage_features(x, upto=None)`: every stage's feature
-  map, the pyramid a detector's neck reads
+  map, the pyramid a detector's neck reads, and `keep_stages(n)`, which drops the stages a neck never reads
 
 Tools (trainer, explain, attacks, export) and the data layer use `check_input_shape` / `example_input`
 instead of knowing any particular model.

@@ -233,6 +233,11 @@ class EfficientNet(nn.Module):
         """Each MBConv stage's output (before the 1x1 head), the first `upto + 1` only when given."""
         return run_stages(self.act1(self.bn1(self.conv_stem(x))), self.blocks, upto)
 
+    def keep_stages(self, n: int) -> None:
+        """Drop the stages after the first n and the 1x1 head conv: a feature pyramid for a detector's neck."""
+        self.blocks = self.blocks[:n]
+        self.conv_head, self.bn2, self.act2 = nn.Identity(), nn.Identity(), nn.Identity()
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv_stem(x)))  # (B, stem, H/s, W/s)
         x = self.blocks(x)  # (B, 320 * width, H/32, W/32) with stem stride 2

@@ -175,6 +175,10 @@ class ResNet(nn.Module):
         """Each stage's output, the first `upto + 1` only when given (a detector's FPN needs no deeper maps)."""
         return run_stages(self.stem(x), self.stages, upto)
 
+    def keep_stages(self, n: int) -> None:
+        """Drop the stages after the first n: what is left is a feature pyramid for a detector's neck."""
+        self.stages = self.stages[:n]
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pool(x).flatten(1)  # (B, num_features)
         return x if pre_logits else self.fc(self.drop(x))
