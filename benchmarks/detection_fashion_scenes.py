@@ -3,6 +3,7 @@ by pycocotools, CPU training throughput), then batch-1 inference latency of the 
 against ONNX Runtime (the same exported model, outputs checked for parity first), interleaved repeats.
 
     nice python benchmarks/detection_fashion_scenes.py --work /tmp/det-bench [--run RUN_DIR] [--repeats 300]
+        [KEY=VALUE ...]      # config overrides, e.g. model.backbone=resnet18 (a zoo backbone under the FPN)
 
 Load averages are recorded; a start above the core count is flagged.
 """
@@ -28,9 +29,10 @@ def main() -> int:
     ap.add_argument("--run", help="a trained run folder to reuse (default: train the config now)")
     ap.add_argument("--repeats", type=int, default=300)
     ap.add_argument("--json", help="result path (default benchmarks/results/detection_fashion_scenes.json)")
+    ap.add_argument("overrides", nargs="*", help="config overrides (KEY=VALUE)")
     a = ap.parse_args()
     work, load0 = start_work(a.work)
-    result = {"load_before": load0}
+    result = {"load_before": load0, "overrides": a.overrides}
     from lamina import runs
     from lamina.config import load_config
     from lamina.deploy.export import eager_fn, export_onnx, onnx_fn, parity
@@ -40,7 +42,7 @@ def main() -> int:
     if run_dir is None:
         cfg = load_config(str(ROOT / "configs" / "fashion_scenes_centernet.yaml"),
                           ["trainer.progress=false", "logging.tensorboard=false", "cost.energy=false",
-                           f"logging.root={work / 'runs'}"])
+                           f"logging.root={work / 'runs'}", *a.overrides])
         run_dir = runs.train(cfg).run_dir
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
     result["train"] = {"run_dir": str(run_dir), "test": summary["test"], "best_monitor": summary["best_monitor"],
