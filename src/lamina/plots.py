@@ -136,3 +136,40 @@ def plot_detections(image, detections: list[dict], path: str | Path, title: str 
     ax.axis("off")
     return save_figure(fig, path, title)
 
+
+
+def plot_rl_returns(episodes: list[tuple[int, float, int]], evals: list[dict], path: str | Path,
+                    title: str = "") -> Path:
+    """Training-episode returns (points, with a running mean of 20) and greedy evaluations (mean ± std) against
+    environment steps."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    if episodes:
+        steps = np.array([e[0] for e in episodes])
+        rets = np.array([e[1] for e in episodes])
+        ax.scatter(steps, rets, s=4, alpha=0.25, color="tab:blue", label="training episodes")
+        k = min(20, len(rets))
+        run = np.convolve(rets, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], run, color="tab:blue", label=f"running mean of {k}")
+    if evals:
+        s = np.array([e["step"] for e in evals])
+        m, sd = np.array([e["mean"] for e in evals]), np.array([e["std"] for e in evals])
+        ax.errorbar(s, m, yerr=sd, color="tab:orange", marker="o", ms=3, capsize=2, label="greedy evaluation")
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("episode return")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return save_figure(fig, path, title)
+
+
+def frame_strip(frames: list, path: str | Path, title: str = "", max_frames: int = 12, every: int = 1) -> Path:
+    """Up to `max_frames` rendered RGB frames (H, W, 3 uint8; captured every `every` steps), evenly chosen, side
+    by side in one PNG, each titled with its step."""
+    if not frames:
+        raise ValueError("no frames to draw")
+    idx = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int)
+    fig, axes = plt.subplots(1, len(idx), figsize=(1.6 * len(idx), 1.6), squeeze=False)
+    for ax, i in zip(axes[0], idx):
+        ax.imshow(frames[i])
+        ax.set_title(f"step {i * every}", fontsize=7)
+        ax.axis("off")
+    return save_figure(fig, path, title)

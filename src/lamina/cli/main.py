@@ -94,10 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     d = sub.add_parser("data", help="list built-in data sets and file loaders")
     d.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-    from lamina.cli import (compress, continual, deploy, faces, federated, fewshot, scale, search, serve, speech, ssl,
-                            trust)
+    from lamina.cli import (compress, continual, deploy, faces, federated, fewshot, rl, scale, search, serve, speech,
+                            ssl, trust)
 
-    for verbs in (trust, compress, deploy, serve, search, scale, continual, fewshot, ssl, federated, speech, faces):
+    for verbs in (trust, compress, deploy, serve, search, scale, continual, fewshot, ssl, federated, speech, faces, rl):
         verbs.add_parsers(sub)
     return p
 
@@ -443,6 +443,7 @@ def _dispatch(a, argv: list[str], console) -> int:
         from lamina.cli.ssl import COMMANDS as SSL
         from lamina.cli.speech import COMMANDS as SPEECH
         from lamina.cli.faces import COMMANDS as FACES
+        from lamina.cli.rl import COMMANDS as RL
         from lamina.cli.deploy import COMMANDS as DEPLOY
         from lamina.cli.scale import COMMANDS as SCALE
         from lamina.cli.search import COMMANDS as SEARCH
@@ -452,7 +453,7 @@ def _dispatch(a, argv: list[str], console) -> int:
         return {"train": cmd_train, "finetune": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
                 "generate": cmd_generate, "embed": cmd_embed, "chat": cmd_chat, "models": cmd_models,
                 "data": cmd_data, **TRUST, **COMPRESS, **DEPLOY, **SERVE, **SEARCH, **SCALE, **CONTINUAL,
-                **FEWSHOT, **SSL, **FEDERATED, **SPEECH, **FACES}[a.cmd](a, console)
+                **FEWSHOT, **SSL, **FEDERATED, **SPEECH, **FACES, **RL}[a.cmd](a, console)
     except (LaminaError, OSError, MemoryError, RuntimeError) as e:
         line = str(e) if isinstance(e, LaminaError) else system_error_line(e)
         if debug or line is None:

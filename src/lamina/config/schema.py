@@ -306,6 +306,42 @@ class CostConfig(_Strict):
         return code
 
 
+class RLConfig(_Strict):
+    # Reinforcement learning (`lamina rl train`, lamina/runs/rl.py) on a Gymnasium environment; the networks are
+    # zoo MLPs (model.width, model.depth, model.activation). Defaults follow RL Zoo's tuned CartPole settings.
+    env: str = "CartPole-v1"  # a registered Gymnasium id with a flat Box observation and a Discrete action space
+    algo: Literal["ppo", "dqn"] = "ppo"
+    total_steps: PositiveInt = 100_000  # environment steps over all parallel environments
+    num_envs: PositiveInt = 8  # PPO: parallel environments (gymnasium.vector.SyncVectorEnv); DQN uses 1
+    # None: the algorithm's default (RL Zoo's CartPole values): gamma ppo 0.98 / dqn 0.99; lr ppo 1e-3 (annealed
+    # linearly to 0) / dqn 2.3e-3; gradient clipping at a global norm of ppo 0.5 / dqn 10
+    gamma: float | None = Field(None, gt=0, le=1)
+    lr: PositiveFloat | None = None
+    max_grad_norm: PositiveFloat | None = None
+    # PPO (Schulman et al. 2017): n_steps per env per rollout, `epochs` passes in `minibatches` over it
+    n_steps: PositiveInt = 32
+    epochs: PositiveInt = 20
+    minibatches: PositiveInt = 1
+    clip: PositiveFloat = 0.2  # clipped surrogate ratio range
+    gae_lambda: float = Field(0.8, ge=0, le=1)  # GAE (Schulman et al. 2016): bias/variance of advantages
+    ent_coef: NonNegativeFloat = 0.0
+    vf_coef: PositiveFloat = 0.5
+    # DQN (Mnih et al. 2015) with double-Q targets (van Hasselt et al. 2016)
+    buffer_size: PositiveInt = 100_000
+    learning_starts: int = Field(1000, ge=0)  # random steps before the first update
+    batch_size: PositiveInt = 64
+    train_freq: PositiveInt = 256  # env steps between update phases
+    gradient_steps: PositiveInt = 128  # updates per phase
+    target_update: PositiveInt = 10  # environment steps between copies to the target network (as SB3)
+    exploration_fraction: float = Field(0.16, gt=0, le=1)  # share of total_steps over which epsilon decays
+    exploration_final: float = Field(0.04, ge=0, le=1)
+    double_q: bool = True
+    # evaluation: greedy episodes on a separately seeded environment
+    eval_every: PositiveInt = 10_000  # environment steps between evaluations
+    eval_episodes: PositiveInt = 10
+    max_episode_steps: PositiveInt | None = None  # override the env's time limit
+
+
 class RunConfig(_Strict):
     name: str | None = None  # run folder name; default <data>-<model>-<time>
     seed: int = Field(0, ge=0, lt=2**63)  # torch.manual_seed takes a 64-bit seed
@@ -325,6 +361,7 @@ class RunConfig(_Strict):
     fewshot: FewShotConfig = Field(default_factory=FewShotConfig)  # used by `lamina fewshot` only
     ssl: SSLConfig = Field(default_factory=SSLConfig)  # self-supervised pretraining objective (SimCLR, BYOL, MAE)
     federated: FederatedConfig = Field(default_factory=FederatedConfig)  # used by `lamina federated` only
+    rl: RLConfig = Field(default_factory=RLConfig)  # used by `lamina rl` only
 
 # Sections that moved; old configs and run folders that still use them are read with a deprecation warning.
 MOVED = {("trainer", "adversarial"): "adversarial", ("trainer", "distill"): "distill"}
