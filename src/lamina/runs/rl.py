@@ -60,6 +60,10 @@ def _gym():
 def make_env(env_id: str, max_episode_steps: int | None = None, render_mode: str | None = None):
     """gymnasium.make with one-line errors: an unknown id, a missing extra (Box2D), unsupported spaces."""
     gym = _gym()
+    if render_mode:  # pygame greets on import, on stdout: it would corrupt `--json` output
+        import os
+
+        os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
     kw = {"render_mode": render_mode}
     if max_episode_steps is not None:
         kw["max_episode_steps"] = int(max_episode_steps)
