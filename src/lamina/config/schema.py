@@ -318,6 +318,7 @@ class RLConfig(_Strict):
     gamma: float | None = Field(None, gt=0, le=1)
     lr: PositiveFloat | None = None
     max_grad_norm: PositiveFloat | None = None
+    anneal_lr: bool = True  # PPO: decay the learning rate linearly to 0 over the run
     # PPO (Schulman et al. 2017): n_steps per env per rollout, `epochs` passes in `minibatches` over it
     n_steps: PositiveInt = 32
     epochs: PositiveInt = 20

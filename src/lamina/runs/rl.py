@@ -265,7 +265,7 @@ def _train_ppo(cfg, s, obs_dim, n_actions, evaluate, emit, folder):
     try:
         for u in range(updates):
             for grp in opt.param_groups:
-                grp["lr"] = s["lr"] * (1.0 - u / updates)
+                grp["lr"] = s["lr"] * (1.0 - u / updates) if r.anneal_lr else s["lr"]
             buf = {k: [] for k in ("obs", "actions", "logp", "values", "rewards", "dones")}
             for _ in range(T):
                 obs = torch.as_tensor(obs_np, dtype=torch.float32)
