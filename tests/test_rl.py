@@ -175,3 +175,16 @@ def test_rl_eval_of_a_folder_that_is_not_an_rl_run(tmp_path, capsys):
         from lamina.runs.rl import evaluate_rl
 
         evaluate_rl(tmp_path, episodes=0)
+
+
+def test_rl_seeds_give_a_band_over_seeds(tmp_path, capsys):
+    rc = main(["rl", "train", str(ROOT / "configs" / "cartpole_ppo.yaml"), "rl.total_steps=2048", "rl.eval_every=1024",
+               "rl.eval_episodes=2", f"logging.root={tmp_path}", "--seeds", "0,1", "--json", "--no-progress"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    d = tmp_path / "cartpole-ppo-seeds"
+    assert (d / "seeds.json").is_file() and (d / "returns.png").is_file()
+    assert res["seeds"] == [0, 1] and len(res["run_dirs"]) == 2 and res["steps"] == [1024, 2048]
+    finals = res["final"]["values"]
+    assert res["mean"][-1] == pytest.approx(sum(finals) / 2)
+    assert res["ci95_half_width"][-1] == pytest.approx(12.706 * abs(finals[0] - finals[1]) / 2, rel=1e-3)

@@ -173,3 +173,23 @@ def frame_strip(frames: list, path: str | Path, title: str = "", max_frames: int
         ax.set_title(f"step {i * every}", fontsize=7)
         ax.axis("off")
     return save_figure(fig, path, title)
+
+
+def plot_rl_seeds(steps, returns, path: str | Path, title: str = "") -> Path:
+    """Greedy evaluation returns (seeds x evaluations): each seed thin, the mean bold with a 95% t band."""
+    from scipy import stats
+
+    r = np.asarray(returns, dtype=float)
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for row in r:
+        ax.plot(steps, row, color="tab:blue", alpha=0.25, lw=0.8)
+    mu = r.mean(0)
+    ax.plot(steps, mu, color="tab:blue", lw=2, label=f"mean of {len(r)} seeds")
+    if len(r) > 1:
+        half = stats.t.ppf(0.975, len(r) - 1) * r.std(0, ddof=1) / np.sqrt(len(r))
+        ax.fill_between(steps, mu - half, mu + half, color="tab:blue", alpha=0.2, label="95% interval")
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("greedy return")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return save_figure(fig, path, title)

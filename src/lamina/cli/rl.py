@@ -19,6 +19,8 @@ def add_parsers(sub) -> None:
     t = verbs.add_parser("train", help="train a policy; writes a run folder")
     t.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]", help="a YAML config and/or dotted overrides")
     t.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    t.add_argument("--seeds", help="train once per seed (e.g. 0,1,2): returns over seeds with a 95%% band "
+                                   "(<name>-seeds/seeds.json and returns.png)")
     e = verbs.add_parser("eval", help="greedy episodes of a trained policy")
     e.add_argument("run", help="a run folder written by `lamina rl train`")
     e.add_argument("--episodes", type=int, default=10)
@@ -68,6 +70,20 @@ def cmd_rl(a, console) -> int:
         elif ev["event"] == "eval" and not a.json:
             bar.console.print(f"  step {ev['step']:>9,}: greedy return {ev['mean']:.1f} ± {ev['std']:.1f}")
 
+    if a.seeds:
+        from lamina.cli.search import parse_seeds
+        from lamina.runs.rl import train_rl_seeds
+
+        seeds = parse_seeds(a.seeds)
+        with bar:
+            res = train_rl_seeds(cfg, seeds, on_event)
+        if a.json:
+            print(json.dumps(res))
+        else:
+            f = res["final"]
+            console.print(f"{len(seeds)} seeds: final greedy return [bold]{f['mean']:.1f}[/] ± {f['std']:.1f} "
+                          f"({', '.join(f'{v:.1f}' for v in f['values'])}); {res['folder']}/returns.png")
+        return 0
     with bar:
         s = train_rl(cfg, on_event)
     if a.json:

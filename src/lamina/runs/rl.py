@@ -354,6 +354,39 @@ def _train_dqn(cfg, s, obs_dim, n_actions, evaluate, emit, folder):
     return rec, r.total_steps, ev["seconds"]
 
 
+def train_rl_seeds(cfg: RunConfig, seeds: list[int], on_event: Callable[[dict], None] | None = None) -> dict:
+    """The same config once per seed, in <logging.root>/<name>-seeds/seed<s>; seeds.json there holds every run's
+    evaluations and the mean with a 95% t interval over seeds at each evaluation step, returns.png draws them."""
+    from scipy import stats
+
+    from lamina.config import to_dict, validate
+    from lamina.plots import plot_rl_seeds
+
+    name = cfg.name or f"{cfg.rl.env}-{cfg.rl.algo}"
+    out = RunFolder.new(cfg.logging.root, f"{name}-seeds", cfg.rl.env, cfg.rl.algo).path
+    runs = []
+    for seed in seeds:
+        raw = to_dict(cfg)
+        raw.update(seed=seed, name=f"seed{seed}")
+        raw["logging"]["root"] = str(out)
+        runs.append(train_rl(validate(raw), on_event))
+    n = min(len(r["evals"]) for r in runs)
+    steps = [runs[0]["evals"][i]["step"] for i in range(n)]
+    m = np.array([[e["mean"] for e in r["evals"][:n]] for r in runs])
+    mean = m.mean(0)
+    half = (stats.t.ppf(0.975, len(runs) - 1) * m.std(0, ddof=1) / np.sqrt(len(runs))) if len(runs) > 1 else 0 * mean
+    finals = [r["final_eval"] for r in runs]
+    result = {"env": cfg.rl.env, "algo": cfg.rl.algo, "seeds": list(seeds), "run_dirs": [r["run_dir"] for r in runs],
+              "steps": steps, "mean": mean.tolist(), "ci95_half_width": np.asarray(half).tolist(),
+              "final": {"mean": float(np.mean(finals)), "std": float(np.std(finals, ddof=1)) if len(finals) > 1
+                        else 0.0, "values": finals},
+              "steps_per_s": [r["steps_per_s"] for r in runs]}
+    atomic_write_text(out / "seeds.json", json.dumps(result, indent=2))
+    plot_rl_seeds(steps, m, out / "returns.png", title=f"{cfg.rl.algo.upper()} on {cfg.rl.env}, {len(runs)} seeds")
+    result["folder"] = str(out)
+    return result
+
+
 def open_policy(run_dir: str | Path, which: str = "best") -> tuple[torch.nn.Module, dict]:
     """(greedy policy network with the checkpoint's weights, rl.json) of an RL run folder."""
     from lamina.models import create_model
@@ -396,4 +429,4 @@ def evaluate_rl(run_dir: str | Path, episodes: int = 10, seed: int = 20_000, whi
     return res
 
 
-__all__ = ["evaluate_rl", "greedy_episodes", "make_env", "open_policy", "train_rl"]
+__all__ = ["evaluate_rl", "greedy_episodes", "make_env", "open_policy", "train_rl", "train_rl_seeds"]
