@@ -168,10 +168,10 @@ def test_face_task_options_are_checked():
 
 def test_identity_batches_hold_p_people_by_k_images():
     from lamina.data import load_dataset
-    from lamina.data.faces import IdentityBatches
+    from lamina.data.faces import identity_batches
 
     b = load_dataset("faces")
-    batches = list(IdentityBatches(b.train, 8, 4, seed=0))
+    batches = list(identity_batches(b.train, 8, 4, seed=0))
     assert len(batches) == math.ceil(200 / 32)
     for batch in batches:
         counts = torch.bincount(batch["y"], minlength=40)

@@ -163,44 +163,35 @@ def faces(*, path: PathLike | None = None, size: int | Sequence[int] = (56, 46),
                       len(train_people), train_people, meta)
 
 
-class IdentityBatches:
+class IdentitySampler:
     """P identities x K images a batch (batch-hard triplets need positives in every batch): each epoch draws
-    ceil(N / (P K)) batches from a seeded generator; identities with fewer than K images give all they have."""
+    ceil(N / (P K)) batches; identities with fewer than K images give all they have. A sampler for
+    lamina.data.loader.InMemoryLoader, which gathers, transforms and keeps the generator state."""
 
-    def __init__(self, data: TensorData, identities: int, per_identity: int, seed: int = 0, device=None,
-                 transform=None):
-        ids = torch.unique(data.y)
+    def __init__(self, y: torch.Tensor, identities: int, per_identity: int):
+        ids = torch.unique(y)
         if len(ids) < 2:
             raise ConfigError("triplet loss: the training split has one identity; it needs at least 2")
-        self.data, self.P, self.K = data, min(int(identities), len(ids)), int(per_identity)
-        self.by_id = [(data.y == i).nonzero().flatten() for i in ids.tolist()]
-        self.generator = torch.Generator().manual_seed(seed)
-        self.transform = transform
-        self.tensors = {k: v.to(device) if device is not None else v for k, v in data.tensors.items()}
+        self.n, self.P, self.K = len(y), min(int(identities), len(ids)), int(per_identity)
+        self.by_id = [(y == i).nonzero().flatten() for i in ids.tolist()]
 
     def __len__(self) -> int:
-        return max(1, math.ceil(len(self.data) / (self.P * self.K)))
+        return max(1, math.ceil(self.n / (self.P * self.K)))
 
-    def to(self, device):
-        self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
-        return self
-
-    def __iter__(self):
+    def __call__(self, g: torch.Generator):
         for _ in range(len(self)):
-            pick = torch.randperm(len(self.by_id), generator=self.generator)[:self.P]
-            idx = torch.cat([self.by_id[p][torch.randperm(len(self.by_id[p]), generator=self.generator)[:self.K]]
+            pick = torch.randperm(len(self.by_id), generator=g)[:self.P]
+            yield torch.cat([self.by_id[p][torch.randperm(len(self.by_id[p]), generator=g)[:self.K]]
                              for p in pick.tolist()])
-            dev = next(iter(self.tensors.values())).device
-            batch = {k: v.index_select(0, idx.to(dev)) for k, v in self.tensors.items()}
-            if self.transform is not None:
-                batch = self.transform(batch, self.generator)
-            yield batch
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
 
 
-__all__ = ["IdentityBatches", "MAX_IMAGES", "faces", "person_folders", "read_faces"]
+def identity_batches(data: TensorData, identities: int, per_identity: int, seed: int = 0, device=None,
+                     transform=None):
+    """An in-memory loader over `data` whose batches hold `identities` people x `per_identity` images each."""
+    from lamina.data.loader import InMemoryLoader
+
+    return InMemoryLoader(data, identities * per_identity, seed=seed, device=device, transform=transform,
+                          sampler=IdentitySampler(data.y, identities, per_identity))
+
+
+__all__ = ["IdentitySampler", "MAX_IMAGES", "faces", "identity_batches", "person_folders", "read_faces"]

@@ -29,6 +29,7 @@ class InMemoryLoader:
         transform=None,
         trim: dict[str, str] | None = None,
         bucket: str | None = None,
+        sampler=None,
     ):
         self.data = data
         self.batch_size = int(batch_size)
@@ -42,6 +43,9 @@ class InMemoryLoader:
         # Length bucketing (shuffled training only): sort each chunk of 64 batches by this length tensor, then
         # shuffle the batches. Padding falls ~3x on Multi30k; batches stay random in order and content mix.
         self.bucket = bucket
+        # Structured batches (e.g. P identities x K images for triplet losses): an object with __len__ (batches
+        # per epoch) and __call__(generator) -> index tensors, drawn from this loader's generator.
+        self.sampler = sampler
         # Moving the whole split once beats moving every batch (and pinning) for data this small.
         self.tensors = {k: v.to(device) if device is not None else v for k, v in data.tensors.items()}
 
@@ -50,6 +54,8 @@ class InMemoryLoader:
         return self
 
     def __len__(self) -> int:
+        if self.sampler is not None:
+            return len(self.sampler)
         n = len(self.data)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
@@ -67,16 +73,25 @@ class InMemoryLoader:
         perm = torch.randperm(len(batches), generator=self.generator)
         return [batches[i] for i in perm.tolist()][:len(self)]
 
-    def __iter__(self):
+    def _index_batches(self):
+        """Per batch: an index tensor, or a slice for unshuffled data (no gather needed)."""
+        if self.sampler is not None:
+            yield from self.sampler(self.generator)
+            return
         n = len(self.data)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else None
         bucketed = self._bucketed(order) if order is not None and self.bucket else None
         for b in range(len(self)):
             if order is None:
-                sl = slice(b * self.batch_size, min(n, (b + 1) * self.batch_size))
-                batch = {k: v[sl] for k, v in self.tensors.items()}
+                yield slice(b * self.batch_size, min(n, (b + 1) * self.batch_size))
             else:
-                idx = bucketed[b] if bucketed is not None else order[b * self.batch_size : (b + 1) * self.batch_size]
+                yield bucketed[b] if bucketed is not None else order[b * self.batch_size : (b + 1) * self.batch_size]
+
+    def __iter__(self):
+        for idx in self._index_batches():
+            if isinstance(idx, slice):
+                batch = {k: v[idx] for k, v in self.tensors.items()}
+            else:
                 dev_idx = idx.to(next(iter(self.tensors.values())).device)
                 batch = {k: v.index_select(0, dev_idx) for k, v in self.tensors.items()}
             for key, len_key in self.trim.items():

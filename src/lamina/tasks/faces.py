@@ -8,7 +8,7 @@ Losses (task.loss):
 * arcface / cosface / softmax: cross-entropy over s * cos with the margin m on the true identity
   (lamina.nn.margin.margin_logits; ArcFace s 30 m 0.5, CosFace s 30 m 0.35 as in the papers, softmax m 0).
 * triplet: batch-hard triplets on the embeddings (margin m, default 0.2); training batches hold P identities x
-  K images (lamina.data.faces.IdentityBatches) so every anchor has a positive.
+  K images (lamina.data.faces.identity_batches) so every anchor has a positive.
 Rows whose identity the model never trained on (the verification protocol's test people) count in the
 metrics, not in the margin losses.
 
@@ -181,11 +181,11 @@ class FaceTask(BaseTask):
     def train_loader(self, bundle, data_cfg, seed: int, device):
         if self.kind != "triplet":
             return super().train_loader(bundle, data_cfg, seed, device)
-        from lamina.data.faces import IdentityBatches
+        from lamina.data.faces import identity_batches
         from lamina.data.transforms import build_transforms
 
         augment = build_transforms(data_cfg.augment) if data_cfg.augment else None
-        return IdentityBatches(bundle.train, self.P, self.K, seed, device, augment)
+        return identity_batches(bundle.train, self.P, self.K, seed, device, augment)
 
     # ----- per batch -------------------------------------------------------------------------------------
     def forward(self, model, batch) -> FaceOutput:
