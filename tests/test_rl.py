@@ -13,7 +13,7 @@ pytest.importorskip("gymnasium", reason="reinforcement learning needs gymnasium 
 from conftest import ROOT  # noqa: E402
 from lamina.cli.main import main  # noqa: E402
 from lamina.errors import ConfigError  # noqa: E402
-from lamina.runs.objectives.rl import ReplayBuffer, dqn_targets, gae, ppo_loss  # noqa: E402
+from lamina.runs.objectives.rl import ReplayBuffer, RewardScaler, dqn_targets, gae, ppo_loss  # noqa: E402
 
 QUICK = ["trainer.progress=false", "--no-progress"]
 
@@ -140,6 +140,16 @@ def test_rl_eval_cli_replays_the_best_policy(ppo_run, tmp_path, capsys):
     png = tmp_path / "strip.png"
     assert main(["rl", "eval", s["run_dir"], "--episodes", "1", "--frames", str(png)]) == 0
     assert png.is_file() and png.stat().st_size > 1000
+    from PIL import Image
+
+    gif = tmp_path / "episode.gif"
+    assert main(["rl", "eval", s["run_dir"], "--episodes", "1", "--video", str(gif), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    with Image.open(gif) as im:  # every 2nd step of the episode, 40 ms a frame (real time at 50 Hz)
+        assert im.n_frames > 10 and im.info["duration"] == 40 and max(im.size) <= 320
+    assert r["video_frames"] == -(-int(r["returns"][0]) // 2)  # CartPole: one reward per step
+    assert main(["rl", "eval", s["run_dir"], "--video", str(tmp_path / "x.mp4")]) == 2
+    assert "--video: writes an animated GIF" in capsys.readouterr().err
 
 
 def test_short_dqn_run(tmp_path):
@@ -188,3 +198,20 @@ def test_rl_seeds_give_a_band_over_seeds(tmp_path, capsys):
     finals = res["final"]["values"]
     assert res["mean"][-1] == pytest.approx(sum(finals) / 2)
     assert res["ci95_half_width"][-1] == pytest.approx(12.706 * abs(finals[0] - finals[1]) / 2, rel=1e-3)
+
+
+def test_reward_scaler_divides_by_the_std_of_discounted_returns():
+    rng = np.random.default_rng(0)
+    sc = RewardScaler(3, gamma=0.9)
+    ret, seen = np.zeros(3), []
+    for t in range(200):
+        r = rng.normal(-1.0, 0.5, 3)
+        done = rng.random(3) < 0.05
+        out = sc(r, done)
+        ret = ret * 0.9 + r  # the discounted return by hand, reset after an episode ends
+        seen.append(ret.copy())
+        ret[done] = 0.0
+        # the running statistics start from a prior of weight 1e-4 (mean 0, variance 1): 0.1% at the first step
+        want = np.clip(r / np.sqrt(np.var(np.concatenate(seen)) + 1e-8), -10, 10)
+        assert np.allclose(out, want, rtol=2e-3), t
+    assert abs(sc.var - np.var(np.concatenate(seen))) < 1e-5

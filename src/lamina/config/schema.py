@@ -319,6 +319,7 @@ class RLConfig(_Strict):
     lr: PositiveFloat | None = None
     max_grad_norm: PositiveFloat | None = None
     anneal_lr: bool = True  # PPO: decay the learning rate linearly to 0 over the run
+    normalize_reward: bool = False  # PPO: divide rewards by the running std of the discounted return (VecNormalize)
     # PPO (Schulman et al. 2017): n_steps per env per rollout, `epochs` passes in `minibatches` over it
     n_steps: PositiveInt = 32
     epochs: PositiveInt = 20

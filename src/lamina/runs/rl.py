@@ -38,7 +38,7 @@ from lamina.config import RunConfig, to_yaml
 from lamina.errors import ConfigError, DataError, MissingDependencyError
 from lamina.io import atomic_write_text, load_state, save_state
 from lamina.runs.folder import RunFolder
-from lamina.runs.objectives.rl import ReplayBuffer, dqn_targets, gae, ppo_loss
+from lamina.runs.objectives.rl import ReplayBuffer, RewardScaler, dqn_targets, gae, ppo_loss
 
 DEFAULTS = {"ppo": {"gamma": 0.98, "lr": 1e-3, "max_grad_norm": 0.5},
             "dqn": {"gamma": 0.99, "lr": 2.3e-3, "max_grad_norm": 10.0}}
@@ -46,6 +46,7 @@ NET_DEFAULTS = {"ppo": {"width": 64, "depth": 2, "activation": "tanh"},
                 "dqn": {"width": 256, "depth": 2, "activation": "relu"}}
 MAX_TOTAL_STEPS = 50_000_000  # what one config may ask for
 MAX_EVAL_EPISODES = 1000
+MAX_FRAMES = 600  # one recording: 24 s at 25 frames/s, ~100 MB of 320 px RGB frames at most
 
 
 def _gym():
@@ -116,7 +117,7 @@ def settings(cfg: RunConfig) -> dict:
 def greedy_episodes(policy: torch.nn.Module, env_id: str, episodes: int, seed: int,
                     max_episode_steps: int | None = None, frames_every: int = 0) -> dict:
     """Returns of `episodes` greedy episodes on a fresh environment seeded `seed`; with frames_every > 0, every
-    frames_every-th rendered frame of the first episode."""
+    frames_every-th rendered frame of the first episode (at most MAX_FRAMES, each at most 320 px wide)."""
     env = make_env(env_id, max_episode_steps, render_mode="rgb_array" if frames_every else None)
     policy.eval()
     returns, lengths, frames = [], [], []
@@ -125,8 +126,8 @@ def greedy_episodes(policy: torch.nn.Module, env_id: str, episodes: int, seed: i
             obs, _ = env.reset(seed=seed + ep)
             total, n, done = 0.0, 0, False
             while not done:
-                if frames_every and ep == 0 and n % frames_every == 0:
-                    frames.append(env.render())
+                if frames_every and ep == 0 and n % frames_every == 0 and len(frames) < MAX_FRAMES:
+                    frames.append(_shrink(env.render()))
                 a = int(policy(torch.as_tensor(obs, dtype=torch.float32)[None]).argmax(-1))
                 obs, r, term, trunc, _ = env.step(a)
                 total, n, done = total + float(r), n + 1, term or trunc
@@ -152,6 +153,12 @@ def bootstrap_truncated(rew: np.ndarray, term: np.ndarray, trunc: np.ndarray, fi
     out = rew.copy()
     out[cut] += gamma * critic(final).squeeze(-1).numpy()
     return out
+
+
+def _shrink(frame: np.ndarray, width: int = 320) -> np.ndarray:
+    """A rendered frame no wider than `width` (every other pixel until it fits): bounds a recording's memory."""
+    step = max(1, -(-frame.shape[1] // width))
+    return np.ascontiguousarray(frame[::step, ::step])
 
 
 class _Recorder:
@@ -261,6 +268,7 @@ def _train_ppo(cfg, s, obs_dim, n_actions, evaluate, emit, folder):
     N, T = r.num_envs, r.n_steps
     updates = max(1, r.total_steps // (N * T))
     obs_np, _ = envs.reset(seed=cfg.seed)
+    scaler = RewardScaler(N, s["gamma"]) if r.normalize_reward else None
     step = 0
     try:
         for u in range(updates):
@@ -276,6 +284,8 @@ def _train_ppo(cfg, s, obs_dim, n_actions, evaluate, emit, folder):
                 obs_np, rew, term, trunc, info = envs.step(action.numpy())
                 rew = rew.astype(np.float32)
                 rec.step(rew, term | trunc, step + N)
+                if scaler is not None:  # before bootstrapping: the critic learns returns on the scaled scale
+                    rew = scaler(rew, term | trunc)
                 rew = bootstrap_truncated(rew, term, trunc, info.get("final_obs"), critic, s["gamma"])
                 for k, v in (("obs", obs), ("actions", action), ("logp", logp), ("values", value),
                              ("rewards", torch.as_tensor(rew)),
@@ -412,20 +422,29 @@ def open_policy(run_dir: str | Path, which: str = "best") -> tuple[torch.nn.Modu
 
 
 def evaluate_rl(run_dir: str | Path, episodes: int = 10, seed: int = 20_000, which: str = "best",
-                frames: str | Path | None = None, frames_every: int = 10) -> dict:
-    """Greedy returns of a trained policy; `frames`: a PNG strip of the first episode's rendered frames."""
+                frames: str | Path | None = None, frames_every: int = 10, video: str | Path | None = None) -> dict:
+    """Greedy returns of a trained policy; `frames`: a PNG strip of the first episode's rendered frames; `video`:
+    that episode as an animated GIF (every 2nd step at 25 frames/s: real time for 50 Hz environments such as
+    CartPole and LunarLander; Pillow writes it, no video codec needed)."""
     if not 1 <= episodes <= MAX_EVAL_EPISODES:
         raise ConfigError(f"--episodes: expected 1 .. {MAX_EVAL_EPISODES}, got {episodes}")
+    if video is not None and Path(video).suffix.lower() != ".gif":
+        raise ConfigError(f"--video: writes an animated GIF; give a path ending in .gif, got {video}")
     policy, meta = open_policy(run_dir, which)
-    out = greedy_episodes(policy, meta["env"], episodes, seed, meta.get("max_episode_steps"),
-                          frames_every if frames else 0)
+    every = 2 if video else frames_every if frames else 0
+    out = greedy_episodes(policy, meta["env"], episodes, seed, meta.get("max_episode_steps"), every)
     res = {"run": str(run_dir), "env": meta["env"], "algo": meta["algo"], "episodes": episodes,
            "mean": out["mean"], "std": out["std"], "returns": out["returns"]}
     if frames:
         from lamina.plots import frame_strip
 
         res["frames"] = str(frame_strip(out["frames"], frames, title=f"{meta['algo'].upper()} on {meta['env']}",
-                                        every=frames_every))
+                                        every=every))
+    if video:
+        from lamina.plots import write_gif
+
+        res["video"] = str(write_gif(out["frames"], video, fps=25))
+        res["video_frames"] = len(out["frames"])
     return res
 
 

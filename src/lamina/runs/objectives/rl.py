@@ -17,6 +17,7 @@ DQN (Mnih et al. 2015) with double-Q targets (van Hasselt et al. 2016):
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -66,6 +67,32 @@ def dqn_targets(q_target_next: torch.Tensor, q_online_next: torch.Tensor | None,
     return rewards + gamma * (1.0 - terminal) * nxt
 
 
+class RewardScaler:
+    """Rewards divided by the running standard deviation of each environment's discounted return (as
+    Stable-Baselines3's VecNormalize and the PPO implementations it follows): value targets stay near unit scale
+    whatever the environment pays, so the value loss does not swamp the clipped policy gradient. Returns are
+    reset when an episode ends; scaled rewards are clipped to +-clip."""
+
+    def __init__(self, n: int, gamma: float, clip: float = 10.0, eps: float = 1e-8):
+        self.ret = np.zeros(n)
+        self.gamma, self.clip, self.eps = gamma, clip, eps
+        self.count, self.mean, self.var = 1e-4, 0.0, 1.0
+
+    def update(self, x: np.ndarray) -> None:
+        """Chan et al.'s parallel update of the running mean and variance with a batch x."""
+        n, m, v = len(x), float(np.mean(x)), float(np.var(x))
+        delta, total = m - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + v * n + delta ** 2 * self.count * n / total) / total
+        self.count = total
+
+    def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
+        self.ret = self.ret * self.gamma + rewards
+        self.update(self.ret)
+        self.ret[dones] = 0.0
+        return np.clip(rewards / np.sqrt(self.var + self.eps), -self.clip, self.clip).astype(np.float32)
+
+
 class ReplayBuffer:
     """A circular buffer of transitions (obs, action, reward, next_obs, terminal) as preallocated tensors."""
 
@@ -92,4 +119,4 @@ class ReplayBuffer:
                 "next_obs": self.next_obs[idx], "terminal": self.terminal[idx]}
 
 
-__all__ = ["ReplayBuffer", "dqn_targets", "gae", "ppo_loss"]
+__all__ = ["ReplayBuffer", "RewardScaler", "dqn_targets", "gae", "ppo_loss"]
