@@ -193,3 +193,19 @@ def plot_rl_seeds(steps, returns, path: str | Path, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     return save_figure(fig, path, title)
+
+
+def write_gif(frames: list, path: str | Path, fps: int = 25) -> Path:
+    """RGB frames (H, W, 3 uint8) as an animated GIF that loops, written atomically (temp file + rename)."""
+    import os
+
+    from PIL import Image
+
+    if not frames:
+        raise ValueError("no frames to write")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    images = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
+    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    os.replace(tmp, path)
+    return path

@@ -27,6 +27,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--seed", type=int, default=20_000, help="seed of the first episode (the next ones count up)")
     e.add_argument("--which", choices=["best", "last"], default="best")
     e.add_argument("--frames", metavar="PNG", help="draw the first episode's rendered frames as a strip")
+    e.add_argument("--video", metavar="GIF", help="record the first episode as an animated GIF (real time)")
     for p in (r, t, e):
         p.add_argument("--json", action="store_true", help="print the result as JSON")
         p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -36,13 +37,14 @@ def cmd_rl(a, console) -> int:
     if a.rl_cmd == "eval":
         from lamina.runs.rl import evaluate_rl
 
-        res = evaluate_rl(a.run, a.episodes, a.seed, a.which, a.frames)
+        res = evaluate_rl(a.run, a.episodes, a.seed, a.which, a.frames, video=a.video)
         if a.json:
             print(json.dumps(res))
         else:
             console.print(f"{res['algo'].upper()} on {res['env']}: return [bold]{res['mean']:.1f}[/] ± "
                           f"{res['std']:.1f} over {res['episodes']} greedy episodes"
-                          + (f"; frames -> {res['frames']}" if "frames" in res else ""))
+                          + (f"; frames -> {res['frames']}" if "frames" in res else "")
+                          + (f"; video ({res['video_frames']} frames) -> {res['video']}" if "video" in res else ""))
         return 0
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
