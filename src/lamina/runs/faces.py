@@ -41,17 +41,22 @@ def _face_run(path):
     return run
 
 
-def _embed_files(run, files) -> torch.Tensor:
-    from lamina.data.faces import read_faces
+def _embed(run, x: torch.Tensor) -> torch.Tensor:
+    """Unit embeddings of images x (N, C, H, W) in [0, 1], after the run's deterministic transforms (normalize)."""
     from lamina.data.transforms import eval_transforms
     from lamina.tasks.faces import embed_all
 
-    meta = run.facts.meta
-    x = read_faces(files, tuple(meta["image_size"]), bool(meta["grayscale"]))
     norm = eval_transforms(run.cfg.data.augment)
     if norm is not None:
         x = norm({"x": x}, None)["x"]
     return embed_all(run.model, x, run.device)
+
+
+def _embed_files(run, files) -> torch.Tensor:
+    from lamina.data.faces import read_faces
+
+    meta = run.facts.meta
+    return _embed(run, read_faces(files, tuple(meta["image_size"]), bool(meta["grayscale"])))
 
 
 def impostor_threshold(emb: torch.Tensor, y: torch.Tensor, far: float) -> float | None:
@@ -158,18 +163,11 @@ def identify(run_path, gallery, images, top_k: int = 3, threshold: float | None 
 
 def run_threshold(run, far: float = 0.01) -> float | None:
     """The FAR threshold of the run's validation split (else its test split): pairs of different people."""
-    from lamina.data.transforms import eval_transforms
-    from lamina.tasks.faces import embed_all
-
     bundle = run.data()
     data = bundle.val if bundle.val is not None else bundle.test
     if data is None:
         return None
-    x = data.x
-    norm = eval_transforms(run.cfg.data.augment)
-    if norm is not None:
-        x = norm({"x": x}, None)["x"]
-    return impostor_threshold(embed_all(run.model, x, run.device), data.y, far)
+    return impostor_threshold(_embed(run, data.x), data.y, far)
 
 
 def verify(run_path, a, b, threshold: float | None = None) -> dict:

@@ -88,8 +88,7 @@ def make_env(env_id: str, max_episode_steps: int | None = None, render_mode: str
 def _net(cfg: RunConfig, algo: str, in_features: int, out: int) -> torch.nn.Module:
     from lamina.models import create_model
 
-    opts = {**NET_DEFAULTS[algo], "dropout": 0.0, **cfg.model.options}
-    return create_model("mlp", in_features=in_features, num_classes=out, **opts)
+    return create_model("mlp", in_features=in_features, num_classes=out, **net_options(cfg, algo))
 
 
 def net_options(cfg: RunConfig, algo: str) -> dict:
