@@ -76,6 +76,16 @@ def adapt_pretrained(model: nn.Module, info: dict, facts, input_size: int | None
                               "tokenizer.json (done automatically for sources that ship one)")
         model.reset_classifier(int(facts.num_classes or facts.num_outputs))
         return model.train()
+    if task == "question_answering":  # a BERT encoder gets a fresh span head in place of its own
+        from lamina.models.bert import span_qa_from
+
+        vocab = int(facts.meta["vocab_size"])
+        if getattr(model, "vocab_size", None) != vocab:
+            raise ConfigError(f"model.pretrained: the encoder's vocabulary ({getattr(model, 'vocab_size', '?')}) is "
+                              f"not the data's ({vocab}); the data must be tokenized with the pretrained tokenizer.json")
+        if getattr(model, "output_kind", None) != "span":
+            model = span_qa_from(model)
+        return model.train()
     if task != "classification" or len(shape) != 3:
         raise ConfigError(f"model.pretrained: fine-tuning from pretrained weights supports image and text "
                           f"classification runs so far (this run: {task}, input {shape})")

@@ -4,7 +4,7 @@
     info == {"format": "hf", "family": "bert", "config": {...config.json...}, "tokenizer": ".../tokenizer.json",
              "pooling": "mean", "architecture": "BertModel", "files": [...], "unused": ["pooler.dense.weight", ...]}
 
-Families: "bert" (BertModel, BertForMaskedLM, BertForSequenceClassification), "llama" (LlamaForCausalLM) and
+Families: "bert" (BertModel, BertForMaskedLM, BertForSequenceClassification, BertForQuestionAnswering), "llama" (LlamaForCausalLM) and
 "gpt2" (GPT2LMHeadModel, GPT2Model; lamina's GPT). The family comes from config.json's model_type (else its
 architectures). BERT and Llama names come from the family's own key map (lamina.models.bert.hf_bert_key_map,
 lamina.models.llama.hf_llama_key_map), so this file holds no second copy of them; GPT-2's Conv1D weights are
@@ -29,6 +29,7 @@ from lamina.io import load_state_strict
 
 FAMILIES = ("bert", "llama", "gpt2")
 _ARCHITECTURES = {"BertModel": "bert", "BertForMaskedLM": "bert", "BertForSequenceClassification": "bert",
+                  "BertForQuestionAnswering": "bert",
                   "LlamaForCausalLM": "llama", "GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2"}
 _HF_BUFFERS = ("embeddings.position_ids",)  # HF registers these as persistent buffers; nothing to load
 _DECODER_BUFFERS = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")  # older transformers saved these
@@ -127,8 +128,10 @@ def _bert_model(config: dict, pooling: str | None, state: dict, path: Path, dtyp
     from lamina.models.bert import (
         BertClassifier,
         BertClassifierConfig,
+        BertConfig,
         BertMaskedLM,
         BertMLMConfig,
+        BertSpanQA,
     )
 
     for key, accepted in (("hidden_act", ("gelu",)), ("position_embedding_type", ("absolute", None))):
@@ -147,6 +150,8 @@ def _bert_model(config: dict, pooling: str | None, state: dict, path: Path, dtyp
     arch = (config.get("architectures") or ["BertModel"])[0]
     if arch == "BertForMaskedLM":
         model, name = BertMaskedLM(BertMLMConfig(**common)), "bert_mlm"
+    elif arch == "BertForQuestionAnswering":
+        model, name = BertSpanQA(BertConfig(**common)), "bert_qa"
     elif arch in ("BertModel", "BertForSequenceClassification"):
         if pooling not in (None, "mean", "cls"):
             raise CheckpointError(f"hub: {path}/1_Pooling/config.json: pooling {pooling!r} is not supported by "
@@ -156,7 +161,7 @@ def _bert_model(config: dict, pooling: str | None, state: dict, path: Path, dtyp
         model, name = BertClassifier(BertClassifierConfig(**common, num_classes=num_classes, pool=pool)), "bert"
     else:
         raise CheckpointError(f"hub: {path}/config.json: architecture {arch!r} is not supported; accepted: "
-                              "BertModel, BertForMaskedLM, BertForSequenceClassification")
+                              "BertModel, BertForMaskedLM, BertForSequenceClassification, BertForQuestionAnswering")
     return _finish(model, name, dtype)
 
 

@@ -1,4 +1,4 @@
-"""BERT: a bidirectional transformer encoder (Devlin et al. 2019), with a masked-LM head and a sequence classifier.
+"""BERT: a bidirectional transformer encoder (Devlin et al. 2019): masked-LM head, sequence classifier, span QA head.
 
     ids (B, T) -> wte(ids) + wtt(token_type_ids) + wpe[:T] -> LayerNorm -> dropout              (embeddings)
                -> n_layer x block: x = ln_1(x + attn(x, key mask)), x = ln_2(x + ffn(x))      (post-LN, as BERT)
@@ -7,6 +7,7 @@
     BertClassifier: h -> pool (B, C) -> dropout -> head -> logits (B, num_classes)
                        pool "cls":  tanh(pooler(h[:, 0]))       (BERT's pooler; the first token must be [CLS])
                        pool "mean": mean of h over the real (unmasked) tokens  (sentence-transformers, MiniLM)
+    BertSpanQA:     h -> qa_head (C -> 2) -> start / end logits (B, T, 2)       (extractive QA, as BERT on SQuAD)
 
 Attention is lamina.nn.MultiHeadAttention (SDPA) without a causal mask: every token sees every other real token.
 Padding never enters: keys at padded positions are masked out, so a padded sequence's states at its real
@@ -21,7 +22,7 @@ Sequence contract (lamina.models.contract, read per sequence):
   batches, as `lengths` (B,) (lamina's sequence-model convention, as lstm_classifier); not both. Neither: every
   position is a real token. `token_type_ids` (B, T) in [0, type_vocab_size), zeros when absent (segment A).
 * `forward_features(ids, ...)` -> token states h (B, T, C) (the encoder's last hidden state);
-  `num_features = n_embd`; `vocab_size`, `block_size`; `output_kind`: "masked_lm" or "sequence".
+  `num_features = n_embd`; `vocab_size`, `block_size`; `output_kind`: "masked_lm", "sequence" or "span".
 * BertMaskedLM: `forward_head(h, pre_logits=False)` is position-wise (any leading shape, so a task can score
   only the masked positions): logits (..., V), or the transformed states (..., C) with `pre_logits=True`;
   `reset_classifier(n)` puts a fresh untied (C -> n) token head in place of lm_head (n = 0: none).
@@ -29,7 +30,11 @@ Sequence contract (lamina.models.contract, read per sequence):
   needs the padding mask (bool (B, T), True = real token) when the batch is padded; `pre_logits=True` returns the
   pooled (B, C) vector, which is also what forward returns after `reset_classifier(0)` (sentence embeddings).
 
-`hf_bert_key_map(n_layer)` maps HF BertModel / BertForMaskedLM / BertForSequenceClassification parameter names
+* BertSpanQA: `forward_head(h)` is position-wise: (..., C) -> (..., 2), [..., 0] the start and [..., 1] the end
+  logit of the answer span (HF BertForQuestionAnswering's qa_outputs); `reset_classifier(2)` re-initialises it.
+
+`hf_bert_key_map(n_layer)` maps HF BertModel / BertForMaskedLM / BertForSequenceClassification / ForQuestionAnswering
+parameter names
 to ours; `load_hf_state_dict(model, state_dict)` copies an HF-layout state dict in, asserting every shape (the
 parity tests use it, and so does loading all-MiniLM-L6-v2 into `bert_minilm_l6`).
 """
@@ -118,6 +123,8 @@ BERT_SIZES: dict[str, BertConfig] = {
     "bert_mlm_mini": BertMLMConfig(**_MINI),
     # all-MiniLM-L6-v2's shape (HF config.json): 6 x 384, 12 heads of 32, 1536 ffn, BERT uncased vocab, mean pooling
     "bert_minilm_l6": BertClassifierConfig(n_layer=6, n_head=12, n_embd=384, ffn_hidden=1536, pool="mean"),
+    "bert_qa_mini": BertConfig(**_MINI),
+    "bert_qa_minilm_l6": BertConfig(n_layer=6, n_head=12, n_embd=384, ffn_hidden=1536),
 }
 
 
@@ -371,6 +378,54 @@ def classifier_from_mlm(mlm: BertMaskedLM, num_classes: int, pool: str = "cls") 
     return clf
 
 
+class BertSpanQA(_BertBase):
+    """BERT for extractive question answering: a start and an end logit per token (Devlin et al. 2019, sec. 4.2).
+    Which positions may hold an answer (the context's, not the question's or padding) is the task's business."""
+
+    default_name = "bert_qa_mini"
+    output_kind = "span"  # (B, T, 2): start / end logits at every position
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__(cfg, 2)
+        self.qa_head = nn.Linear(cfg.n_embd, 2)  # HF's qa_outputs
+        self._init_weights()
+
+    def forward_head(self, h: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Position-wise: h (..., C) -> (..., 2) start / end logits (h itself with pre_logits)."""
+        return h if pre_logits else self.qa_head(h)
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) ([CLS] question [SEP] context [SEP], padded) -> start / end logits (B, T, 2)."""
+        return self.forward_head(self.forward_features(ids, attention_mask, token_type_ids, lengths))
+
+    def reset_classifier(self, num_classes: int = 2) -> None:
+        """A fresh span head; a span has exactly two ends, so only 2 is accepted."""
+        if num_classes != 2:
+            raise ModelError(f"{self._name}: a span head has 2 outputs (start, end), got num_classes={num_classes}")
+        self.qa_head = nn.Linear(self.num_features, 2)
+        nn.init.normal_(self.qa_head.weight, std=0.02)
+        nn.init.zeros_(self.qa_head.bias)
+
+
+def span_qa_from(encoder: _BertBase) -> BertSpanQA:
+    """A span-QA model on any BERT model's embeddings and encoder blocks (every tensor copied, shapes asserted);
+    its own head (pooler, classifier, MLM) is dropped and the span head is new. How all-MiniLM-L6-v2 or a
+    `lamina train` MLM run becomes a question answerer."""
+    if not isinstance(encoder, _BertBase):
+        raise ModelError(f"bert: question answering fine-tunes a BERT encoder, got {type(encoder).__name__}")
+    fields = {k: getattr(encoder.cfg, k) for k in BertConfig.__dataclass_fields__}
+    qa = BertSpanQA(BertConfig(**fields))
+    body = {k: v for k, v in encoder.state_dict().items()
+            if k.split(".")[0] in ("wte", "wpe", "wtt", "ln_emb", "blocks")}
+    missing, unexpected = qa.load_state_dict(body, strict=False)
+    new = {k for k in missing if not k.startswith("qa_head.")}
+    if new or unexpected:
+        raise ModelError(f"bert: the encoder does not fit a span-QA model: missing {sorted(new)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}")
+    return qa
+
+
 # ----- HF weights ----------------------------------------------------------------------------------------
 def hf_bert_key_map(n_layer: int) -> dict[str, str]:
     """HF BERT parameter name -> lamina name, for BertModel names (without the "bert." prefix of the task
@@ -393,6 +448,8 @@ def hf_bert_key_map(n_layer: int) -> dict[str, str]:
         "cls.predictions.bias": "lm_head.bias",
         "classifier.weight": "head.weight",
         "classifier.bias": "head.bias",
+        "qa_outputs.weight": "qa_head.weight",
+        "qa_outputs.bias": "qa_head.bias",
     }
     parts = {
         "attention.self.query": "attn.q_proj", "attention.self.key": "attn.k_proj",
@@ -461,3 +518,15 @@ def bert_mlm_mini(**kwargs) -> BertMaskedLM:
 def bert_minilm_l6(**kwargs) -> BertClassifier:
     """MiniLM-L6-shaped BERT (all-MiniLM-L6-v2): 6 layers x 12 heads x 384 wide, mean pooling -> linear head."""
     return build_model("bert_minilm_l6", BertClassifier, BERT_SIZES["bert_minilm_l6"], kwargs)
+
+
+@register_model("bert", input_kind="tokens")
+def bert_qa_mini(**kwargs) -> BertSpanQA:
+    """BERT-Mini for extractive QA: 4 layers x 4 heads x 256 wide, start / end logits per token."""
+    return build_model("bert_qa_mini", BertSpanQA, BERT_SIZES["bert_qa_mini"], kwargs)
+
+
+@register_model("bert", input_kind="tokens")
+def bert_qa_minilm_l6(**kwargs) -> BertSpanQA:
+    """MiniLM-L6-shaped BERT for extractive QA (fine-tune from all-MiniLM-L6-v2): start / end logits per token."""
+    return build_model("bert_qa_minilm_l6", BertSpanQA, BERT_SIZES["bert_qa_minilm_l6"], kwargs)

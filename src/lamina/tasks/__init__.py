@@ -24,6 +24,10 @@ from lamina.tasks.detection import DetectionTask  # noqa: E402
 TASKS["detection"] = DetectionTask
 from lamina.tasks.faces import FaceTask  # noqa: E402
 TASKS["face"] = FaceTask
+from lamina.tasks.recommendation import RecommendationTask  # noqa: E402
+TASKS["recommendation"] = RecommendationTask
+from lamina.tasks.qa import QuestionAnsweringTask  # noqa: E402
+TASKS["question_answering"] = QuestionAnsweringTask
 
 
 def build_task(name: str, **kwargs):
