@@ -226,6 +226,8 @@ def _read_table(path: PathLike):
     pd = _require("pandas", "tables")
     p = _existing_file(path, "table file")
     suffix = p.suffix.lower()
+    if suffix == ".gz" and len(p.suffixes) > 1:  # t.csv.gz / t.tsv.gz: pandas reads the gzip stream
+        suffix = p.suffixes[-2].lower()
     try:
         if suffix in (".csv", ".tsv"):
             df = pd.read_csv(p, sep="\t" if suffix == ".tsv" else ",")
@@ -233,7 +235,7 @@ def _read_table(path: PathLike):
             _require("pyarrow", "tables")
             df = pd.read_parquet(p)
         else:
-            raise DataError(f"{p}: unsupported table format '{suffix}'; expected .csv, .tsv or .parquet")
+            raise DataError(f"{p}: unsupported table format '{suffix}'; expected .csv, .tsv (optionally .gz) or .parquet")
     except pd.errors.EmptyDataError:
         raise DataError(f"{p}: empty file; expected a header row and data rows") from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as e:
@@ -274,6 +276,23 @@ def _check_columns(df, cols: Sequence[str], what: str) -> None:
     for c in cols:
         if c not in df.columns:
             raise DataError(f"{what} '{c}' not found{did_you_mean(c, df.columns)}; columns: {', '.join(df.columns)}")
+
+
+def _check_numeric_text(df, cols: Sequence[str], path) -> None:
+    """A column whose cells are numbers but for a few (>= 95% of at least 10 values parse) is a numeric column
+    with a typo, not a categorical one: one DataError naming the column, row (the header is row 1) and value."""
+    pd = _require("pandas", "tables")
+    for c in cols:
+        s = df[c].dropna()
+        if len(s) < 10:
+            continue
+        num = pd.to_numeric(s.astype(str).str.strip(), errors="coerce")
+        bad = num.isna()
+        if 0 < int(bad.sum()) <= 0.05 * len(s):
+            i = bad.to_numpy().nonzero()[0][0]
+            raise DataError(f"{path}: column '{c}', row {int(s.index[i]) + 2}: {s.iloc[i]!r} is not a number, but "
+                            f"{int((~bad).sum())} of its {len(s)} values are; fix the cell (or leave it empty for "
+                            "missing)")
 
 
 def _train_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -326,12 +345,20 @@ def transform_table_rows(meta: dict, df) -> dict[str, torch.Tensor]:
 @registered("table", "a CSV or Parquet table with a target column", "classification|regression", "path: path=, target=")
 def table(*, path: PathLike, target: str, task: str | None = None, categorical: str = "onehot",
           drop: Sequence[str] | None = None, val_fraction: float = 0.1, test_fraction: float = 0.2,
-          seed: int = 0) -> DataBundle:
+          seed: int = 0, missing_target: str = "error", resample: str | None = None,
+          resample_ratio: float = 1.0) -> DataBundle:
     """Keys: "x" float32 (N,F) [+ "x_cat" int64 (N,C) with categorical="embed"], "y" int64 (N,) or float32 (N,1).
 
-    Rows with a missing target are dropped. meta (what `transform_table_rows` needs): target, task, numeric,
-    categorical, categorical_mode, categories, mean, std, feature_names, classes, cat_cardinalities (embed).
+    A missing target is an error naming the row unless missing_target="drop" (those rows are then left out).
+    resample="under"|"over" (classification): the training split only, by lamina.data.imbalance, to a majority /
+    minority ratio of `resample_ratio`; val and test keep the file's class rates. meta (what
+    `transform_table_rows` needs): target, task, numeric, categorical, categorical_mode, categories, mean, std,
+    feature_names, classes, cat_cardinalities (embed); classification adds class_counts (of the training split,
+    after resampling) and resample.
     """
+    from lamina.data.imbalance import check_resample
+    from lamina.data.imbalance import resample as resample_split
+
     pd = _require("pandas", "tables")
     df = _read_table(path)
     drop = [drop] if isinstance(drop, str) else list(drop or [])
@@ -341,12 +368,22 @@ def table(*, path: PathLike, target: str, task: str | None = None, categorical: 
         raise DataError(f"task: expected 'classification', 'regression' or None (auto), got {task!r}")
     if categorical not in ("onehot", "embed"):
         raise DataError(f"categorical: expected 'onehot' or 'embed', got {categorical!r}")
-    df = df[df[target].notna()].reset_index(drop=True)
-    if len(df) == 0:
-        raise DataError(f"{path}: target column '{target}' has no values")
+    if missing_target not in ("error", "drop"):
+        raise DataError(f"missing_target: expected 'error' or 'drop', got {missing_target!r}")
+    resample, resample_ratio = check_resample(resample, resample_ratio)
     features = [c for c in df.columns if c != target and c not in drop]
     if not features:
         raise DataError(f"{path}: no feature columns left besides target '{target}'")
+    _check_numeric_text(df, [c for c in features if not pd.api.types.is_numeric_dtype(df[c])], path)
+    missing = df[target].isna()
+    if bool(missing.all()):
+        raise DataError(f"{path}: target column '{target}' has no values")
+    if bool(missing.any()) and missing_target == "error":
+        rows = (missing.to_numpy().nonzero()[0] + 2).tolist()  # spreadsheet rows: the header is row 1
+        raise DataError(f"{path}: target '{target}' is missing (empty or NaN) in {len(rows)} row(s), first row "
+                        f"{rows[0]}; fill them, or pass missing_target=drop (data.missing_target=drop) to leave "
+                        "those rows out")
+    df = df[~missing].reset_index(drop=True)
     task = task or _infer_task(df[target])
     numeric = [c for c in features if pd.api.types.is_numeric_dtype(df[c])]
     cat_cols = [c for c in features if c not in numeric]
@@ -382,6 +419,13 @@ def table(*, path: PathLike, target: str, task: str | None = None, categorical: 
         meta["cat_cardinalities"] = [len(c) + 1 for c in categories]  # index 0 = unknown/missing
     tensors = transform_table_rows(meta, df)
     train, val, test = apply_split(tensors, split)
+    if resample is not None:
+        if task != "classification":
+            raise DataError(f"resample: '{resample}' sampling balances classes; target '{target}' is a {task} target")
+        train = resample_split(train, resample, resample_ratio, seed)
+    if task == "classification":
+        meta["class_counts"] = torch.bincount(train.y, minlength=len(classes)).tolist()
+        meta["resample"] = {"mode": resample, "ratio": resample_ratio} if resample else None
     return DataBundle("table", train, val, test, task, (tensors["x"].shape[1],),
                       len(classes) if classes else None, classes, meta)
 

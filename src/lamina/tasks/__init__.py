@@ -24,6 +24,8 @@ from lamina.tasks.detection import DetectionTask  # noqa: E402
 TASKS["detection"] = DetectionTask
 from lamina.tasks.faces import FaceTask  # noqa: E402
 TASKS["face"] = FaceTask
+from lamina.tasks.binary import BinaryTask  # noqa: E402
+TASKS["binary"] = BinaryTask
 from lamina.tasks.recommendation import RecommendationTask  # noqa: E402
 TASKS["recommendation"] = RecommendationTask
 from lamina.tasks.qa import QuestionAnsweringTask  # noqa: E402
