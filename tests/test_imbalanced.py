@@ -224,7 +224,7 @@ def test_thyroid_cli_run_threshold_on_val_and_predict(tmp_path, capsys):
     threshold chosen on validation (not 0.5, which balanced weights make far too eager) gives the test F1, and
     `lamina predict` applies the saved threshold."""
     args = ["train", str(ROOT / "configs" / "thyroid_hyper.yaml"), f"data.path={THYROID}", "trainer.max_epochs=6",
-            "data.batch_size=256", f"logging.root={tmp_path}", "name=t", *QUICK]
+            "data.batch_size=256", "task.class_weight=balanced", f"logging.root={tmp_path}", "name=t", *QUICK]
     assert main(args) == 0
     run = tmp_path / "t"
     s = json.loads((run / "summary.json").read_text())["test"]
