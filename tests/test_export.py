@@ -88,6 +88,9 @@ CASES = {
              lambda: (_digits(),)),
     "cnn3d": ("cnn3d_small", dict(in_chans=1, num_classes=3, channels=(4, 8)),
               lambda: (_digits()[:, :, None].expand(N, 1, 8, 8, 8).contiguous(),)),
+    # recommenders: user ids in, a score for every item out (what a server ranks); NeuMF, the family's widest graph
+    "recsys": ("ncf", dict(n_users=20, n_items=12, gmf_dim=4, mlp=(8, 6, 4), init_std=1.0),
+               lambda: (torch.arange(N) * 2 + 1,)),
 }
 # Each dynamo export costs seconds of tracing and translation: three families (a conv net, a decoder, an encoder
 # that takes the TorchScript fallback) run by default, the rest are marked slow (`-m "not slow"` skips them).

@@ -16,9 +16,9 @@ IN_FEATURES = 13
 VOCAB, BLOCK, SEQ = 50, 16, 12  # token models: vocabulary, context length, test sequence length (< BLOCK)
 # multimodal and seq2seq models take several inputs: their own sections below and in test_models_contract_seq2seq.py;
 # audio models (CTC acoustic models) take frames + lengths: tests/test_speech.py; volume models: test_medical.py;
-# detectors: test_detection.py
+# detectors: test_detection.py; recommenders (user and item ids): test_recsys.py
 MODELS = [n for n in list_models()
-          if get_entry(n).input_kind not in ("multimodal", "seq2seq", "audio", "volume", "detection")]
+          if get_entry(n).input_kind not in ("multimodal", "seq2seq", "audio", "volume", "detection", "interactions")]
 
 
 def is_tokens(name: str) -> bool:

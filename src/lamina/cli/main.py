@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
 
     for verbs in (trust, compress, deploy, serve, search, scale, continual, fewshot, ssl, federated, speech, faces, rl):
         verbs.add_parsers(sub)
+    from lamina.cli import recommend
+
+    recommend.add_parsers(sub)
     return p
 
 
@@ -443,12 +446,16 @@ def _dispatch(a, argv: list[str], console) -> int:
         from lamina.cli.ssl import COMMANDS as SSL
         from lamina.cli.speech import COMMANDS as SPEECH
         from lamina.cli.faces import COMMANDS as FACES
+        from lamina.cli.recommend import COMMANDS as RECOMMEND
         from lamina.cli.rl import COMMANDS as RL
         from lamina.cli.deploy import COMMANDS as DEPLOY
         from lamina.cli.scale import COMMANDS as SCALE
         from lamina.cli.search import COMMANDS as SEARCH
         from lamina.cli.serve import COMMANDS as SERVE
         from lamina.cli.trust import COMMANDS as TRUST
+
+        if a.cmd in RECOMMEND:
+            return RECOMMEND[a.cmd](a, console)
 
         return {"train": cmd_train, "finetune": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
                 "generate": cmd_generate, "embed": cmd_embed, "chat": cmd_chat, "models": cmd_models,

@@ -13,6 +13,7 @@ from lamina.models import cnn3d  # noqa: F401  (3-D CNN for medical volumes)
 from lamina.models import centernet  # noqa: F401  (anchor-free detector)
 from lamina.models import face  # noqa: F401  (face embedders for ArcFace / CosFace / triplets)
 from lamina.models import hybrid  # noqa: F401  (hybrid quantum-classical classifiers; pennylane lazily)
+from lamina.models import recsys  # noqa: F401  (recommenders: mf, two_tower, ncf over user / item ids)
 from lamina.models.contract import check_input_shape, example_input
 from lamina.models.generation import generate
 from lamina.models.registry import create_model, get_entry, list_models, register_model
