@@ -94,10 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     d = sub.add_parser("data", help="list built-in data sets and file loaders")
     d.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-    from lamina.cli import (compress, continual, deploy, faces, federated, fewshot, rl, scale, search, serve, speech,
-                            ssl, trust)
+    from lamina.cli import (compress, continual, deploy, faces, federated, fewshot, qa, rl, scale, search, serve,
+                            speech, ssl, trust)
 
-    for verbs in (trust, compress, deploy, serve, search, scale, continual, fewshot, ssl, federated, speech, faces, rl):
+    for verbs in (trust, compress, deploy, serve, search, scale, continual, fewshot, ssl, federated, speech, faces, rl,
+                  qa):
         verbs.add_parsers(sub)
     from lamina.cli import recommend
 
@@ -448,6 +449,7 @@ def _dispatch(a, argv: list[str], console) -> int:
         from lamina.cli.faces import COMMANDS as FACES
         from lamina.cli.recommend import COMMANDS as RECOMMEND
         from lamina.cli.rl import COMMANDS as RL
+        from lamina.cli.qa import COMMANDS as QA
         from lamina.cli.deploy import COMMANDS as DEPLOY
         from lamina.cli.scale import COMMANDS as SCALE
         from lamina.cli.search import COMMANDS as SEARCH
@@ -460,7 +462,7 @@ def _dispatch(a, argv: list[str], console) -> int:
         return {"train": cmd_train, "finetune": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
                 "generate": cmd_generate, "embed": cmd_embed, "chat": cmd_chat, "models": cmd_models,
                 "data": cmd_data, **TRUST, **COMPRESS, **DEPLOY, **SERVE, **SEARCH, **SCALE, **CONTINUAL,
-                **FEWSHOT, **SSL, **FEDERATED, **SPEECH, **FACES, **RL}[a.cmd](a, console)
+                **FEWSHOT, **SSL, **FEDERATED, **SPEECH, **FACES, **RL, **QA}[a.cmd](a, console)
     except (LaminaError, OSError, MemoryError, RuntimeError) as e:
         line = str(e) if isinstance(e, LaminaError) else system_error_line(e)
         if debug or line is None:

@@ -166,8 +166,10 @@ def encode_windows(tok, examples: list[QAExample], max_len: int, doc_stride: int
         c_ids, c_off = enc.ids, [tuple(o) for o in enc.offsets]
         offsets.append(c_off)
         room = max_len - len(q_ids) - 3
-        text, char_start = ex.answers[0]
-        span = answer_tokens(c_off, char_start, char_start + len(text))
+        span = None  # a question to answer (no gold answer) gets [CLS] labels, unused
+        if ex.answers:
+            text, char_start = ex.answers[0]
+            span = answer_tokens(c_off, char_start, char_start + len(text))
         for ws in window_starts(len(c_ids), room, min(doc_stride, room)):
             window = c_ids[ws:ws + room]
             row = [cls_id, *q_ids, sep_id, *window, sep_id]
