@@ -233,7 +233,7 @@ def qa_run(tmp_path_factory):
             "data.batch_size=16", "model.name=bert_qa_mini", "model.n_layer=2", "model.n_embd=128",
             "model.n_head=4", "model.ffn_hidden=256", "model.dropout=0.0", "task.name=question_answering",
             "task.label_smoothing=0", "optimizer.lr=3e-3", "trainer.max_epochs=25", f"logging.root={out}",
-            "name=qa-mini", "seed=0", *QUICK]
+            "name=qa-mini", "seed=0", "trainer.threads=1", *QUICK]
     assert main(args) == 0
     return out / "qa-mini"
 
