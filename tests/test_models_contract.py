@@ -27,6 +27,7 @@ def is_tokens(name: str) -> bool:
 
 # Token models that are not language models: one label per sequence, or one label per token.
 SEQ_CLASSIFIERS, TAGGERS = {"lstm_classifier", "bert_mini", "bert_minilm_l6"}, {"lstm_tagger"}
+TAGGERS |= {"bert_qa_mini", "bert_qa_minilm_l6"}  # extractive QA: a (start, end) pair of logits per token
 # Masked LMs are built and shaped like language models, (B, T, vocab), but are not causal.
 MASKED_LMS = {"bert_mlm_mini"}
 

@@ -78,8 +78,8 @@ def test_span_model_from_an_encoder_keeps_the_encoder():
     ids = torch.randint(1, 90, (2, 10))
     assert torch.equal(qa.forward_features(ids), enc.forward_features(ids))
     assert qa(ids).shape == (2, 10, 2)
-    with pytest.raises(Exception, match="2 outputs"):
-        qa.reset_classifier(3)
+    with pytest.raises(Exception, match="BERT encoder"):
+        span_qa_from(torch.nn.Linear(2, 2))
 
 
 # ----- decoding and scores -------------------------------------------------------------------------------------

@@ -128,10 +128,10 @@ def _bert_model(config: dict, pooling: str | None, state: dict, path: Path, dtyp
     from lamina.models.bert import (
         BertClassifier,
         BertClassifierConfig,
-        BertConfig,
         BertMaskedLM,
         BertMLMConfig,
         BertSpanQA,
+        BertSpanQAConfig,
     )
 
     for key, accepted in (("hidden_act", ("gelu",)), ("position_embedding_type", ("absolute", None))):
@@ -151,7 +151,7 @@ def _bert_model(config: dict, pooling: str | None, state: dict, path: Path, dtyp
     if arch == "BertForMaskedLM":
         model, name = BertMaskedLM(BertMLMConfig(**common)), "bert_mlm"
     elif arch == "BertForQuestionAnswering":
-        model, name = BertSpanQA(BertConfig(**common)), "bert_qa"
+        model, name = BertSpanQA(BertSpanQAConfig(**common)), "bert_qa"
     elif arch in ("BertModel", "BertForSequenceClassification"):
         if pooling not in (None, "mean", "cls"):
             raise CheckpointError(f"hub: {path}/1_Pooling/config.json: pooling {pooling!r} is not supported by "

