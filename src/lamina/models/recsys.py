@@ -62,6 +62,15 @@ class Recommender(nn.Module):
                                  f"[0, {n}), got {int(t.min())}..{int(t.max())}")
 
 
+def shared_candidates(items: torch.Tensor | None) -> torch.Tensor | None:
+    """The (K,) row every user shares when `items` (B, K) is one row expanded over the batch (stride 0, as in-batch
+    negatives are built); None otherwise. Dot-product models then score (B, D) x (D, K) instead of gathering a
+    (B, K, D) tensor of the same vectors."""
+    if items is not None and items.dim() == 2 and items.shape[0] > 1 and items.stride(0) == 0:
+        return items[0]
+    return None
+
+
 def _embedding(n: int, dim: int, std: float) -> nn.Embedding:
     e = nn.Embedding(n, dim)
     nn.init.normal_(e.weight, std=std)
@@ -101,6 +110,9 @@ class MatrixFactorization(Recommender):
         bu = self.user_bias(user) + self.bias  # (B, 1)
         if items is None:
             return p @ self.item.weight.t() + self.item_bias.weight.t() + bu  # (B, n_items)
+        shared = shared_candidates(items)
+        if shared is not None:  # one candidate row for every user (in-batch negatives)
+            return p @ self.item(shared).t() + self.item_bias(shared).t() + bu  # (B, K)
         q = self.item(items)  # (B, K, d)
         return (q @ p[:, :, None]).squeeze(-1) + self.item_bias(items).squeeze(-1) + bu  # (B, K)
 
@@ -167,6 +179,9 @@ class TwoTower(Recommender):
         scale = 1.0 / self.cfg.temperature if self.cfg.normalize else 1.0
         if items is None:
             return (u @ self.item_vectors().t()) * scale  # (B, n_items)
+        shared = shared_candidates(items)
+        if shared is not None:  # one candidate row for every user (in-batch negatives)
+            return (u @ self.item_vectors(shared).t()) * scale  # (B, K)
         return (self.item_vectors(items) @ u[:, :, None]).squeeze(-1) * scale  # (B, K)
 
 
@@ -339,5 +354,5 @@ class ItemKNN(Recommender):
         return scores if items is None else scores.gather(1, items)
 
 
-__all__ = ["ItemKNN", "MFConfig", "MatrixFactorization", "NCFConfig", "NeuMF", "Popularity", "Recommender",
+__all__ = ["ItemKNN", "shared_candidates", "MFConfig", "MatrixFactorization", "NCFConfig", "NeuMF", "Popularity", "Recommender",
            "TwoTower", "TwoTowerConfig", "mf", "ncf", "two_tower"]
