@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, loadavg1, print_table, start_work, write_result  # noqa: E402
 
 CONFIG = ROOT / "configs" / "xquad_minilm.yaml"
+EXTRA: list[str] = []  # --smoke: a few questions, one epoch (checks every step runs)
 
 
 def _cfg(seed: int, threads: int, work: Path, extra=()):
@@ -37,7 +38,7 @@ def _cfg(seed: int, threads: int, work: Path, extra=()):
 
     return load_config(CONFIG, [f"seed={seed}", f"trainer.threads={threads}", f"logging.root={work}",
                                 f"name=xquad-minilm-s{seed}", "trainer.progress=false",
-                                "logging.tensorboard=false", "cost.energy=false", *extra])
+                                "logging.tensorboard=false", "cost.energy=false", *EXTRA, *extra])
 
 
 def _step(rows: list, name: str, fn):
@@ -214,7 +215,11 @@ def main() -> None:
     ap.add_argument("--llm-limit", type=int, default=None, help="SmolLM2: at most this many test questions")
     ap.add_argument("--skip-llm", action="store_true")
     ap.add_argument("--work", default="/tmp/qa-bench")
+    ap.add_argument("--smoke", action="store_true", help="16 questions, 1 epoch, 3 LLM questions; writes nothing")
     a = ap.parse_args()
+    if a.smoke:
+        EXTRA.extend(["data.limit=16", "trainer.max_epochs=1"])
+        a.llm_limit = 3
     work, load0 = start_work(a.work)
     seeds = [int(s) for s in a.seeds.split(",")]
     peer_seeds = [int(s) for s in a.peer_seeds.split(",") if s != ""]
@@ -242,6 +247,8 @@ def main() -> None:
     ratios = [round(r["samples_per_s"] / p["samples_per_s"], 3) for r, p in same]
     if ratios:
         print(f"lamina / hand-written transformers loop, training windows per second: {ratios}")
+    if a.smoke:
+        return
     write_result("qa_xquad", {"config": str(CONFIG.relative_to(ROOT)), "seeds": seeds, "threads": a.threads,
                               "load_start": load0, "load_end": loadavg1(), "rows": rows, "table": text,
                               "speed_ratio_lamina_over_peer": ratios,
