@@ -128,7 +128,7 @@ class QuestionAnsweringTask(BaseTask):
         """The best answer of every example over all its windows: [{"id", "text", "score", "start_char"}]."""
         device = device or next(model.parameters()).device
         was = model.training
-        model = model.eval()
+        model = model.to(device).eval()
         t = windows.tensors
         n = len(t["ids"])
         best: dict[int, tuple[float, int, int, int]] = {}  # example -> (score, window, start, end)
