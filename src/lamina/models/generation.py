@@ -122,7 +122,8 @@ def length_penalty(length: torch.Tensor | int, alpha: float) -> torch.Tensor | f
 
 @torch.no_grad()
 def seq2seq_generate(model: nn.Module, src: torch.Tensor, src_mask: torch.Tensor | None = None,
-                     beam_size: int = 4, max_len: int | None = None, alpha: float = 0.6) -> torch.Tensor:
+                     beam_size: int = 4, max_len: int | None = None, alpha: float = 0.6,
+                     no_repeat_ngram_size: int = 0) -> torch.Tensor:
     """Decode target ids (B, L) for source ids (B, S) with a model that keeps the seq2seq contract
     (lamina.models.t5: encode / decode / make_cache / bos_id / eos_id / pad_id).
 
@@ -132,29 +133,60 @@ def seq2seq_generate(model: nn.Module, src: torch.Tensor, src_mask: torch.Tensor
     returned. A sentence stops early once no live beam can beat its best finished one (live scores only fall,
     and the penalty is at most length_penalty(max_len)). Output rows start after <s>,
     end with </s> where one was produced and are right-padded with pad_id.
+
+    no_repeat_ngram_size n > 0: a hypothesis never contains the same n-gram twice (fairseq's and Hugging Face's
+    rule): at each step the tokens that would complete an n-gram already in the hypothesis (<s> excluded) get
+    log-probability -inf. 0 (the default) changes nothing.
     """
     if beam_size < 1:
         raise ModelError(f"seq2seq_generate: beam_size must be >= 1, got {beam_size}")
+    if not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
+        raise ModelError(f"seq2seq_generate: no_repeat_ngram_size must be an integer >= 0, got {no_repeat_ngram_size!r}")
     was_training = model.training
     model.eval()
     try:
         if src_mask is None:
             src_mask = src != model.pad_id
         if beam_size == 1:
-            return _greedy(model, src, src_mask, max_len or model.block_size)
-        return _beam_search(model, src, src_mask, beam_size, max_len or model.block_size, alpha)
+            return _greedy(model, src, src_mask, max_len or model.block_size, no_repeat_ngram_size)
+        return _beam_search(model, src, src_mask, beam_size, max_len or model.block_size, alpha, no_repeat_ngram_size)
     finally:
         model.train(was_training)
 
 
-def _greedy(model, src, src_mask, max_len: int) -> torch.Tensor:
+def banned_ngram_mask(hyp: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor | None:
+    """(N, V) bool: True for the tokens that would complete an n-gram already in hyp (N, L); None when no
+    token is banned (n < 1 or hyp too short to hold an n-gram)."""
+    N, L = hyp.shape
+    if n < 1 or L < n:
+        return None
+    if n == 1:
+        ban = torch.zeros(N, vocab_size, dtype=torch.bool, device=hyp.device)
+        return ban.scatter_(1, hyp, True)
+    windows = hyp.unfold(1, n, 1)  # (N, L-n+1, n): every n-gram so far
+    prefix = hyp[:, L - n + 1:]  # (N, n-1): the n-1 tokens the next one would extend
+    match = (windows[:, :, :-1] == prefix[:, None, :]).all(-1)  # (N, L-n+1)
+    rows, cols = match.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return None
+    ban = torch.zeros(N, vocab_size, dtype=torch.bool, device=hyp.device)
+    ban[rows, windows[rows, cols, -1]] = True
+    return ban
+
+
+def _greedy(model, src, src_mask, max_len: int, no_repeat: int = 0) -> torch.Tensor:
     B, dev = src.shape[0], src.device
     memory = model.encode(src, src_mask)
     cache = model.make_cache(B, max_len, dtype=memory.dtype, device=dev)
     tok = torch.full((B, 1), model.bos_id, dtype=torch.long, device=dev)
     out, finished = [], torch.zeros(B, dtype=torch.bool, device=dev)
     for _ in range(max_len):
-        tok = model.decode(tok, memory, src_mask, cache=cache)[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        logits = model.decode(tok, memory, src_mask, cache=cache)[:, -1]  # (B, V)
+        if no_repeat and out:
+            ban = banned_ngram_mask(torch.cat(out, dim=1), no_repeat, logits.shape[-1])
+            if ban is not None:
+                logits = logits.masked_fill(ban, float("-inf"))
+        tok = logits.argmax(-1, keepdim=True)  # (B, 1)
         tok = tok.masked_fill(finished[:, None], model.pad_id)  # after </s>: padding
         out.append(tok)
         finished |= tok[:, 0] == model.eos_id
@@ -163,7 +195,7 @@ def _greedy(model, src, src_mask, max_len: int) -> torch.Tensor:
     return torch.cat(out, dim=1)
 
 
-def _beam_search(model, src, src_mask, K: int, max_len: int, alpha: float) -> torch.Tensor:
+def _beam_search(model, src, src_mask, K: int, max_len: int, alpha: float, no_repeat: int = 0) -> torch.Tensor:
     B, dev = src.shape[0], src.device
     bos, eos, pad = model.bos_id, model.eos_id, model.pad_id
     memory = model.encode(src, src_mask)  # (B, S, C)
@@ -179,7 +211,12 @@ def _beam_search(model, src, src_mask, K: int, max_len: int, alpha: float) -> to
     base = (torch.arange(B, device=dev) * K)[:, None]  # (B, 1)
     for step in range(1, max_len + 1):
         logits = model.decode(tokens[:, -1:], memory, mem_mask, cache=cache)[:, -1]  # (B*K, V)
-        logp = torch.log_softmax(logits.float(), dim=-1).view(B, K, -1)
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (B*K, V)
+        if no_repeat:
+            ban = banned_ngram_mask(tokens[:, 1:], no_repeat, logp.shape[-1])
+            if ban is not None:
+                logp = logp.masked_fill(ban, float("-inf"))
+        logp = logp.view(B, K, -1)
         V = logp.shape[-1]
         cand = scores[:, :, None] + logp  # (B, K, V)
         # hypotheses that end here (</s> among the K best candidates): the best one per sentence replaces the
