@@ -61,3 +61,55 @@ def test_no_repeat_ngram_generation_never_repeats_and_default_is_unchanged():
                 grams = _ngrams(toks, n)
                 assert len(grams) == len(set(grams)), (beam, n, toks)
     assert repeated_without  # the constraint actually had something to block
+
+
+# ----- 2. ROUGE in the seq2seq task ----------------------------------------------------------------------
+def test_rouge_hand_case_stemming_and_multi_reference_max():
+    from lamina.tasks.seq2seq import rouge_scores
+
+    # hand-computed: unigrams 5 of 6 shared (P = R = 5/6), bigrams 3 of 5, longest common subsequence 5 of 6
+    hand = rouge_scores(["the cat sat on the mat"], ["the cat is on the mat"])
+    assert hand == {"rouge1": 83.33, "rouge2": 60.0, "rougeL": 83.33}
+    # Porter stemming on: "cats running" == "cat runs"
+    assert rouge_scores(["cats running"], ["cat runs"]) == {"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0}
+    # several references: each metric takes its best reference; then the mean over examples
+    multi = rouge_scores(["the cat sat on the mat", "a dog"],
+                         [["completely different words", "the cat is on the mat"], "a dog barks"])
+    # example 2: P = 1, R = 2/3 -> F = 0.8 for ROUGE-1 and -L; bigram "a dog": P = 1, R = 1/2 -> 2/3
+    assert multi == {"rouge1": round((83.333333 + 80.0) / 2, 2), "rouge2": round((60.0 + 66.666667) / 2, 2),
+                     "rougeL": round((83.333333 + 80.0) / 2, 2)}
+
+
+def test_rouge_matches_the_package_and_per_metric_best_reference():
+    from rouge_score import rouge_scorer
+
+    from lamina.tasks.seq2seq import rouge_scores
+
+    hyp = "sparse attention speeds training"
+    # reference 1 has every word but in reverse order (best ROUGE-1), reference 2 keeps one bigram and the
+    # order (best ROUGE-2 and ROUGE-L), reference 3 is unrelated
+    refs = ["training speeds attention sparse", "sparse attention for graphs", "a new benchmark"]
+    sc = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    want = {k: round(100 * max(sc.score(r, hyp)[k].fmeasure for r in refs), 2) for k in ("rouge1", "rouge2", "rougeL")}
+    assert rouge_scores([hyp], [refs]) == want
+    # the best reference differs per metric here: a max of each metric, not the metrics of one reference
+    best = {k: max(range(3), key=lambda i: sc.score(refs[i], hyp)[k].fmeasure) for k in want}
+    assert len(set(best.values())) > 1
+
+
+def test_seq2seq_task_options_and_missing_rouge_package(monkeypatch):
+    import sys
+
+    import pytest
+
+    from lamina.errors import ConfigError, MissingDependencyError
+    from lamina.tasks.seq2seq import Seq2SeqTask, rouge_scorer
+
+    assert Seq2SeqTask(100).metric == "bleu" and Seq2SeqTask(100).no_repeat_ngram == 0
+    with pytest.raises(ConfigError, match="task.metric: expected one of bleu, rouge, got 'meteor'"):
+        Seq2SeqTask(100, metric="meteor")
+    with pytest.raises(ConfigError, match="task.no_repeat_ngram: expected an integer >= 0"):
+        Seq2SeqTask(100, no_repeat_ngram=-1)
+    monkeypatch.setitem(sys.modules, "rouge_score", None)
+    with pytest.raises(MissingDependencyError, match="pip install rouge-score"):
+        rouge_scorer()

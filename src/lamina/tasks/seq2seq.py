@@ -8,6 +8,12 @@ so it runs once at test time (`test_extras`): beam search (beam_size, GNMT lengt
 with the run's tokenizer, and sacrebleu's corpus BLEU against the untouched reference strings (its default
 13a tokenization: the comparable, "detokenized" BLEU of the WMT tables). The translations are written beside
 the run (translations_<split>.txt) so a score can always be checked by eye.
+
+Summarization is the same task with `metric: rouge`: test_extras reports ROUGE-1/2/L F-measure (x100, the
+rouge-score package with its Porter stemmer, as the summarization literature reports it); where an example
+has several references (SciTLDR's test set) each metric takes the best reference per example, as SciTLDR's own
+evaluation does, then averages over examples. The summaries go to summaries_<split>.txt. `no_repeat_ngram`
+blocks repeated n-grams during beam search (summaries of a small model otherwise loop).
 """
 
 from __future__ import annotations
@@ -26,10 +32,18 @@ from lamina.tasks.base import BaseTask, check_options
 class Seq2SeqTask(BaseTask):
     name = "seq2seq"
     default_monitor = ("val/loss", "min")
-    OPTIONS = ("label_smoothing", "beam_size", "alpha", "max_len_a", "max_len_b", "decode_batch_size")
+    OPTIONS = ("label_smoothing", "beam_size", "alpha", "max_len_a", "max_len_b", "decode_batch_size", "metric",
+               "no_repeat_ngram")
+    METRICS = ("bleu", "rouge")
 
     def __init__(self, vocab_size: int, pad_id: int = 0, label_smoothing: float = 0.1, beam_size: int = 4,
-                 alpha: float = 0.6, max_len_a: float = 1.5, max_len_b: int = 10, decode_batch_size: int = 128):
+                 alpha: float = 0.6, max_len_a: float = 1.5, max_len_b: int = 10, decode_batch_size: int = 128,
+                 metric: str = "bleu", no_repeat_ngram: int = 0):
+        if metric not in self.METRICS:
+            raise ConfigError(f"task.metric: expected one of {', '.join(self.METRICS)}, got {metric!r}")
+        if not isinstance(no_repeat_ngram, int) or isinstance(no_repeat_ngram, bool) or no_repeat_ngram < 0:
+            raise ConfigError(f"task.no_repeat_ngram: expected an integer >= 0 (0 = off), got {no_repeat_ngram!r}")
+        self.metric, self.no_repeat_ngram = metric, no_repeat_ngram
         self.vocab_size, self.pad_id = int(vocab_size), int(pad_id)
         self.label_smoothing = float(label_smoothing)
         if not isinstance(beam_size, int) or beam_size < 1:
@@ -109,7 +123,7 @@ class Seq2SeqTask(BaseTask):
             src, src_len = tokenizer.pad([ids[i] for i in rows], eos=True, max_len=cap)
             limit = min(cap, int(self.max_len_a * int(src_len.max()) + self.max_len_b))
             hyp = seq2seq_generate(model, src.to(device), beam_size=self.beam_size, max_len=limit,
-                                   alpha=self.alpha)
+                                   alpha=self.alpha, no_repeat_ngram_size=self.no_repeat_ngram)
             for i, text in zip(rows, tokenizer.decode_batch(hyp.cpu())):
                 out[i] = text
             if on_batch is not None:
@@ -129,6 +143,8 @@ class Seq2SeqTask(BaseTask):
         return text
 
     def test_extras(self, model, bundle, split: str, device, run_dir: Path | None = None) -> dict:
+        if self.metric == "rouge":
+            return self._rouge_extras(model, bundle, split, device, run_dir)
         try:
             import sacrebleu
         except ImportError:
@@ -143,3 +159,42 @@ class Seq2SeqTask(BaseTask):
             lines = [" ".join(h.splitlines()) for h in hyps]
             (Path(run_dir) / f"translations_{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         return {f"{split}/bleu": round(bleu.score, 2), f"{split}/chrf": round(chrf.score, 2)}
+
+    def _rouge_extras(self, model, bundle, split: str, device, run_dir: Path | None) -> dict:
+        sources, refs = bundle.extras["text"][split]
+        scorer = rouge_scorer()  # fail before decoding when rouge-score is missing
+        hyps = self.translate(model, bundle.extras["tokenizer"], sources, device)
+        if run_dir is not None:
+            lines = [" ".join(h.splitlines()) for h in hyps]
+            (Path(run_dir) / f"summaries_{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return {f"{split}/{k}": v for k, v in rouge_scores(hyps, refs, scorer).items()}
+
+
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge_scorer():
+    """rouge-score's scorer for ROUGE-1/2/L with Porter stemming (lazy import: an optional dependency)."""
+    try:
+        from rouge_score import rouge_scorer as rs
+    except ImportError:
+        raise MissingDependencyError("rouge-score is needed for ROUGE; install it with pip install rouge-score"
+                                     ) from None
+    return rs.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+
+
+def rouge_scores(hyps: list[str], refs: list, scorer=None) -> dict:
+    """Mean ROUGE-1/2/L F-measure x 100 (rounded to 2 places) of hyps against refs; a reference is a string or
+    a list of strings, and with several each metric takes the best one per example (rouge-score's
+    score_multi). Keys: rouge1, rouge2, rougeL."""
+    if len(hyps) != len(refs):
+        raise DataError(f"rouge: {len(hyps)} summaries but {len(refs)} references")
+    scorer = scorer or rouge_scorer()
+    sums = dict.fromkeys(ROUGE_KEYS, 0.0)
+    for h, r in zip(hyps, refs):
+        r = [r] if isinstance(r, str) else list(r)
+        scores = scorer.score_multi(r, h) if len(r) > 1 else scorer.score(r[0], h)
+        for k in ROUGE_KEYS:
+            sums[k] += scores[k].fmeasure
+    n = max(len(hyps), 1)
+    return {k: round(100.0 * v / n, 2) for k, v in sums.items()}
