@@ -11,8 +11,9 @@ the run (translations_<split>.txt) so a score can always be checked by eye.
 
 Summarization is the same task with `metric: rouge`: test_extras reports ROUGE-1/2/L F-measure (x100, the
 rouge-score package with its Porter stemmer, as the summarization literature reports it); where an example
-has several references (SciTLDR's test set) each metric takes the best reference per example, as SciTLDR's own
-evaluation does, then averages over examples. The summaries go to summaries_<split>.txt. `no_repeat_ngram`
+has several references (SciTLDR's test set) the reference with the best ROUGE-1 F gives that example's three
+numbers ("multi-max" in SciTLDR's scripts/cal-rouge.py; rouge-score's score_multi would instead take each
+metric's own best reference), then the numbers are averaged over examples. The summaries go to summaries_<split>.txt. `no_repeat_ngram`
 blocks repeated n-grams during beam search (summaries of a small model otherwise loop).
 """
 
@@ -185,15 +186,15 @@ def rouge_scorer():
 
 def rouge_scores(hyps: list[str], refs: list, scorer=None) -> dict:
     """Mean ROUGE-1/2/L F-measure x 100 (rounded to 2 places) of hyps against refs; a reference is a string or
-    a list of strings, and with several each metric takes the best one per example (rouge-score's
-    score_multi). Keys: rouge1, rouge2, rougeL."""
+    a list of strings, and with several the one with the best ROUGE-1 F (the first on ties) gives all three
+    numbers, as SciTLDR's evaluation does. Keys: rouge1, rouge2, rougeL."""
     if len(hyps) != len(refs):
         raise DataError(f"rouge: {len(hyps)} summaries but {len(refs)} references")
     scorer = scorer or rouge_scorer()
     sums = dict.fromkeys(ROUGE_KEYS, 0.0)
     for h, r in zip(hyps, refs):
         r = [r] if isinstance(r, str) else list(r)
-        scores = scorer.score_multi(r, h) if len(r) > 1 else scorer.score(r[0], h)
+        scores = max((scorer.score(t, h) for t in r), key=lambda sc: sc["rouge1"].fmeasure)  # first max wins
         for k in ROUGE_KEYS:
             sums[k] += scores[k].fmeasure
     n = max(len(hyps), 1)
