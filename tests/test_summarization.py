@@ -118,3 +118,63 @@ def test_seq2seq_task_options_and_missing_rouge_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "rouge_score", None)
     with pytest.raises(MissingDependencyError, match="pip install rouge-score"):
         rouge_scorer()
+
+
+# ----- 3. the scitldr data set ---------------------------------------------------------------------------
+def _write_scitldr(folder, rows_per_split: dict):
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in rows_per_split.items():
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_scitldr_shipped_files_sources_targets_and_references():
+    from lamina.data import load_dataset
+
+    b = load_dataset("scitldr", limit=40, eval_limit=5, vocab_size=500)
+    assert (len(b.train), len(b.val), len(b.test)) == (40, 5, 5)
+    assert b.task == "seq2seq" and b.meta["max_len"] == 256 and b.meta["tgt_max_len"] == 48
+    tok = b.extras["tokenizer"]
+    srcs, refs = b.extras["text"]["test"]
+    # the first test paper of SciTLDR-A: FearNet, with several TLDRs kept as references
+    assert srcs[0].startswith("Incremental class learning involves sequentially learning classes in bursts")
+    assert isinstance(refs[0], list) and len(refs[0]) >= 2 and refs[0][0].startswith("FearNet is a memory efficient")
+    # the training target is the TLDR, wrapped in <s> ... </s>; sources end in </s>
+    tgt = b.train.tensors["tgt"][0]
+    n = int(b.train.tensors["tgt_len"][0])
+    assert tgt[0] == tok.bos_id and tgt[n - 1] == tok.eos_id
+    # (truncated to tgt_max_len=48 tokens with this tiny vocabulary: a prefix of the TLDR)
+    assert n == 48 and b.extras["text"]["train"][1][0].startswith(tok.decode_batch(tgt[None, 1:n])[0])
+    assert int(b.train.tensors["src_len"].max()) == 256  # long abstracts truncated, not dropped
+    assert b.meta["train_pairs_kept"] == 40
+
+
+def test_scitldr_bad_input_is_one_line(tmp_path):
+    import pytest
+
+    from lamina.data import load_dataset
+    from lamina.errors import DataError
+
+    good = {"source": ["A first sentence.", "A second one."], "target": ["A tldr."]}
+    with pytest.raises(DataError, match="train.jsonl\\(.gz\\) not found"):
+        load_dataset("scitldr", path=tmp_path / "none")
+    for bad, msg in (("{not json", "train.jsonl:2: not a JSON object"),
+                     ({"source": [], "target": ["x"]}, "train.jsonl:2: empty source"),
+                     ({"source": ["x"], "target": [" "]}, "train.jsonl:2: empty target")):
+        folder = tmp_path / f"case{len(msg)}"
+        _write_scitldr(folder, {"train": [good], "dev": [good], "test": [good]})
+        import json
+        with open(folder / "train.jsonl", "a", encoding="utf-8") as f:
+            f.write((bad if isinstance(bad, str) else json.dumps(bad)) + "\n")
+        with pytest.raises(DataError, match=msg) as e:
+            load_dataset("scitldr", path=folder, vocab_size=300)
+        assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match="limit must be a positive integer"):
+        load_dataset("scitldr", limit=0)
+
+
+def test_lead_baseline():
+    from lamina.data.summarization import lead
+
+    assert lead([["One.", "Two. ", "Three.", "Four."], ["Only."]], 3) == ["One. Two. Three.", "Only."]

@@ -80,30 +80,39 @@ def read_parallel(src: PathLike | None = None, tgt: PathLike | None = None, pair
     return s, t
 
 
-def _encode_split(tok, srcs: list[str], tgts: list[str], max_len: int, drop_long: bool) -> TensorData:
+def _encode_split(tok, srcs: list[str], tgts: list[str], max_len: int, drop_long: bool,
+                  tgt_max_len: int | None = None) -> TensorData:
+    tgt_max = tgt_max_len or max_len
     s_ids, t_ids = tok.encode_batch(srcs), tok.encode_batch(tgts)
     if drop_long:
-        keep = [i for i in range(len(s_ids)) if len(s_ids[i]) + 1 <= max_len and len(t_ids[i]) + 2 <= max_len]
+        keep = [i for i in range(len(s_ids)) if len(s_ids[i]) + 1 <= max_len and len(t_ids[i]) + 2 <= tgt_max]
         s_ids, t_ids = [s_ids[i] for i in keep], [t_ids[i] for i in keep]
     src, src_len = tok.pad(s_ids, eos=True, max_len=max_len)
-    tgt, tgt_len = tok.pad(t_ids, bos=True, eos=True, max_len=max_len)
+    tgt, tgt_len = tok.pad(t_ids, bos=True, eos=True, max_len=tgt_max)
     return TensorData(src=src, src_len=src_len, tgt=tgt, tgt_len=tgt_len)
 
 
 def parallel_bundle(name: str, splits: dict[str, tuple[list[str], list[str]]], *, vocab_size: int = 8000,
                     tokenizer_kind: str = "bpe", max_len: int = 64, tokenizer: PathLike | None = None,
-                    src_lang: str = "src", tgt_lang: str = "tgt") -> DataBundle:
-    """splits: {"train": (sources, targets), "val": ..., "test": ...} -> a seq2seq DataBundle."""
+                    src_lang: str = "src", tgt_lang: str = "tgt", tgt_max_len: int | None = None,
+                    drop_long: bool = True) -> DataBundle:
+    """splits: {"train": (sources, targets), "val": ..., "test": ...} -> a seq2seq DataBundle.
+    `tgt_max_len` caps targets separately (default: max_len, for both sides); `drop_long=False` truncates long
+    training pairs instead of dropping them (summarization: a long abstract still has a usable start)."""
     train_src, train_tgt = splits["train"]
     if not train_src:
         raise DataError(f"data set '{name}': the training split is empty")
     if not isinstance(max_len, int) or max_len < 4:
         raise DataError(f"data set '{name}': max_len must be an integer >= 4, got {max_len!r}")
     tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(tokenizer_kind, train_src + train_tgt, vocab_size)
-    data = {k: _encode_split(tok, s, t, max_len, drop_long=(k == "train")) for k, (s, t) in splits.items()}
+    if tgt_max_len is not None and (not isinstance(tgt_max_len, int) or tgt_max_len < 4):
+        raise DataError(f"data set '{name}': tgt_max_len must be an integer >= 4, got {tgt_max_len!r}")
+    data = {k: _encode_split(tok, s, t, max_len, drop_long and k == "train", tgt_max_len)
+            for k, (s, t) in splits.items()}
     meta = {"loader": name, "vocab_size": tok.vocab_size, "num_outputs": tok.vocab_size, "tokenizer": tok.kind,
             "pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "max_len": max_len,
-            "src_lang": src_lang, "tgt_lang": tgt_lang, "train_pairs": len(train_src),
+            "tgt_max_len": tgt_max_len or max_len, "src_lang": src_lang, "tgt_lang": tgt_lang,
+            "train_pairs": len(train_src),
             "train_pairs_kept": len(data["train"]),
             "pad_trim": {"src": "src_len", "tgt": "tgt_len"}, "bucket": "tgt_len"}
     bundle = DataBundle(name, data["train"], data.get("val"), data.get("test"), "seq2seq", (None,), None, None, meta)
