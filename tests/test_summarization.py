@@ -178,3 +178,23 @@ def test_lead_baseline():
     from lamina.data.summarization import lead
 
     assert lead([["One.", "Two. ", "Three.", "Four."], ["Only."]], 3) == ["One. Two. Three.", "Only."]
+
+
+# ----- end to end --------------------------------------------------------------------------------------
+def test_cli_trains_t5_on_a_scitldr_slice_and_reports_rouge(tmp_path):
+    import json
+
+    from lamina.cli.main import main
+
+    args = ["train", "configs/scitldr_t5.yaml", "data.limit=48", "data.eval_limit=6", "data.vocab_size=300",
+            "data.max_len=64", "data.tgt_max_len=16", "model.d_model=32", "model.n_head=2", "model.d_ff=64",
+            "model.n_enc_layer=1", "model.n_dec_layer=1", "trainer.max_epochs=1", "task.beam_size=2",
+            "task.max_len_b=12", "trainer.threads=1", f"logging.root={tmp_path}", "name=t", "--no-progress"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    test = summary["test"]
+    assert summary["task"] == "seq2seq" and summary["data"]["test"] == 6
+    assert {"test/rouge1", "test/rouge2", "test/rougeL"} <= set(test) and "test/bleu" not in test
+    assert all(0.0 <= test[k] <= 100.0 for k in ("test/rouge1", "test/rouge2", "test/rougeL"))
+    lines = (tmp_path / "t" / "summaries_test.txt").read_text(encoding="utf-8").split("\n")
+    assert len(lines) == 7 and lines[-1] == ""  # one summary per test paper
