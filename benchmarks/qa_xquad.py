@@ -225,10 +225,10 @@ def main() -> None:
     peer_seeds = [int(s) for s in a.peer_seeds.split(",") if s != ""]
     rows: list[dict] = []
     for seed in seeds:
-        _step(rows, "lamina (MiniLM-L6 fine-tuned)", lambda: lamina_run(seed, a.threads, work))
+        _step(rows, "lamina (MiniLM-L6 fine-tuned)", lambda s=seed: lamina_run(s, a.threads, work))
         if seed in peer_seeds:
-            _step(rows, "transformers loop (same)", lambda: peer_run(seed, a.threads, work))
-        _step(rows, "MiniLM-L6, untrained span head", lambda: untrained_run(seed, a.threads, work))
+            _step(rows, "transformers loop (same)", lambda s=seed: peer_run(s, a.threads, work))
+        _step(rows, "MiniLM-L6, untrained span head", lambda s=seed: untrained_run(s, a.threads, work))
     if not a.skip_llm:
         _step(rows, "SmolLM2-135M closed-book", lambda: smollm_run(seeds[0], a.threads, work, False, a.llm_limit))
         _step(rows, "SmolLM2-135M open-book", lambda: smollm_run(seeds[0], a.threads, work, True, a.llm_limit))

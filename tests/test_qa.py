@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT
 from lamina.cli.main import main
 from lamina.data import load_dataset
-from lamina.data.qa import QAExample, answer_tokens, encode_windows, read_squad, window_starts
+from lamina.data.qa import QAExample, answer_tokens, read_squad, window_starts
 from lamina.errors import DataError
 from lamina.models import create_model
 from lamina.tasks.qa import QuestionAnsweringTask, best_spans

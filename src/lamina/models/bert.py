@@ -218,6 +218,15 @@ class _BertBase(nn.Module):
     def _name(self) -> str:
         return getattr(self, "model_name", self.default_name)
 
+    def _new_head(self, n: int) -> nn.Module:
+        """A fresh (C -> n) linear head with BERT's init; n = 0: none (identity)."""
+        if n == 0:
+            return nn.Identity()
+        head = nn.Linear(self.num_features, n)
+        nn.init.normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        return head
+
     # -- input checks: one line, naming the argument and what is accepted --
     def _check_ids(self, ids: torch.Tensor) -> None:
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in _INT_DTYPES:
@@ -318,12 +327,7 @@ class BertMaskedLM(_BertBase):
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh untied (C -> num_classes) token head after the transform; 0 -> none (forward gives the states)."""
         self.num_classes = num_classes
-        if num_classes > 0:
-            self.lm_head = nn.Linear(self.num_features, num_classes)
-            nn.init.normal_(self.lm_head.weight, std=0.02)
-            nn.init.zeros_(self.lm_head.bias)
-        else:
-            self.lm_head = nn.Identity()
+        self.lm_head = self._new_head(num_classes)
 
 
 class BertClassifier(_BertBase):
@@ -338,14 +342,6 @@ class BertClassifier(_BertBase):
         self.head_drop = nn.Dropout(cfg.dropout)  # HF's classifier dropout (hidden_dropout_prob)
         self.head = self._new_head(cfg.num_classes)
         self._init_weights()
-
-    def _new_head(self, num_classes: int) -> nn.Module:
-        if num_classes == 0:
-            return nn.Identity()
-        head = nn.Linear(self.num_features, num_classes)
-        nn.init.normal_(head.weight, std=0.02)
-        nn.init.zeros_(head.bias)
-        return head
 
     def pool(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token states (B, T, C) -> (B, C): tanh(pooler(h[:, 0])) for "cls", masked mean for "mean"."""
@@ -401,14 +397,6 @@ class BertSpanQA(_BertBase):
         super().__init__(cfg, cfg.num_classes)
         self.qa_head = self._new_head(cfg.num_classes)  # HF's qa_outputs
         self._init_weights()
-
-    def _new_head(self, n: int) -> nn.Module:
-        if n == 0:
-            return nn.Identity()
-        head = nn.Linear(self.num_features, n)
-        nn.init.normal_(head.weight, std=0.02)
-        nn.init.zeros_(head.bias)
-        return head
 
     def forward_head(self, h: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Position-wise: h (..., C) -> (..., 2) start / end logits (h itself with pre_logits or no head)."""

@@ -31,14 +31,10 @@ MAX_IMAGES_PER_CALL = 10_000  # identify/verify: what one request may cost
 
 
 def _face_run(path):
-    from lamina.runs.open import open_run
+    from lamina.runs.open import open_task_run
     from lamina.tasks.faces import FaceTask
 
-    run = open_run(path)
-    if not isinstance(run.task, FaceTask):
-        raise ConfigError(f"{run.folder.path}: a face run (task face) is needed, e.g. from "
-                          f"configs/orl_faces_arcface.yaml; this run is {run.facts.task}")
-    return run
+    return open_task_run(path, FaceTask, "a face run (task face)", "configs/orl_faces_arcface.yaml")
 
 
 def _embed(run, x: torch.Tensor) -> torch.Tensor:

@@ -101,6 +101,15 @@ def open_run(path: str | Path, which: str = "best") -> Run:
     return Run(cfg, model, task, facts, ckpt, folder)
 
 
+def open_task_run(path: str | Path, task_cls: type, what: str, example: str, which: str = "best") -> Run:
+    """open_run for a verb that needs one kind of run (faces, qa, recommend): another task is one ConfigError
+    naming `what` (e.g. "a face run (task face)") and a config that trains one."""
+    run = open_run(path, which)
+    if not isinstance(run.task, task_cls):
+        raise ConfigError(f"{run.folder.path}: {what} is needed, e.g. from {example}; this run is {run.facts.task}")
+    return run
+
+
 def check_declared_sizes(cfg: RunConfig, facts: DataFacts, options: dict | None, ckpt: Path) -> None:
     """meta.json says how to build the model; model.safetensors holds what was trained. A meta.json that
     declares a bigger model (huge model.channels, vocab_size, ...) would allocate it before the weights are
@@ -192,4 +201,4 @@ def generate(path: str | Path, prompt: str = "\n", max_new_tokens: int = 200, te
                              top_p=top_p, greedy=greedy, seed=seed, stop=stop)
 
 
-__all__ = ["Run", "open_run", "evaluate", "predict", "generate", "LaminaError"]
+__all__ = ["Run", "open_run", "open_task_run", "evaluate", "predict", "generate", "LaminaError"]

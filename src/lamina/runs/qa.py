@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lamina.errors import ConfigError, DataError
+from lamina.errors import DataError
 from lamina.io import atomic_write_text
 
 MAX_CONTEXT_CHARS = 1_000_000  # ~150k words: a long report, a few thousand windows
@@ -23,14 +23,11 @@ MAX_QUESTIONS = 20_000  # SQuAD's dev set has 10,570
 
 
 def _qa_run(path):
-    from lamina.runs.open import open_run
+    from lamina.runs.open import open_task_run
     from lamina.tasks.qa import QuestionAnsweringTask
 
-    run = open_run(path)
-    if not isinstance(run.task, QuestionAnsweringTask):
-        raise ConfigError(f"{run.folder.path}: a question-answering run (task question_answering) is needed, e.g. "
-                          f"from configs/xquad_minilm.yaml; this run is {run.facts.task}")
-    return run
+    return open_task_run(path, QuestionAnsweringTask, "a question-answering run (task question_answering)",
+                         "configs/xquad_minilm.yaml")
 
 
 def _windows(run, examples):

@@ -17,14 +17,11 @@ HISTORY = 5  # the user's latest interactions shown next to the recommendations
 
 
 def _recommendation_run(path, which: str = "best"):
-    from lamina.runs.open import open_run
+    from lamina.runs.open import open_task_run
     from lamina.tasks.recommendation import RecommendationTask
 
-    run = open_run(path, which)
-    if not isinstance(run.task, RecommendationTask):
-        raise ConfigError(f"{run.folder.path}: a recommendation run (task recommendation) is needed, e.g. from "
-                          f"configs/movietweetings_recsys.yaml; this run is {run.facts.task}")
-    return run
+    return open_task_run(path, RecommendationTask, "a recommendation run (task recommendation)",
+                         "configs/movietweetings_recsys.yaml", which)
 
 
 @torch.no_grad()
