@@ -4,9 +4,11 @@ On the 618 test papers, ROUGE-1/2/L F (rouge-score, Porter stemming) against eve
 the reference with the best ROUGE-1 giving that paper's numbers (SciTLDR's scripts/cal-rouge.py "multi-max"):
 * lead-1 / lead-3: the abstract's first 1 / 3 sentences (extractive baselines, no training);
 * lamina: `configs/scitldr_t5.yaml` (t5_mini narrowed, from scratch on 1,992 pairs, beam 4, length penalty,
-  no repeated trigram), the ROUGE its run reports (test_extras; summaries in the run's summaries_test.txt).
+  no repeated trigram), the ROUGE its run reports (test_extras; summaries in the run's summaries_test.txt);
+* the same trained model decoded without the no-repeat rule and greedily (what those decoding options add).
 
     python benchmarks/summarization_scitldr.py [--threads 1] [--work /tmp/summ-bench] [--smoke]
+    python benchmarks/summarization_scitldr.py --run /tmp/summ-bench/scitldr-t5   # reuse a trained run
 
 Prints a table, writes benchmarks/results/summarization_scitldr.json. Records the 1-min load average before
 and after every step (a step started above the core count is flagged busy: its times include other jobs).
@@ -58,20 +60,38 @@ def lead_run(k: int, limit: int | None) -> dict:
     return {**sc, "papers": len(papers), "mean_words": round(sum(len(h.split()) for h in hyps) / len(hyps), 1)}
 
 
-def lamina_run(threads: int, work: Path, extra: list[str]) -> dict:
+def lamina_run(threads: int, work: Path, extra: list[str], run_dir: Path | None = None) -> dict:
+    import json
+
     from lamina import runs
     from lamina.config import load_config
 
-    cfg = load_config(CONFIG, [f"trainer.threads={threads}", f"logging.root={work}", "name=scitldr-t5",
-                               "trainer.progress=false", "logging.tensorboard=false", "cost.energy=false", *extra])
-    res = runs.train(cfg)
-    s, t = res.summary, res.summary["test"]
-    hyps = (Path(res.run_dir) / "summaries_test.txt").read_text(encoding="utf-8").splitlines()
+    if run_dir is None:
+        cfg = load_config(CONFIG, [f"trainer.threads={threads}", f"logging.root={work}", "name=scitldr-t5",
+                                   "trainer.progress=false", "logging.tensorboard=false", "cost.energy=false",
+                                   *extra])
+        run_dir = Path(runs.train(cfg).run_dir)
+    s = json.loads((run_dir / "summary.json").read_text())
+    t = s["test"]
+    hyps = (run_dir / "summaries_test.txt").read_text(encoding="utf-8").splitlines()
     return {"rouge1": t["test/rouge1"], "rouge2": t["test/rouge2"], "rougeL": t["test/rougeL"],
             "papers": s["data"]["test"], "mean_words": round(sum(len(h.split()) for h in hyps) / max(len(hyps), 1), 1),
             "params": s["params"], "epochs": s["epochs"], "train_s": round(s["train_time_s"], 1),
             "samples_per_s": round(s["train_samples_per_s"], 2), "val_loss": round(s["best_monitor"], 4),
-            "test_ppl": round(t["test/ppl"], 1), "run_dir": str(res.run_dir), "examples": hyps[:10]}
+            "test_ppl": round(t["test/ppl"], 1), "run_dir": str(run_dir), "examples": hyps[:10]}
+
+
+def decode_variant(run_dir: Path, threads: int, **task_options) -> dict:
+    """The trained run's test ROUGE with other decoding options (e.g. no_repeat_ngram=0, beam_size=1)."""
+    from lamina.runs import open_run
+
+    torch.set_num_threads(threads)
+    run = open_run(run_dir)
+    for k, v in task_options.items():
+        setattr(run.task, k, v)
+    t = run.task.test_extras(run.model, run.data(), "test", torch.device("cpu"))
+    return {"rouge1": t["test/rouge1"], "rouge2": t["test/rouge2"], "rougeL": t["test/rougeL"],
+            "papers": len(run.data().test), "mean_words": None, "decoding": task_options}
 
 
 def main() -> None:
@@ -79,6 +99,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default="/tmp/summ-bench")
     ap.add_argument("--smoke", action="store_true", help="200 training / 20 test papers, 1 epoch; writes nothing")
+    ap.add_argument("--run", type=Path, default=None, help="a trained scitldr_t5 run folder: skip training")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     work, load0 = start_work(a.work)
@@ -87,9 +108,12 @@ def main() -> None:
     rows: list[dict] = []
     _step(rows, "lead-1", lambda: lead_run(1, limit))
     _step(rows, "lead-3", lambda: lead_run(3, limit))
-    _step(rows, "t5 (lamina, from scratch)", lambda: lamina_run(a.threads, work, extra))
+    t5 = _step(rows, "t5 (lamina, from scratch)", lambda: lamina_run(a.threads, work, extra, a.run))
+    run_dir = Path(t5["run_dir"])
+    _step(rows, "t5, no_repeat_ngram 0", lambda: decode_variant(run_dir, a.threads, no_repeat_ngram=0))
+    _step(rows, "t5, greedy + no_repeat 3", lambda: decode_variant(run_dir, a.threads, beam_size=1))
     print_table(["method", "ROUGE-1", "ROUGE-2", "ROUGE-L", "words", "wall s", "load before/after"],
-                [[r["method"], r["rouge1"], r["rouge2"], r["rougeL"], r["mean_words"], r["wall_s"],
+                [[r["method"], r["rouge1"], r["rouge2"], r["rougeL"], r["mean_words"] or "-", r["wall_s"],
                   f"{r['load_before']:.2f}/{r['load_after']:.2f}"] for r in rows])
     if not a.smoke:
         write_result("summarization_scitldr", {
