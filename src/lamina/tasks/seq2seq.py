@@ -179,7 +179,8 @@ def rouge_scorer():
     try:
         from rouge_score import rouge_scorer as rs
     except ImportError:
-        raise MissingDependencyError("rouge-score is needed for ROUGE; install it with pip install "lamina[text]" (or pip install rouge-score)"
+        raise MissingDependencyError('rouge-score is needed for ROUGE; install it with pip install "lamina[text]" '
+                                     '(or pip install rouge-score)'
                                      ) from None
     return rs.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
 
