@@ -135,3 +135,35 @@ def start_work(folder: str) -> tuple[Path, float]:
     if load0 > (os.cpu_count() or 1):
         print(f"warning: 1-min load average {load0:.2f} is above the {os.cpu_count()} cores; times include other jobs")
     return work, load0
+
+
+def busy(load: float) -> bool:
+    """A step that started with the 1-min load above the core count shares the machine: its times include others."""
+    return load > (os.cpu_count() or 1)
+
+
+def timed_step(rows: list, name: str, fn, key: str = "method", quiet: tuple = ("examples", "predictions")) -> dict:
+    """Run fn() -> dict, add its name, the load before/after, wall seconds and the busy flag; append and print it
+    (without the keys in `quiet`, e.g. long example lists)."""
+    before, t0 = loadavg1(), time.perf_counter()
+    out = fn()
+    out.update({key: name, "load_before": before, "load_after": loadavg1(),
+                "wall_s": round(time.perf_counter() - t0, 1), "busy": busy(before)})
+    rows.append(out)
+    print({k: v for k, v in out.items() if k not in quiet}, flush=True)
+    return out
+
+
+def interleave(loops: dict, repeats: int) -> dict:
+    """Throughput A/B: each loop (name -> fn() returning samples/s) once per repeat, in turn, so slow drifts of
+    the machine hit every loop alike. Returns every run (with its load) and the median per loop."""
+    rows = []
+    for r in range(repeats):
+        for name, fn in loops.items():
+            before = loadavg1()
+            sps = fn()
+            rows.append({"loop": name, "repeat": r, "samples_per_s": sps, "load_before": before,
+                         "load_after": loadavg1(), "busy": busy(before)})
+            print(f"{name} repeat {r}: {sps:.1f} samples/s (load {before:.2f} -> {loadavg1():.2f})", flush=True)
+    med = {k: statistics.median(x["samples_per_s"] for x in rows if x["loop"] == k) for k in loops}
+    return {"runs": rows, "median_samples_per_s": med}

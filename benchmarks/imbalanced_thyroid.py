@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, RESULTS, loadavg1, print_table, start_work, write_result  # noqa: E402
+from _common import ROOT, RESULTS, interleave, loadavg1, print_table, start_work, write_result  # noqa: E402
 
 CONFIG = ROOT / "configs" / "thyroid_hyper.yaml"
 VARIANTS = {
@@ -137,16 +137,8 @@ def throughput(epochs: int, repeats: int) -> dict:
                 seen += len(idx)
         return seen / (time.perf_counter() - t0)
 
-    rows = []
-    for r in range(repeats):
-        for name, fn in (("lamina Trainer", lamina_run), ("hand-written loop", hand_run)):
-            load0 = loadavg1()
-            sps = fn()
-            rows.append({"loop": name, "repeat": r, "samples_per_s": sps, "load_before": load0,
-                         "load_after": loadavg1()})
-            print(f"{name} repeat {r}: {sps:.0f} samples/s (load {load0:.2f} -> {loadavg1():.2f})", flush=True)
-    med = {k: statistics.median(x["samples_per_s"] for x in rows if x["loop"] == k)
-           for k in ("lamina Trainer", "hand-written loop")}
+    ab = interleave({"lamina Trainer": lamina_run, "hand-written loop": hand_run}, repeats)
+    rows, med = ab["runs"], ab["median_samples_per_s"]
     return {"epochs": epochs, "batch_size": bs, "train_rows": len(train), "threads": torch.get_num_threads(),
             "runs": rows, "median_samples_per_s": med,
             "trainer_over_hand": med["lamina Trainer"] / med["hand-written loop"]}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, ROOT, loadavg1, print_table, start_work, write_result  # noqa: E402
+from _common import RESULTS, ROOT, loadavg1, print_table, start_work, timed_step, write_result  # noqa: E402
 
 CONFIG = ROOT / "configs" / "xquad_minilm.yaml"
 EXTRA: list[str] = []  # --smoke: a few questions, one epoch (checks every step runs)
@@ -39,16 +38,6 @@ def _cfg(seed: int, threads: int, work: Path, extra=()):
     return load_config(CONFIG, [f"seed={seed}", f"trainer.threads={threads}", f"logging.root={work}",
                                 f"name=xquad-minilm-s{seed}", "trainer.progress=false",
                                 "logging.tensorboard=false", "cost.energy=false", *EXTRA, *extra])
-
-
-def _step(rows: list, name: str, fn):
-    before, t0 = loadavg1(), time.perf_counter()
-    out = fn()
-    out.update({"method": name, "load_before": before, "load_after": loadavg1(),
-                "wall_s": round(time.perf_counter() - t0, 1), "busy": before > (os.cpu_count() or 1)})
-    rows.append(out)
-    print({k: v for k, v in out.items() if k != "predictions"}, flush=True)
-    return out
 
 
 def lamina_run(seed: int, threads: int, work: Path) -> dict:
@@ -225,13 +214,13 @@ def main() -> None:
     peer_seeds = [int(s) for s in a.peer_seeds.split(",") if s != ""]
     rows: list[dict] = []
     for seed in seeds:
-        _step(rows, "lamina (MiniLM-L6 fine-tuned)", lambda s=seed: lamina_run(s, a.threads, work))
+        timed_step(rows, "lamina (MiniLM-L6 fine-tuned)", lambda s=seed: lamina_run(s, a.threads, work))
         if seed in peer_seeds:
-            _step(rows, "transformers loop (same)", lambda s=seed: peer_run(s, a.threads, work))
-        _step(rows, "MiniLM-L6, untrained span head", lambda s=seed: untrained_run(s, a.threads, work))
+            timed_step(rows, "transformers loop (same)", lambda s=seed: peer_run(s, a.threads, work))
+        timed_step(rows, "MiniLM-L6, untrained span head", lambda s=seed: untrained_run(s, a.threads, work))
     if not a.skip_llm:
-        _step(rows, "SmolLM2-135M closed-book", lambda: smollm_run(seeds[0], a.threads, work, False, a.llm_limit))
-        _step(rows, "SmolLM2-135M open-book", lambda: smollm_run(seeds[0], a.threads, work, True, a.llm_limit))
+        for name, book in (("SmolLM2-135M closed-book", False), ("SmolLM2-135M open-book", True)):
+            timed_step(rows, name, lambda b=book: smollm_run(seeds[0], a.threads, work, b, a.llm_limit))
     table = []
     for m in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == m]

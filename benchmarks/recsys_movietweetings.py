@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, RESULTS, loadavg1, print_table, start_work, write_result  # noqa: E402
+from _common import ROOT, RESULTS, busy, interleave, loadavg1, print_table, start_work, write_result  # noqa: E402
 
 CONFIG = ROOT / "configs" / "movietweetings_recsys.yaml"
 METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
@@ -75,10 +75,6 @@ TRIED = [  # (overrides, validation NDCG@10 of the best epoch, that epoch), seed
     ("model.name=mf task.loss=bpr model.dim=128 optimizer.lr=3e-3", 0.0937, 3),
 ]
 KNN_K = (20, 50, 100, 200, None)
-
-
-def busy(load: float) -> bool:
-    return load > (os.cpu_count() or 1)
 
 
 def train(work: Path, key: str, seed: int, extra: list[str]) -> dict:
@@ -215,16 +211,8 @@ def throughput(bundle, epochs: int, repeats: int) -> dict:
                 done += len(idx)
         return done / (time.perf_counter() - t0)
 
-    rows = []
-    for r in range(repeats):
-        for name, fn in (("lamina Trainer", lamina_run), ("hand-written loop", hand_run)):
-            load0 = loadavg1()
-            sps = fn()
-            rows.append({"loop": name, "repeat": r, "samples_per_s": sps, "load_before": load0,
-                         "load_after": loadavg1(), "busy": busy(load0)})
-            print(f"{name} repeat {r}: {sps:.0f} samples/s (load {load0:.2f} -> {loadavg1():.2f})", flush=True)
-    med = {k: statistics.median(x["samples_per_s"] for x in rows if x["loop"] == k)
-           for k in ("lamina Trainer", "hand-written loop")}
+    ab = interleave({"lamina Trainer": lamina_run, "hand-written loop": hand_run}, repeats)
+    rows, med = ab["runs"], ab["median_samples_per_s"]
     return {"epochs": epochs, "batch_size": bs, "train_rows": len(users), "threads": 1, "runs": rows,
             "median_samples_per_s": med, "trainer_over_hand": med["lamina Trainer"] / med["hand-written loop"]}
 

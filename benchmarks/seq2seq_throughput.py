@@ -12,7 +12,6 @@ Prints the samples/s of every run and the median ratio; writes benchmarks/result
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, loadavg1, start_work, write_result  # noqa: E402
+from _common import ROOT, interleave, loadavg1, start_work, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -85,16 +84,8 @@ def main() -> None:
                 seen += len(idx)
         return seen / (time.perf_counter() - t0)
 
-    rows = []
-    for r in range(a.repeats):
-        for name, fn in (("lamina Trainer", lamina_run), ("hand-written loop", hand_run)):
-            before = loadavg1()
-            sps = fn()
-            rows.append({"loop": name, "repeat": r, "samples_per_s": round(sps, 2), "load_before": before,
-                         "load_after": loadavg1()})
-            print(f"{name} repeat {r}: {sps:.1f} samples/s (load {before:.2f} -> {loadavg1():.2f})", flush=True)
-    med = {k: statistics.median(x["samples_per_s"] for x in rows if x["loop"] == k)
-           for k in ("lamina Trainer", "hand-written loop")}
+    ab = interleave({"lamina Trainer": lamina_run, "hand-written loop": hand_run}, a.repeats)
+    rows, med = ab["runs"], ab["median_samples_per_s"]
     ratio = med["lamina Trainer"] / med["hand-written loop"]
     print(f"median samples/s: lamina {med['lamina Trainer']:.1f}, hand-written {med['hand-written loop']:.1f}; "
           f"ratio {ratio:.3f}")

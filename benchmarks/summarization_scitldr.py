@@ -17,27 +17,15 @@ and after every step (a step started above the core count is flagged busy: its t
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, loadavg1, print_table, start_work, write_result  # noqa: E402
+from _common import ROOT, print_table, start_work, timed_step, write_result  # noqa: E402
 
 CONFIG = ROOT / "configs" / "scitldr_t5.yaml"
-
-
-def _step(rows: list, name: str, fn):
-    before, t0 = loadavg1(), time.perf_counter()
-    out = fn()
-    out.update({"method": name, "load_before": before, "load_after": loadavg1(),
-                "wall_s": round(time.perf_counter() - t0, 1), "busy": before > (os.cpu_count() or 1)})
-    rows.append(out)
-    print({k: v for k, v in out.items() if k != "examples"}, flush=True)
-    return out
 
 
 def test_papers(limit: int | None):
@@ -106,12 +94,12 @@ def main() -> None:
     limit = 20 if a.smoke else None
     extra = ["data.limit=200", "data.eval_limit=20", "trainer.max_epochs=1"] if a.smoke else []
     rows: list[dict] = []
-    _step(rows, "lead-1", lambda: lead_run(1, limit))
-    _step(rows, "lead-3", lambda: lead_run(3, limit))
-    t5 = _step(rows, "t5 (lamina, from scratch)", lambda: lamina_run(a.threads, work, extra, a.run))
+    timed_step(rows, "lead-1", lambda: lead_run(1, limit))
+    timed_step(rows, "lead-3", lambda: lead_run(3, limit))
+    t5 = timed_step(rows, "t5 (lamina, from scratch)", lambda: lamina_run(a.threads, work, extra, a.run))
     run_dir = Path(t5["run_dir"])
-    _step(rows, "t5, no_repeat_ngram 0", lambda: decode_variant(run_dir, a.threads, no_repeat_ngram=0))
-    _step(rows, "t5, greedy + no_repeat 3", lambda: decode_variant(run_dir, a.threads, beam_size=1))
+    timed_step(rows, "t5, no_repeat_ngram 0", lambda: decode_variant(run_dir, a.threads, no_repeat_ngram=0))
+    timed_step(rows, "t5, greedy + no_repeat 3", lambda: decode_variant(run_dir, a.threads, beam_size=1))
     print_table(["method", "ROUGE-1", "ROUGE-2", "ROUGE-L", "words", "wall s", "load before/after"],
                 [[r["method"], r["rouge1"], r["rouge2"], r["rougeL"], r["mean_words"] or "-", r["wall_s"],
                   f"{r['load_before']:.2f}/{r['load_after']:.2f}"] for r in rows])
