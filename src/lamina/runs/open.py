@@ -82,8 +82,7 @@ def open_run(path: str | Path, which: str = "best") -> Run:
             cfg = validate(meta["config"])
         facts = DataFacts.from_dict(meta.get("data"), f"{ckpt}/meta.json")
         task = make_task(cfg, facts)
-        if hasattr(task, "restore"):  # state a task chose after training (e.g. a binary task's threshold)
-            task.restore(folder.path)
+        task.restore(folder.path)  # state a task chose after training (e.g. a binary task's threshold)
         options = meta.get("model_options")
         if options is not None and not isinstance(options, dict):
             raise CheckpointError(f"{ckpt}/meta.json: model_options must be a mapping, got {type(options).__name__}")

@@ -129,25 +129,24 @@ class QuestionAnsweringTask(BaseTask):
         device = device or next(model.parameters()).device
         was = model.training
         model = model.to(device).eval()
+        from lamina.data import TensorData, make_loader
+
         t = windows.tensors
-        n = len(t["ids"])
+        keys = ("ids", "token_type_ids", "lengths", "ctx_offset")  # in order, each batch cut to its longest window
+        loader = make_loader(TensorData(**{k: t[k] for k in keys}), self.decode_batch_size, device=device,
+                             trim={"ids": "lengths", "token_type_ids": "lengths"})
         best: dict[int, tuple[float, int, int, int]] = {}  # example -> (score, window, start, end)
-        for b in range(0, n, self.decode_batch_size):
-            sl = slice(b, min(n, b + self.decode_batch_size))
-            lengths = t["lengths"][sl]
-            T = int(lengths.max())
-            batch = {"ids": t["ids"][sl, :T].to(device), "token_type_ids": t["token_type_ids"][sl, :T].to(device),
-                     "lengths": lengths.to(device)}
+        w0 = 0  # index of the batch's first window
+        for batch in loader:
             logits = self.forward(model, batch)
-            start, end, score = best_spans(logits, t["ctx_offset"][sl].to(device), batch["lengths"],
-                                           self.max_answer_len)
+            start, end, score = best_spans(logits, batch["ctx_offset"], batch["lengths"], self.max_answer_len)
             for j, (s_, e_, sc) in enumerate(zip(start.tolist(), end.tolist(), score.tolist())):
-                w = b + j
-                k = int(t["example"][w])
+                k = int(t["example"][w0 + j])
                 if k not in best or sc > best[k][0]:
-                    best[k] = (sc, w, s_, e_)
+                    best[k] = (sc, w0 + j, s_, e_)
+            w0 += len(logits)
             if on_batch is not None:
-                on_batch(sl.stop - sl.start)
+                on_batch(len(logits))
         model.train(was)
         out = []
         for k, ex in enumerate(examples):
