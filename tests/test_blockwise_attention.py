@@ -1,6 +1,8 @@
 """Blockwise (flash-style) attention: parity with SDPA forward and backward (causal, padding, GQA, odd block
-sizes), fp64 gradcheck, fully masked rows, the ring-attention primitives (chunked forward + merge, summed chunk
-backwards), linear memory, the SDPA drop-in inside MultiHeadAttention, and input errors."""
+sizes) for both implementations (impl="fused": PyTorch's flash kernel per tile; "reference": pure PyTorch), fp64
+gradcheck, fully masked rows, the ring-attention primitives (chunked forward + merge, summed chunk backwards,
+arbitrary causal offsets), bf16, that the fused kernel really runs, linear memory, the SDPA drop-in inside
+MultiHeadAttention, and input errors."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import lamina.nn.attention as attention_module
+import lamina.nn.blockwise_attention as bwa
 from lamina.errors import InputShapeError
 from lamina.nn import (
     BlockwiseAttention,
@@ -74,12 +77,17 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("impl", ["fused", "reference"])
 @pytest.mark.parametrize("name, B, H, Hkv, T, S, D, causal, pad, bs, qbs, scale", CASES, ids=[c[0] for c in CASES])
-def test_matches_sdpa_forward_and_backward(name, B, H, Hkv, T, S, D, causal, pad, bs, qbs, scale):
+def test_matches_sdpa_forward_and_backward(name, B, H, Hkv, T, S, D, causal, pad, bs, qbs, scale, impl):
     q, k, v = make_qkv(B, H, Hkv, T, S, D, Dv=12 if name == "value_dim_differs" else None)
     kpm = padding(B, S, pad)
+    if impl == "fused" and name == "value_dim_differs":  # the kernels need Dv == D: auto falls back, fused raises
+        with pytest.raises(InputShapeError, match=r"impl='fused' cannot run these inputs: .*head_dim \(12\)"):
+            blockwise_attention(q, k, v, impl="fused")
+        impl = "auto"
     out = blockwise_attention(q, k, v, causal=causal, key_padding_mask=kpm, scale=scale, block_size=bs,
-                              q_block_size=qbs)
+                              q_block_size=qbs, impl=impl)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(T, S, causal, kpm), scale=scale,
                                          enable_gqa=H != Hkv)
     assert out.shape == ref.shape and out.dtype == ref.dtype
@@ -90,20 +98,22 @@ def test_matches_sdpa_forward_and_backward(name, B, H, Hkv, T, S, D, causal, pad
         close(a, b)
 
 
-def test_fp64_gradcheck_tiny_gqa_causal_padding():
+@pytest.mark.parametrize("impl", ["auto", "fused"])  # auto: fp64 runs the reference; fused: the fp64 CPU kernel
+def test_fp64_gradcheck_tiny_gqa_causal_padding(impl):
     q, k, v = make_qkv(1, 2, 1, 5, 7, 3, dtype=torch.float64)
     kpm = torch.tensor([[True, True, False, True, True, True, True]])
     fn = lambda q, k, v: blockwise_attention(q, k, v, causal=True, key_padding_mask=kpm,  # noqa: E731
-                                             block_size=2, q_block_size=3)
+                                             block_size=2, q_block_size=3, impl=impl)
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
-def test_fully_masked_rows_are_zero_without_nan():
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_fully_masked_rows_are_zero_without_nan(impl):
     B, H, T, S, D = 2, 2, 10, 6, 8  # causal with T > S: query i sees keys j <= i - 4, rows 0-3 see nothing
     q, k, v = make_qkv(B, H, H, T, S, D)
     kpm = torch.ones(B, S, dtype=torch.bool)
     kpm[1] = False  # sequence 1: every key padded
-    out = blockwise_attention(q, k, v, causal=True, key_padding_mask=kpm, block_size=4, q_block_size=3)
+    out = blockwise_attention(q, k, v, causal=True, key_padding_mask=kpm, block_size=4, q_block_size=3, impl=impl)
     assert torch.isfinite(out).all()
     assert torch.equal(out[:, :, :4], torch.zeros_like(out[:, :, :4]))
     assert torch.equal(out[1], torch.zeros_like(out[1]))
@@ -115,7 +125,8 @@ def test_fully_masked_rows_are_zero_without_nan():
     assert torch.equal(dq[1], torch.zeros_like(dq[1]))
     assert torch.equal(dk[1], torch.zeros_like(dk[1])) and torch.equal(dv[1], torch.zeros_like(dv[1]))
     # chunk forward reports those rows as lse -inf
-    _, lse = attention_chunk_forward(q, k, v, scale=None, causal_offset=S - T, key_padding_mask=kpm, block_size=4)
+    _, lse = attention_chunk_forward(q, k, v, scale=None, causal_offset=S - T, key_padding_mask=kpm, block_size=4,
+                                     impl=impl)
     assert torch.isneginf(lse[:, :, :4]).all() and torch.isneginf(lse[1]).all()
     assert torch.isfinite(lse[0, :, 4:]).all()
 
@@ -137,9 +148,10 @@ def test_bf16_accumulates_in_fp32():
 
 # --- primitives: what ring attention relies on ------------------------------------------------------------
 
+@pytest.mark.parametrize("impl", ["fused", "reference"])
 @pytest.mark.parametrize("splits", [(20,), (9, 30)], ids=["2_key_chunks", "3_key_chunks"])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-def test_chunked_forward_merge_and_summed_backward_equal_full(splits, causal):
+def test_chunked_forward_merge_and_summed_backward_equal_full(splits, causal, impl):
     """Ring attention's contract: queries in 2 chunks, keys in 2 or 3; per query chunk, merge the chunk forwards
     over the key chunks; then every (query chunk, key chunk) backward against the merged out / lse adds up."""
     B, H, Hkv, T, S, D = 2, 4, 2, 31, 45, 8
@@ -155,7 +167,7 @@ def test_chunked_forward_merge_and_summed_backward_equal_full(splits, causal):
     q_chunks, k_chunks = pairs([0, 13, T]), pairs([0, *splits, S])
 
     def kw(i0, j0, j1):  # query i0 + i sees key j0 + j iff j0 + j <= i0 + i + S - T
-        return dict(scale=None, key_padding_mask=kpm[:, j0:j1], block_size=8, q_block_size=7,
+        return dict(scale=None, key_padding_mask=kpm[:, j0:j1], block_size=8, q_block_size=7, impl=impl,
                     causal_offset=i0 - j0 + (S - T) if causal else None)
 
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)

@@ -34,8 +34,10 @@ token's global position (what RoPE or a learned position table must see). A glob
 evenly (2N chunks for zigzag, N for contiguous) raises InputShapeError; `pad_for_context_parallel` pads it.
 
 The per-chunk math is lamina.nn.blockwise_attention's `attention_chunk_forward`, `merge_attention` and
-`attention_chunk_backward` (tiles of at most block_size x block_size, fp32 accumulators). Partial outputs,
-dq and the travelling dk/dv are kept in fp32 and cast to the input dtype once at the end.
+`attention_chunk_backward`, with its `impl=`: "auto" (default) runs PyTorch's fused flash kernel per chunk
+(returning the logsumexp; the backward gets the global out / lse) where it applies, "reference" the pure-PyTorch
+tiles, "fused" insists on the kernel. Partial outputs, dq and the travelling dk/dv are kept in fp32 and cast to
+the input dtype once at the end (with the fused kernel, a bf16 chunk's out and grads are rounded to bf16 first).
 
 Communication is torch.distributed point to point (`batch_isend_irecv`), device agnostic: gloo on CPU
 (tested), NCCL on GPUs (where the transfer of the next shard overlaps the compute on the current one). With no
@@ -44,7 +46,7 @@ process group (or world size 1) it is plain attention and sends nothing.
 Not supported: attention dropout (RingAttention raises), masks other than causal, and ranks holding
 different local lengths (checked once per shape with a small all_gather; a mismatch raises on every rank).
 
-    out = ring_attention(q, k, v, group=None, causal=True, layout="zigzag")  # q (B, H, T_local, D)
+    out = ring_attention(q, k, v, group=None, causal=True, layout="zigzag", impl="auto")  # q (B, H, T_local, D)
     mha.kernel = RingAttention(group)    # inside MultiHeadAttention; see lamina.engine.context_parallel
 """
 
@@ -57,13 +59,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lamina.errors import InputShapeError, ModelError
-from lamina.nn.blockwise_attention import attention_chunk_backward, attention_chunk_forward, merge_attention
+from lamina.nn.blockwise_attention import (
+    IMPLS,
+    attention_chunk_backward,
+    attention_chunk_forward,
+    merge_attention,
+)
 
 LAYOUTS = ("zigzag", "contiguous")
 _KV_TAG, _DKV_TAG = 0, 1  # gloo matches messages by (peer, tag): kv and dk/dv shards in flight never mix
 
 
 # ----------------------------------------------------------------------------------------------- layouts
+def _check_impl(fn: str, impl) -> str:
+    if impl not in IMPLS:
+        raise InputShapeError(f"{fn}: impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    return impl
+
+
 def _check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
         raise InputShapeError(f"context parallel: unknown layout '{layout}'; valid: {', '.join(LAYOUTS)}")
@@ -185,7 +198,7 @@ def _plan(step: int, ring: _Ring, causal: bool, layout: str, T: int):
     return slice(h, None), full, None  # only our late chunk 2N-1-r sees theirs, and sees both in full
 
 
-def _ring_forward(q, k, v, ring: _Ring, causal: bool, scale: float, layout: str):
+def _ring_forward(q, k, v, ring: _Ring, causal: bool, scale: float, layout: str, impl: str):
     B, H, T, D = q.shape
     out = q.new_zeros((B, H, T, v.shape[-1]), dtype=torch.float32)  # fp32: merged N times
     lse = q.new_full((B, H, T), float("-inf"), dtype=torch.float32)
@@ -197,7 +210,7 @@ def _ring_forward(q, k, v, ring: _Ring, causal: bool, scale: float, layout: str)
         if plan is not None:
             qs, ks, offset = plan
             o, l = attention_chunk_forward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], scale=scale,  # noqa: E741
-                                           causal_offset=offset, out_dtype=torch.float32)
+                                           causal_offset=offset, out_dtype=torch.float32, impl=impl)
             out[:, :, qs], lse[:, :, qs] = merge_attention(out[:, :, qs], lse[:, :, qs], o, l)
         if step + 1 < ring.size:
             ring.wait(works)
@@ -205,7 +218,7 @@ def _ring_forward(q, k, v, ring: _Ring, causal: bool, scale: float, layout: str)
     return out, lse
 
 
-def _ring_backward(q, k, v, out, lse, dout, ring: _Ring, causal: bool, scale: float, layout: str):
+def _ring_backward(q, k, v, out, lse, dout, ring: _Ring, causal: bool, scale: float, layout: str, impl: str):
     T = q.shape[2]
     dq = torch.zeros_like(q, dtype=torch.float32)
     kv, dkv, dkv_works = (k, v), None, None
@@ -219,7 +232,7 @@ def _ring_backward(q, k, v, out, lse, dout, ring: _Ring, causal: bool, scale: fl
             qs, ks, offset = plan
             gq, gk, gv = attention_chunk_backward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], out[:, :, qs],
                                                   lse[:, :, qs], dout[:, :, qs], scale=scale,
-                                                  causal_offset=offset, grad_dtype=torch.float32)
+                                                  causal_offset=offset, grad_dtype=torch.float32, impl=impl)
             dq[:, :, qs] += gq
             dk[:, :, ks] += gk
             dv[:, :, ks] += gv
@@ -242,11 +255,11 @@ class _RingAttentionFn(torch.autograd.Function):
     """out = attention over the whole ring; saves q, k, v, out and lse (fp32), recomputes tiles in backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, ring, causal, scale, layout):
-        out, lse = _ring_forward(q, k, v, ring, causal, scale, layout)
+    def forward(ctx, q, k, v, ring, causal, scale, layout, impl):
+        out, lse = _ring_forward(q, k, v, ring, causal, scale, layout, impl)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (ring, causal, scale, layout)
+        ctx.args = (ring, causal, scale, layout, impl)
         return out
 
     @staticmethod
@@ -254,7 +267,7 @@ class _RingAttentionFn(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _ring_backward(q, k, v, out, lse, dout.contiguous(), *ctx.args)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -280,19 +293,22 @@ def _check_inputs(q, k, v, ring: _Ring, layout: str, check_shapes: bool) -> None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, causal: bool = False,
-                   scale: float | None = None, layout: str = "zigzag", check_shapes: bool = True) -> torch.Tensor:
+                   scale: float | None = None, layout: str = "zigzag", check_shapes: bool = True,
+                   impl: str = "auto") -> torch.Tensor:
     """Exact attention over a sequence sharded across `group` (None: the default group, or one process).
 
     q (B, H, T_local, D), k/v (B, Hkv, T_local, D) (GQA: H % Hkv == 0) are this rank's shard in `layout`
     ("zigzag" or "contiguous", see the module docstring); returns this rank's output (B, H, T_local, D),
     differentiable. `scale` defaults to 1/sqrt(D). `check_shapes` all_gathers the local shapes first (one
-    small collective and a host sync) so that unequal shards raise instead of hanging."""
+    small collective and a host sync) so that unequal shards raise instead of hanging. `impl` picks the per-chunk
+    kernel ("auto", "fused", "reference"; see lamina.nn.blockwise_attention)."""
     _check_layout(layout)
+    _check_impl("ring attention", impl)
     ring = _Ring(group)
     _check_inputs(q, k, v, ring, layout, check_shapes)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     # p2p sends need contiguous buffers; MultiHeadAttention's k, v are transposed views
-    return _RingAttentionFn.apply(q, k.contiguous(), v.contiguous(), ring, causal, scale, layout)
+    return _RingAttentionFn.apply(q, k.contiguous(), v.contiguous(), ring, causal, scale, layout, impl)
 
 
 class RingAttention:
@@ -302,9 +318,9 @@ class RingAttention:
     shapes once per new local shape (all ranks see the same shapes in the same order, so they agree on when).
     Not an nn.Module: it has no parameters or state to save, and a copied model shares the process group."""
 
-    def __init__(self, group=None, layout: str = "zigzag"):
+    def __init__(self, group=None, layout: str = "zigzag", impl: str = "auto"):
         _check_layout(layout)
-        self.group, self.layout = group, layout
+        self.group, self.layout, self.impl = group, layout, _check_impl("RingAttention", impl)
         self._checked: set[tuple] = set()
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -314,7 +330,7 @@ class RingAttention:
                              f"training; build the model with dropout=0 for context parallelism")
         key = (tuple(q.shape), tuple(k.shape))
         out = ring_attention(q, k, v, group=self.group, causal=causal, scale=scale, layout=self.layout,
-                             check_shapes=key not in self._checked)
+                             check_shapes=key not in self._checked, impl=self.impl)
         self._checked.add(key)
         return out
 
@@ -323,4 +339,4 @@ class RingAttention:
 
     def __repr__(self) -> str:
         size = dist.get_world_size(self.group) if dist.is_initialized() else 1
-        return f"RingAttention(world_size={size}, layout='{self.layout}')"
+        return f"RingAttention(world_size={size}, layout='{self.layout}', impl='{self.impl}')"
