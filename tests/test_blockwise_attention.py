@@ -6,14 +6,15 @@ MultiHeadAttention, and input errors."""
 
 from __future__ import annotations
 
+import importlib
 import types
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import lamina.nn.attention as attention_module
-import lamina.nn.blockwise_attention as bwa
 from lamina.errors import InputShapeError
 from lamina.nn import (
     BlockwiseAttention,
@@ -26,6 +27,8 @@ from lamina.nn import (
     reference_attention,
 )
 
+# the module, not the function lamina.nn re-exports under the same name (tests patch its kernels)
+bwa = importlib.import_module("lamina.nn.blockwise_attention")
 ATOL = 1e-5
 
 
@@ -377,3 +380,165 @@ def test_blockwise_kernel_handles_padding_masks_in_an_encoder():
     out = mha(x, key_padding_mask=keep)
     (gx,) = torch.autograd.grad(out.square().sum(), x)
     assert (out - ref).abs().max() < 1e-5 and (gx - gx_ref).abs().max() < 1e-5
+
+
+# --- fused vs reference: offsets, lse, bf16, the kernel really runs ----------------------------------------
+
+def test_tile_calls_cover_exactly_the_visible_pairs():
+    """The fused causal decomposition, checked by brute force: every visible (query, key) pair lands in exactly
+    one kernel call, no hidden pair in any, and each call is unmasked or top-left causal."""
+    T, S = 13, 17
+    for c in range(-20, 25):
+        for bq, bk in ((4, 5), (13, 17), (3, 64)):
+            count = torch.zeros(T, S, dtype=torch.int64)
+            for i0 in range(0, T, bq):
+                i1 = min(i0 + bq, T)
+                for j0 in range(0, bwa._key_stop(S, i1, c), bk):
+                    for r0, r1, a, b, causal in bwa._tile_calls(i0, i1, j0, min(j0 + bk, S), c):
+                        tile = torch.ones(r1 - r0, b - a, dtype=torch.int64)
+                        count[r0:r1, a:b] += tile.tril() if causal else tile
+            visible = (torch.arange(S)[None] <= torch.arange(T)[:, None] + c).long()
+            assert torch.equal(count, visible), (c, bq, bk)
+
+
+def exact_lse(q, k, scale, c, kpm):
+    s = (q.double() @ k.double().repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-2, -1)) * scale
+    T, S = s.shape[-2:]
+    if c is not None:
+        s = s.masked_fill(torch.arange(S)[None] > torch.arange(T)[:, None] + c, float("-inf"))
+    if kpm is not None:
+        s = s.masked_fill(~kpm[:, None, None, :], float("-inf"))
+    return torch.logsumexp(s, -1).float()
+
+
+@pytest.mark.parametrize("offset", [None, -40, -9, -1, 0, 3, 17, 60])
+@pytest.mark.parametrize("blocks", [(None, None), (8, 5)], ids=["default_blocks", "small_blocks"])
+def test_chunk_fused_equals_reference_and_exact_lse_at_any_offset(offset, blocks):
+    """One (query chunk, key chunk) pair at every kind of causal offset (rows seeing nothing, diagonal tiles,
+    keys every row sees), with GQA and padding: fused == reference == float64 math for out, lse and grads."""
+    B, H, Hkv, T, S, D = 2, 4, 2, 23, 31, 8
+    q, k, v = make_qkv(B, H, Hkv, T, S, D, seed=3)
+    kpm = padding(B, S, "random")
+    bk, bq = blocks
+    kw = dict(scale=0.3, causal_offset=offset, key_padding_mask=kpm, block_size=bk, q_block_size=bq)
+    res = {impl: attention_chunk_forward(q, k, v, impl=impl, **kw) for impl in ("fused", "reference")}
+    (of, lf), (orf, lrf) = res["fused"], res["reference"]
+    want = exact_lse(q, k, 0.3, offset, kpm)
+    assert torch.equal(torch.isneginf(lf), torch.isneginf(want)) and torch.equal(torch.isneginf(lrf),
+                                                                                 torch.isneginf(want))
+    live = torch.isfinite(want)
+    close(lf[live], want[live], atol=2e-5)
+    close(lrf[live], want[live], atol=2e-5)
+    close(of, orf)
+    assert torch.equal(of[~live], torch.zeros_like(of[~live]))  # rows with no visible key: out 0
+    go = torch.randn_like(of)
+    gf = attention_chunk_backward(q, k, v, of, lf, go, impl="fused", **kw)
+    gr = attention_chunk_backward(q, k, v, orf, lrf, go, impl="reference", **kw)
+    for a, b in zip(gf, gr):
+        assert torch.isfinite(a).all()
+        close(a, b)
+    assert torch.equal(gf[0][~live], torch.zeros_like(gf[0][~live]))  # and zero dq
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_bf16_fused_and_reference_against_fp32_sdpa(causal):
+    """bf16 tolerances: the fused kernel computes in bf16 with fp32 accumulators (like SDPA's bf16 kernel);
+    the reference upcasts everything to fp32. Both stay within 2e-2 (out) and 5e-2 (grads) of fp32 SDPA,
+    and within bf16 rounding of SDPA's own bf16 result; the tiles (block 16) are merged in fp32."""
+    q, k, v = make_qkv(2, 4, 2, 70, 70, 32, dtype=torch.bfloat16, seed=5)
+    kpm = padding(2, 70, "right")
+    go = torch.randn(2, 4, 70, 32, generator=torch.Generator().manual_seed(6)).bfloat16()
+    mask = sdpa_mask(70, 70, causal, kpm)
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, enable_gqa=True)
+    gref = torch.autograd.grad(ref, (qf, kf, vf), go.float())
+    sd = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    for impl in ("fused", "reference"):
+        out = blockwise_attention(q, k, v, causal=causal, key_padding_mask=kpm, block_size=16, impl=impl)
+        assert out.dtype == torch.bfloat16
+        close(out.float(), ref, atol=2e-2)
+        close(out.float(), sd.float(), atol=2e-2)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), go), gref):
+            assert a.dtype == torch.bfloat16 and torch.isfinite(a).all()
+            close(a.float(), b, atol=5e-2)
+
+
+def count_calls(monkeypatch):
+    """Count the fused kernel's forward / backward calls; make the reference path raise if it is taken."""
+    calls = {"forward": 0, "backward": 0}
+
+    def counted(name, f):
+        def g(*a, **kw):
+            calls[name] += 1
+            return f(*a, **kw)
+        return g
+
+    def refuse(*a, **kw):
+        raise AssertionError("the reference path ran where the fused kernel should have")
+
+    monkeypatch.setattr(bwa, "_cpu_flash_forward", counted("forward", bwa._cpu_flash_forward))
+    monkeypatch.setattr(bwa, "_cpu_flash_backward", counted("backward", bwa._cpu_flash_backward))
+    monkeypatch.setattr(bwa, "_forward", refuse)
+    monkeypatch.setattr(bwa, "_backward", refuse)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_auto_takes_the_fused_kernel(monkeypatch, dtype):
+    """impl="auto" on CPU fp32/bf16/fp16 runs the flash kernel (and never the reference) in blockwise_attention,
+    BlockwiseAttention with a mask, and the chunk primitives; the call counts follow the tiling."""
+    calls = count_calls(monkeypatch)
+    q, k, v = make_qkv(1, 2, 1, 40, 40, 8, dtype=dtype)
+    out = blockwise_attention(q, k, v, causal=True)  # default blocks: one causal tile, one call each way
+    out.backward(torch.ones_like(out))
+    assert calls == {"forward": 1, "backward": 1}
+    blockwise_attention(q, k, v, key_padding_mask=torch.ones(1, 40, dtype=torch.bool), block_size=16,
+                        q_block_size=20).sum().backward()  # 2 query blocks x 3 key blocks
+    assert calls == {"forward": 7, "backward": 7}
+    BlockwiseAttention()(q, k, v, attn_mask=torch.rand(40, 40) > 0.5, enable_gqa=True).sum().backward()
+    o, lse = attention_chunk_forward(q, k, v, scale=None, causal_offset=5)  # keys 0-4 unmasked + a causal tile
+    attention_chunk_backward(q, k, v, o, lse, torch.ones_like(o), scale=None, causal_offset=5)
+    assert calls == {"forward": 10, "backward": 10}
+
+
+def test_auto_falls_back_to_reference_where_the_kernel_does_not_apply(monkeypatch):
+    def refuse(*a, **kw):
+        raise AssertionError("fused kernel called")
+
+    monkeypatch.setattr(bwa, "_cpu_flash_forward", refuse)
+    monkeypatch.setattr(bwa, "_cpu_flash_backward", refuse)
+    q, k, v = make_qkv(1, 2, 2, 9, 9, 8, dtype=torch.float64)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    close(blockwise_attention(q, k, v, causal=True), ref)  # fp64: reference
+    q, k, v = make_qkv(1, 2, 2, 9, 9, 8, Dv=4)
+    close(blockwise_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))  # Dv != D: reference
+    close(blockwise_attention(q, k, v, impl="reference"), F.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_fused_matches_sdpa(dtype, causal):
+    """The CUDA branch (efficient-attention kernel per tile, k/v expanded for GQA): fused == reference == SDPA,
+    forward and backward, with several key blocks and bottom-right causal T < S."""
+    q, k, v = (t.detach().cuda().requires_grad_() for t in make_qkv(2, 4, 2, 96, 160, 64, dtype=dtype))
+    mask = causal_mask(96, 160).cuda()[None, None] if causal else None
+    ref = F.scaled_dot_product_attention(*(t.float() for t in (q, k, v)), attn_mask=mask, enable_gqa=True)
+    go = torch.randn_like(ref)
+    gref = torch.autograd.grad(ref, (q, k, v), go)
+    atol = 1e-4 if dtype == torch.float32 else 3e-2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback from the CUDA kernel to the reference fails the test
+        for impl in ("auto", "reference"):
+            out = blockwise_attention(q, k, v, causal=causal, block_size=64, q_block_size=48, impl=impl)
+            close(out.float(), ref, atol=atol)
+            for a, b in zip(torch.autograd.grad(out, (q, k, v), go.to(dtype)), gref):
+                close(a.float(), b.float(), atol=atol * 3)
+
+
+def test_unknown_impl_is_refused():
+    q, k, v = make_qkv(1, 1, 1, 4, 4, 8)
+    with pytest.raises(InputShapeError, match="impl must be one of 'auto', 'fused', 'reference', got 'flash'"):
+        blockwise_attention(q, k, v, impl="flash")
+    with pytest.raises(InputShapeError, match="impl must be one of"):
+        BlockwiseAttention(impl="flash")

@@ -2,12 +2,14 @@
 
 Each spawned rank builds the same full q, k, v and upstream gradient from a fixed seed, runs ring attention on
 its shard, and rank 0 gathers outputs and input gradients, puts them back in sequence order and compares them
-with single-process SDPA (max abs error <= 1e-5, fp32). Results come back as JSON files in tmp_path.
+with single-process SDPA (max abs error <= 1e-5, fp32). Results come back as JSON files in tmp_path. The
+per-chunk kernel is impl="auto" (PyTorch's fused flash kernel on CPU) unless a case names "reference".
 """
 
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 
 import pytest
@@ -30,13 +32,15 @@ from lamina.nn.ring_attention import (
 )
 
 TOL = 1e-5
-# name: (causal, layout, n_head, n_kv_head)
+# name: (causal, layout, n_head, n_kv_head, impl)
 CASES = {
-    "causal_zigzag": (True, "zigzag", 4, 4),
-    "causal_zigzag_gqa": (True, "zigzag", 4, 2),
-    "noncausal_contiguous": (False, "contiguous", 4, 4),
-    "noncausal_zigzag": (False, "zigzag", 4, 4),
-    "causal_contiguous_mqa": (True, "contiguous", 4, 1),
+    "causal_zigzag": (True, "zigzag", 4, 4, "auto"),
+    "causal_zigzag_gqa": (True, "zigzag", 4, 2, "auto"),
+    "noncausal_contiguous": (False, "contiguous", 4, 4, "auto"),
+    "noncausal_zigzag": (False, "zigzag", 4, 4, "auto"),
+    "causal_contiguous_mqa": (True, "contiguous", 4, 1, "auto"),
+    "causal_zigzag_gqa_reference": (True, "zigzag", 4, 2, "reference"),
+    "causal_contiguous_reference": (True, "contiguous", 4, 4, "reference"),
 }
 
 
@@ -67,10 +71,10 @@ def ring_worker(rank, world_size, tmp, T):
                             timeout=datetime.timedelta(seconds=60))
     try:
         errors = {}
-        for name, (causal, layout, H, Hkv) in CASES.items():
+        for name, (causal, layout, H, Hkv, impl) in CASES.items():
             q, k, v, go = _inputs(H, Hkv, T)
             local = [shard_sequence(t, 2, rank, world_size, layout).requires_grad_() for t in (q, k, v)]
-            out = ring_attention(*local, causal=causal, layout=layout)
+            out = ring_attention(*local, causal=causal, layout=layout, impl=impl)
             out.backward(shard_sequence(go, 2, rank, world_size, layout))
             got = [unshard_sequence(_gather(t, world_size), 2, world_size, layout)
                    for t in (out.detach(), *(t.grad for t in local))]
@@ -102,16 +106,43 @@ def test_ring_attention_matches_sdpa_across_processes(tmp_path, world_size, T):
         assert "every rank must hold an equal shard" in msg and "rank 1: q (2, 2, 12, 8)" in msg, msg
 
 
+@pytest.mark.parametrize("impl", ["fused", "reference"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("n_kv", [4, 1])
-def test_world_size_one_equals_sdpa(causal, n_kv):
+def test_world_size_one_equals_sdpa(causal, n_kv, impl):
     q, k, v, go = _inputs(4, n_kv, 20)
     want = _sdpa(q, k, v, go, causal)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = ring_attention(*leaves, causal=causal)
+    out = ring_attention(*leaves, causal=causal, impl=impl)
     out.backward(go)
     for name, a, b in zip(("out", "dq", "dk", "dv"), (out.detach(), *(t.grad for t in leaves)), want):
         assert (a - b).abs().max().item() <= TOL, name
+
+
+def test_ring_takes_the_fused_kernel_and_bf16_stays_close(monkeypatch):
+    """impl="auto" runs the flash kernel per chunk (never the reference tiles), also for bf16, whose output and
+    grads stay within bf16 tolerance of fp32 SDPA (chunk results merged in fp32)."""
+    bwa = importlib.import_module("lamina.nn.blockwise_attention")
+    calls = []
+
+    def refuse(*a, **kw):
+        raise AssertionError("reference path taken")
+
+    for name in ("_cpu_flash_forward", "_cpu_flash_backward"):
+        f = getattr(bwa, name)
+        monkeypatch.setattr(bwa, name, lambda *a, _f=f, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    monkeypatch.setattr(bwa, "_forward", refuse)
+    monkeypatch.setattr(bwa, "_backward", refuse)
+    q, k, v, go = _inputs(4, 2, 32)
+    want = _sdpa(q, k, v, go, True)
+    leaves = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    out = RingAttention(impl="auto")(*leaves, causal=True)
+    out.backward(go.bfloat16())
+    assert calls == ["_cpu_flash_forward", "_cpu_flash_backward"] and out.dtype == torch.bfloat16
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out.detach(), *(t.grad for t in leaves)), want):
+        assert (a.float() - b).abs().max().item() <= 3e-2, name
+    with pytest.raises(InputShapeError, match="impl must be one of"):
+        ring_attention(*leaves, impl="flash")
 
 
 def test_kernel_in_attention_equals_sdpa_and_refuses_dropout():
