@@ -29,6 +29,8 @@ class RichProgress(Callback):
             self.console.print(f"[bold]lamina train[/]: data [cyan]{m.get('data', {}).get('name', '?')}[/], model "
                                f"[cyan]{m.get('model', '?')}[/], {trainer.cfg.max_epochs} epochs on {trainer.device}"
                                + (f", resuming at epoch {trainer.epoch + 1}" if trainer.epoch else ""))
+            if trainer.perf is not None and trainer.cfg.perf.enabled:
+                self.console.print(trainer.perf.note(), markup=False, highlight=False)
         self.progress = Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
             MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),

@@ -73,6 +73,9 @@ class OptimizerConfig(_Strict):
     momentum: NonNegativeFloat = 0.9  # SGD only
     nesterov: bool = False  # SGD only
     betas: tuple[float, float] = (0.9, 0.999)  # Adam/AdamW only
+    # auto: Adam/AdamW use torch's fused kernel (one kernel over all parameters) where it runs (floating-point
+    # parameters on CPU/CUDA/MPS), SGD its foreach form; fused/foreach/for_loop force one
+    impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
 
 
 class ScheduleConfig(_Strict):
@@ -241,6 +244,16 @@ class FewShotConfig(_Strict):
     size: PositiveInt = 28  # omniglot: image side after resizing the 105 px originals
 
 
+class PerfConfig(_Strict):
+    # The speed preset (engine/perf.py), resolved at setup against the model and the hardware; the run prints
+    # what it applied and why anything was skipped. Each item can be turned off on its own.
+    enabled: bool = False  # `trainer.perf: true|false` is shorthand; runs (RunConfig) default to true
+    bf16: bool = True  # bf16 autocast where the hardware has native bf16 (CPU AVX512-BF16/AMX/ARM bf16, CUDA);
+    # else fp16 + loss scaling on CUDA. Turns trainer.precision fp32 into bf16; an explicit bf16/fp16 stays
+    channels_last: bool = True  # NHWC for models with 2-D convolutions
+    compile: Literal["auto", "always", "never"] = "auto"  # auto: on CUDA; on CPU only when measured to pay
+
+
 class TrainerConfig(_Strict):
     max_epochs: PositiveInt = 20  # the default job (digits) needs ~20 short epochs
     max_steps: PositiveInt | None = None  # stop after this many optimizer steps
@@ -262,6 +275,12 @@ class TrainerConfig(_Strict):
     # sharded DCP checkpoints. data.batch_size stays the global batch whatever the number of processes.
     strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     context_parallel: PositiveInt = 1  # ranks that split each sequence (ring attention; GPT/Llama language models)
+    perf: PerfConfig = Field(default_factory=PerfConfig)  # the speed preset; on by default in runs (RunConfig)
+
+    @field_validator("perf", mode="before")
+    @classmethod
+    def _perf_shorthand(cls, v):
+        return {"enabled": v} if isinstance(v, bool) else v
 
 
 class LoggingConfig(_Strict):
@@ -364,6 +383,18 @@ class RunConfig(_Strict):
     ssl: SSLConfig = Field(default_factory=SSLConfig)  # self-supervised pretraining objective (SimCLR, BYOL, MAE)
     federated: FederatedConfig = Field(default_factory=FederatedConfig)  # used by `lamina federated` only
     rl: RLConfig = Field(default_factory=RLConfig)  # used by `lamina rl` only
+
+    @model_validator(mode="before")
+    @classmethod
+    def _perf_on_for_runs(cls, data):
+        """Runs (CLI, YAML, RunConfig()) use the speed preset unless trainer.perf says otherwise; a bare
+        Trainer() in Python stays plain fp32 eager unless given perf=True."""
+        trainer = data.get("trainer") if isinstance(data, dict) else None
+        if isinstance(data, dict) and (trainer is None or isinstance(trainer, dict)):
+            perf = (trainer or {}).get("perf", {})
+            if isinstance(perf, dict) and "enabled" not in perf:  # `trainer.perf.compile=never` alone keeps it on
+                data = {**data, "trainer": {**(trainer or {}), "perf": {**perf, "enabled": True}}}
+        return data
 
 # Sections that moved; old configs and run folders that still use them are read with a deprecation warning.
 MOVED = {("trainer", "adversarial"): "adversarial", ("trainer", "distill"): "distill"}

@@ -31,11 +31,31 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, groups: list[d
     """The optimizer named by `cfg` over `groups` (default: decay / no-decay groups of the model's trainable
     parameters; layer-wise lr decay passes its own groups, each with its lr and weight decay)."""
     groups = groups if groups is not None else param_groups(model, cfg.weight_decay)
+    impl = _impl(cfg, groups)
+    kw = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               **kw)
     if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, **kw)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **kw)
+
+
+_FUSED_DEVICES = ("cpu", "cuda", "mps")
+
+
+def _impl(cfg: OptimizerConfig, groups: list[dict]) -> str:
+    """optimizer.impl auto: Adam/AdamW fused (one kernel for every parameter's update instead of a few per
+    tensor) when every parameter is a floating-point tensor on a device torch has the kernel for; else foreach.
+    SGD: foreach."""
+    if cfg.impl != "auto":
+        return cfg.impl
+    params = [p for g in groups for p in g["params"]]
+    if cfg.name in ("adam", "adamw") and params and all(
+            p.is_floating_point() and p.device.type in _FUSED_DEVICES and type(p) in (torch.Tensor, torch.nn.Parameter)
+            for p in params):
+        return "fused"
+    return "foreach"
 
 
 class LRFactor:

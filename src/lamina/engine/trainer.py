@@ -31,6 +31,7 @@ from lamina.engine.callbacks import ModelCheckpoint
 from lamina.engine.checkpoint import (load_checkpoint, load_sharded_into, load_weights, save_checkpoint,
                                       save_sharded_checkpoint)
 from lamina.engine.distributed import Distributed
+from lamina.engine.perf import PerfPlan, plan_perf
 from lamina.engine.precision import Precision, select_device
 from lamina.engine.seed import rng_state, set_deterministic, set_rng_state
 from lamina.errors import CheckpointError, TrainingError
@@ -48,6 +49,7 @@ class Trainer:
         self.loggers = list(loggers)
         self._dist = dist
         self._precision = None
+        self.perf: PerfPlan | None = None  # what setup decided (trainer.perf preset + explicit settings)
         self._process_set = False
         self.model = self.optimizer = self.scheduler = self.task = None
         self.train_loader = None
@@ -79,7 +81,8 @@ class Trainer:
     @property
     def precision(self) -> Precision:
         if self._precision is None:
-            self._precision = Precision(self.cfg.precision, self.device, autocast=not self.dist.fsdp_mixed_precision)
+            name = self.perf.precision if self.perf is not None else self.cfg.precision
+            self._precision = Precision(name, self.device, autocast=not self.dist.fsdp_mixed_precision)
         return self._precision
 
     def _apply_process_settings(self) -> None:
@@ -94,8 +97,10 @@ class Trainer:
     # ----- verbs -----------------------------------------------------------------------------
     def setup(self, model: torch.nn.Module, optimizer=None, scheduler=None, task=None):
         self._apply_process_settings()
+        self.perf = plan_perf(self.cfg, model, self.device, optimizer, fsdp=self.dist.strategy == "fsdp")
+        self._precision = None  # re-made from the plan
         self.model = model.to(self.device)
-        if self.cfg.channels_last:
+        if self.perf.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer, self.scheduler, self.task = optimizer, scheduler, task
         if self.dist.cp > 1:  # ring attention in place of SDPA; batches are split along the sequence
@@ -103,13 +108,14 @@ class Trainer:
 
             apply_context_parallel(self.model, self.dist.cp_group)
         wrapped = self.dist.wrap(self.model, optimizer)  # DDP wrapper, or the model itself sharded in place
-        self._forward_model = torch.compile(wrapped) if self.cfg.compile else wrapped
+        self._forward_model = torch.compile(wrapped) if self.perf.compile else wrapped
         return self.model
 
     def to_device(self, batch: dict) -> dict:
         dev = self.device
         out = {k: v.to(dev, non_blocking=True) if v.device != dev else v for k, v in batch.items()}
-        if self.cfg.channels_last and out.get("x") is not None and out["x"].ndim == 4:
+        channels_last = self.perf.channels_last if self.perf is not None else self.cfg.channels_last
+        if channels_last and out.get("x") is not None and out["x"].ndim == 4:
             out["x"] = out["x"].contiguous(memory_format=torch.channels_last)
         return out
 

@@ -243,10 +243,11 @@ def finalize(p: Prepared, history: list[dict], outputs: Sequence[Callable[[RunEn
         "train_samples_per_s": trainer.samples_seen / trainer.train_time if trainer.train_time else None,
         "train_tokens_per_s": (trainer.samples_seen * tokens / trainer.train_time
                                if tokens and trainer.train_time else None),
-        "device": str(trainer.device), "precision": tcfg.precision, "torch": torch.__version__,
+        "device": str(trainer.device), "precision": trainer.precision.precision, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "strategy": dist.strategy, "world_size": dist.world_size,
         "context_parallel": dist.cp, "restarts": restart_count(),
         "bn_recalibrated": any(isinstance(cb, BatchNormRecalibration) for cb in trainer.callbacks),
+        "perf": trainer.perf.to_dict() if trainer.perf is not None else None,
     }
     if p.cost is not None:
         summary["cost"] = p.cost.result(trainer.samples_seen, summary["wall_time_s"], resumed=p.resume is not None)
