@@ -1,8 +1,11 @@
-"""Blockwise (flash-style) attention vs explicit attention vs SDPA: time and peak memory by length.
+"""Blockwise (flash-style) attention, fused and reference, vs explicit attention vs SDPA: time and peak memory.
 
 Paths, all on q, k, v of shape (B, H, L, D) (default B=1, H=1, D=64, fp32):
-* blockwise: `lamina.nn.blockwise_attention(q, k, v, causal=..., block_size=...)`, pure-PyTorch online softmax
-  over (block x block) score tiles, custom backward that recomputes the tiles; memory linear in L.
+* blockwise: `lamina.nn.blockwise_attention(q, k, v, causal=..., block_size=...)` with its default impl="auto",
+  which on CPU runs PyTorch's fused flash kernel per (query block, key block) tile, merges the tiles by their
+  logsumexp, and in backward calls the kernel's backward against the global out / lse (default block 4096).
+* blockwise_ref: the same with impl="reference": pure-PyTorch online softmax over (block x block) score tiles
+  (default block 512), custom backward that recomputes the tiles; memory linear in L.
 * explicit: `lamina.nn.attention.reference_attention(q, k, v, causal=...)`, which materializes the (B, H, L, L)
   scores, their softmax (and, causal, masked copies), and autograd keeps them for backward.
 * sdpa: `torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=...)`, PyTorch's fused kernel
@@ -23,10 +26,12 @@ paths, to stay on the safe side), or, for the first length, 6 (forward) or 9 (fo
 score matrices.
 
     python benchmarks/blockwise_attention.py [--lengths 1024 2048 4096 8192 16384] [--mode forward backward]
-        [--mask none causal] [--heads 1] [--block-size 512] [--mem-budget-gb 12] [--threads N]
+        [--mask none causal] [--heads 1] [--block-size 4096] [--ref-block-size 512] [--mem-budget-gb 12]
+        [--threads N]
 
-Results go to results/blockwise_attention.json. On a shared machine use `--threads 1`; the 1-minute load
-average before and after is printed and saved.
+Results go to results/blockwise_attention.json. On a shared machine use `--threads 1`. The 1-minute load
+average is recorded before and after the run and at the start of every (section, length); a run or row that
+starts with it above the core count is flagged (a warning, and "busy": true in the JSON): its times are suspect.
 """
 
 from __future__ import annotations
@@ -49,14 +54,29 @@ from lamina.nn import blockwise_attention
 from lamina.nn.attention import reference_attention
 
 MiB = 2**20
-PATHS = ["blockwise", "explicit", "sdpa"]
+PATHS = ["blockwise", "blockwise_ref", "explicit", "sdpa"]
+CORES = os.cpu_count() or 1
+
+
+def load_1min(what: str) -> float:
+    """The 1-minute load average; warns when it is above the core count (other work competes for the CPU)."""
+    load = os.getloadavg()[0]
+    if load > CORES:
+        print(f"WARNING: 1-min load average {load:.2f} > {CORES} cores at {what}: timings are suspect", flush=True)
+    return load
+
+
+def blockwise_fn(path, args, q, k, v, causal):
+    if path == "blockwise":
+        return lambda: blockwise_attention(q, k, v, causal=causal, block_size=args.block_size, impl="auto")
+    return lambda: blockwise_attention(q, k, v, causal=causal, block_size=args.ref_block_size, impl="reference")
 
 
 def make_call(path, args, inp, causal, backward):
     """A zero-argument function running one forward (or forward + backward) of `path` on `inp`."""
     q, k, v, go = inp["q"], inp["k"], inp["v"], inp["go"]
-    if path == "blockwise":
-        fwd = lambda: blockwise_attention(q, k, v, causal=causal, block_size=args.block_size)  # noqa: E731
+    if path in ("blockwise", "blockwise_ref"):
+        fwd = blockwise_fn(path, args, q, k, v, causal)
     elif path == "explicit":
         fwd = lambda: reference_attention(q, k, v, causal=causal)  # noqa: E731
     else:
@@ -102,7 +122,8 @@ def measure_peak(path, L, args, device, causal, backward):
         return (torch.cuda.max_memory_allocated() - before) / MiB, "torch.cuda.max_memory_allocated"
     cmd = [sys.executable, __file__, "--_child-path", path, "--_child-len", str(L), "--threads", str(args.threads),
            "--batch", str(args.batch), "--heads", str(args.heads), "--head-dim", str(args.head_dim),
-           "--block-size", str(args.block_size)]
+           "--ref-block-size", str(args.ref_block_size)]
+    cmd += ["--block-size", str(args.block_size)] if args.block_size else []
     cmd += ["--_child-causal"] * causal + ["--_child-backward"] * backward
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
     if out.returncode != 0:
@@ -112,12 +133,12 @@ def measure_peak(path, L, args, device, causal, backward):
 
 
 # ----------------------------------------------------------------------------------------------- one section
-def parity(args, device, causal, backward):
+def parity(args, device, causal, backward, path):
     """max |blockwise - SDPA| over the output (and, with backward, the q/k/v grads) at the smallest length."""
     inp = make_inputs(args, min(args.lengths), device, backward)
     q, k, v = inp["q"], inp["k"], inp["v"]
     with torch.set_grad_enabled(backward):
-        a = blockwise_attention(q, k, v, causal=causal, block_size=args.block_size)
+        a = blockwise_fn(path, args, q, k, v, causal)()
         b = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     diff = (a - b).abs().max().item()
     if backward:
@@ -134,6 +155,7 @@ def run_section(args, device, causal, backward):
     budget_mib = args.mem_budget_gb * 1024
     results, last_peak = {}, {}
     for L in args.lengths:
+        load = load_1min(f"L={L}")
         score_mib = B * H * L * L * 4 / MiB
         res = {p: {"skipped": None, "times_s": [], "peak_mib": None} for p in PATHS}
         for p in PATHS:
@@ -156,7 +178,8 @@ def run_section(args, device, causal, backward):
         gc.collect()
         for p in live:
             res[p]["median_ms"] = median(res[p]["times_s"]) * 1e3
-        results[L] = {"score_matrix_mib": score_mib, "repeats": reps, "paths": res}
+        results[L] = {"score_matrix_mib": score_mib, "repeats": reps, "load_1min_at_start": load,
+                      "busy": load > CORES, "paths": res}
         print(f"  L={L}: " + ", ".join(f"{p} {res[p]['median_ms']:.1f} ms / {res[p]['peak_mib']:.1f} MiB"
                                       if res[p]["skipped"] is None else f"{p} skipped" for p in PATHS), flush=True)
     return results
@@ -173,20 +196,23 @@ def section_rows(results):
     rows = []
     for L, res in results.items():
         r = res["paths"]
-        bw, ex, sd = r["blockwise"], r["explicit"], r["sdpa"]
+        bw, ref, ex, sd = r["blockwise"], r["blockwise_ref"], r["explicit"], r["sdpa"]
         res["mem_ratio_blockwise_over_explicit"] = ratio(bw, ex, "peak_mib")
         res["time_ratio_blockwise_over_explicit"] = ratio(bw, ex, "median_ms")
         res["time_ratio_blockwise_over_sdpa"] = ratio(bw, sd, "median_ms")
+        res["time_ratio_blockwise_ref_over_sdpa"] = ratio(ref, sd, "median_ms")
         notes = [f"{p}: {r[p]['skipped']}" for p in PATHS if r[p]["skipped"]]
-        rows.append([L, res["repeats"], val(bw, "median_ms"), val(ex, "median_ms"), val(sd, "median_ms"),
-                     val(bw, "peak_mib"), val(ex, "peak_mib"), val(sd, "peak_mib"),
-                     res["mem_ratio_blockwise_over_explicit"] or "-", res["time_ratio_blockwise_over_explicit"] or "-",
-                     res["time_ratio_blockwise_over_sdpa"] or "-", res["score_matrix_mib"], "; ".join(notes)])
+        notes += [f"BUSY: load {res['load_1min_at_start']:.2f}"] if res["busy"] else []
+        rows.append([L, res["repeats"], val(bw, "median_ms"), val(ref, "median_ms"), val(ex, "median_ms"),
+                     val(sd, "median_ms"), val(bw, "peak_mib"), val(ref, "peak_mib"), val(ex, "peak_mib"),
+                     val(sd, "peak_mib"), res["time_ratio_blockwise_over_sdpa"] or "-",
+                     res["time_ratio_blockwise_ref_over_sdpa"] or "-", res["time_ratio_blockwise_over_explicit"] or "-",
+                     res["mem_ratio_blockwise_over_explicit"] or "-", res["load_1min_at_start"], "; ".join(notes)])
     return rows
 
 
-HEADERS = ["L", "reps", "blockwise ms", "explicit ms", "SDPA ms", "blockwise MiB", "explicit MiB", "SDPA MiB",
-           "mem bw/expl", "time bw/expl", "time bw/SDPA", "LxL MiB", "note"]
+HEADERS = ["L", "reps", "fused ms", "ref ms", "explicit ms", "SDPA ms", "fused MiB", "ref MiB", "explicit MiB",
+           "SDPA MiB", "time fused/SDPA", "time ref/SDPA", "time fused/expl", "mem fused/expl", "load", "note"]
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -199,7 +225,9 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--heads", type=int, default=1)
     ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--block-size", type=int, default=512, help="blockwise key (and query) block size")
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="fused blockwise key (and query) block size (default: the library's, 4096)")
+    ap.add_argument("--ref-block-size", type=int, default=512, help="reference blockwise key (and query) block size")
     ap.add_argument("--repeats", type=int, default=5, help="rounds at L <= 1024; scaled by 1024 / L above")
     ap.add_argument("--min-repeats", type=int, default=2)
     ap.add_argument("--mem-budget-gb", type=float, default=12.0, help="skip a path at a length predicted above this")
@@ -217,6 +245,7 @@ def main():
     B, H, D = args.batch, args.heads, args.head_dim
 
     load_before = os.getloadavg()
+    busy_start = load_1min("start") > CORES
     t_start = time.perf_counter()
     sections, tables = {}, []
     for mode in args.mode:
@@ -224,7 +253,7 @@ def main():
             backward, causal = mode == "backward", mask == "causal"
             name = f"{'forward+backward' if backward else 'forward'}, {'causal' if causal else 'non-causal'}"
             print(f"{name}:", flush=True)
-            diff = parity(args, device, causal, backward)
+            diff = {p: parity(args, device, causal, backward, p) for p in ("blockwise", "blockwise_ref")}
             results = run_section(args, device, causal, backward)
             sections[name] = {"mode": mode, "causal": causal, "parity_max_abs_diff": diff, "rows": results}
     wall = time.perf_counter() - t_start
@@ -232,17 +261,25 @@ def main():
 
     method = next((r["mem_method"] for s in sections.values() for v in s["rows"].values()
                    for r in v["paths"].values() if r.get("mem_method")), "-")
-    print(f"\nblockwise attention vs explicit vs SDPA, B={B} H={H} D={D} fp32, block_size={args.block_size}, "
-          f"{device.type} {args.threads} thread{'s' if args.threads > 1 else ''}; medians; peak memory: {method}")
+    busy = busy_start or any(v["busy"] for s in sections.values() for v in s["rows"].values())
+    print(f"\nblockwise attention (fused: impl='auto', block_size={args.block_size or 'default'}; reference: "
+          f"block_size={args.ref_block_size}) vs explicit vs SDPA, B={B} H={H} D={D} fp32, {device.type} "
+          f"{args.threads} thread{'s' if args.threads > 1 else ''}; medians; peak memory: {method}")
     for name, s in sections.items():
-        print(f"\n{name} (max |blockwise - SDPA| at L={min(args.lengths)}: {s['parity_max_abs_diff']:.2e})")
+        d = s["parity_max_abs_diff"]
+        print(f"\n{name} (max |blockwise - SDPA| at L={min(args.lengths)}: fused {d['blockwise']:.2e}, "
+              f"reference {d['blockwise_ref']:.2e})")
         table = print_table(HEADERS, section_rows(s["rows"]))
         s["table"] = table
         tables.append(f"{name}\n{table}")
-    print(f"(benchmark wall time {wall:.0f} s; 1-min load average {load_before[0]:.1f} -> {load_after[0]:.1f})")
+    print(f"(benchmark wall time {wall:.0f} s; 1-min load average {load_before[0]:.2f} -> {load_after[0]:.2f} on "
+          f"{CORES} cores)")
+    if busy:
+        print(f"WARNING: the load average exceeded the core count ({CORES}) at the start of the run or of a row "
+              f"(marked BUSY): those times are suspect")
     write_result("blockwise_attention", {
         "config": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "mem_method": method,
-        "wall_s": wall, "loadavg_before_after": [load_before, load_after], "tables": tables,
+        "wall_s": wall, "loadavg_before_after": [load_before, load_after], "busy": busy, "tables": tables,
         "sections": {n: {**s, "rows": {str(L): v for L, v in s["rows"].items()}} for n, s in sections.items()}})
 
 
