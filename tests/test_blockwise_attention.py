@@ -536,6 +536,16 @@ def test_cuda_fused_matches_sdpa(dtype, causal):
                 close(a.float(), b.float(), atol=atol * 3)
 
 
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_empty_queries_or_keys(impl):
+    for T, S in ((0, 5), (5, 0)):  # no queries: empty out; no keys: every row sees nothing -> zeros
+        q, k, v = make_qkv(1, 2, 1, T, S, 8)
+        out = blockwise_attention(q, k, v, causal=True, impl=impl)
+        assert out.shape == (1, 2, T, 8) and torch.equal(out, torch.zeros_like(out))
+        dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+        assert dq.shape == q.shape and dk.shape == k.shape and not dq.abs().sum() and not dk.abs().sum()
+
+
 def test_unknown_impl_is_refused():
     q, k, v = make_qkv(1, 1, 1, 4, 4, 8)
     with pytest.raises(InputShapeError, match="impl must be one of 'auto', 'fused', 'reference', got 'flash'"):

@@ -519,6 +519,8 @@ def _fused_forward(q, k, v, scale, causal_offset, kpm, attn_mask, bq, bk, out_dt
         lses.append(lse)
     if len(outs) == 1:
         return outs[0], lses[0]
+    if not outs:  # T == 0
+        return q.new_zeros((B, H, 0, Dv), dtype=out_dtype), q.new_zeros((B, H, 0), dtype=cdt)
     return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
