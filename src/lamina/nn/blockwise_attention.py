@@ -19,13 +19,14 @@ Two implementations of the same math, chosen by `impl=`:
   nothing are dropped, keys every remaining row sees go in one unmasked call, the rest in one top-left
   `is_causal` call. Padding / attn_mask go in as the kernel's additive float mask (CPU only).
 * "auto" (default): "fused" where it applies (CPU fp32 / bf16 / fp16 with D == Dv; CUDA likewise without
-  masks and D % 8 == 0, falling back to "reference" with a warning if the kernel raises), else "reference"
-  (fp64, Dv != D, other devices). "fused" demands the kernel (fp64 allowed on CPU) and raises if it cannot.
+  masks and D % 8 == 0, falling back to "reference" with a warning if the kernel raises; that branch has only
+  a CUDA-gated test), else "reference" (fp64, Dv != D, other devices). "fused" demands the kernel (fp64
+  allowed on CPU) and raises if it cannot.
 Default block sizes differ: the reference's score tiles are Bq x Bk tensors (512); the fused kernel tiles
 internally, so bigger blocks only mean fewer calls and merges (4096; measured in
 benchmarks/blockwise_attention.py).
 
-Forward (online softmax, Milakov & Gimelshein 2018; Dao et al. 2022). For each query block (Bq rows) we walk
+Reference forward (online softmax, Milakov & Gimelshein 2018; Dao et al. 2022). For each query block (Bq rows) we walk
 the key blocks (Bk keys) keeping a running row max m, running sum l and unnormalized output acc:
 
     s = q_blk k_blk^T * scale                       # (.., Bq, Bk): the only score tile alive at a time
@@ -33,7 +34,7 @@ the key blocks (Bk keys) keeping a running row max m, running sum l and unnormal
     l = a * l + rowsum(p);   acc = a * acc + p v_blk;  m = m'
     out = acc / l,  lse = m + log(l)
 
-Backward (FlashAttention-2): autograd saves only q, k, v, out and lse; with D = rowsum(dO * O), for each key
+Reference backward (FlashAttention-2): autograd saves only q, k, v, out and lse; with D = rowsum(dO * O), for each key
 block (outer loop, so dK/dV accumulate locally) and each query block that can see it:
 
     P = exp(S - lse);  dV += P^T dO;  dP = dO V^T;  dS = P * (dP - D);  dQ += dS K * scale;  dK += dS^T Q * scale
