@@ -62,7 +62,7 @@ CASES = [
     ("unknown key", lambda d, t: ["train", "trainer.max_epoch=3"],
      "config error: trainer.max_epoch: unknown key (did you mean 'max_epochs'?); valid keys: max_epochs, max_steps, "
      "grad_clip, accumulate, precision, compile, channels_last, deterministic, device, monitor, monitor_mode, early_stopping, "
-     "val_every, log_every, progress, threads, strategy, context_parallel"),
+     "val_every, log_every, progress, threads, strategy, context_parallel, perf"),
     ("unknown optimizer", lambda d, t: ["train", "optimizer.name=rmsprop"],
      "config error: optimizer.name: expected one of 'sgd', 'adam' or 'adamw', got 'rmsprop'"),
     ("zero batch size", lambda d, t: ["train", "data.batch_size=0"],

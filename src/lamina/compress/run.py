@@ -180,14 +180,15 @@ def finetune(ctx: RunContext, model: torch.nn.Module, epochs: float = 1.0, lr: f
              callbacks=(), progress=None) -> torch.nn.Module:
     """Train `model` on the run's training data with the run's task and optimizer (lr scaled by default to a
     tenth: recovery, not training from scratch), cosine-decayed over `epochs` (fractions allowed)."""
-    from lamina.config.schema import ScheduleConfig
+    from lamina.config.schema import PerfConfig, ScheduleConfig
     from lamina.engine.optim import build_optimizer, build_scheduler
     from lamina.engine.trainer import Trainer
     train, val = loaders(ctx)
     steps = finetune_steps(train, epochs)
     tcfg = ctx.cfg.trainer.model_copy(update={"max_epochs": max(1, math.ceil(epochs)), "max_steps": steps,
                                               "compile": False, "progress": False, "device": "cpu",
-                                              "channels_last": False, "strategy": "none"})
+                                              "channels_last": False, "strategy": "none",
+                                              "perf": PerfConfig()})  # plain fp32: fake-quant has no bf16 kernels
     ocfg = ctx.cfg.optimizer.model_copy(update={"lr": lr if lr is not None else ctx.cfg.optimizer.lr / 10})
     optimizer = build_optimizer(model, ocfg)
     scheduler = build_scheduler(optimizer, ScheduleConfig(name="cosine"), steps, len(train), ocfg.lr)

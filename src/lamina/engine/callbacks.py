@@ -132,7 +132,7 @@ class BatchNormRecalibration(Callback):
                 for i, batch in enumerate(loader):
                     if i >= self.max_batches:
                         break
-                    with trainer.precision.autocast():
+                    with trainer.eval_precision.autocast():  # statistics for the precision evaluation runs in
                         trainer.task.forward(model, trainer.to_device(batch))
         finally:
             for m, mom in zip(bns, momenta):

@@ -48,7 +48,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.loggers = list(loggers)
         self._dist = dist
-        self._precision = None
+        self._precision = self._eval_precision = None
         self.perf: PerfPlan | None = None  # what setup decided (trainer.perf preset + explicit settings)
         self._process_set = False
         self.model = self.optimizer = self.scheduler = self.task = None
@@ -84,6 +84,16 @@ class Trainer:
             name = self.perf.precision if self.perf is not None else self.cfg.precision
             self._precision = Precision(name, self.device, autocast=not self.dist.fsdp_mixed_precision)
         return self._precision
+
+    @property
+    def eval_precision(self) -> Precision:
+        """Evaluation and prediction run in the precision the config names (fp32 unless trainer.precision says
+        otherwise), not the preset's training bf16: reported metrics are then the fp32 model's, the same figures
+        `lamina eval` or an exported fp32 model gives."""
+        if self._eval_precision is None:
+            self._eval_precision = Precision(self.cfg.precision, self.device,
+                                             autocast=not self.dist.fsdp_mixed_precision)
+        return self._eval_precision
 
     def _apply_process_settings(self) -> None:
         """trainer.threads and trainer.deterministic are process-wide: applied when work starts, once."""
@@ -275,7 +285,7 @@ class Trainer:
         with torch.no_grad(), self._without_context_parallel(model):
             for batch in loader:
                 batch = self.to_device(batch)
-                with self.precision.autocast():
+                with self.eval_precision.autocast():
                     outputs = task.forward(model, batch)
                     loss = task.loss(outputs, batch) if with_loss else None
                 yield batch, outputs, loss, getattr(loader, "ignore_batch", False)
