@@ -9,6 +9,10 @@ off) and the same batches (lamina's RandomWindowLoader, one gather per batch, sa
 nanoGPT's model.py cut to what training needs: fused qkv Linear, F.scaled_dot_product_attention(is_causal=True),
 GELU MLP, pre-LN blocks, loss inside forward.
 
+A third row runs the Trainer with the perf preset `lamina train` uses (trainer.perf: bf16 autocast on CPUs with
+native bf16, fused AdamW); its losses differ from the fp32 rows by bf16 rounding. The script refuses to start
+when the 1-minute load average is above the core count (--allow-busy records a flagged run instead).
+
 Each repeat builds both models fresh, runs `--warmup` untimed steps (AdamW state, first-call allocations), then
 times `--steps` steps; runners are interleaved and their order alternates between repeats. lamina's time is the
 wall time of `Trainer.fit` (one epoch of `--steps` batches, no validation, no loggers), so it includes whatever
@@ -129,12 +133,12 @@ class PlainGPT(nn.Module):
         t.ln_f.load_state_dict(g.ln_f.state_dict())
 
 
-def adamw(model, lr, weight_decay, betas):
+def adamw(model, lr, weight_decay, betas, fused=False):
     """nanoGPT's configure_optimizers: decay 2-D tensors (matmuls, embeddings), not biases or norms."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))
 
 
 # --------------------------------------------------------------------------- runners
@@ -151,8 +155,8 @@ def loader(ids, args, steps, seed):
     return RandomWindowLoader(ids, args.block_size, args.batch_size, steps_per_epoch=steps, seed=seed)
 
 
-def opt_for(model, args):
-    return adamw(model, args.lr, args.weight_decay, (0.9, 0.99))
+def opt_for(model, args, fused=False):
+    return adamw(model, args.lr, args.weight_decay, (0.9, 0.99), fused=fused)
 
 
 def run_plain(ids, vocab_size, args, seed):
@@ -176,11 +180,18 @@ def run_plain(ids, vocab_size, args, seed):
     return time.perf_counter() - t0, float(loss.detach())
 
 
-def run_lamina(ids, vocab_size, args, seed):
+def run_lamina_perf(ids, vocab_size, args, seed):
+    return run_lamina(ids, vocab_size, args, seed, perf=True)
+
+
+def run_lamina(ids, vocab_size, args, seed, perf=False):
+    """perf=False: the bare engine (Trainer() is fp32 eager, the same torch AdamW as the plain loop); perf=True:
+    what `lamina train` uses (trainer.perf: bf16 autocast where native, fused AdamW)."""
     model, _ = make_models(args, vocab_size, seed)
-    opt = opt_for(model, args)
+    opt = opt_for(model, args, fused=perf)
     task = LanguageModelingTask(vocab_size)
-    kw = dict(max_epochs=1, device="cpu", log_every=10**9, grad_clip=args.grad_clip if args.grad_clip > 0 else None)
+    kw = dict(max_epochs=1, device="cpu", log_every=10**9, grad_clip=args.grad_clip if args.grad_clip > 0 else None,
+              perf=perf)
     Trainer(**kw).fit(model, task, loader(ids, args, args.warmup, 10_000 + seed), optimizer=opt)
     trainer = Trainer(**kw)
     data = loader(ids, args, args.steps, seed)
@@ -203,6 +214,7 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--grad-clip", type=float, default=1.0, help="0 = no clipping")
+    ap.add_argument("--allow-busy", action="store_true", help="run even when the load average is above the cores")
     ap.add_argument("--data", help="path to Tiny Shakespeare's input.txt (default: the shared data folder)")
     ap.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                     help="torch intra-op threads (default: torch's); a non-default value goes into the JSON's name")
@@ -215,13 +227,17 @@ def main():
     bundle = load_dataset("tiny_shakespeare", block_size=args.block_size, path=path)
     ids, vocab_size = bundle.train.tensors["ids"], bundle.meta["vocab_size"]
     load_before = os.getloadavg()
-    times = {"plain PyTorch loop": [], "lamina Trainer.fit": []}
+    if load_before[0] > (os.cpu_count() or 1) and not args.allow_busy:
+        raise SystemExit(f"refusing to start: 1-min load average {load_before[0]:.2f} is above the {os.cpu_count()} "
+                         f"cores (times would measure other jobs); wait, or pass --allow-busy for a flagged run")
+    times = {"plain PyTorch loop": [], "lamina Trainer.fit": [], "lamina Trainer.fit, perf preset": []}
+    fns = {"plain PyTorch loop": run_plain, "lamina Trainer.fit": run_lamina,
+           "lamina Trainer.fit, perf preset": run_lamina_perf}
     losses = {k: [] for k in times}  # plain: last step's loss; lamina: the epoch's mean (what fit reports)
     for r in range(args.repeats):
         order = list(times) if r % 2 == 0 else list(times)[::-1]
         for name in order:
-            fn = run_plain if name == "plain PyTorch loop" else run_lamina
-            dt, loss = fn(ids, vocab_size, args, r)
+            dt, loss = fns[name](ids, vocab_size, args, r)
             times[name].append(dt)
             losses[name].append(loss)
             print(f"repeat {r} {name}: {dt * 1e3 / args.steps:.1f} ms/iter", flush=True)
@@ -249,6 +265,8 @@ def main():
     name = "gpt_char" + (f"_threads{args.threads}" if args.threads != DEFAULT_THREADS else "")
     write_result(name, {"config": vars(args), "n_params": n_params, "tokens_per_run": tokens, "table": table,
                         "ratio_lamina_over_plain": ratio, "loadavg_before_after": [load_before, load_after],
+                        "busy": load_before[0] > (os.cpu_count() or 1),
+                        "ratio_perf_preset_over_plain": median(times["lamina Trainer.fit, perf preset"]) / base,
                         "anchor_nanogpt_ms_per_iter": ANCHOR_MS,
                         "epoch_mean_loss_repeat0": {"lamina": losses["lamina Trainer.fit"][0], "plain": parity},
                         "results": {n: {"median_ms_per_iter": median(t) * 1e3 / args.steps,

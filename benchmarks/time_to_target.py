@@ -20,7 +20,8 @@ The hand loop is written the way a competent user writes one: in-memory tensors 
 Time to target is the training time summed over epochs until the first evaluation that meets the target
 (evaluation itself is not counted on either side); lamina's wall time to target (from the `lamina.train` call,
 data loading and set-up included, our extra evaluations excluded) is reported too. Each side stops at its target.
-Repeats alternate which side runs first; the table shows medians and the ratio lamina / hand loop. The 1-min load
+Repeats alternate which side runs first, and go on past --repeats (up to --max-repeats) while any runner's times
+spread by more than --spread of their median; the table shows medians and the ratio lamina / hand loop. The 1-min load
 average is recorded before and after every run; a run that starts above the core count is flagged busy, and the
 script refuses to start on a busy machine unless --allow-busy.
 
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
 import os
 import statistics
@@ -276,6 +276,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("workload", choices=sorted(WORKLOADS))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-repeats", type=int, default=5, help="repeat past --repeats while the spread is large")
+    ap.add_argument("--spread", type=float, default=0.10,
+                    help="stop repeating once (max - min) / median of every runner's time to target is below this")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--allow-busy", action="store_true", help="run even if the load average is above the core count")
     ap.add_argument("--work", default="/tmp/lamina_time_to_target")
@@ -302,7 +305,16 @@ def main():
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     runs = []
-    for r in range(args.repeats):
+
+    def spread_ok() -> bool:
+        for rn in runners:
+            xs = [x["train_s_to_target"] for x in runs if x["runner"] == rn and x["train_s_to_target"]]
+            if len(xs) >= 2 and (max(xs) - min(xs)) / statistics.median(xs) > args.spread:
+                return False
+        return True
+
+    r = 0
+    while r < args.repeats or (r < args.max_repeats and not spread_ok()):
         order = list(runners) if r % 2 == 0 else list(runners)[::-1]
         for rn in order:
             before = loadavg1()
@@ -319,6 +331,8 @@ def main():
                   f"{'' if not hit else 'after %.1f s training (epoch %d)' % (hit['train_s'], hit['epoch'])}; "
                   f"last {w['metric']} {row['final']:.4f}; load {before:.2f} -> {row['load_after']:.2f}"
                   f"{' BUSY' if row['busy'] else ''}", flush=True)
+        r += 1
+    args.repeats = r
 
     def med(rn, key):
         xs = [x[key] for x in runs if x["runner"] == rn and x[key] is not None]
