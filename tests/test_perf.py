@@ -218,3 +218,16 @@ def test_perf_plan_is_plain_data():
     plan = PerfPlan("bf16", True, False, ["bf16 autocast (x)"], ["torch.compile (y)"])
     assert plan.to_dict()["applied"] == ["bf16 autocast (x)"]
     assert plan.note() == "perf: bf16 autocast (x); skipped: torch.compile (y)"
+
+
+def test_stop_at_ends_the_run_at_its_quality_target(tmp_path):
+    """trainer.early_stopping.stop_at: the run stops at the first evaluation that meets the target, and says so."""
+    cfg = lamina.load_config(None, ["trainer.max_epochs=20", "trainer.threads=1", "trainer.progress=false",
+                                    "trainer.monitor=val/acc", "trainer.monitor_mode=max",
+                                    "trainer.early_stopping.stop_at=0.9", "logging.tensorboard=false",
+                                    "logging.plots=false", "cost.energy=false", "cost.flops=false",
+                                    f"logging.root={tmp_path}"])
+    res = lamina.train(cfg)
+    accs = [r["val/acc"] for r in res.history]
+    assert accs[-1] >= 0.9 and all(a < 0.9 for a in accs[:-1]) and len(accs) < 20
+    assert res.summary["stop_at"] == {"monitor": "val/acc", "target": 0.9, "reached_epoch": len(accs)}

@@ -63,15 +63,25 @@ class ModelCheckpoint(Callback):
 
 
 class EarlyStopping(Callback):
-    def __init__(self, monitor: str = "val/loss", mode: str = "min", patience: int = 5, min_delta: float = 0.0):
+    """Stops after `patience` evaluations without improvement (None: never), and/or as soon as the monitor reaches
+    `stop_at` (a quality target: a time-to-target run ends there instead of spending the rest of its budget)."""
+
+    def __init__(self, monitor: str = "val/loss", mode: str = "min", patience: int | None = 5, min_delta: float = 0.0,
+                 stop_at: float | None = None):
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
+        self.stop_at = stop_at
         self.best: float | None = None
         self.wait = 0
         self.stopped_epoch: int | None = None
+        self.reached_target_epoch: int | None = None
 
     def on_epoch_end(self, trainer, metrics):
         value = metrics.get(self.monitor)
         if value is None:
+            return
+        if self.stop_at is not None and (value <= self.stop_at if self.mode == "min" else value >= self.stop_at):
+            trainer.should_stop, self.stopped_epoch, self.reached_target_epoch = True, trainer.epoch, trainer.epoch
+        if self.patience is None:
             return
         if _better(value, self.best, self.mode, self.min_delta):
             self.best, self.wait = value, 0

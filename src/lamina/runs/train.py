@@ -187,8 +187,8 @@ def prepare(cfg: RunConfig, dist: Distributed, callbacks: Sequence = (), resume:
     if total < SHORT_RUN_STEPS and _has_batchnorm(model):
         cbs.insert(0, BatchNormRecalibration())  # before checkpoints: they save the recalibrated statistics
     es = tcfg.early_stopping
-    if es.patience is not None:
-        cbs.append(EarlyStopping(monitor, mode, es.patience, es.min_delta))
+    if es.patience is not None or es.stop_at is not None:
+        cbs.append(EarlyStopping(monitor, mode, es.patience, es.min_delta, es.stop_at))
     loggers = [CSVLogger(folder.metrics)] if main else []
     if cfg.logging.tensorboard and main:
         loggers.append(TensorBoardLogger(folder.tensorboard))
@@ -249,6 +249,9 @@ def finalize(p: Prepared, history: list[dict], outputs: Sequence[Callable[[RunEn
         "bn_recalibrated": any(isinstance(cb, BatchNormRecalibration) for cb in trainer.callbacks),
         "perf": trainer.perf.to_dict() if trainer.perf is not None else None,
     }
+    es = next((cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping) and cb.stop_at is not None), None)
+    if es is not None:  # trainer.early_stopping.stop_at: did the run reach its quality target, and when
+        summary["stop_at"] = {"monitor": p.monitor, "target": es.stop_at, "reached_epoch": es.reached_target_epoch}
     if p.cost is not None:
         summary["cost"] = p.cost.result(trainer.samples_seen, summary["wall_time_s"], resumed=p.resume is not None)
         if summary["cost"].get("warning"):
