@@ -6,7 +6,8 @@ process. Rows:
 * explicit: `lamina.nn.attention.reference_attention(causal=True)` in one process (materializes L x L).
 * ring N: `lamina.nn.ring_attention.ring_attention(layout="zigzag", causal=True)` over N spawned gloo
   processes, each holding L / N tokens of q, k, v (zigzag shards); the per-chunk math is
-  lamina.nn.blockwise_attention (512 x 512 tiles). N=1 is the same code with no communication.
+  lamina.nn.blockwise_attention with `--impl` (default auto: PyTorch's fused flash kernel per chunk, merged by
+  logsumexp; reference: pure-PyTorch 512 x 512 tiles). N=1 is the same code with no communication.
 Columns: forward (under no_grad) and forward + backward (a fixed random upstream gradient).
 
 Memory ("peak MiB/rank", the largest over the ranks): each (path, N, mode) runs in FRESH processes, as in
@@ -19,7 +20,8 @@ Time: per rank, the median over `--repeats` calls after the measured one; a ring
 slowest rank, so each repeat takes the max over ranks.
 
 What the CPU numbers mean. The memory columns are the honest ones: what one rank needs. A ring call's peak is
-a few fixed-size score tiles (512 x 512 per head, fp32: 4 MiB each at H=4) plus terms linear in L / N (fp32
+a few fixed-size score tiles (reference: 512 x 512 per head, fp32: 4 MiB each at H=4; fused: the kernel's
+own small per-thread tiles) plus terms linear in L / N (fp32
 out / lse accumulators, row-layout copies of q and dout, the kv shard in flight, dq and the travelling dk /
 dv). Nothing is L x L, so it stays far below the explicit path's (which grows as L^2), and at L=8192, H=4 the
 tiles dominate, so the peak is about flat in N; what falls as 1/N is the sequence-proportional part, and the
@@ -28,14 +30,14 @@ measurement). At long contexts (100k+ tokens on GPUs) those L / N terms, and the
 which shard the same way, are what context parallelism saves. The time columns are not a speed-up
 measurement: N gloo processes share this machine's cores (4 processes on 2 cores are oversubscribed, so ring
 N=4 takes about as long as N=2, or longer), gloo moves the shards over loopback TCP through the CPUs that
-should be computing, and the per-chunk math is pure-PyTorch blockwise attention, slower than SDPA's fused CPU
-kernel; other jobs on a shared machine add noise (the load average is printed). On GPUs with NCCL each rank
+should be computing, and the chunks are merged one step at a time; other jobs on a shared machine add noise
+(the load average is printed, and a run started above the core count is flagged "busy"). On GPUs with NCCL each rank
 has its own device, the transfer of the next kv shard overlaps the compute on the current one, and time per
 step falls as about 1/N until the communication (one kv shard per step, plus dk / dv in backward) outgrows the
 compute of a T_local x T_local / 2 tile.
 
     python benchmarks/ring_attention.py [--length 8192] [--world-sizes 1 2 4] [--heads 4] [--head-dim 64]
-                                        [--repeats 3] [--mem-budget-gb 8]
+                                        [--repeats 3] [--mem-budget-gb 8] [--impl auto|fused|reference]
 
 Results go to results/ring_attention.json.
 """
@@ -75,18 +77,18 @@ def _ring_inputs(args, L, rank, n, grad, seed=0):
     return [t.requires_grad_(grad) for t in (q, k, v)], go
 
 
-def _ring_call(qkv, go, backward):
+def _ring_call(qkv, go, backward, impl):
     from lamina.nn.ring_attention import ring_attention
 
     if backward:
         def call():
-            ring_attention(*qkv, causal=True, layout="zigzag", check_shapes=False).backward(go)
+            ring_attention(*qkv, causal=True, layout="zigzag", check_shapes=False, impl=impl).backward(go)
             for t in qkv:
                 t.grad = None
     else:
         def call():
             with torch.no_grad():
-                ring_attention(*qkv, causal=True, layout="zigzag", check_shapes=False)
+                ring_attention(*qkv, causal=True, layout="zigzag", check_shapes=False, impl=impl)
     return call
 
 
@@ -103,13 +105,13 @@ def ring_worker(rank, n, args, backward, out_dir):
         (q, k, v), _ = _ring_inputs(args, L0, rank, n, False)
         full = _ring_inputs(args, L0, 0, 1, False)[0]
         want = zigzag_shard(F.scaled_dot_product_attention(*full, is_causal=True), 2, rank, n)
-        diff = (ring_attention(q, k, v, causal=True) - want).abs().max().item()
+        diff = (ring_attention(q, k, v, causal=True, impl=args.impl) - want).abs().max().item()
         qkv, go = _ring_inputs(args, 64 * n, rank, n, backward)
-        _ring_call(qkv, go, backward)()
+        _ring_call(qkv, go, backward, args.impl)()
         del q, k, v, full, want, qkv, go
 
         qkv, go = _ring_inputs(args, args.length, rank, n, backward)
-        call = _ring_call(qkv, go, backward)
+        call = _ring_call(qkv, go, backward, args.impl)
         gc.collect()
         dist.barrier()
         peak_mib, method = peak_rss_mib(call)
@@ -165,6 +167,8 @@ def main():
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
+    ap.add_argument("--impl", choices=["auto", "fused", "reference"], default="auto",
+                    help="ring attention's per-chunk kernel (lamina.nn.blockwise_attention impl=)")
     ap.add_argument("--mem-budget-gb", type=float, default=8.0,
                     help="skip the explicit path when its predicted peak exceeds this")
     args = ap.parse_args()
@@ -172,6 +176,10 @@ def main():
     B, H, L, D = args.batch, args.heads, args.length, args.head_dim
     score_mib = B * H * L * L * 4 / MiB
     load_before = os.getloadavg()
+    busy = load_before[0] > (os.cpu_count() or 1)
+    if busy:
+        print(f"WARNING: 1-min load average {load_before[0]:.2f} > {os.cpu_count()} cores at the start: times are "
+              f"suspect", flush=True)
     t_start = time.perf_counter()
 
     rows, results = [], {}
@@ -203,7 +211,7 @@ def main():
 
     method = results["sdpa"]["forward"]["mem_method"]
     print(f"\ncausal attention, total L={L}, B={B} H={H} D={D} fp32, cpu, {args.threads} thread(s) per process, "
-          f"ring layout zigzag over gloo; median of {args.repeats}; peak memory: {method}; "
+          f"ring layout zigzag over gloo, impl={args.impl}; median of {args.repeats}; peak memory: {method}; "
           f"L x L score matrix = {score_mib:.0f} MiB")
     headers = ["path", "procs", "tokens/rank", "fwd shard MiB/rank", "fwd ms", "fwd peak MiB/rank",
                "fwd+bwd shard MiB/rank", "fwd+bwd ms", "fwd+bwd peak MiB/rank", "parity vs SDPA (L=64N)"]
@@ -211,7 +219,7 @@ def main():
     print(f"(benchmark wall time {wall:.0f} s; 1-min load average {load_before[0]:.1f} -> {load_after[0]:.1f}; "
           f"{os.cpu_count()} cores: times above {os.cpu_count()} processes are oversubscribed)")
     write_result("ring_attention", {"config": vars(args), "mem_method": method, "score_matrix_mib": score_mib,
-                                    "wall_s": wall, "loadavg_before_after": [load_before, load_after],
+                                    "wall_s": wall, "loadavg_before_after": [load_before, load_after], "busy": busy,
                                     "table": table, "results": results})
 
 
