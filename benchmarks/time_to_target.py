@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import math
 import os
 import statistics
@@ -43,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _common import ROOT, busy, loadavg1, print_table, write_result
+from _common import ROOT, busy, cli_step, loadavg1, print_table, write_result
 import lamina
 from lamina.data import InMemoryLoader, load_dataset
 from lamina.data.windows import RandomWindowLoader, SequentialWindowLoader
@@ -282,6 +283,7 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--allow-busy", action="store_true", help="run even if the load average is above the core count")
     ap.add_argument("--work", default="/tmp/lamina_time_to_target")
+    ap.add_argument("--no-cli", action="store_true", help="gpt: skip the whole-command `lamina train` timing")
     args = ap.parse_args()
     name, w = args.workload, WORKLOADS[args.workload]
     load0 = loadavg1()
@@ -334,6 +336,22 @@ def main():
         r += 1
     args.repeats = r
 
+    cli = None
+    if name == "gpt" and not args.no_cli:  # the whole command a user types, process start to exit, stopping at target
+        steps = []
+        run_root = work / "cli"
+        cli_step("lamina train (whole command)", ["train", str(w["config"]), "--no-progress",
+                                                  f"trainer.early_stopping.stop_at={w['target']}",
+                                                  f"trainer.threads={args.threads}", f"logging.root={run_root}",
+                                                  "name=gpt-cli", f"data.path={SHARED / 'tinyshakespeare' / 'input.txt'}"],
+                 work / "cli.log", steps)
+        summ = json.loads(sorted(run_root.glob("gpt-cli*/summary.json"))[-1].read_text())
+        cli = {**steps[0], "stop_at": summ.get("stop_at"), "steps": summ["steps"],
+               "final_val_loss": summ["final"].get("val/loss"), "perf": summ.get("perf")}
+        print(f"lamina train CLI: {cli['wall_s']:.1f} s wall (whole command), stopped at step {cli['steps']} with val "
+              f"loss {cli['final_val_loss']:.4f}; load {cli['load_before']:.2f} -> {cli['load_after']:.2f}"
+              f"{' BUSY' if cli['busy'] else ''}")
+
     def med(rn, key):
         xs = [x[key] for x in runs if x["runner"] == rn and x[key] is not None]
         return statistics.median(xs) if xs else None
@@ -361,7 +379,7 @@ def main():
     write_result(f"time_to_target_{name}", {
         "workload": name, "target": {k: w[k] for k in ("metric", "target", "mode")}, "threads": args.threads,
         "repeats": args.repeats, "loadavg_before_after": [load0, load1], "busy_runs": sum(x["busy"] for x in runs),
-        "perf": perf, "table": table, "summary": summary, "runs": runs})
+        "perf": perf, "table": table, "summary": summary, "cli_whole_command": cli, "runs": runs})
 
 
 if __name__ == "__main__":
