@@ -65,6 +65,17 @@ def test_plan_without_native_bf16_or_preset(bf16_cpu):
     assert plan_perf(TrainerConfig(perf=True, precision="bf16"), model, CPU).applied[0].startswith("bf16 (set")
 
 
+def test_plan_compiles_long_cpu_runs_of_non_conv_models(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/g++")
+    cfg, gpt = TrainerConfig(perf=True), nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2))
+    assert plan_perf(cfg, gpt, CPU, planned_steps=2000).compile
+    short = plan_perf(cfg, gpt, CPU, planned_steps=500)
+    assert not short.compile and "500 steps" in short.skipped[-1]
+    assert not plan_perf(cfg, gpt, CPU).compile  # unknown length: not worth the risk
+    conv = plan_perf(cfg, _cnn(), CPU, planned_steps=10_000)
+    assert not conv.compile and "conv net" in conv.skipped[-1]
+
+
 def test_plan_compile_always_needs_a_compiler(monkeypatch):
     cfg = TrainerConfig(perf={"enabled": True, "compile": "always"})
     monkeypatch.setattr(shutil, "which", lambda name: None)

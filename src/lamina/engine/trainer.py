@@ -105,9 +105,13 @@ class Trainer:
         self._process_set = True
 
     # ----- verbs -----------------------------------------------------------------------------
-    def setup(self, model: torch.nn.Module, optimizer=None, scheduler=None, task=None):
+    def setup(self, model: torch.nn.Module, optimizer=None, scheduler=None, task=None,
+              planned_steps: int | None = None):
+        """`planned_steps`: optimizer steps the run will take, if known (the perf preset compiles on CPU only
+        when a run is long enough to pay for it)."""
         self._apply_process_settings()
-        self.perf = plan_perf(self.cfg, model, self.device, optimizer, fsdp=self.dist.strategy == "fsdp")
+        self.perf = plan_perf(self.cfg, model, self.device, optimizer, fsdp=self.dist.strategy == "fsdp",
+                              planned_steps=planned_steps)
         self._precision = None  # re-made from the plan
         self.model = model.to(self.device)
         if self.perf.channels_last:
@@ -161,7 +165,7 @@ class Trainer:
     def fit(self, model, task, train_loader, val_loader=None, optimizer=None, scheduler=None,
             resume_from: str | Path | None = None) -> list[dict]:
         optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-3)
-        self.setup(model, optimizer, scheduler, task)
+        self.setup(model, optimizer, scheduler, task, planned_steps=self._planned_steps(train_loader))
         train_loader = self.dist.shard(train_loader)
         self.train_loader, self.val_loader = train_loader, val_loader
         if hasattr(train_loader, "to"):
@@ -264,6 +268,14 @@ class Trainer:
                             *[stat_sums[k].float().reshape(()) for k in keys]])
         flat = self.dist.all_reduce_sum(flat) / self.dist.cp  # cp peers saw the same samples
         return flat[0], int(round(float(flat[1]))), {k: flat[2 + i] for i, k in enumerate(keys)}
+
+    def _planned_steps(self, loader) -> int | None:
+        try:
+            per_epoch = -(-len(loader) // self.cfg.accumulate)
+        except TypeError:  # an iterable without a length
+            return self.cfg.max_steps
+        total = per_epoch * self.cfg.max_epochs
+        return min(total, self.cfg.max_steps) if self.cfg.max_steps else total
 
     def _steps_done(self) -> bool:
         return self.cfg.max_steps is not None and self.global_step >= self.cfg.max_steps
