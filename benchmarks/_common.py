@@ -137,6 +137,21 @@ def start_work(folder: str) -> tuple[Path, float]:
     return work, load0
 
 
+def other_cpu_cores(seconds: float = 1.0) -> float:
+    """Cores' worth of CPU time the machine spent over `seconds` while this process slept: the other jobs' share
+    right now (the 1-min load average also counts this benchmark's own previous run, for a minute)."""
+    def snap():
+        vals = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return sum(vals), vals[3] + vals[4]  # total, idle + iowait
+    try:
+        t0, i0 = snap()
+        time.sleep(seconds)
+        t1, i1 = snap()
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    return (1 - (i1 - i0) / max(1, t1 - t0)) * (os.cpu_count() or 1)
+
+
 def busy(load: float) -> bool:
     """A step that started with the 1-min load above the core count shares the machine: its times include others."""
     return load > (os.cpu_count() or 1)
