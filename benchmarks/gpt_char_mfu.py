@@ -4,13 +4,15 @@ GEMM peak, and where a training step's time goes.
 1. Peak: a 2048^3 matrix product in fp32 and in bf16, timed here (median of several), in GFLOP/s.
 2. FLOPs per training step: counted by torch.utils.flop_counter.FlopCounterMode over one forward + backward of
    the real batch (matmuls and attention; elementwise work is not counted, as MFU conventionally does not).
-3. ms per step of lamina's Trainer.train_step + backward + optimizer_step as the run uses them, with the perf
-   preset (bf16 autocast where native, fused AdamW) and without it (fp32): MFU = FLOPs per step / step time / peak
+3. ms per step of lamina's Trainer.train_step + backward + optimizer_step as the run uses them: the perf preset as
+   `lamina train` applies it (bf16 autocast where native, fused AdamW, torch.compile for the config's 2000 steps),
+   the preset without compile, and plain fp32 eager with a for-loop AdamW: MFU = FLOPs per step / step time / peak
    of the precision the matmuls run in.
 4. A torch.profiler table of one set of steps, each op's self time put in a bucket: matmul (mm/addmm/bmm/linear),
    attention (SDPA kernels), optimizer (AdamW's kernel, grad clipping's norms), norms/activations/elementwise,
-   casts (bf16 copies), and the rest; "Python and dispatch overhead" is the step's wall time minus the time
-   spent inside ops.
+   casts (bf16 copies), and the rest; "Python, dispatch (and compiled fused kernels)" is the step's wall time
+   minus the time spent inside aten ops (inductor's generated CPU kernels are not profiled one by one, so under
+   compile they land in this bucket too).
 
     python benchmarks/gpt_char_mfu.py [--steps 50] [--threads N] [--allow-busy]
 """
@@ -37,7 +39,7 @@ from lamina.models import create_model
 from lamina.tasks import LanguageModelingTask
 
 SHARED = ROOT.parent / "shared" / "data"
-BUCKETS = [  # (bucket, substrings of aten op names), first match wins
+BUCKETS = [  # (bucket, substrings of op names), first match wins
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
     ("attention", ("scaled_dot_product", "flash_attention")),
     ("optimizer", ("adamw", "adam_", "linalg_vector_norm", "clip_grad", "_foreach")),
@@ -59,15 +61,15 @@ def peak_gflops(dtype, n=2048, reps=5) -> float:
     return 2 * n ** 3 / statistics.median(ts) / 1e9
 
 
-def setup(perf: bool, bundle, cfg):
+def setup(perf: bool, bundle, cfg, compile_: str = "auto"):
     torch.manual_seed(0)
     m = cfg.model.options
     model = create_model("gpt", vocab_size=bundle.meta["vocab_size"], block_size=bundle.meta["block_size"], **m)
-    opt = build_optimizer(model, cfg.optimizer)
-    trainer = Trainer(cfg.trainer.model_copy(update={"perf": cfg.trainer.perf.model_copy(update={"enabled": perf}),
-                                                      "threads": None}), device="cpu")
+    opt = build_optimizer(model, cfg.optimizer if perf else cfg.optimizer.model_copy(update={"impl": "for_loop"}))
+    pcfg = cfg.trainer.perf.model_copy(update={"enabled": perf, "compile": compile_})
+    trainer = Trainer(cfg.trainer.model_copy(update={"perf": pcfg, "threads": None}), device="cpu")
     task = LanguageModelingTask(bundle.meta["vocab_size"])
-    trainer.setup(model, opt, None, task)
+    trainer.setup(model, opt, None, task, planned_steps=cfg.trainer.max_steps)  # as the run plans it
     data = RandomWindowLoader(bundle.train.tensors["ids"], bundle.meta["block_size"], cfg.data.batch_size, 10 ** 6,
                               seed=0)
     return trainer, iter(data)
@@ -115,9 +117,12 @@ def main():
     print(f"GEMM peak 2048^3: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
 
     results, rows = {}, []
-    for perf in (True, False):
-        trainer, batches = setup(perf, bundle, cfg)
-        flops = flops_per_step(trainer, batches)
+    variants = {"lamina perf preset (as `lamina train` runs it)": (True, "auto"),
+                "perf preset without compile": (True, "never"), "fp32 eager, for-loop AdamW": (False, "never")}
+    # counted once, eagerly: FlopCounterMode's global module hooks would keep dynamo from compiling the model
+    flops = flops_per_step(*setup(False, bundle, cfg, "never"))
+    for key, (perf, comp) in variants.items():
+        trainer, batches = setup(perf, bundle, cfg, comp)
         for _ in range(10):  # warm-up: allocations, AdamW state
             step(trainer, batches)
         times = []
@@ -131,7 +136,6 @@ def main():
         prec = trainer.perf.precision
         achieved = flops / (ms / 1e3) / 1e9
         mfu = achieved / peaks["bf16" if prec == "bf16" else "fp32"]
-        key = "lamina perf preset" if perf else "lamina fp32 eager"
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t = time.perf_counter()
             for _ in range(20):
@@ -139,10 +143,11 @@ def main():
             wall = (time.perf_counter() - t) / 20
         spent = defaultdict(float)
         for ev in prof.key_averages():
-            if ev.key.startswith(("aten::", "cpp::")) or "flash" in ev.key:
+            if ev.key.startswith("aten::") or "flash" in ev.key:
                 spent[bucket(ev.key)] += ev.self_cpu_time_total / 1e3 / 20  # ms per step
         in_ops = sum(spent.values())
-        spent["Python and dispatch overhead"] = max(0.0, wall * 1e3 - in_ops)
+        # inductor's CPU kernels are not profiled one by one: under compile this bucket holds them too
+        spent["Python, dispatch (and compiled fused kernels)"] = max(0.0, wall * 1e3 - in_ops)
         results[key] = {"precision": prec, "ms_per_step": ms, "all_ms": [x * 1e3 for x in times],
                         "gflop_per_step": flops / 1e9, "achieved_gflops": achieved, "mfu": mfu,
                         "profile_ms_per_step": dict(spent), "profiled_wall_ms": wall * 1e3,
@@ -154,7 +159,7 @@ def main():
           f"{' BUSY' if busy(load0) else ''}")
     table = print_table(["runner", "matmul dtype", "ms/step", "GFLOP/step", "GFLOP/s", "MFU"], rows)
     names = sorted({b for r in results.values() for b in r["profile_ms_per_step"]},
-                   key=lambda b: -results["lamina perf preset"]["profile_ms_per_step"].get(b, 0))
+                   key=lambda b: -next(iter(results.values()))["profile_ms_per_step"].get(b, 0))
     prof_rows = [[b] + [f"{r['profile_ms_per_step'].get(b, 0):.2f} ({r['profile_ms_per_step'].get(b, 0) / r['profiled_wall_ms']:.0%})"
                         for r in results.values()] for b in names]
     print("\nwhere a step's time goes (ms per step under the profiler, share of its wall time)")

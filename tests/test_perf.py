@@ -72,6 +72,7 @@ def test_plan_compiles_long_cpu_runs_of_non_conv_models(monkeypatch):
     short = plan_perf(cfg, gpt, CPU, planned_steps=500)
     assert not short.compile and "500 steps" in short.skipped[-1]
     assert not plan_perf(cfg, gpt, CPU).compile  # unknown length: not worth the risk
+    assert not plan_perf(cfg, gpt, CPU, planned_steps=2000, context_parallel=2).compile  # ring collectives: eager
     conv = plan_perf(cfg, _cnn(), CPU, planned_steps=10_000)
     assert not conv.compile and "conv net" in conv.skipped[-1]
 

@@ -97,7 +97,7 @@ CPU_COMPILE_MIN_STEPS = 1000
 
 
 def plan_perf(cfg: TrainerConfig, model: torch.nn.Module, device: torch.device, optimizer=None,
-              fsdp: bool = False, planned_steps: int | None = None) -> PerfPlan:
+              fsdp: bool = False, planned_steps: int | None = None, context_parallel: int = 1) -> PerfPlan:
     """What the Trainer will use: the config's own settings, upgraded by the preset when `cfg.perf.enabled`."""
     plan = PerfPlan(cfg.precision, cfg.channels_last, cfg.compile)
     perf = cfg.perf
@@ -141,6 +141,8 @@ def plan_perf(cfg: TrainerConfig, model: torch.nn.Module, device: torch.device, 
         plan.skipped.append("torch.compile (trainer.perf.compile=never)")
     elif device.type == "cpu" and not _cxx_compiler():
         plan.skipped.append("torch.compile (no C++ compiler for inductor's CPU kernels)")
+    elif context_parallel > 1:
+        plan.skipped.append("torch.compile (context parallelism: the ring kernel's collectives stay eager)")
     elif perf.compile == "always" or device.type == "cuda":
         plan.compile = True
         plan.applied.append("torch.compile" + (" (trainer.perf.compile=always)" if perf.compile == "always" else ""))

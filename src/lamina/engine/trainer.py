@@ -11,6 +11,9 @@ epoch's training sums and the evaluation metrics over ranks, writes logs and pla
 and writes sharded (DCP) checkpoints from every rank. Checkpoints keep every rank's RNG state, so a restart at
 the same world size continues exactly; at another world size, rank r takes the state of saved rank r % N.
 
+Speed preset (`trainer.perf`, engine/perf.py): setup asks `plan_perf` what to use for this model and machine
+(bf16 autocast, channels_last, torch.compile) and applies it; evaluation stays in trainer.precision.
+
 Hot-path rules: no host sync per step (training stats are summed on device and read once per log
 interval; the NaN check reads one bool per step only on CPU, where it costs nothing), callbacks without
 `on_train_batch_end` are not called per step, and in-memory data is indexed in whole batches.
@@ -111,7 +114,7 @@ class Trainer:
         when a run is long enough to pay for it)."""
         self._apply_process_settings()
         self.perf = plan_perf(self.cfg, model, self.device, optimizer, fsdp=self.dist.strategy == "fsdp",
-                              planned_steps=planned_steps)
+                              planned_steps=planned_steps, context_parallel=self.dist.cp)
         self._precision = None  # re-made from the plan
         self.model = model.to(self.device)
         if self.perf.channels_last:
