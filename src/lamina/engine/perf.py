@@ -1,4 +1,4 @@
-"""The speed preset (`trainer.perf: true`): what a careful engineer would switch on by hand, decided per model and
+"""The speed preset (`trainer.perf`, on by default in runs): what a careful engineer would switch on by hand, decided per model and
 machine at setup, with a one-line account of what was applied and why anything was skipped.
 
 * bf16 autocast where the hardware computes bf16 natively (CPU: AVX512-BF16, AMX or ARM bf16, through oneDNN;
@@ -10,8 +10,8 @@ machine at setup, with a one-line account of what was applied and why anything w
 * fused Adam/AdamW: set by the optimizer (`optimizer.impl: auto`); reported here.
 * torch.compile: on CUDA (kernel fusion and fewer launches pay there). On CPU `auto` compiles models without 2-D
   convolutions when the run has at least CPU_COMPILE_MIN_STEPS steps: on the char GPT with bf16 it cuts a step
-  from 35 to 25 ms (it fuses the elementwise ops and bf16 casts between matmuls), and a cold compile costs 10-15 s
-  on 2 cores. Conv nets stay eager (inductor was slower than oneDNN's kernels). `compile: always` forces it.
+  from 35 to 25 ms (it fuses the elementwise ops and bf16 casts between matmuls), and a cold compile costs 10-25 s
+  on 2 cores (cached on disk for the next run). Conv nets stay eager (inductor was slower than oneDNN's kernels). `compile: always` forces it.
 
 Explicit settings win where they say more than the default: trainer.precision bf16/fp16 stay, trainer.compile /
 trainer.channels_last true stay on. The plan is pure data (`PerfPlan`), so tests can check what was decided and
@@ -91,8 +91,8 @@ class PerfPlan:
 
 
 # CPU, no convolutions: compile when the run is at least this long. Measured on the char GPT (4x4x128, batch 12 x
-# 64, 2 threads): bf16 eager 35.2 ms/step, compiled 24.6; a cold compile takes 10-15 s, so it pays after ~1000
-# steps. (Conv nets are left eager: inductor was slower than oneDNN there, 149 vs 131 ms per cnn_medium step.)
+# 64, 2 threads): bf16 eager 35.2 ms/step, compiled 24.6; a cold compile takes 10-25 s (a warm one ~4 s), so it
+# pays after ~1000-2000 steps. (Conv nets are left eager: inductor was slower than oneDNN there, 149 vs 131 ms per cnn_medium step.)
 CPU_COMPILE_MIN_STEPS = 1000
 
 
@@ -153,7 +153,7 @@ def plan_perf(cfg: TrainerConfig, model: torch.nn.Module, device: torch.device, 
                             "trainer.perf.compile=always forces it)")
     elif planned_steps is None or planned_steps < CPU_COMPILE_MIN_STEPS:
         plan.skipped.append(f"torch.compile ({planned_steps or 'an unknown number of'} steps: under "
-                            f"{CPU_COMPILE_MIN_STEPS} the 10-15 s compile does not pay back on CPU; "
+                            f"{CPU_COMPILE_MIN_STEPS} a 10-25 s compile does not pay back on CPU; "
                             f"trainer.perf.compile=always forces it)")
     else:
         plan.compile = True
