@@ -36,6 +36,8 @@ def test_run_configs_default_to_perf_and_bare_trainer_does_not():
     assert RunConfig(trainer={"max_epochs": 2}).trainer.perf.enabled
     assert not RunConfig(trainer={"perf": False}).trainer.perf.enabled
     assert not TrainerConfig().perf.enabled and not Trainer().cfg.perf.enabled
+    with pytest.raises(lamina.errors.ConfigError, match="trainer.perf: expected true, false or a mapping"):
+        lamina.load_config(None, ["trainer.perf=maybe"])
     cfg = lamina.load_config(None, ["trainer.perf.compile=never", "trainer.perf.bf16=false"])
     assert cfg.trainer.perf.enabled and cfg.trainer.perf.compile == "never" and not cfg.trainer.perf.bf16
 

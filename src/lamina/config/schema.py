@@ -281,7 +281,11 @@ class TrainerConfig(_Strict):
     @field_validator("perf", mode="before")
     @classmethod
     def _perf_shorthand(cls, v):
-        return {"enabled": v} if isinstance(v, bool) else v
+        if isinstance(v, bool):
+            return {"enabled": v}
+        if v is not None and not isinstance(v, (dict, PerfConfig)):
+            raise ValueError(f"expected true, false or a mapping (enabled, bf16, channels_last, compile), got {v!r}")
+        return v
 
 
 class LoggingConfig(_Strict):
