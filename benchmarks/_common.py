@@ -157,6 +157,19 @@ def busy(load: float) -> bool:
     return load > (os.cpu_count() or 1)
 
 
+def refuse_if_busy(allow_busy: bool, others_limit: float | None = None) -> tuple[float, float | None]:
+    """At a benchmark's start: (1-min load, other jobs' cores right now if `others_limit` is given). Exits with one
+    line when the load is above the core count or other jobs use more than `others_limit` cores, unless
+    `allow_busy` (then the run is recorded and flagged)."""
+    load = loadavg1()
+    others = other_cpu_cores() if others_limit is not None else None
+    if (busy(load) or (others is not None and others > others_limit)) and not allow_busy:
+        now = f", other jobs using {others:.2f} cores right now" if others is not None else ""
+        raise SystemExit(f"refusing to start: 1-min load average {load:.2f} (cores: {os.cpu_count()}){now}; times "
+                         f"would measure other jobs. Wait, or pass --allow-busy to record a flagged run")
+    return load, others
+
+
 def timed_step(rows: list, name: str, fn, key: str = "method", quiet: tuple = ("examples", "predictions")) -> dict:
     """Run fn() -> dict, add its name, the load before/after, wall seconds and the busy flag; append and print it
     (without the keys in `quiet`, e.g. long example lists)."""

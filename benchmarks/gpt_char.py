@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _common import median, print_table, write_result
+from _common import busy, median, print_table, refuse_if_busy, write_result
 from lamina.data import load_dataset
 from lamina.data.windows import RandomWindowLoader
 from lamina.engine import Trainer
@@ -226,10 +226,8 @@ def main():
     path = args.data or (None if os.environ.get("LAMINA_SHARED_DATA") else shared / "tinyshakespeare" / "input.txt")
     bundle = load_dataset("tiny_shakespeare", block_size=args.block_size, path=path)
     ids, vocab_size = bundle.train.tensors["ids"], bundle.meta["vocab_size"]
+    refuse_if_busy(args.allow_busy)
     load_before = os.getloadavg()
-    if load_before[0] > (os.cpu_count() or 1) and not args.allow_busy:
-        raise SystemExit(f"refusing to start: 1-min load average {load_before[0]:.2f} is above the {os.cpu_count()} "
-                         f"cores (times would measure other jobs); wait, or pass --allow-busy for a flagged run")
     times = {"plain PyTorch loop": [], "lamina Trainer.fit": [], "lamina Trainer.fit, perf preset": []}
     fns = {"plain PyTorch loop": run_plain, "lamina Trainer.fit": run_lamina,
            "lamina Trainer.fit, perf preset": run_lamina_perf}
@@ -265,7 +263,7 @@ def main():
     name = "gpt_char" + (f"_threads{args.threads}" if args.threads != DEFAULT_THREADS else "")
     write_result(name, {"config": vars(args), "n_params": n_params, "tokens_per_run": tokens, "table": table,
                         "ratio_lamina_over_plain": ratio, "loadavg_before_after": [load_before, load_after],
-                        "busy": load_before[0] > (os.cpu_count() or 1),
+                        "busy": busy(load_before[0]),
                         "ratio_perf_preset_over_plain": median(times["lamina Trainer.fit, perf preset"]) / base,
                         "anchor_nanogpt_ms_per_iter": ANCHOR_MS,
                         "epoch_mean_loss_repeat0": {"lamina": losses["lamina Trainer.fit"][0], "plain": parity},

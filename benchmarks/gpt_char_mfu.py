@@ -29,7 +29,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from _common import ROOT, busy, loadavg1, print_table, write_result
+from _common import ROOT, busy, loadavg1, print_table, refuse_if_busy, write_result
 import lamina
 from lamina.data import load_dataset
 from lamina.data.windows import RandomWindowLoader
@@ -105,10 +105,7 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--allow-busy", action="store_true")
     args = ap.parse_args()
-    load0 = loadavg1()
-    if busy(load0) and not args.allow_busy:
-        raise SystemExit(f"refusing to start: 1-min load average {load0:.2f} is above the {os.cpu_count()} cores; "
-                         f"wait, or pass --allow-busy to record a flagged run")
+    load0, _ = refuse_if_busy(args.allow_busy)
     torch.set_num_threads(args.threads)
     cfg = lamina.load_config(str(ROOT / "configs" / "shakespeare_char_gpt.yaml"), [])
     bundle = load_dataset("tiny_shakespeare", block_size=cfg.data.block_size,
@@ -160,8 +157,11 @@ def main():
     table = print_table(["runner", "matmul dtype", "ms/step", "GFLOP/step", "GFLOP/s", "MFU"], rows)
     names = sorted({b for r in results.values() for b in r["profile_ms_per_step"]},
                    key=lambda b: -next(iter(results.values()))["profile_ms_per_step"].get(b, 0))
-    prof_rows = [[b] + [f"{r['profile_ms_per_step'].get(b, 0):.2f} ({r['profile_ms_per_step'].get(b, 0) / r['profiled_wall_ms']:.0%})"
-                        for r in results.values()] for b in names]
+    def cell(r, b):
+        ms = r["profile_ms_per_step"].get(b, 0)
+        return f"{ms:.2f} ({ms / r['profiled_wall_ms']:.0%})"
+
+    prof_rows = [[b] + [cell(r, b) for r in results.values()] for b in names]
     print("\nwhere a step's time goes (ms per step under the profiler, share of its wall time)")
     ptable = print_table(["bucket", *results], prof_rows)
     write_result("gpt_char_mfu", {"peaks_gflops": peaks, "threads": args.threads, "steps": args.steps,

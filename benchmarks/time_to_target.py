@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _common import ROOT, busy, cli_step, loadavg1, other_cpu_cores, print_table, write_result
+from _common import ROOT, cli_step, loadavg1, other_cpu_cores, print_table, refuse_if_busy, write_result
 import lamina
 from lamina.data import InMemoryLoader, load_dataset
 from lamina.data.windows import RandomWindowLoader, SequentialWindowLoader
@@ -298,11 +298,7 @@ def main():
     ap.add_argument("--no-cli", action="store_true", help="gpt: skip the whole-command `lamina train` timing")
     args = ap.parse_args()
     name, w = args.workload, WORKLOADS[args.workload]
-    load0, others0 = loadavg1(), other_cpu_cores()
-    if (busy(load0) or others0 > BUSY_CORES) and not args.allow_busy:
-        raise SystemExit(f"refusing to start: 1-min load average {load0:.2f} (cores: {os.cpu_count()}), other jobs "
-                         f"using {others0:.2f} cores right now; times would measure them. Wait, or pass "
-                         f"--allow-busy to record a flagged run")
+    load0, _ = refuse_if_busy(args.allow_busy, others_limit=BUSY_CORES)
     torch.set_num_threads(args.threads)
     if name == "gpt":
         bundle = load_dataset("tiny_shakespeare", block_size=64, path=SHARED / "tinyshakespeare" / "input.txt")
@@ -358,7 +354,8 @@ def main():
         cli_step("lamina train (whole command)", ["train", str(w["config"]), "--no-progress",
                                                   f"trainer.early_stopping.stop_at={w['target']}",
                                                   f"trainer.threads={args.threads}", f"logging.root={run_root}",
-                                                  "name=gpt-cli", f"data.path={SHARED / 'tinyshakespeare' / 'input.txt'}"],
+                                                  "name=gpt-cli",
+                                                  f"data.path={SHARED / 'tinyshakespeare' / 'input.txt'}"],
                  work / "cli.log", steps)
         summ = json.loads(sorted(run_root.glob("gpt-cli*/summary.json"))[-1].read_text())
         cli = {**steps[0], "stop_at": summ.get("stop_at"), "steps": summ["steps"],

@@ -90,7 +90,7 @@ class ScheduleConfig(_Strict):
 class EarlyStoppingConfig(_Strict):
     patience: int | None = Field(None, ge=1)  # None: never stop early
     min_delta: NonNegativeFloat = 0.0
-    stop_at: float | None = None  # stop once trainer.monitor reaches this value (a quality target, e.g. 1.88 val loss)
+    stop_at: float | None = None  # stop once trainer.monitor reaches this value (a quality target: 1.88 val loss)
 
 
 class AdversarialConfig(_Strict):

@@ -1,5 +1,5 @@
-"""The speed preset (`trainer.perf`, on by default in runs): what a careful engineer would switch on by hand, decided per model and
-machine at setup, with a one-line account of what was applied and why anything was skipped.
+"""The speed preset (`trainer.perf`, on by default in runs): what a careful engineer would switch on by hand,
+decided per model and machine at setup, with a one-line account of what was applied and why anything was skipped.
 
 * bf16 autocast where the hardware computes bf16 natively (CPU: AVX512-BF16, AMX or ARM bf16, through oneDNN;
   CUDA: Ampere or later). Matrix products run at about twice fp32's rate there (ANCHORS.md: ~190 vs ~420
@@ -11,7 +11,8 @@ machine at setup, with a one-line account of what was applied and why anything w
 * torch.compile: on CUDA (kernel fusion and fewer launches pay there). On CPU `auto` compiles models without 2-D
   convolutions when the run has at least CPU_COMPILE_MIN_STEPS steps: on the char GPT with bf16 it cuts a step
   from 35 to 25 ms (it fuses the elementwise ops and bf16 casts between matmuls), and a cold compile costs 10-25 s
-  on 2 cores (cached on disk for the next run). Conv nets stay eager (inductor was slower than oneDNN's kernels). `compile: always` forces it.
+  on 2 cores (cached on disk for the next run). Conv nets stay eager (inductor was slower than oneDNN's kernels).
+  `compile: always` forces it.
 
 Explicit settings win where they say more than the default: trainer.precision bf16/fp16 stay, trainer.compile /
 trainer.channels_last true stay on. The plan is pure data (`PerfPlan`), so tests can check what was decided and
@@ -92,7 +93,8 @@ class PerfPlan:
 
 # CPU, no convolutions: compile when the run is at least this long. Measured on the char GPT (4x4x128, batch 12 x
 # 64, 2 threads): bf16 eager 35.2 ms/step, compiled 24.6; a cold compile takes 10-25 s (a warm one ~4 s), so it
-# pays after ~1000-2000 steps. (Conv nets are left eager: inductor was slower than oneDNN there, 149 vs 131 ms per cnn_medium step.)
+# pays after ~1000-2000 steps. (Conv nets are left eager: inductor was slower than oneDNN there, 149 vs 131 ms
+# per cnn_medium step.)
 CPU_COMPILE_MIN_STEPS = 1000
 
 
