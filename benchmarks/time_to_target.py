@@ -296,6 +296,7 @@ def main():
     ap.add_argument("--allow-busy", action="store_true", help="run even if the load average is above the core count")
     ap.add_argument("--work", default="/tmp/lamina_time_to_target")
     ap.add_argument("--no-cli", action="store_true", help="gpt: skip the whole-command `lamina train` timing")
+    ap.add_argument("--cli-repeats", type=int, default=3, help="gpt: how many whole-command runs (median)")
     args = ap.parse_args()
     name, w = args.workload, WORKLOADS[args.workload]
     load0, _ = refuse_if_busy(args.allow_busy, others_limit=BUSY_CORES)
@@ -348,21 +349,27 @@ def main():
 
     cli = None
     if name == "gpt" and not args.no_cli:  # the whole command a user types, process start to exit, stopping at target
-        steps = []
-        run_root = work / "cli"
-        cold_compile_cache(work)
-        cli_step("lamina train (whole command)", ["train", str(w["config"]), "--no-progress",
-                                                  f"trainer.early_stopping.stop_at={w['target']}",
-                                                  f"trainer.threads={args.threads}", f"logging.root={run_root}",
-                                                  "name=gpt-cli",
-                                                  f"data.path={SHARED / 'tinyshakespeare' / 'input.txt'}"],
-                 work / "cli.log", steps)
-        summ = json.loads(sorted(run_root.glob("gpt-cli*/summary.json"))[-1].read_text())
-        cli = {**steps[0], "stop_at": summ.get("stop_at"), "steps": summ["steps"],
-               "final_val_loss": summ["final"].get("val/loss"), "perf": summ.get("perf")}
-        print(f"lamina train CLI: {cli['wall_s']:.1f} s wall (whole command), stopped at step {cli['steps']} with val "
-              f"loss {cli['final_val_loss']:.4f}; load {cli['load_before']:.2f} -> {cli['load_after']:.2f}"
-              f"{' BUSY' if cli['busy'] else ''}")
+        steps, tries = [], []
+        for i in range(args.cli_repeats):
+            run_root = work / f"cli{i}"
+            cold_compile_cache(work)
+            cli_step("lamina train (whole command)", ["train", str(w["config"]), "--no-progress",
+                                                      f"trainer.early_stopping.stop_at={w['target']}",
+                                                      f"trainer.threads={args.threads}", f"logging.root={run_root}",
+                                                      "name=gpt-cli",
+                                                      f"data.path={SHARED / 'tinyshakespeare' / 'input.txt'}"],
+                     work / "cli.log", steps)
+            summ = json.loads(sorted(run_root.glob("gpt-cli*/summary.json"))[-1].read_text())
+            tries.append({**steps[-1], "stop_at": summ.get("stop_at"), "steps": summ["steps"],
+                          "final_val_loss": summ["final"].get("val/loss"), "perf": summ.get("perf")})
+            t = tries[-1]
+            print(f"lamina train CLI {i}: {t['wall_s']:.1f} s wall (whole command), stopped at step {t['steps']} "
+                  f"with val loss {t['final_val_loss']:.4f}; load {t['load_before']:.2f} -> {t['load_after']:.2f}"
+                  f"{' BUSY' if t['busy'] else ''}", flush=True)
+        walls = [t["wall_s"] for t in tries]
+        cli = {"median_wall_s": statistics.median(walls), "wall_s": walls, "runs": tries}
+        print(f"lamina train CLI: median {cli['median_wall_s']:.1f} s wall over {len(walls)} runs "
+              f"({min(walls):.1f}-{max(walls):.1f})")
 
     def med(rn, key):
         xs = [x[key] for x in runs if x["runner"] == rn and x[key] is not None]

@@ -1,7 +1,10 @@
 """The speed preset (engine/perf.py): what it decides, that the Trainer really applies it, and that each
 optimization keeps the numbers (bf16 within a stated tolerance of fp32, compiled == eager, fused == for-loop)."""
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lamina
+from lamina import allocator
 from lamina.config.schema import OptimizerConfig, RunConfig, TrainerConfig
 from lamina.engine import Trainer, build_optimizer
 from lamina.engine import perf as perf_mod
@@ -70,13 +74,59 @@ def test_plan_without_native_bf16_or_preset(bf16_cpu):
 def test_plan_compiles_long_cpu_runs_of_non_conv_models(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/g++")
     cfg, gpt = TrainerConfig(perf=True), nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2))
-    assert plan_perf(cfg, gpt, CPU, planned_steps=2000).compile
-    short = plan_perf(cfg, gpt, CPU, planned_steps=500)
-    assert not short.compile and "500 steps" in short.skipped[-1]
+    long_run = perf_mod.CPU_COMPILE_MIN_STEPS
+    assert plan_perf(cfg, gpt, CPU, planned_steps=long_run).compile
+    short = plan_perf(cfg, gpt, CPU, planned_steps=2000)  # the char GPT's 2000: a cold compile does not pay back
+    assert not short.compile and "2000 steps" in _compile_note(short)
     assert not plan_perf(cfg, gpt, CPU).compile  # unknown length: not worth the risk
-    assert not plan_perf(cfg, gpt, CPU, planned_steps=2000, context_parallel=2).compile  # ring collectives: eager
-    conv = plan_perf(cfg, _cnn(), CPU, planned_steps=10_000)
-    assert not conv.compile and "conv net" in conv.skipped[-1]
+    assert not plan_perf(cfg, gpt, CPU, planned_steps=long_run, context_parallel=2).compile  # ring: eager
+    conv = plan_perf(cfg, _cnn(), CPU, planned_steps=10 * long_run)
+    assert not conv.compile and "conv net" in _compile_note(conv)
+
+
+def _compile_note(plan):
+    return next(s for s in plan.skipped if s.startswith("torch.compile"))
+
+
+def test_allocator_is_reported_on_cpu(monkeypatch):
+    monkeypatch.setattr(allocator, "loaded", lambda: "tcmalloc")
+    plan = plan_perf(TrainerConfig(perf=True), nn.Linear(2, 2), CPU)
+    assert plan.applied[-1] == "tcmalloc"
+    monkeypatch.setattr(allocator, "loaded", lambda: None)
+    monkeypatch.setattr(allocator, "find", lambda: None)
+    note = plan_perf(TrainerConfig(perf=True), nn.Linear(2, 2), CPU).note()
+    assert "tcmalloc (glibc malloc" in note and allocator.INSTALL_HINT in note
+    assert not any("tcmalloc" in s for s in plan_perf(TrainerConfig(), nn.Linear(2, 2), CPU).skipped)  # preset off
+
+
+def test_allocator_preload_env(monkeypatch, tmp_path):
+    lib = tmp_path / "libtcmalloc_minimal.so.4"
+    lib.write_bytes(b"")
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+    env = allocator.preload_env({"LAMINA_ALLOCATOR": str(lib), "LD_PRELOAD": "/x/libother.so"})
+    assert env["LD_PRELOAD"] == f"{lib} /x/libother.so" and env["LAMINA_ALLOCATOR_PRELOADED"] == "1"
+    assert allocator.preload_env(env) is None  # the re-executed process never re-executes again
+    assert allocator.preload_env({"LAMINA_ALLOCATOR": "system"}) is None
+    assert allocator.preload_env({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) is None  # the user chose one
+    assert allocator.preload_env({"LAMINA_ALLOCATOR": str(tmp_path / "missing.so")}) is None
+    monkeypatch.setattr(allocator.sys, "platform", "darwin")
+    assert allocator.preload_env({"LAMINA_ALLOCATOR": str(lib)}) is None
+
+
+@pytest.mark.skipif(allocator.find() is None or not sys.platform.startswith("linux"),
+                    reason="no tcmalloc/jemalloc on this machine (apt install libtcmalloc-minimal4)")
+def test_lamina_command_runs_on_the_fast_allocator():
+    """The entry point re-executes itself once with LD_PRELOAD: this process prints None, the re-executed one the
+    allocator, then main() (no re-exec the second time) prints the usage."""
+    code = ("import lamina.allocator as a; print('allocator', a.loaded(), flush=True); "
+            "from lamina.cli.main import main; main()")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "LAMINA_ALLOCATOR_PRELOADED",
+                                                            "LAMINA_ALLOCATOR")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = [x for x in out.stdout.splitlines() if x.startswith("allocator")]
+    assert lines[0] == "allocator None" and lines[1].split()[1] in ("tcmalloc", "jemalloc") and len(lines) == 2
+    assert "usage: lamina" in out.stdout
 
 
 def test_plan_compile_always_needs_a_compiler(monkeypatch):

@@ -363,6 +363,10 @@ def cmd_data(a, console) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the `lamina` process itself (not a call from Python): run on tcmalloc if the machine has it
+        from lamina.allocator import reexec_with_fast_allocator
+
+        reexec_with_fast_allocator()
     from rich.console import Console
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -9,10 +9,12 @@ decided per model and machine at setup, with a one-line account of what was appl
   batch 128: a cnn_medium step takes 290 ms fp32 NCHW, 227 fp32 NHWC, 131 bf16 NHWC).
 * fused Adam/AdamW: set by the optimizer (`optimizer.impl: auto`); reported here.
 * torch.compile: on CUDA (kernel fusion and fewer launches pay there). On CPU `auto` compiles models without 2-D
-  convolutions when the run has at least CPU_COMPILE_MIN_STEPS steps: on the char GPT with bf16 it cuts a step
-  from 35 to 25 ms (it fuses the elementwise ops and bf16 casts between matmuls), and a cold compile costs 10-25 s
-  on 2 cores (cached on disk for the next run). Conv nets stay eager (inductor was slower than oneDNN's kernels).
-  `compile: always` forces it.
+  convolutions only in runs of at least CPU_COMPILE_MIN_STEPS steps: measured on the char GPT under tcmalloc, it
+  cuts a bf16 step from 22.5 to 21.4 ms (31 to 28.5 while the shared host is busy), and a cold compile costs
+  22 s on 2 cores (4 s warm, from inductor's disk cache), so it pays back after ~10,000 steps. Conv nets stay eager (inductor was slower than oneDNN's
+  kernels). `compile: always` forces it.
+* The allocator (CPU, reported, not decided here): the `lamina` command runs itself on tcmalloc when the machine
+  has it (lamina/allocator.py): about 6% a step on the char GPT.
 
 Explicit settings win where they say more than the default: trainer.precision bf16/fp16 stay, trainer.compile /
 trainer.channels_last true stay on. The plan is pure data (`PerfPlan`), so tests can check what was decided and
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lamina import allocator
 from lamina.config.schema import TrainerConfig
 
 
@@ -92,10 +95,11 @@ class PerfPlan:
 
 
 # CPU, no convolutions: compile when the run is at least this long. Measured on the char GPT (4x4x128, batch 12 x
-# 64, 2 threads): bf16 eager 35.2 ms/step, compiled 24.6; a cold compile takes 10-25 s (a warm one ~4 s), so it
-# pays after ~1000-2000 steps. (Conv nets are left eager: inductor was slower than oneDNN there, 149 vs 131 ms
-# per cnn_medium step.)
-CPU_COMPILE_MIN_STEPS = 1000
+# 64, 2 threads, tcmalloc, medians of 100-step blocks): bf16 eager 22.5 ms/step, compiled 21.4 (31 and 28.5
+# while the shared host is busy); a cold compile takes 22 s (a warm one ~4 s), so it pays back after ~10,000
+# steps. (An earlier 35 vs 25 ms compared a busy-host block with a quiet one.) Conv nets are left eager:
+# inductor was slower than oneDNN there, 149 vs 131 ms per cnn_medium step.
+CPU_COMPILE_MIN_STEPS = 10_000
 
 
 def plan_perf(cfg: TrainerConfig, model: torch.nn.Module, device: torch.device, optimizer=None,
@@ -155,13 +159,26 @@ def plan_perf(cfg: TrainerConfig, model: torch.nn.Module, device: torch.device, 
                             "trainer.perf.compile=always forces it)")
     elif planned_steps is None or planned_steps < CPU_COMPILE_MIN_STEPS:
         plan.skipped.append(f"torch.compile ({planned_steps or 'an unknown number of'} steps: under "
-                            f"{CPU_COMPILE_MIN_STEPS} a 10-25 s compile does not pay back on CPU; "
+                            f"{CPU_COMPILE_MIN_STEPS} a ~20 s cold compile does not pay back on CPU; "
                             f"trainer.perf.compile=always forces it)")
     else:
         plan.compile = True
         plan.applied.append(f"torch.compile ({planned_steps} steps: fuses the elementwise ops and bf16 casts "
                             f"between matmuls)")
+    if device.type == "cpu":
+        _plan_allocator(plan)
     return plan
+
+
+def _plan_allocator(plan: PerfPlan) -> None:
+    lib = allocator.loaded()
+    if lib:
+        plan.applied.append(lib)
+        return
+    found = allocator.find()
+    how = (f"start Python with LD_PRELOAD={found}" if found else
+           f"{allocator.INSTALL_HINT}; the lamina command then preloads it")
+    plan.skipped.append(f"tcmalloc (glibc malloc: ~6% slower CPU steps; {how})")
 
 
 def _cxx_compiler() -> bool:
