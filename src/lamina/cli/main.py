@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     d = sub.add_parser("data", help="list built-in data sets and file loaders")
     d.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    from lamina.cli import tokenize as tokenize_cli  # lamina tokenize: text -> memory-mapped token files
+
+    tokenize_cli.add_parsers(sub)
     from lamina.cli import (compress, continual, deploy, faces, federated, fewshot, qa, rl, scale, search, serve,
                             speech, ssl, trust)
 
@@ -154,6 +157,8 @@ def cmd_train(a, console) -> int:
     test = "  ".join(f"{k} {v:.4f}" for k, v in s["test"].items())
     console.print(f"[bold green]done[/] in {s['wall_time_s']:.1f}s ({s['train_samples_per_s'] or 0:.0f} samples/s)"
                   f"  {test}")
+    if s.get("data_path"):
+        console.print(f"data: {s['data_path']}", markup=False)
     if isinstance(s.get("cost"), dict):
         from lamina.runs.cost import describe
 
@@ -460,6 +465,10 @@ def _dispatch(a, argv: list[str], console) -> int:
         from lamina.cli.serve import COMMANDS as SERVE
         from lamina.cli.trust import COMMANDS as TRUST
 
+        from lamina.cli.tokenize import COMMANDS as TOKENIZE
+
+        if a.cmd in TOKENIZE:
+            return TOKENIZE[a.cmd](a, console)
         if a.cmd in RECOMMEND:
             return RECOMMEND[a.cmd](a, console)
 

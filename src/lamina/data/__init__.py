@@ -15,6 +15,7 @@ from lamina.data import faces  # noqa: F401  (faces: a folder per person; ORL by
 from lamina.data import interactions  # noqa: F401  (interactions: user-item implicit feedback; MovieTweetings)
 from lamina.data import qa  # noqa: F401  (squad: extractive question answering, XQuAD English by default)
 from lamina.data import summarization  # noqa: F401  (scitldr: abstract -> TLDR)
+from lamina.data import tokenfiles  # noqa: F401  (token_bin: memory-mapped train.bin/val.bin token streams)
 from lamina.data.base import DataBundle, TensorData
 from lamina.data.files import decode_text, encode_text, load_image_files, read_idx, transform_table_rows
 from lamina.data.loader import InMemoryLoader, make_loader

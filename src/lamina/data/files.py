@@ -477,12 +477,20 @@ def load_image_files(paths: Sequence[PathLike], meta: dict) -> torch.Tensor:
 
 @registered("image_folder", "images in one sub-folder per class (PNG/JPEG/PGM/BMP)", "classification", "path: path=")
 def image_folder(*, path: PathLike, size: int | Sequence[int] | None = None, grayscale: bool | None = None,
-                 val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> DataBundle:
+                 val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0, in_memory="auto",
+                 memory_budget: float | None = None, num_workers: int | None = None) -> DataBundle:
     """x: float32 (N, C, H, W) in [0, 1] (C = 1 if grayscale else 3); y: int64 index of the sorted class folder.
 
     size=None keeps the first image's size and requires all to match; grayscale=None means "all images are
     gray". meta: image_size [H, W], grayscale, channels, classes, pixel_max — all `load_image_files` needs.
+    in_memory="auto" decodes everything up front when the float32 tensors fit `memory_budget` (GB; default a
+    quarter of RAM), else the splits stay files (lamina.data.outofcore.ImageFiles) decoded batch by batch in
+    loader workers (num_workers of them; default all cores but one); extras["data_path"] says which and why.
     """
+    from lamina.data.outofcore import ImageFiles, check_workers, choose_in_memory, image_decoded_bytes
+
+    num_workers = check_workers(num_workers)
+
     Image = _require("PIL.Image", "images", "Pillow")
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -515,9 +523,20 @@ def image_folder(*, path: PathLike, size: int | Sequence[int] | None = None, gra
     else:
         hw = _hw(size)
     gray = all(m in _GRAY_MODES for m, _ in heads) if grayscale is None else bool(grayscale)
-    x = _to_chw(_decode_images(Image, files, hw, gray))
+    keep, why = choose_in_memory(image_decoded_bytes(len(files), hw, gray), in_memory, memory_budget)
     class_names = [d.name for d in class_dirs]
     meta = {"loader": "image_folder", "image_size": list(hw), "grayscale": gray, "channels": 1 if gray else 3,
             "pixel_max": 255.0, "classes": class_names}
     y = torch.tensor(labels, dtype=torch.int64)
-    return _classification_bundle("image_folder", {"x": x, "y": y}, class_names, meta, val_fraction, test_fraction, seed)
+    if keep:
+        x = _to_chw(_decode_images(Image, files, hw, gray))
+        bundle = _classification_bundle("image_folder", {"x": x, "y": y}, class_names, meta, val_fraction,
+                                        test_fraction, seed)
+    else:  # the same stratified split as the in-memory path, over files instead of tensors
+        split = split_indices(len(y), val_fraction, test_fraction, seed, stratify=y)
+        train, val, test = (ImageFiles(files, y, hw, gray, num_workers).subset(s) if len(s) else None
+                            for s in split)
+        bundle = DataBundle("image_folder", train, val, test, "classification", (1 if gray else 3, *hw),
+                            len(class_names), class_names, meta)
+    bundle.extras["data_path"] = why
+    return bundle

@@ -60,7 +60,8 @@ def check_finite_data(bundle: DataBundle) -> None:
         if data is None:
             continue
         for k, v in data.tensors.items():
-            if v.is_floating_point() and not torch.isfinite(v).all():
+            # (a memory-mapped token stream is a numpy array of integer ids: nothing to check, nothing loaded)
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all():
                 raise DataError(f"{split} split of '{bundle.name}' has NaN or Inf values in '{k}'")
 
 

@@ -248,6 +248,7 @@ def finalize(p: Prepared, history: list[dict], outputs: Sequence[Callable[[RunEn
         "context_parallel": dist.cp, "restarts": restart_count(),
         "bn_recalibrated": any(isinstance(cb, BatchNormRecalibration) for cb in trainer.callbacks),
         "perf": trainer.perf.to_dict() if trainer.perf is not None else None,
+        "data_path": bundle.extras.get("data_path"),  # in memory or streamed from files, and why
     }
     es = next((cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping) and cb.stop_at is not None), None)
     if es is not None:  # trainer.early_stopping.stop_at: did the run reach its quality target, and when
