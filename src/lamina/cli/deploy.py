@@ -16,6 +16,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--out", default=None, help="artifact path or folder (default RUN_DIR/export/model.onnx|.pt2)")
     e.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint of the run")
     e.add_argument("--batch", type=int, default=64, help="real test samples for the parity check")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
@@ -38,7 +39,11 @@ def format_table(result: dict) -> str:
 def cmd_export(a, console) -> int:
     from lamina.deploy.export import export_run
 
-    result = export_run(a.path, fmt=a.format, int8=a.int8, out=a.out, which=a.which, batch=a.batch)
+    from lamina.cli.progress import progress_bar
+
+    with progress_bar(console, f"export {a.format}", getattr(a, "no_progress", False)) as progress:
+        result = export_run(a.path, fmt=a.format, int8=a.int8, out=a.out, which=a.which, batch=a.batch,
+                            progress=progress)
     if a.json:
         print(json.dumps(result, default=str))
     else:

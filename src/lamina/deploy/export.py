@@ -541,8 +541,9 @@ def _checked(stage: Path, path: Path, run_parity: Callable[[], dict], what: str)
 
 
 def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: str | Path | None = None,
-               which: str = "best", batch: int = 64) -> dict:
+               which: str = "best", batch: int = 64, progress: Callable[[int, int], None] | None = None) -> dict:
     """Export a trained run and check parity on `batch` real test samples; writes the artifact and export.json.
+    `progress(done, total)`: stages finished (each artifact's export, then its parity check).
 
     fmt "onnx": RUN/export/model.onnx (+ model.int8.onnx with int8=True); "torch-export": RUN/export/model.pt2.
     `out`: the artifact path (or folder) instead. export.json next to it holds the result under the format's key.
@@ -595,11 +596,21 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
     labels = data_batch.get("y")
     acc_fp32 = _accuracy(ref(inputs), labels) if labels is not None else None
     artifacts = []
+    stages = iter(range(1, 5 if int8 else 3))
+
+    def advance() -> None:
+        if progress is not None:
+            progress(next(stages), 4 if int8 else 2)
+
+    if progress is not None:
+        progress(0, 4 if int8 else 2)
     with torch.no_grad():
         if fmt == "onnx":
             info = export_onnx(model, inputs, stage, metadata)
+            advance()
             par = _checked(stage, path, lambda: parity(ref, onnx_fn(stage), inputs),
                            f"{info['exporter']} exporter")
+            advance()
             artifacts.append({"file": str(path), "size_mb": _size_mb(path), "exporter": info["exporter"], **par,
                               "accuracy": acc_fp32, "fallback_reason": info["fallback_reason"]})
             if int8:
@@ -612,15 +623,19 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
                 qpath = path.with_name(path.stem + ".int8.onnx")
                 q = quantize_onnx(path, qpath, method, calib, {**metadata, **{k: info[k] for k in (
                     "input_name", "input_names", "output_name", "output_names", "exporter")}})
+                advance()
                 cand = onnx_fn(qpath)
                 qpar = parity(ref, cand, inputs)
+                advance()
                 artifacts.append({"file": str(qpath), "size_mb": _size_mb(qpath),
                                   "exporter": f"{info['exporter']}+int8-{method}", **qpar,
                                   "accuracy": _accuracy(cand(inputs), labels) if labels is not None else None,
                                   "quantization": method, "preprocessed": q["preprocessed"]})
         else:
             info = export_program(model, inputs, stage)
+            advance()
             par = _checked(stage, path, lambda: parity(ref, program_fn(stage), inputs), info["exporter"])
+            advance()
             artifacts.append({"file": str(path), "size_mb": _size_mb(path), "exporter": info["exporter"], **par,
                               "accuracy": acc_fp32, "fallback_reason": info["fallback_reason"]})
     result = {"run": str(root), "checkpoint": str(ckpt), "model": name, "format": fmt, "split": split, "batch": n,
