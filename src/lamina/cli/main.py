@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint of a run folder")
     e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     pr = sub.add_parser("predict", help="predict with a trained run on files (images, .csv, .npy, .pt), or "
@@ -103,9 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     for verbs in (trust, compress, deploy, serve, search, scale, continual, fewshot, ssl, federated, speech, faces, rl,
                   qa):
         verbs.add_parsers(sub)
-    from lamina.cli import recommend
+    from lamina.cli import compare, recommend
 
     recommend.add_parsers(sub)
+    compare.add_parsers(sub)
     return p
 
 
@@ -205,8 +207,10 @@ def _train_seeds(a, cfg, console) -> int:
 
 def cmd_eval(a, console) -> int:
     from lamina import runs
+    from lamina.cli.progress import progress_bar
 
-    out = runs.evaluate(a.path, split=a.split, which=a.which)
+    with progress_bar(console, f"eval {a.split}", a.no_progress) as progress:
+        out = runs.evaluate(a.path, split=a.split, which=a.which, progress=progress)
     if a.json:
         print(json.dumps(out))
     else:
@@ -449,6 +453,7 @@ def _dispatch(a, argv: list[str], console) -> int:
     from lamina.errors import LaminaError
 
     try:
+        from lamina.cli.compare import COMMANDS as COMPARE
         from lamina.cli.compress import COMMANDS as COMPRESS
         from lamina.cli.continual import COMMANDS as CONTINUAL
         from lamina.cli.fewshot import COMMANDS as FEWSHOT
@@ -475,7 +480,7 @@ def _dispatch(a, argv: list[str], console) -> int:
         return {"train": cmd_train, "finetune": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
                 "generate": cmd_generate, "embed": cmd_embed, "chat": cmd_chat, "models": cmd_models,
                 "data": cmd_data, **TRUST, **COMPRESS, **DEPLOY, **SERVE, **SEARCH, **SCALE, **CONTINUAL,
-                **FEWSHOT, **SSL, **FEDERATED, **SPEECH, **FACES, **RL, **QA}[a.cmd](a, console)
+                **FEWSHOT, **SSL, **FEDERATED, **SPEECH, **FACES, **RL, **QA, **COMPARE}[a.cmd](a, console)
     except (LaminaError, OSError, MemoryError, RuntimeError) as e:
         line = str(e) if isinstance(e, LaminaError) else system_error_line(e)
         if debug or line is None:

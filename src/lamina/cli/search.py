@@ -27,6 +27,7 @@ def _study_args(p: argparse.ArgumentParser, default_trials: int) -> None:
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<out>/study.db)")
     p.add_argument("--sampler", default="tpe", help="tpe | random (nas: nsga2 | tpe | random)")
     p.add_argument("--json", action="store_true", help="print the study summary as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar over the trials")
 
 
 def add_parsers(sub) -> None:
@@ -107,10 +108,10 @@ def cmd_tune(a, console) -> int:
     out = _out(a, cfg, "tune")
     s = TuneSettings(a.trials, out, a.metric, a.direction, a.pruner, a.sampler, a.jobs, a.storage)
 
-    on_trial = _trial_printer(space, console)
-
-    summary = tune(cfg, space, space_raw, s, on_trial=on_trial, on_start=lambda: console.print(
-        f"study: {out}  ({a.trials} trials, {s.pruner} pruning, jobs={a.jobs})"))
+    with _trial_bar(console, "tune", a) as bar:
+        summary = tune(cfg, space, space_raw, s, on_trial=_trial_printer(space, console, bar, a.trials),
+                       on_start=lambda: console.print(f"study: {out}  ({a.trials} trials, {s.pruner} pruning, "
+                                                      f"jobs={a.jobs})"))
     if not summary:  # a torchrun rank other than 0
         return 0
     if seeds:
@@ -147,7 +148,17 @@ def cmd_tune(a, console) -> int:
     return 0
 
 
-def _trial_printer(space, console):
+def _trial_bar(console, label: str, a):
+    from lamina.cli.progress import progress_bar
+
+    return progress_bar(console, f"{label} trials", a.no_progress)
+
+
+def _trial_printer(space, console, bar=None, trials: int = 0):
+    """A line per finished trial; with `bar`, progress(trials finished in this call, --trials) too (a resumed
+    study's earlier trials are not counted, so its bar ends short of the total)."""
+    finished = [0]
+
     def on_trial(o):
         if isinstance(o.value, (list, tuple)):
             v = f"{o.value[0]:.4f} {int(o.value[1]):>9,} p {o.value[2]:6.3f} ms"
@@ -156,6 +167,9 @@ def _trial_printer(space, console):
         extra = f"  {o.error}" if o.error else ""
         params = "  ".join(f"{k.split('.', 1)[-1]}={_fmt(x)}" for k, x in space.values_of(o.params).items())
         console.print(f"trial {o.number:>3}  {o.state:<8} {v:>8}  {o.seconds:6.1f}s  {params}{extra}")
+        finished[0] += 1
+        if bar is not None:
+            bar(min(finished[0], trials), trials)
 
     return on_trial
 
@@ -173,8 +187,10 @@ def cmd_nas(a, console) -> int:
     out = _out(a, cfg, "nas")
     s = NASSettings(a.trials, out, a.metric, a.direction, a.sampler, a.jobs, a.storage,
                     include_base=not a.no_base, latency_repeats=a.latency_repeats)
-    summary = nas(cfg, space, space_raw, s, on_trial=_trial_printer(space, console), on_start=lambda: console.print(
-        f"study: {out}  ({a.trials} trials, {a.sampler}, objectives: metric / params / latency)"))
+    with _trial_bar(console, "nas", a) as bar:
+        summary = nas(cfg, space, space_raw, s, on_trial=_trial_printer(space, console, bar, a.trials),
+                      on_start=lambda: console.print(f"study: {out}  ({a.trials} trials, {a.sampler}, objectives: "
+                                                     "metric / params / latency)"))
     if a.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "trials"}, default=str))
         return 0

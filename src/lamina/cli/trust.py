@@ -48,6 +48,7 @@ def add_parsers(sub) -> None:
     a.add_argument("--norm", default="linf", help="linf | l2")
     a.add_argument("--alpha", type=float, default=None, help="step size (default 2.5 * eps / steps)")
     a.add_argument("-n", type=int, default=None, help="first N test samples (default: all)")
+    a.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     f = sub.add_parser("fairness", help="per-group accuracy and fairness differences; --mitigate retrains")
     _run(f)
@@ -65,6 +66,7 @@ def add_parsers(sub) -> None:
                     help="same epochs for every subset (default: same optimizer steps)")
     lc.add_argument("--seeds", help="train every fraction once per seed (e.g. 0,1,2): mean +- std per point")
     lc.add_argument("--json", action="store_true")
+    lc.add_argument("--no-progress", action="store_true", help="no progress bar")
     lc.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     r = sub.add_parser("report", help="write RUN_DIR/report.html: one self-contained page (config, curves, "
@@ -126,9 +128,12 @@ def cmd_explain(a, console) -> int:
 
 
 def cmd_attack(a, console) -> int:
+    from lamina.cli.progress import progress_bar
     from lamina.trust.robust import attack_run
 
-    r = attack_run(a.path, attack=a.attack, eps=a.eps, steps=a.steps, norm=a.norm, alpha=a.alpha, n=a.n, which=a.which)
+    with progress_bar(console, f"{a.attack} attack", a.no_progress) as progress:
+        r = attack_run(a.path, attack=a.attack, eps=a.eps, steps=a.steps, norm=a.norm, alpha=a.alpha, n=a.n,
+                       which=a.which, progress=progress)
     if _print_json(a, r):
         return 0
     steps = "" if r["attack"] == "fgsm" else f", {r['steps']} steps"
@@ -181,9 +186,18 @@ def cmd_learning_curve(a, console) -> int:
         raise ConfigError(f"--fractions: expected comma-separated numbers in (0, 1], got {a.fractions!r}") from None
     from lamina.cli.search import parse_seeds
 
+    from lamina.cli.progress import progress_bar
+
     seeds = parse_seeds(a.seeds)
-    r = learning_curve(cfg, fractions, out=a.out, equal_steps=not a.equal_epochs, seeds=seeds,
-                       progress=lambda i, n, f: console.print(f"[{i + 1}/{n}] training on {f:g} of the data ..."))
+    with progress_bar(console, "learning curve", a.no_progress) as bar:
+        def started(i: int, n: int, f: float) -> None:  # before run i of n: i runs done
+            console.print(f"[{i + 1}/{n}] training on {f:g} of the data ...")
+            if bar is not None:
+                bar(i, n)
+
+        r = learning_curve(cfg, fractions, out=a.out, equal_steps=not a.equal_epochs, seeds=seeds, progress=started)
+        if bar is not None:
+            bar(len(r["rows"]), len(r["rows"]))
     if _print_json(a, r):
         return 0
     m = r["metric"]

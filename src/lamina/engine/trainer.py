@@ -22,8 +22,10 @@ interval; the NaN check reads one bool per step only on CPU, where it costs noth
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -312,15 +314,46 @@ class Trainer:
 
         return context_parallel_disabled(model)
 
+    def progress_sink(self, prefix: str, progress: Callable[[int, int], None] | None = None
+                      ) -> Callable[[int, int], None] | None:
+        """`progress(done, total)` plus every callback's `on_eval_progress(trainer, prefix, done, total)` (a bar
+        for a long validation or test pass), as one sink; None when nobody listens."""
+        sinks = [progress] if progress is not None else []
+        sinks += [functools.partial(cb.on_eval_progress, self, prefix) for cb in self.callbacks
+                  if hasattr(cb, "on_eval_progress")]
+        if not sinks:
+            return None
+        if len(sinks) == 1:
+            return sinks[0]
+
+        def every(done: int, total: int) -> None:
+            for sink in sinks:
+                sink(done, total)
+
+        return every
+
     @torch.no_grad()
-    def evaluate(self, model, task, loader, prefix: str = "val") -> dict:
+    def evaluate(self, model, task, loader, prefix: str = "val",
+                 progress: Callable[[int, int], None] | None = None) -> dict:
+        """Loss and the task's metrics over `loader`; `progress(done, total)` counts this rank's batches."""
         self._apply_process_settings()
         model = model.to(self.device)
         was_training = model.training
         model.eval()
         metrics = task.make_metrics().to(self.device)
         loss_sum, n = 0.0, 0
+        progress = self.progress_sink(prefix, progress)
+        try:  # this rank's share: the loader is split over ranks batch by batch
+            total = -(-len(loader) // self.dist.world_size) if progress is not None else 0
+        except TypeError:  # an iterable without a length: no count to show
+            progress, total = None, 0
+        if progress is not None:
+            progress(0, total)
+        done = 0
         for batch, outputs, loss, stand_in in self._eval_outputs(model, task, loader, with_loss=True):
+            if progress is not None:
+                done += 1
+                progress(min(done, total), total)
             if stand_in:
                 continue
             bs = len(outputs)
@@ -330,6 +363,8 @@ class Trainer:
         if self.dist.world_size > 1:
             sums = self.dist.all_reduce_sum(torch.tensor([loss_sum, float(n)], dtype=torch.float64, device=self.device))
             loss_sum, n = float(sums[0]), int(sums[1])
+        if progress is not None and done < total:  # fewer batches than counted (an uneven shard): the pass is over
+            progress(total, total)
         out = {f"{prefix}/loss": loss_sum / max(n, 1)}
         out.update({f"{prefix}/{k}": float(v) for k, v in metrics.compute().items()})  # torchmetrics syncs ranks
         model.train(was_training)

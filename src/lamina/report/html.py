@@ -300,6 +300,21 @@ def _cost(summary: dict) -> str:
             + _kv({k: v for k, v in facts.items() if v is not None}))
 
 
+def _comparisons(folder, page: Path) -> str:
+    """Links to the `lamina compare` pages that include this run, relative to the report's own folder."""
+    import os
+    from urllib.parse import quote
+
+    from lamina.report.compare import comparisons
+
+    rows = []
+    for e in reversed(comparisons(folder)):  # newest first
+        href = quote(Path(os.path.relpath(e["page"], page.resolve().parent)).as_posix())
+        rows.append(f'<li><a href="{_esc(href)}">{_esc(Path(e["page"]).name)}</a> '
+                    f'<span class="sub">{_esc(", ".join(e["runs"]))}; {_esc(e["time"])}</span></li>')
+    return f"<ul>{''.join(rows)}</ul>" if rows else ""
+
+
 # ----- the page ---------------------------------------------------------------------------------------
 def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the run's report.html (or `out`) and return its path."""
@@ -311,6 +326,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     summary = _dict(_json(folder.summary))
     history = _history(run)
     name = run.name
+    path = Path(out) if out else run / "report.html"
     parts = [
         _section("overview", "Overview", _overview(run, summary), "test metrics of the best checkpoint"),
         _section("curves", "Training curves", _curves(run, history)),
@@ -329,6 +345,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         _section("cost", "Cost", _cost(summary),
                  "energy and CO2e of training (CodeCarbon), each figure marked measured or estimated; FLOPs "
                  "counted on one batch"),
+        _section("comparisons", "Comparisons", _comparisons(folder, path), "`lamina compare` pages with this run"),
     ]
     config = folder.config.read_text(errors="replace")
     parts.append(_section("config", "Config", f"<pre>{_esc(config)}</pre>",
@@ -337,7 +354,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     titles = {"overview": "Overview", "curves": "Curves", "overfitting": "Overfitting", "confusion": "Confusion",
               "calibration": "Calibration", "gradients": "Gradients", "explanations": "Explanations",
               "robustness": "Robustness", "fairness": "Fairness", "learning-curve": "Learning curve",
-              "cost": "Cost", "config": "Config"}
+              "cost": "Cost", "comparisons": "Comparisons", "config": "Config"}
     nav = "".join(f'<a href="#{sid}">{titles[sid]}</a>' for sid, _ in shown)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
@@ -345,7 +362,6 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
             f"<title>lamina report: {_esc(name)}</title><style>{CSS}</style></head><body><main>"
             f"<h1>{_esc(name)}</h1><p class='sub'>lamina run report, {stamp}</p><nav>{nav}</nav>"
             + "".join(body for _, body in shown) + "</main></body></html>")
-    path = Path(out) if out else run / "report.html"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(path)

@@ -8,6 +8,7 @@
     runs/<name>/checkpoints/{last,best}/
     runs/<name>/summary.json       final metrics, parameters, wall time, throughput
     runs/<name>/curves.png, confusion.png, adapters.safetensors (LoRA runs)
+    runs/<name>/comparisons.json   the `lamina compare` pages that include this run
 
 Tools write their own outputs beside these (attack.json, calibration.json, report.html, compressed/, ...)
 through `RunFolder.path`.
@@ -41,6 +42,8 @@ class RunFolder:
     curves = property(lambda self: self.path / "curves.png")
     confusion = property(lambda self: self.path / "confusion.png")
     adapters = property(lambda self: self.path / "adapters.safetensors")
+    steps = property(lambda self: self.path / "steps.csv")  # per-step rows, when a logger wrote them
+    comparisons = property(lambda self: self.path / "comparisons.json")  # `lamina compare` pages with this run
 
     def checkpoint(self, which: str = "best") -> Path:
         """checkpoints/<which>, or checkpoints/last when the run has no such checkpoint (a run without

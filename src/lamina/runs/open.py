@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -141,12 +142,16 @@ def check_declared_sizes(cfg: RunConfig, facts: DataFacts, options: dict | None,
 
 
 # ----- verbs on a trained run ----------------------------------------------------------------------------
-def evaluate(path: str | Path, split: str = "test", which: str = "best") -> dict:
+def evaluate(path: str | Path, split: str = "test", which: str = "best",
+             progress: Callable[[int, int], None] | None = None) -> dict:
+    """Loss and metrics of a run's checkpoint on a split. `progress(done, total)`: batches of the evaluation pass,
+    then (a second phase, from 0) the task's decoding where it has one (beam search for BLEU / WER)."""
     run = open_run(path, which)
     data = run.split(split)
     trainer = run.trainer()
-    metrics = trainer.evaluate(run.model, run.task, run.eval_loader(data, trainer.device), prefix=split)
-    metrics.update(run.task.test_extras(run.model, run.data(), split, trainer.device))
+    metrics = trainer.evaluate(run.model, run.task, run.eval_loader(data, trainer.device), prefix=split,
+                               progress=progress)
+    metrics.update(run.task.test_extras(run.model, run.data(), split, trainer.device, progress=progress))
     return {"checkpoint": str(run.checkpoint), "split": split, "n": len(data), **metrics}
 
 

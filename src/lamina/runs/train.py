@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from lamina import __version__ as lamina_version
 from lamina.config import RunConfig, to_dict, to_yaml
 from lamina.data import DataBundle
 from lamina.data.facts import DataFacts
@@ -228,13 +229,15 @@ def finalize(p: Prepared, history: list[dict], outputs: Sequence[Callable[[RunEn
         test_metrics = trainer.evaluate(model, task, test_loader, prefix="test")
         if not dist.sharded_checkpoints:
             # metrics that need decoding (BLEU of beam-searched outputs): rank 0 alone, on its full replica
-            extras = (task.test_extras(model, bundle, "test", trainer.device, run_dir=p.folder.path)
+            extras = (task.test_extras(model, bundle, "test", trainer.device, run_dir=p.folder.path,
+                                       progress=trainer.progress_sink("test decoding"))
                       if dist.is_main else None)
             test_metrics.update(dist.broadcast_object(extras) or {})
         artifacts = task.test_outputs(trainer, model, test_loader, bundle.test)
     tokens = task.tokens_per_sample(p.facts)
     tcfg = p.cfg.trainer
     summary = {
+        "lamina_version": lamina_version,  # `lamina compare` refuses runs of another major.minor
         "run_dir": str(p.folder.path), "data": bundle.summary(), "model": p.cfg.model.name, "task": p.facts.task,
         "params": count_params(model), "epochs": trainer.epoch, "steps": trainer.global_step,
         "best_epoch": p.checkpoints.best_epoch, "monitor": p.monitor, "best_monitor": p.checkpoints.best,

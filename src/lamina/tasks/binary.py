@@ -274,7 +274,7 @@ class BinaryTask(ClassificationTask):
         model.train(was)
         return torch.cat(out), (data.y == self.pos).long()
 
-    def test_extras(self, model, bundle, split: str, device, run_dir=None) -> dict:
+    def test_extras(self, model, bundle, split: str, device, run_dir=None, progress=None) -> dict:
         """With a threshold rule: choose the threshold on the validation split, then report `split` at it
         (precision, recall, f1, cost, threshold); the choice goes to <run_dir>/threshold.json."""
         data = getattr(bundle, split, None)

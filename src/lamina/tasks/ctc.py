@@ -144,7 +144,7 @@ class CTCTask(BaseTask):
         return {"logits": outputs}
 
     # ----- run building ----------------------------------------------------------------------------------
-    def test_extras(self, model, bundle, split: str, device, run_dir=None) -> dict:
+    def test_extras(self, model, bundle, split: str, device, run_dir=None, progress=None) -> dict:
         """Beam-search error rates on the split (greedy is what val/test wer report)."""
         from torchmetrics.text import CharErrorRate, WordErrorRate
         from lamina.data import make_loader
@@ -153,8 +153,11 @@ class CTCTask(BaseTask):
         wer, cer = WordErrorRate(), CharErrorRate()
         was = model.training
         model.eval()
+        loader = make_loader(data, 256, device=device, trim=bundle.meta.get("pad_trim"))
+        if progress is not None:
+            progress(0, len(loader))
         with torch.no_grad():
-            for batch in make_loader(data, 256, device=device, trim=bundle.meta.get("pad_trim")):
+            for i, batch in enumerate(loader):
                 logits = self.forward(model, batch)
                 lp = F.log_softmax(logits.float(), -1)
                 hyp = [self.text(prefix_beam_search(lp[i, :n], self.beam, self.blank))
@@ -162,6 +165,8 @@ class CTCTask(BaseTask):
                 refs = self.references(batch)
                 wer.update(hyp, refs)
                 cer.update(hyp, refs)
+                if progress is not None:
+                    progress(i + 1, len(loader))
         model.train(was)
         return {f"{split}/wer_beam": float(wer.compute()), f"{split}/cer_beam": float(cer.compute())}
 

@@ -223,7 +223,7 @@ class FaceTask(BaseTask):
         score, label = outputs.cos.float().max(-1)
         return {"label": label, "confidence": score}
 
-    def test_extras(self, model, bundle, split: str, device, run_dir=None) -> dict:
+    def test_extras(self, model, bundle, split: str, device, run_dir=None, progress=None) -> dict:
         """Identification by enrolment: training images -> templates; each image of `split` whose person was
         enrolled is matched to the nearest template (gallery_top1) and to the nearest training image (nn_top1)."""
         data = getattr(bundle, split, None)

@@ -174,9 +174,19 @@ class QuestionAnsweringTask(BaseTask):
         res = metric(preds, target)
         return {"exact_match": float(res["exact_match"]), "f1": float(res["f1"])}
 
-    def test_extras(self, model, bundle, split: str, device, run_dir: Path | None = None) -> dict:
+    def test_extras(self, model, bundle, split: str, device, run_dir: Path | None = None,
+                    progress=None) -> dict:
         examples, windows = bundle.extras["qa"][split]
-        preds = self.decode(model, examples, windows, device)
+        n = len(windows.tensors["ids"])
+        if progress is not None:
+            progress(0, n)
+        done = [0]
+
+        def counted(k: int) -> None:  # decode's on_batch(windows in the batch) -> progress(windows done, all)
+            done[0] += k
+            progress(min(done[0], n), n)
+
+        preds = self.decode(model, examples, windows, device, on_batch=counted if progress is not None else None)
         scores = self.squad_scores(preds, examples)
         if run_dir is not None:  # the official evaluate-v1.1.py reads exactly this: {id: answer text}
             text = json.dumps({p["id"]: p["text"] for p in preds}, ensure_ascii=False, indent=1)

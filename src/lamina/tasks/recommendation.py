@@ -239,7 +239,7 @@ class RecommendationTask(BaseTask):
         scores, items = outputs.scores.float().topk(k, dim=1)
         return {"items": items, "scores": scores}
 
-    def test_extras(self, model, bundle, split: str, device, run_dir=None) -> dict:
+    def test_extras(self, model, bundle, split: str, device, run_dir=None, progress=None) -> dict:
         """The popularity baseline's metrics on the same split, the floor a trained recommender must clear."""
         data = getattr(bundle, split, None)
         if data is None or split == "train":

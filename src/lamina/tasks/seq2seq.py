@@ -109,8 +109,9 @@ class Seq2SeqTask(BaseTask):
     # ----- decoding and BLEU ---------------------------------------------------------------------------
     @torch.no_grad()
     def translate(self, model, tokenizer, sources: list[str], device=None, max_len: int | None = None,
-                  on_batch=None) -> list[str]:
-        """Beam-search translations of raw source strings, detokenized."""
+                  on_batch=None, progress=None) -> list[str]:
+        """Beam-search translations of raw source strings, detokenized. `on_batch(n)` after each batch of n;
+        `progress(done, total)` counts sentences."""
         from lamina.models.generation import seq2seq_generate
 
         device = device or next(model.parameters()).device
@@ -119,6 +120,8 @@ class Seq2SeqTask(BaseTask):
         cap = max_len or getattr(model, "block_size", 128)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths per batch: less padding
         out: list[str] = [""] * len(ids)
+        if progress is not None:
+            progress(0, len(ids))
         for b in range(0, len(order), self.decode_batch_size):
             rows = order[b:b + self.decode_batch_size]
             src, src_len = tokenizer.pad([ids[i] for i in rows], eos=True, max_len=cap)
@@ -129,6 +132,8 @@ class Seq2SeqTask(BaseTask):
                 out[i] = text
             if on_batch is not None:
                 on_batch(len(rows))
+            if progress is not None:
+                progress(min(b + len(rows), len(ids)), len(ids))
         return out
 
     def generate(self, model, facts, prompt: str, device, *, tokenizer=None, on_text=None, **sampling) -> str:
@@ -143,16 +148,17 @@ class Seq2SeqTask(BaseTask):
             on_text(text)
         return text
 
-    def test_extras(self, model, bundle, split: str, device, run_dir: Path | None = None) -> dict:
+    def test_extras(self, model, bundle, split: str, device, run_dir: Path | None = None,
+                    progress=None) -> dict:
         if self.metric == "rouge":
-            return self._rouge_extras(model, bundle, split, device, run_dir)
+            return self._rouge_extras(model, bundle, split, device, run_dir, progress)
         try:
             import sacrebleu
         except ImportError:
             raise MissingDependencyError('sacrebleu is needed for BLEU; install it with pip install "lamina[text]"'
                                          ) from None
         sources, refs = bundle.extras["text"][split]
-        hyps = self.translate(model, bundle.extras["tokenizer"], sources, device)
+        hyps = self.translate(model, bundle.extras["tokenizer"], sources, device, progress=progress)
         bleu = sacrebleu.corpus_bleu(hyps, [refs])
         chrf = sacrebleu.corpus_chrf(hyps, [refs])
         if run_dir is not None:
@@ -161,10 +167,10 @@ class Seq2SeqTask(BaseTask):
             (Path(run_dir) / f"translations_{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         return {f"{split}/bleu": round(bleu.score, 2), f"{split}/chrf": round(chrf.score, 2)}
 
-    def _rouge_extras(self, model, bundle, split: str, device, run_dir: Path | None) -> dict:
+    def _rouge_extras(self, model, bundle, split: str, device, run_dir: Path | None, progress=None) -> dict:
         sources, refs = bundle.extras["text"][split]
         scorer = rouge_scorer()  # fail before decoding when rouge-score is missing
-        hyps = self.translate(model, bundle.extras["tokenizer"], sources, device)
+        hyps = self.translate(model, bundle.extras["tokenizer"], sources, device, progress=progress)
         if run_dir is not None:
             lines = [" ".join(h.splitlines()) for h in hyps]
             (Path(run_dir) / f"summaries_{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -24,12 +24,18 @@ from lamina.nn.preprocess import Normalized  # noqa: F401  (re-exported: lamina.
 
 
 def robust_accuracy(model: nn.Module, loader, attack: Callable, *, n: int | None = None, device=None,
-                    adapter: Callable | None = None) -> dict:
+                    adapter: Callable | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
     """Clean and robust accuracy of `model` over (the first `n` samples of) `loader`, whose batches are dicts
-    with "x" in the attack's value range and "y". `adapter(batch) -> x`: the model input, default batch["x"]."""
+    with "x" in the attack's value range and "y". `adapter(batch) -> x`: the model input, default batch["x"].
+    `progress(done, total)`: samples attacked so far (total known when the loader's data has a length)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device)
     clean = robust = seen = 0
+    total = _samples(loader, n) if progress is not None else None
+    if total is None:
+        progress = None
+    else:
+        progress(0, total)
     for batch in loader:
         x = (adapter(batch) if adapter else batch["x"]).to(device)
         y = batch["y"].to(device)
@@ -45,20 +51,35 @@ def robust_accuracy(model: nn.Module, loader, attack: Callable, *, n: int | None
         clean += int(clean_ok.sum())
         robust += int(robust_ok.sum())
         seen += len(y)
+        if progress is not None:
+            progress(min(seen, total), total)
         if n is not None and seen >= n:
             break
     if seen == 0:
         raise DataError("robust_accuracy: the loader yielded no samples")
+    if progress is not None and seen < total:
+        progress(total, total)
     return {"clean_acc": clean / seen, "robust_acc": robust / seen, "n": seen}
+
+
+def _samples(loader, n: int | None) -> int | None:
+    """How many samples robust_accuracy will attack: the loader's data size (capped at n), or None if unknown."""
+    data = getattr(loader, "data", getattr(loader, "dataset", None))
+    try:
+        size = len(data)
+    except TypeError:
+        return n
+    return min(size, n) if n is not None else size
 
 
 def attack_run(run_dir: str | Path, attack: str = "pgd", eps: float = 0.1, steps: int = 20, norm: str = "linf",
                alpha: float | None = None, n: int | None = None, which: str = "best", restarts: int = 1,
-               clamp: tuple[float, float] = (0.0, 1.0), seed: int = 0) -> dict:
+               clamp: tuple[float, float] = (0.0, 1.0), seed: int = 0,
+               progress: Callable[[int, int], None] | None = None) -> dict:
     """Clean vs robust accuracy of a trained classification run on its test split (first `n` samples, or all),
     under `attack` with budget `eps` in `norm` (pixel space: before the run's normalize step, if any); writes
     attack.json into the run folder (attack_<attack>_<norm>_eps<eps>.json alongside, so several budgets keep
-    their numbers) and returns the same dict."""
+    their numbers) and returns the same dict. `progress(done, total)`: test samples attacked so far."""
     from lamina.data import make_loader
     from lamina.engine.precision import Precision
     from lamina.runs import open_run
@@ -94,7 +115,7 @@ def attack_run(run_dir: str | Path, attack: str = "pgd", eps: float = 0.1, steps
     atk = make_attack(attack, eps, steps, norm, alpha, restarts, clamp, generator=g,
                       autocast=Precision(cfg.trainer.precision, device).autocast)
     t0 = time.perf_counter()
-    res = robust_accuracy(net, loader, atk, n=n, device=device)
+    res = robust_accuracy(net, loader, atk, n=n, device=device, progress=progress)
     secs = time.perf_counter() - t0
     out = {"checkpoint": str(ckpt), "attack": attack, "eps": eps, "steps": None if attack == "fgsm" else steps,
            "norm": norm, "alpha": alpha if attack == "pgd" else None, "restarts": restarts, "n": res["n"],

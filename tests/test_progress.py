@@ -1,0 +1,158 @@
+"""The progress protocol: every instrumented library function calls progress(done, total) with counts that never
+fall and end at the total; the CLI draws a bar only on a terminal and never under --no-progress."""
+
+import io
+
+import pytest
+import torch
+
+from conftest import copy_run
+from lamina.cli.main import main
+
+
+class Sink:
+    """A fake progress sink: records every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, done, total):
+        self.calls.append((done, total))
+
+    def phases(self):
+        """The calls split where the count falls or the total changes (a function may have several phases)."""
+        out = []
+        for c in self.calls:
+            if not out or c[1] != out[-1][-1][1] or c[0] < out[-1][-1][0]:
+                out.append([])
+            out[-1].append(c)
+        return out
+
+
+def check_phase(calls, total=None):
+    done = [d for d, _ in calls]
+    assert calls[0][0] == 0, calls  # starts at 0: a bar can show the total from the first moment
+    assert done == sorted(done) and all(t == calls[0][1] for _, t in calls), calls
+    assert calls[-1][0] == calls[-1][1], calls  # ends at the total
+    if total is not None:
+        assert calls[-1][1] == total
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, digits_run):
+    return copy_run(digits_run, tmp_path_factory.mktemp("progress") / "digits")  # attack writes into it
+
+
+def test_evaluate_counts_batches(run):
+    from lamina.runs import evaluate, open_run
+
+    r = open_run(run)
+    batches = len(r.eval_loader("test", batch_size=None))
+    sink = Sink()
+    out = evaluate(run, "test", progress=sink)
+    (phase,) = sink.phases()  # classification: no decoding phase
+    check_phase(phase, batches)
+    assert len(phase) == batches + 1 and out["n"] == 359
+    assert evaluate(run, "test")["test/acc"] == out["test/acc"]  # counting changes nothing
+
+
+def test_trainer_evaluate_feeds_callbacks_on_eval_progress(run):
+    from lamina.runs import open_run
+
+    seen = []
+
+    class Listener:
+        def on_eval_progress(self, trainer, prefix, done, total):
+            seen.append((prefix, done, total))
+
+    r = open_run(run)
+    trainer = r.trainer()
+    trainer.callbacks.append(Listener())
+    sink = Sink()
+    trainer.evaluate(r.model, r.task, r.eval_loader("val"), prefix="val", progress=sink)
+    check_phase(sink.calls)
+    assert [(p, d, t) for p, d, t in seen] == [("val", d, t) for d, t in sink.calls]
+
+
+def test_attack_counts_samples(run):
+    from lamina.trust.robust import attack_run
+
+    sink = Sink()
+    out = attack_run(run, attack="fgsm", eps=0.05, n=100, progress=sink)
+    (phase,) = sink.phases()
+    check_phase(phase, 100)
+    assert out["n"] == 100
+
+
+def test_export_counts_stages(run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from lamina.deploy.export import export_run
+
+    sink = Sink()
+    export_run(run, out=tmp_path / "m.onnx", batch=32, progress=sink)
+    assert sink.calls == [(0, 2), (1, 2), (2, 2)]  # export, then its parity check
+
+
+def test_translate_counts_sentences():
+    from lamina.data.tokenizers import CharTokenizer
+    from lamina.models import create_model
+    from lamina.tasks.seq2seq import Seq2SeqTask
+
+    sources = ["a cab", "ba", "c", "abc ab", "cc"]
+    tok = CharTokenizer.train(sources)
+    torch.manual_seed(0)
+    model = create_model("t5_mini", vocab_size=tok.vocab_size, d_model=16, n_head=2, d_ff=32, n_enc_layer=1,
+                         n_dec_layer=1, dropout=0.0, block_size=16)
+    task = Seq2SeqTask(tok.vocab_size, beam_size=2, decode_batch_size=2, max_len_b=4)
+    sink = Sink()
+    out = task.translate(model, tok, sources, torch.device("cpu"), progress=sink)
+    assert len(out) == 5 and sink.calls == [(0, 5), (2, 5), (4, 5), (5, 5)]
+
+
+def test_lazy_bar_draws_only_on_a_terminal_and_after_its_delay(monkeypatch):
+    from rich.console import Console
+
+    from lamina.cli.progress import LazyBar, progress_bar
+
+    buf = io.StringIO()
+    tty = Console(file=buf, force_terminal=True, width=80)
+    with progress_bar(tty, "work") as p:
+        for i in range(4):
+            p(i, 3)
+    assert "work" in buf.getvalue()
+    for console, off in ((Console(file=io.StringIO(), force_terminal=False), False), (tty, True)):
+        with progress_bar(console, "work", no_progress=off) as p:
+            assert p is None
+    slow = LazyBar(Console(file=io.StringIO(), force_terminal=True), "x", delay_s=60)
+    slow(0, 10)
+    slow(5, 10)
+    assert slow.progress is None  # short work draws nothing
+
+
+@pytest.mark.parametrize("flag, drawn", [([], True), (["--no-progress"], False)])
+def test_cli_eval_bar_and_no_progress(flag, drawn, run, capsys, monkeypatch):
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich then treats stderr as a terminal
+    assert main(["eval", str(run), *flag]) == 0
+    err = capsys.readouterr().err
+    assert ("eval test" in err) == drawn and (err == "") == (not drawn), err
+
+
+def test_cli_attack_no_progress_is_quiet(run, capsys, monkeypatch):
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    assert main(["attack", str(run), "--attack", "fgsm", "-n", "50", "--no-progress"]) == 0
+    cap = capsys.readouterr()
+    assert cap.err == "" and "robust accuracy" in cap.out
+
+
+def test_train_progress_draws_the_test_pass_after_fit_only_on_a_terminal():
+    from rich.console import Console
+
+    from lamina.cli.progress import RichProgress
+
+    for terminal in (True, False):
+        buf = io.StringIO()
+        rp = RichProgress(Console(file=buf, force_terminal=terminal, width=100))
+        rp.eval_delay_s = 0.0  # draw at once (the default waits 2 s: short passes draw nothing)
+        for i in range(6):
+            rp.on_eval_progress(None, "test", i, 5)
+        assert ("test" in buf.getvalue()) == terminal and rp._eval_bar is None  # closed at the total
