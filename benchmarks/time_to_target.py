@@ -297,6 +297,8 @@ def main():
     ap.add_argument("--work", default="/tmp/lamina_time_to_target")
     ap.add_argument("--no-cli", action="store_true", help="gpt: skip the whole-command `lamina train` timing")
     ap.add_argument("--cli-repeats", type=int, default=3, help="gpt: how many whole-command runs (median)")
+    ap.add_argument("--cli-only", action="store_true",
+                    help="gpt: only the whole-command runs (written to time_to_target_gpt_cli.json)")
     args = ap.parse_args()
     name, w = args.workload, WORKLOADS[args.workload]
     load0, _ = refuse_if_busy(args.allow_busy, others_limit=BUSY_CORES)
@@ -325,6 +327,10 @@ def main():
                 return False
         return True
 
+    if args.cli_only:
+        if name != "gpt":
+            ap.error("--cli-only is for the gpt workload")
+        args.repeats = 0
     r = 0
     while r < args.repeats or (r < args.max_repeats and not spread_ok()):
         order = list(runners) if r % 2 == 0 else list(runners)[::-1]
@@ -395,7 +401,7 @@ def main():
         print("lamina perf preset: " + "; ".join(perf["applied"]) + (" | skipped: " + "; ".join(perf["skipped"])
                                                                        if perf["skipped"] else ""))
     table = print_table(["runner", "train s to target", "wall s to target", "epochs", "reached", "x hand loop"], rows)
-    write_result(f"time_to_target_{name}", {
+    write_result(f"time_to_target_{name}" + ("_cli" if args.cli_only else ""), {
         "workload": name, "target": {k: w[k] for k in ("metric", "target", "mode")}, "threads": args.threads,
         "repeats": args.repeats, "loadavg_before_after": [load0, load1], "busy_runs": sum(x["busy"] for x in runs),
         "perf": perf, "table": table, "summary": summary, "cli_whole_command": cli, "runs": runs})
