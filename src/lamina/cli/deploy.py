@@ -1,4 +1,5 @@
-"""The export verb: ONNX and torch.export with an automatic parity check (lamina.deploy.export)."""
+"""The export verb: ONNX and torch.export with an automatic parity check (lamina.deploy.export); Hugging
+Face-layout folders and PEFT LoRA adapters (lamina.deploy.hf_export)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import json
 
 def add_parsers(sub) -> None:
     e = sub.add_parser("export", help="export a trained run to ONNX (dynamo exporter; --int8 adds a quantized "
-                                      "copy) or a torch.export program, checked against PyTorch on real test data")
+                                      "copy), a torch.export program, a Hugging Face-layout folder (hf) or a PEFT "
+                                      "LoRA adapter (peft), checked against PyTorch")
     e.add_argument("path", metavar="RUN_DIR")
-    e.add_argument("--format", default="onnx", metavar="FORMAT", help="onnx | torch-export (default onnx)")
+    e.add_argument("--format", default="onnx", metavar="FORMAT", help="onnx | torch-export | hf | peft (default onnx)")
     e.add_argument("--int8", action="store_true", help="also write an int8 ONNX model (onnxruntime.quantization: "
                                                        "static QDQ for conv nets, dynamic for the rest)")
     e.add_argument("--out", default=None, help="artifact path or folder (default RUN_DIR/export/model.onnx|.pt2)")
@@ -36,9 +38,32 @@ def format_table(result: dict) -> str:
     return "\n".join([head, *lines])
 
 
-def cmd_export(a, console) -> int:
-    from lamina.deploy.export import export_run
+def format_hf(result: dict) -> str:
+    """folder, architecture, files and the parity numbers of an hf / peft export."""
+    lines = [f"{result['architecture']} ({result['format']}) from {result['checkpoint']} -> {result['folder']}",
+             f"files: {', '.join(result['files'])}"]
+    if result["format"] == "peft":
+        lines.append(f"target_modules: {', '.join(result['target_modules'])}; r={result['r']}, "
+                     f"lora_alpha={result['lora_alpha']:g}")
+    probe = "x".join(str(n) for n in result["probe"])
+    lines += [f"max abs logit diff ({probe} token ids), {k.removesuffix('_max_abs_diff')}: {v:.3g}"
+              for k, v in result["parity"].items()]
+    return "\n".join(lines)
 
+
+def cmd_export(a, console) -> int:
+    from lamina.deploy.export import FORMATS, export_run
+    from lamina.deploy.hf_export import HF_FORMATS, export_hf_run, export_peft_run
+    from lamina.errors import ConfigError, unknown_name
+
+    if a.format not in (*FORMATS, *HF_FORMATS):
+        raise ConfigError(f"--format: {unknown_name('format', a.format, (*FORMATS, *HF_FORMATS))}")
+    if a.format in HF_FORMATS:
+        if a.int8:
+            raise ConfigError(f"--int8: quantized export is ONNX only; drop --int8 for --format {a.format}")
+        result = (export_hf_run if a.format == "hf" else export_peft_run)(a.path, out=a.out, which=a.which)
+        print(json.dumps(result, default=str) if a.json else format_hf(result))
+        return 0
     from lamina.cli.progress import progress_bar
 
     with progress_bar(console, f"export {a.format}", getattr(a, "no_progress", False)) as progress:

@@ -252,7 +252,8 @@ def map_llama_state(model, state: dict[str, torch.Tensor], source: str) -> list[
                               lambda name: hf_names.get(name, "?"), "llama", source)
 
 
-_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
+                     "silu": "silu", "swish": "silu", "tanh": "tanh", "sigmoid": "sigmoid", "relu6": "relu6"}
 
 
 def _gpt2_model(config: dict, path: Path, dtype):

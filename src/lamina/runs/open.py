@@ -91,6 +91,10 @@ def open_run(path: str | Path, which: str = "best") -> Run:
         if not cfg.model.pretrained:
             check_declared_sizes(cfg, facts, options, ckpt)
         model = build_run_model(cfg, facts, options)
+        if cfg.finetune.mode == "lora":  # its checkpoint holds the adapters beside the frozen base weights
+            from lamina.nn.lora import apply_lora
+
+            apply_lora(model, cfg.finetune.lora_targets, rank=cfg.finetune.lora_rank, alpha=cfg.finetune.lora_alpha)
     except (ConfigError, ModelError) as e:  # the run's config no longer builds (e.g. a model removed since)
         raise CheckpointError(f"{ckpt} cannot be rebuilt with this version of lamina: {e}") from None
     try:

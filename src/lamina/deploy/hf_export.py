@@ -1,0 +1,310 @@
+"""A trained run out as a Hugging Face-layout folder (`--format hf`) or a PEFT LoRA adapter (`--format peft`).
+
+    export_hf_run("runs/shakespeare-char-gpt")          # -> runs/shakespeare-char-gpt/export/hf/
+    export_peft_run("runs/lora-run")                    # -> runs/lora-run/export/peft/ (+ base/ the frozen base)
+
+The HF folder: config.json and model.safetensors (lamina.hub.hf_write), generation_config.json for causal LMs, the
+run's tokenizer as tokenizer.json + tokenizer_config.json (a character LM gets an equivalent `tokenizers` WordLevel
+tokenizer, so `AutoTokenizer` gives the run's ids), and README.md, a model card with YAML front matter and the
+run's metrics and data from summary.json. The PEFT folder: adapter_config.json + adapter_model.safetensors, the
+same tokenizer and card, and base/, the frozen base model as an HF folder, for
+`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"), out)`.
+
+Every export is checked before it is reported: the folder is read back through lamina.hub.load_hf_folder, and,
+when transformers (and peft) are installed, through `transformers` itself; the max abs logit differences against
+the run's model on token ids of the run's own data go into the result (and export.json beside the folder).
+A model family or option HF cannot represent is one ModelError line (exit 2), naming it and what is supported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from lamina.errors import ConfigError, ModelError
+from lamina.io import atomic_write_text, publish_folder, write_folder
+
+HF_FORMATS = ("hf", "peft")
+_PIPELINE = {"GPT2LMHeadModel": "text-generation", "LlamaForCausalLM": "text-generation",
+             "BertForMaskedLM": "fill-mask", "BertForSequenceClassification": "text-classification",
+             "BertForQuestionAnswering": "question-answering", "BertModel": "feature-extraction"}
+_AUTO = {"GPT2LMHeadModel": "AutoModelForCausalLM", "LlamaForCausalLM": "AutoModelForCausalLM",
+         "BertForMaskedLM": "AutoModelForMaskedLM", "BertForSequenceClassification": "AutoModelForSequenceClassification",
+         "BertForQuestionAnswering": "AutoModelForQuestionAnswering", "BertModel": "AutoModel"}
+
+
+def _yaml_str(s) -> str:
+    return json.dumps(str(s))  # a JSON string is a valid YAML scalar, whatever it holds
+
+
+def model_card(run, spec, fmt: str, parity: dict) -> str:
+    """README.md: YAML front matter (library_name, tags, datasets, base_model, pipeline_tag) + the run's metrics,
+    data and model from summary.json / data.json."""
+    summary = {}
+    if run.folder.summary.is_file():
+        try:
+            summary = json.loads(run.folder.summary.read_text())
+        except (OSError, ValueError):
+            summary = {}
+    facts, cfg = run.facts, run.cfg
+    lib = "peft" if fmt == "peft" else "transformers"
+    tags = ["lamina", spec.family, _PIPELINE[spec.architecture]] + (["lora"] if fmt == "peft" else [])
+    front = [f"library_name: {lib}", "tags:", *[f"- {_yaml_str(t)}" for t in tags], "datasets:",
+             f"- {_yaml_str(facts.name)}", f"pipeline_tag: {_PIPELINE[spec.architecture]}"]
+    if cfg.model.pretrained:
+        front.append(f"base_model: {_yaml_str(cfg.model.pretrained)}")
+    lines = ["---", *front, "---", "", f"# {run.folder.path.name}", "",
+             f"A {spec.architecture} ({'LoRA adapter, ' if fmt == 'peft' else ''}exported by `lamina export "
+             f"--format {fmt}`) of lamina's `{cfg.model.name}` trained on `{facts.name}` ({facts.task}).", ""]
+    lines += ["## Data", "", f"- data set: `{facts.name}`; task: `{facts.task}`",
+              f"- samples or tokens: train {facts.train:,}, val {facts.val:,}, test {facts.test:,}", ""]
+    metrics = {**{k: v for k, v in (summary.get("final") or {}).items() if k.startswith("val/")},
+               **(summary.get("test") or {})}
+    if metrics:
+        lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()
+                  if isinstance(v, (int, float))]
+        lines.append("")
+    train = [f"{k}: {summary[k]}" for k in ("params", "epochs", "steps", "best_epoch", "train_time_s") if k in summary]
+    if train:
+        lines += ["## Training", "", *[f"- {t}" for t in train], ""]
+    lines += ["## Parity", "", "Max abs logit difference against the lamina model at export:", ""]
+    lines += [f"- {k}: {v:.3g}" for k, v in parity.items() if isinstance(v, float)]
+    auto = _AUTO[spec.architecture]
+    load = (f"model = {auto}.from_pretrained(\"path/to/this/folder\")" if fmt == "hf" else
+            f"base = {auto}.from_pretrained(\"path/to/this/folder/base\")\n"
+            "model = PeftModel.from_pretrained(base, \"path/to/this/folder\")")
+    imports = f"from transformers import AutoTokenizer, {auto}" + ("\nfrom peft import PeftModel" if fmt == "peft" else "")
+    lines += ["", "## Use", "", "```python", imports, load,
+              "tok = AutoTokenizer.from_pretrained(\"path/to/this/folder\")", "```", ""]
+    return "\n".join(lines)
+
+
+def _label_names(spec, facts) -> None:
+    """A sequence classifier's config.json names its classes (id2label / label2id), as HF pipelines print them."""
+    names = facts.class_names
+    if spec.architecture == "BertForSequenceClassification" and names and len(names) == len(spec.config["id2label"]):
+        spec.config["id2label"] = {str(i): str(n) for i, n in enumerate(names)}
+        spec.config["label2id"] = {str(n): i for i, n in enumerate(names)}
+
+
+def _tokenizer_files(run, spec) -> dict[str, str]:
+    from lamina.hub.hf_write import hf_tokenizer_files
+
+    tok = run.folder.tokenizer.read_text() if run.folder.tokenizer.is_file() else None
+    vocab = run.facts.meta.get("vocab") if tok is None else None
+    if vocab is not None and not (isinstance(vocab, list) and all(isinstance(c, str) and len(c) == 1 for c in vocab)):
+        vocab = None  # not a character vocabulary: no tokenizer to export
+    return hf_tokenizer_files(tok, vocab, block_size=run.model.block_size, bert=spec.family == "bert")
+
+
+def _special_ids(files: dict[str, str]) -> dict[str, int]:
+    """{"bos_token_id": ..., "eos_token_id": ..., "pad_token_id": ...} for the tokenizer's specials it has."""
+    special = json.loads(files.get("special_tokens_map.json", "{}"))
+    if not files.get("tokenizer.json") or not special:
+        return {}
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(files["tokenizer.json"])
+    return {f"{role}_token_id": tok.token_to_id(special[f"{role}_token"]) for role in ("bos", "eos", "pad")
+            if f"{role}_token" in special}
+
+
+def _generation_config(files: dict[str, str], spec) -> dict[str, str]:
+    """generation_config.json of a causal LM: its context length and the tokenizer's special ids; and the same
+    ids into config.json (the families' defaults would name ordinary tokens of a lamina vocabulary)."""
+    ids = _special_ids(files)
+    spec.config.update(ids)
+    if not spec.causal:
+        return {}
+    gen = {"max_length": spec.config.get("n_positions") or spec.config.get("max_position_embeddings"), **ids}
+    return {"generation_config.json": json.dumps(gen, indent=2) + "\n"}
+
+
+def _probe_ids(run, vocab_size: int, T: int) -> torch.Tensor:
+    """(2, T) token ids for the parity check: the start of the run's own validation (else train) token stream for a
+    language model, else ids drawn with a fixed seed from the non-special part of the vocabulary."""
+    try:
+        bundle = run.data()
+        for split in ("val", "test", "train"):
+            data = getattr(bundle, split, None)
+            ids = data.tensors.get("ids") if data is not None else None
+            if ids is not None and ids.dim() == 1 and len(ids) >= 2 * T:
+                return ids[: 2 * T].reshape(2, T).long()
+    except Exception:  # noqa: BLE001 - the data is not at hand on this machine: random ids still check the weights
+        pass
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(min(5, vocab_size - 1), vocab_size, (2, T), generator=g)
+
+
+def _lamina_logits(model, spec, ids):
+    with torch.no_grad():
+        return model(ids).float()
+
+
+def _hf_logits(hf, spec, ids):
+    with torch.no_grad():
+        out = hf(input_ids=ids, attention_mask=torch.ones_like(ids))
+    if spec.architecture == "BertForQuestionAnswering":
+        return torch.stack([out.start_logits, out.end_logits], dim=-1).float()
+    if spec.architecture == "BertModel":  # mean pooling over the (unpadded) tokens, as the lamina model pools
+        return out.last_hidden_state.mean(dim=1).float()
+    return out.logits.float()
+
+
+def _transformers_model(spec, folder: Path):
+    import transformers
+
+    return getattr(transformers, _AUTO[spec.architecture]).from_pretrained(str(folder)).float().eval()
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # load reports go to stderr; parity is measured, not assumed
+
+
+def _check_hf(model, spec, folder: Path, ids) -> dict:
+    """Max abs logit differences of the folder, read back by lamina and by transformers (when installed)."""
+    from lamina.hub.hf import load_hf_folder
+
+    want = _lamina_logits(model, spec, ids)
+    back, _ = load_hf_folder(folder)
+    out = {"lamina_roundtrip_max_abs_diff": (_lamina_logits(back.eval(), spec, ids) - want).abs().max().item()}
+    if importlib.util.find_spec("transformers") is not None:
+        _quiet_transformers()
+        hf = _transformers_model(spec, folder)
+        out["transformers_max_abs_diff"] = (_hf_logits(hf, spec, ids) - want).abs().max().item()
+    return out
+
+
+def _open(run_dir, which: str):
+    from lamina.runs import RunFolder, open_run
+
+    if which not in ("best", "last"):
+        raise ConfigError(f"--which: expected best or last, got {which!r}")
+    if not RunFolder.is_run(Path(run_dir)):
+        raise ConfigError(f"{run_dir}: not a run folder (expected a folder with checkpoints/ from `lamina train`, "
+                          "or a checkpoint folder with meta.json)")
+    run = open_run(run_dir, which)
+    run.model.cpu().eval()
+    return run
+
+
+def _checked(stage: Path, check) -> dict:
+    """Run the parity check on the staged folder; over MAX_ABS_DIFF (or failing to load) removes the stage and
+    raises ParityError, so a wrong export never replaces a good one."""
+    from lamina.deploy.export import MAX_ABS_DIFF, ParityError
+
+    try:
+        parity = check()
+        worst = max(parity.values())
+        if not worst <= MAX_ABS_DIFF:
+            raise ParityError(f"the exported folder's logits differ from the run's model by {worst:.3g} (limit "
+                              f"{MAX_ABS_DIFF:g}): {', '.join(f'{k} {v:.3g}' for k, v in parity.items())}")
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return parity
+
+
+def _write_result(out: Path, result: dict) -> None:
+    atomic_write_text(out.parent / f"{out.name}.export.json", json.dumps(result, indent=2, default=str) + "\n")
+
+
+def export_hf_run(run_dir, out=None, which: str = "best") -> dict:
+    """The run's model as an HF-layout folder (default RUN/export/hf), checked by reading it back; returns
+    {"run", "checkpoint", "format": "hf", "folder", "architecture", "files", "parity": {...}}."""
+    from lamina.hub.hf_write import hf_spec, write_hf_folder
+    from lamina.nn.lora import lora_modules
+
+    run = _open(run_dir, which)
+    model = run.model
+    if lora_modules(model):
+        raise ModelError("hf export: this is a LoRA run; export its adapters with --format peft (the folder holds "
+                         "the base model too)")
+    spec = hf_spec(model)
+    _label_names(spec, run.facts)
+    folder = Path(out) if out else run.folder.path / "export" / "hf"
+    ids = _probe_ids(run, model.vocab_size, min(model.block_size, 64))
+    files = _tokenizer_files(run, spec)
+    files.update(_generation_config(files, spec))
+    stage = folder.with_name(f".candidate-{folder.name}")  # replaces `folder` only once it passed the checks
+    write_hf_folder(model, stage, files, spec=spec)
+    parity = _checked(stage, lambda: _check_hf(model, spec, stage, ids))
+    atomic_write_text(stage / "README.md", model_card(run, spec, "hf", parity))
+    publish_folder(stage, folder)
+    result = {"run": str(run.folder.path), "checkpoint": str(run.checkpoint), "format": "hf", "folder": str(folder),
+              "architecture": spec.architecture, "files": sorted(p.name for p in folder.iterdir()),
+              "probe": list(ids.shape), "parity": parity}
+    _write_result(folder, result)
+    return result
+
+
+def export_peft_run(run_dir, out=None, which: str = "best") -> dict:
+    """A LoRA run's adapters as a PEFT folder (default RUN/export/peft) with the frozen base model in base/;
+    checked through lamina's reader (base) and, with transformers + peft installed, PeftModel.from_pretrained."""
+    import copy
+
+    from lamina.hub.hf_write import hf_spec, peft_adapter, write_hf_folder, write_peft_files
+    from lamina.nn.lora import lora_modules, remove_lora
+    from lamina.runs.build import lora_head
+
+    run = _open(run_dir, which)
+    model = run.model
+    if run.cfg.finetune.mode != "lora" or not lora_modules(model):
+        raise ConfigError(f"--format peft: {run_dir} is not a LoRA run (finetune.mode={run.cfg.finetune.mode}); "
+                          "train with finetune.mode=lora, or export the whole model with --format hf")
+    spec = hf_spec(model)  # the base's layout (adapters left out); ModelError if HF cannot represent it
+    _label_names(spec, run.facts)
+    base = copy.deepcopy(model)
+    remove_lora(base, merge=False)
+    # base_model_name_or_path: the pretrained source the run started from (a folder or name), else none: the
+    # frozen base ships in base/
+    adapter = peft_adapter(model, spec, trained=lora_head(model, run.task), base_model=run.cfg.model.pretrained)
+    folder = Path(out) if out else run.folder.path / "export" / "peft"
+    ids = _probe_ids(run, model.vocab_size, min(model.block_size, 64))
+    files = _tokenizer_files(run, spec)
+    base_spec = hf_spec(base)
+    _label_names(base_spec, run.facts)
+
+    def write(tmp: Path) -> None:
+        write_peft_files(tmp, adapter, files)
+        write_hf_folder(base, tmp / "base", {**files, **_generation_config(files, base_spec)}, spec=base_spec)
+
+    stage = folder.with_name(f".candidate-{folder.name}")
+    write_folder(stage, write)
+    parity = _checked(stage, lambda: _check_peft(model, base, spec, stage, ids))
+    atomic_write_text(stage / "README.md", model_card(run, spec, "peft", parity))
+    publish_folder(stage, folder)
+    result = {"run": str(run.folder.path), "checkpoint": str(run.checkpoint), "format": "peft", "folder": str(folder),
+              "architecture": spec.architecture, "target_modules": adapter.config["target_modules"],
+              "r": adapter.config["r"], "lora_alpha": adapter.config["lora_alpha"],
+              "files": sorted(p.name for p in folder.iterdir()), "probe": list(ids.shape), "parity": parity}
+    _write_result(folder, result)
+    return result
+
+
+def _check_peft(model, base, spec, folder: Path, ids) -> dict:
+    """Max abs differences: the base folder read back by lamina against the base; with transformers and peft,
+    PeftModel(base folder, adapter) against the LoRA model."""
+    from lamina.hub.hf import load_hf_folder
+
+    back, _ = load_hf_folder(folder / "base")
+    out = {"lamina_base_roundtrip_max_abs_diff":
+           (_lamina_logits(back.eval(), spec, ids) - _lamina_logits(base.eval(), spec, ids)).abs().max().item()}
+    if importlib.util.find_spec("transformers") is not None and importlib.util.find_spec("peft") is not None:
+        from peft import PeftModel
+
+        _quiet_transformers()
+        hf = PeftModel.from_pretrained(_transformers_model(spec, folder / "base"), str(folder)).eval()
+        want = _lamina_logits(model, spec, ids)
+        out["peft_max_abs_diff"] = (_hf_logits(hf, spec, ids) - want).abs().max().item()
+    return out
+
+
+__all__ = ["HF_FORMATS", "export_hf_run", "export_peft_run", "model_card"]
