@@ -346,7 +346,7 @@ def transform_table_rows(meta: dict, df) -> dict[str, torch.Tensor]:
 def table(*, path: PathLike, target: str, task: str | None = None, categorical: str = "onehot",
           drop: Sequence[str] | None = None, val_fraction: float = 0.1, test_fraction: float = 0.2,
           seed: int = 0, missing_target: str = "error", resample: str | None = None,
-          resample_ratio: float = 1.0) -> DataBundle:
+          resample_ratio: float = 1.0, in_memory="auto", memory_budget: float | None = None) -> DataBundle:
     """Keys: "x" float32 (N,F) [+ "x_cat" int64 (N,C) with categorical="embed"], "y" int64 (N,) or float32 (N,1).
 
     A missing target is an error naming the row unless missing_target="drop" (those rows are then left out).
@@ -354,16 +354,16 @@ def table(*, path: PathLike, target: str, task: str | None = None, categorical: 
     minority ratio of `resample_ratio`; val and test keep the file's class rates. meta (what
     `transform_table_rows` needs): target, task, numeric, categorical, categorical_mode, categories, mean, std,
     feature_names, classes, cat_cardinalities (embed); classification adds class_counts (of the training split,
-    after resampling) and resample.
+    after resampling) and resample. A Parquet file whose frame would exceed `memory_budget` (GB; in_memory=auto)
+    or in_memory=false is streamed instead (lamina.data.tablestream): same split, statistics and encoding.
     """
     from lamina.data.imbalance import check_resample
     from lamina.data.imbalance import resample as resample_split
 
+    from lamina.data.outofcore import budget_bytes, check_in_memory, choose_in_memory
+    from lamina.data.tablestream import parquet_decoded_bytes, stream_table
+
     pd = _require("pandas", "tables")
-    df = _read_table(path)
-    drop = [drop] if isinstance(drop, str) else list(drop or [])
-    _check_columns(df, drop, "drop column")
-    _check_columns(df, [target], "target column")
     if task not in (None, "classification", "regression"):
         raise DataError(f"task: expected 'classification', 'regression' or None (auto), got {task!r}")
     if categorical not in ("onehot", "embed"):
@@ -371,6 +371,20 @@ def table(*, path: PathLike, target: str, task: str | None = None, categorical: 
     if missing_target not in ("error", "drop"):
         raise DataError(f"missing_target: expected 'error' or 'drop', got {missing_target!r}")
     resample, resample_ratio = check_resample(resample, resample_ratio)
+    drop = [drop] if isinstance(drop, str) else list(drop or [])
+    size = parquet_decoded_bytes(_existing_file(path, "table file"))
+    why = None
+    if size is not None:  # Parquet: the footer says how big the frame would be
+        keep, why = choose_in_memory(size, in_memory, memory_budget)
+        if not keep:
+            return stream_table(path, target, task, categorical, drop, val_fraction, test_fraction, seed,
+                                missing_target, resample, why)
+    elif check_in_memory(in_memory) is False and budget_bytes(memory_budget):
+        raise DataError(f"{path}: in_memory=false streams Parquet tables only; convert the CSV to Parquet "
+                        "(pandas: read_csv(...).to_parquet(...))")
+    df = _read_table(path)
+    _check_columns(df, drop, "drop column")
+    _check_columns(df, [target], "target column")
     features = [c for c in df.columns if c != target and c not in drop]
     if not features:
         raise DataError(f"{path}: no feature columns left besides target '{target}'")
@@ -426,8 +440,11 @@ def table(*, path: PathLike, target: str, task: str | None = None, categorical: 
     if task == "classification":
         meta["class_counts"] = torch.bincount(train.y, minlength=len(classes)).tolist()
         meta["resample"] = {"mode": resample, "ratio": resample_ratio} if resample else None
-    return DataBundle("table", train, val, test, task, (tensors["x"].shape[1],),
-                      len(classes) if classes else None, classes, meta)
+    bundle = DataBundle("table", train, val, test, task, (tensors["x"].shape[1],),
+                        len(classes) if classes else None, classes, meta)
+    if why:
+        bundle.extras["data_path"] = why
+    return bundle
 
 
 # ------------------------------------------------------------------------------------------- images

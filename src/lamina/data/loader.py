@@ -110,14 +110,18 @@ class InMemoryLoader:
 def make_loader(data, batch_size: int, shuffle: bool = False, seed: int = 0, device=None, transform=None,
                 drop_last: bool = False, num_workers: int = 0, trim: dict[str, str] | None = None,
                 bucket: str | None = None):
-    """InMemoryLoader for TensorData; StreamingImageLoader for image files (data bigger than memory), which gives
-    the same batches; torch DataLoader (seeded) for any other Dataset."""
+    """InMemoryLoader for TensorData; StreamingImageLoader for image files and StreamingTableLoader for Parquet
+    tables (data bigger than memory), which give the same batches (tables: in file order); torch DataLoader (seeded) for any other Dataset."""
     from lamina.data.outofcore import ImageFiles, StreamingImageLoader
+    from lamina.data.tablestream import StreamingTableLoader, TableStream
 
     if isinstance(data, ImageFiles):
         return StreamingImageLoader(data, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed,
                                     device=device, transform=transform,
                                     num_workers=data.num_workers)
+    if isinstance(data, TableStream):
+        return StreamingTableLoader(data, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, device=device,
+                                    transform=transform)
     if isinstance(data, TensorData):
         return InMemoryLoader(data, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed,
                               device=device, transform=transform, trim=trim, bucket=bucket)

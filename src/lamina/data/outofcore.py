@@ -187,8 +187,9 @@ class StreamingImageLoader:
         self._sampler = _EpochBatches()
         pin = self.device is not None and self.device.type == "cuda"
         kw = dict(persistent_workers=True, prefetch_factor=int(prefetch)) if self.num_workers else {}
+        # its own generator: a DataLoader draws a base seed per epoch, which must not move the global RNG (dropout)
         self._dl = torch.utils.data.DataLoader(data, batch_sampler=self._sampler, num_workers=self.num_workers,
-                                               collate_fn=_keep, pin_memory=pin, **kw)
+                                               collate_fn=_keep, pin_memory=pin, generator=torch.Generator(), **kw)
 
     def to(self, device) -> "StreamingImageLoader":
         self.device = torch.device(device)
