@@ -5,9 +5,10 @@ and compare the streaming path's images/s with the in-memory path's on a subset 
     bilinearly to --size pixels so that --images of them decode to float32 far beyond --limit-gb.
 (b) `lamina train data.name=image_folder ...` on the whole folder (auto choice: the decoded size is over
     data.memory_budget = --limit-gb, so the run streams from files) for --steps steps, as a subprocess whose data
-    segment is capped by RLIMIT_DATA = --limit-gb (inherited by its decoding workers; RLIMIT_AS is not usable
-    beside torch's large virtual reservations) while this script samples the resident memory of the whole process
-    tree (training process + workers, psutil) every 50 ms: the peak must stay below the limit.
+    segment is capped by RLIMIT_DATA = --limit-gb (per process, inherited by its decoding workers; RLIMIT_AS is not
+    usable beside torch's large virtual reservations) while this script samples the proportional resident memory
+    (PSS) of the whole process tree (training process + workers, psutil) every 50 ms: the peak must stay below
+    the limit.
 (c) images/s of training on a --subset that fits, in memory (data.in_memory=true) and streamed
     (data.in_memory=false), interleaved --repeats times; the ratio in-memory / streaming is the cost of streaming
     (target: <= 1.5). images/s = the run's train_samples_per_s (training time only, data loading excluded).
@@ -16,7 +17,7 @@ The model is an MLP (2 x 256) on the gray images: cheap enough per step that dec
 model, so the ratio is a fair worst case for the streaming path. The 1-min load average is recorded before and
 after every step; the script refuses to run the timing part when the machine is busy (unless --allow-busy).
 
-    python benchmarks/out_of_core.py [--images 30000] [--size 160] [--limit-gb 1.5] [--steps 300] [--allow-busy]
+    python benchmarks/out_of_core.py [--images 30000] [--size 192] [--limit-gb 1.0] [--steps 300] [--allow-busy]
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ def build_folder(out: Path, n: int, size: int) -> dict:
 
 
 def tree_rss(pid: int) -> int:
+    """Resident memory of the process tree as PSS (proportional set size): pages shared by the forked workers and
+    the training process count once in the sum, as they do in the machine's RAM (plain RSS would count them in
+    every worker)."""
     import psutil
 
     try:
@@ -75,7 +79,7 @@ def tree_rss(pid: int) -> int:
     total = 0
     for q in procs:
         try:
-            total += q.memory_info().rss
+            total += q.memory_full_info().pss
         except psutil.NoSuchProcess:
             pass
     return total
@@ -120,8 +124,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/lamina_out_of_core", help="image folder and runs (default %(default)s)")
     ap.add_argument("--images", type=int, default=30000)
-    ap.add_argument("--size", type=int, default=160, help="side in pixels after upscaling (default %(default)s)")
-    ap.add_argument("--limit-gb", type=float, default=1.5, help="memory limit of the training process tree")
+    ap.add_argument("--size", type=int, default=192, help="side in pixels after upscaling (default %(default)s)")
+    ap.add_argument("--limit-gb", type=float, default=1.0, help="memory limit of the training process tree (GB)")
+    ap.add_argument("--budget-gb", type=float, help="data.memory_budget of the big run (default: --limit-gb)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--subset", type=int, default=3000, help="images of the in-memory vs streaming comparison")
     ap.add_argument("--timing-steps", type=int, default=150)
@@ -141,11 +146,11 @@ def main() -> None:
     common = ["data.name=image_folder", "model.name=mlp", f"data.batch_size={a.batch_size}", "data.eval_batch_size=256",
               "trainer.max_epochs=1000"]
     limit = int(a.limit_gb * 1e9)
-    big = train("stream_big", [*common, f"data.path={work / 'images'}", f"data.memory_budget={a.limit_gb}",
+    big = train("stream_big", [*common, f"data.path={work / 'images'}", f"data.memory_budget={a.budget_gb or a.limit_gb}",
                                f"trainer.max_steps={a.steps}"], work, limit_bytes=limit)
     big["limit_bytes"] = limit
     big["under_limit"] = big["peak_rss_bytes"] < limit
-    print(f"(b) {big['steps']} steps under RLIMIT_DATA {a.limit_gb} GB: peak RSS of the process tree "
+    print(f"(b) {big['steps']} steps under RLIMIT_DATA {a.limit_gb} GB: peak resident memory (PSS) of the process tree "
           f"{big['peak_rss_bytes'] / 1e9:.2f} GB, data {info['decoded_float32_bytes'] / limit:.1f}x the limit; "
           f"{big['images_per_s']:.0f} images/s; {big['data_path']}", flush=True)
     result = {"folder": info, "limit_gb": a.limit_gb, "big": big, "load_start": load_start}
@@ -168,7 +173,7 @@ def main() -> None:
                             work)
                 row["in_memory"] = mode == "true"
                 runs.append(row)
-                print(f"    {row['run']}: {row['images_per_s']:.0f} images/s, peak RSS {row['peak_rss_bytes'] / 1e9:.2f} GB "
+                print(f"    {row['run']}: {row['images_per_s']:.0f} images/s, peak PSS {row['peak_rss_bytes'] / 1e9:.2f} GB "
                       f"(load {row['load_before']:.2f} -> {row['load_after']:.2f})", flush=True)
         med = {m: float(np.median([x["images_per_s"] for x in runs if x["in_memory"] == m])) for m in (True, False)}
         result["timing"] = {"subset": a.subset, "steps": a.timing_steps, "runs": runs, "load_before": load,
@@ -184,7 +189,7 @@ def main() -> None:
         sub_gb = f"{a.subset * a.size * a.size * 4 / 1e9:.2f}"
         rows += [["in memory, subset", a.subset, sub_gb, f"{mem_rss / 1e9:.2f}", f"{t['in_memory_images_per_s']:.0f}"],
                  ["streamed, subset", a.subset, sub_gb, f"{str_rss / 1e9:.2f}", f"{t['streaming_images_per_s']:.0f}"]]
-    print_table(["path", "images", "decoded GB", "peak RSS GB", "images/s"], rows)
+    print_table(["path", "images", "decoded GB", "peak PSS GB", "images/s"], rows)
     if "timing" in result:
         print(f"streaming costs {result['timing']['slowdown']:.2f}x the in-memory time per image (target <= 1.5)"
               f"{' [busy machine]' if result['timing']['busy'] else ''}")

@@ -294,3 +294,16 @@ def test_table_choice_and_errors(tmp_path):
         load_dataset("table", path=tmp_path / "t.csv", target="y", in_memory=False)
     with pytest.raises(DataError, match="streamed from Parquet"):
         auto.test.x
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["missing.txt"], "missing.txt: text file not found"),
+    (["t.txt", "--tokenizer", "wordpiece"], "tokenizer: expected char, bpe or a tokenizer.json file, got 'wordpiece'"),
+    (["t.txt", "--val-fraction", "1.5"], "val_fraction: expected a number in [0, 1), got 1.5"),
+])
+def test_cli_tokenize_bad_input(tmp_path, capsys, monkeypatch, args, msg):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.txt").write_text(TEXT)
+    assert main(["tokenize", *args[:1], "out", *args[1:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(msg) and "\n" not in err
