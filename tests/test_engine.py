@@ -73,6 +73,8 @@ def test_resume_is_bit_exact(tmp_path, stopper):
     ha = [r["train/loss"] for r in straight.history]
     hb = [r["train/loss"] for r in resumed.history]
     assert ha == hb
+    # steps.csv: the resumed run's per-step rows, each step once, equal to the straight run's (loss and lr)
+    assert (resumed.run_dir / "steps.csv").read_text() == (straight.run_dir / "steps.csv").read_text()
 
 
 def test_run_folder_contents(tmp_path):

@@ -165,6 +165,9 @@ def cmd_train(a, console) -> int:
         from lamina.runs.cost import describe
 
         console.print(f"cost: {describe(s['cost'])}", markup=False)
+    if isinstance((s.get("tracking") or {}).get("mlflow"), dict):
+        m = s["tracking"]["mlflow"]
+        console.print(f"mlflow: run {m['run_id']} in {m['tracking_uri']}", markup=False)
     over = s.get("overfitting") or {}
     if over.get("overfitting"):
         console.print(f"[yellow]overfitting:[/] {over['advice']}")

@@ -288,10 +288,39 @@ class TrainerConfig(_Strict):
         return v
 
 
+LOGGERS = ("tensorboard", "mlflow")  # metrics.csv and steps.csv are always written
+
+
+class MLflowConfig(_Strict):
+    # None: a local store without a server, sqlite:///<logging.root>/mlflow.db (artifacts in <root>/mlartifacts);
+    # or any URI MLflow opens: sqlite:///<file>, a folder or file:///<folder>, http(s)://<server>, postgresql://...
+    tracking_uri: str | None = None
+    experiment: str = "lamina"
+
+
 class LoggingConfig(_Strict):
     root: str = "runs"  # run folders go to <root>/<name>
-    tensorboard: bool = True
+    loggers: list[str] = Field(default_factory=lambda: ["tensorboard"])  # where metrics go besides the CSVs
+    # shorthand: true adds tensorboard to `loggers`, false drops it; None (unset) leaves `loggers` as it is
+    tensorboard: bool | None = None
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)  # used when `loggers` has mlflow
     plots: bool = True
+
+    @field_validator("loggers", mode="before")
+    @classmethod
+    def _logger_names(cls, v):
+        names = [v] if isinstance(v, str) else v
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"expected a list of logger names from {', '.join(LOGGERS)}, got {v!r}")
+        bad = [n for n in names if n not in LOGGERS]
+        if bad:
+            raise ValueError(f"unknown logger {bad[0]!r}; accepted: {', '.join(LOGGERS)}")
+        return list(dict.fromkeys(names))
+
+    def active(self) -> list[str]:
+        """The loggers this run writes to: `loggers` with the `tensorboard` shorthand applied."""
+        out = [n for n in self.loggers if n != "tensorboard" or self.tensorboard is not False]
+        return ["tensorboard", *out] if self.tensorboard and "tensorboard" not in out else out
 
 
 @functools.lru_cache(maxsize=1)

@@ -4,6 +4,8 @@
     runs/<name>/data.json          data facts needed to treat new inputs like training inputs
     runs/<name>/tokenizer.json     text runs: the tokenizer the data was cut with
     runs/<name>/metrics.csv        one row per epoch
+    runs/<name>/steps.csv          one row per logged step: step, train/loss_step, lr (every trainer.log_every)
+    runs/<name>/mlflow.json        the MLflow run it logs to (logging.loggers has mlflow)
     runs/<name>/tb/                TensorBoard events
     runs/<name>/checkpoints/{last,best}/
     runs/<name>/summary.json       final metrics, parameters, wall time, throughput
@@ -42,6 +44,7 @@ class RunFolder:
     curves = property(lambda self: self.path / "curves.png")
     confusion = property(lambda self: self.path / "confusion.png")
     adapters = property(lambda self: self.path / "adapters.safetensors")
+    mlflow = property(lambda self: self.path / "mlflow.json")  # the MLflow run this run logs to (logging.loggers)
     steps = property(lambda self: self.path / "steps.csv")  # per-step rows, when a logger wrote them
     comparisons = property(lambda self: self.path / "comparisons.json")  # `lamina compare` pages with this run
 

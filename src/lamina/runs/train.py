@@ -28,9 +28,9 @@ from lamina import __version__ as lamina_version
 from lamina.config import RunConfig, to_dict, to_yaml
 from lamina.data import DataBundle
 from lamina.data.facts import DataFacts
-from lamina.engine import (BatchNormRecalibration, CSVLogger, EarlyStopping, LRMonitor, ModelCheckpoint,
-                           TensorBoardLogger, Trainer, build_scheduler, seed_everything)
-from lamina.engine.checkpoint import load_model_weights, resolve
+from lamina.engine import (BatchNormRecalibration, EarlyStopping, LRMonitor, ModelCheckpoint, Trainer,
+                           build_scheduler, seed_everything)
+from lamina.engine.checkpoint import load_model_weights, read_meta, resolve
 from lamina.engine.distributed import Distributed, launched_by_torchrun, restart_count
 from lamina.engine.optim import build_optimizer
 from lamina.engine.precision import Precision, select_device
@@ -42,6 +42,7 @@ from lamina.runs.cost import CostMeter
 from lamina.runs.folder import RunFolder
 from lamina.runs.objectives import ObjectiveContext, active_objectives, apply_objectives
 from lamina.runs.outputs import DEFAULT_OUTPUTS, RunEnd, jsonable
+from lamina.runs.tracking import build_loggers, open_store, track_failed, track_run_end, tracking_summary
 
 
 # Below this many optimizer steps a BatchNorm model's running statistics still trail its weights (see
@@ -132,6 +133,7 @@ def fit_part(cfg: RunConfig, model: torch.nn.Module, task, train_loader, val_loa
 def prepare(cfg: RunConfig, dist: Distributed, callbacks: Sequence = (), resume: str | Path | None = None,
             run_dir: str | Path | None = None, task_wrapper: Callable | None = None) -> Prepared:
     wall0 = time.perf_counter()
+    store = open_store(cfg) if dist.is_main else None  # an MLflow store that cannot be opened fails first
     cost = CostMeter(cfg.cost, dist)  # first: CodeCarbon's hardware probe runs while the data loads
     if resume is None and run_dir is None and launched_by_torchrun():
         run_dir, resume = _elastic_folder(cfg, dist)
@@ -190,11 +192,8 @@ def prepare(cfg: RunConfig, dist: Distributed, callbacks: Sequence = (), resume:
     es = tcfg.early_stopping
     if es.patience is not None or es.stop_at is not None:
         cbs.append(EarlyStopping(monitor, mode, es.patience, es.min_delta, es.stop_at))
-    loggers = [CSVLogger(folder.metrics)] if main else []
-    if cfg.logging.tensorboard and main:
-        loggers.append(TensorBoardLogger(folder.tensorboard))
-    if resume is not None and main:
-        loggers[0].load()
+    resume_step = read_meta(resume).get("global_step") if resume is not None and main else None
+    loggers = build_loggers(cfg, folder, facts.task, store, resume_step) if main else []
     # caller callbacks run on rank 0 only, unless they say `all_ranks` (e.g. a tuning reporter that broadcasts)
     mine = [cb for cb in callbacks if main or getattr(cb, "all_ranks", False)]
     trainer = Trainer(tcfg, callbacks=[*cbs, *ft_callbacks, *mine], loggers=loggers,
@@ -260,9 +259,14 @@ def finalize(p: Prepared, history: list[dict], outputs: Sequence[Callable[[RunEn
         summary["cost"] = p.cost.result(trainer.samples_seen, summary["wall_time_s"], resumed=p.resume is not None)
         if summary["cost"].get("warning"):
             summary.setdefault("warnings", []).append(summary["cost"]["warning"])
+    tracked = tracking_summary(trainer.loggers)
+    if tracked:
+        summary["tracking"] = tracked
     end = RunEnd(p.cfg, p.folder, model, task, p.facts, history, summary, artifacts, dist.is_main)
     for out in outputs:
         out(end)
+    if dist.is_main:  # last: the loggers get the files the outputs wrote
+        track_run_end(p.cfg, p.folder, summary, trainer.loggers)
     return RunResult(p.folder.path, summary, history)
 
 
@@ -285,6 +289,8 @@ def train(cfg: RunConfig, callbacks: Sequence = (), resume: str | Path | None = 
     except BaseException as e:
         if on_stopped is not None and prepared is not None:
             on_stopped(prepared, e)
+        if prepared is not None:
+            track_failed(prepared.trainer.loggers)
         dist.close(clean=False)
         raise
     dist.close()
