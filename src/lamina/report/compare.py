@@ -247,7 +247,7 @@ def write_compare_page(runs: list[ComparedRun], out: str | Path | None = None) -
         figure = page.image(png, "overlaid training curves") if png else ""
     links = "".join(f"<li><code>{page.esc(r.folder.path)}</code></li>" for r in runs)
     sections = [
-        page.section("runs", "Runs", page.table(rows, cols),
+        page.section("runs", "Runs", f'<div style="overflow-x:auto">{page.table(rows, cols)}</div>',
                      "test metrics of each run's best checkpoint; best = its monitored value at the best epoch"),
         page.section("curves", "Curves", figure, "per epoch from metrics.csv; per step from steps.csv when present"),
         page.section("folders", "Run folders", f"<ul>{links}</ul>"),
