@@ -245,33 +245,37 @@ def test_bert_classifier_lora_with_its_trained_head_as_peft(tmp_path):
 
 
 # ----- the CLI on real trained runs -----------------------------------------------------------------------------
-needs_shakespeare = pytest.mark.skipif(not (SHARED_DATA / "tinyshakespeare").exists(),
-                                       reason="needs ../shared/data/tinyshakespeare")
 TINY_GPT = ["data.block_size=32", "data.batch_size=8", "data.steps_per_epoch=10", "data.eval_batch_size=64",
             "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "trainer.max_steps=20", "trainer.max_epochs=2",
             "schedule.warmup_steps=2"]
 
 
-def _train(tmp_path, name, extra):
+def _train(root, name, extra):
     import lamina
 
     n = torch.get_num_threads()
     try:
         cfg = lamina.load_config("configs/shakespeare_char_gpt.yaml",
-                                 [*FAST, *TINY_GPT, f"logging.root={tmp_path}", f"name={name}", *extra])
+                                 [*FAST, *TINY_GPT, f"logging.root={root}", f"name={name}", *extra])
         return lamina.train(cfg).run_dir
     finally:
         torch.set_num_threads(n)
 
 
-@needs_shakespeare
-def test_cli_exports_a_trained_char_gpt_that_transformers_runs(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def char_gpt(tmp_path_factory):
+    """A real char-level GPT run on Tiny Shakespeare, 20 steps (read-only: exports go to tmp folders)."""
+    if not (SHARED_DATA / "tinyshakespeare").exists():
+        pytest.skip("needs ../shared/data/tinyshakespeare")
+    return _train(tmp_path_factory.mktemp("hf_runs"), "gpt", [])
+
+
+def test_cli_exports_a_trained_char_gpt_that_transformers_runs(char_gpt, tmp_path, capsys):
     from lamina.data.files import encode_text
     from lamina.runs import open_run
 
-    run = _train(tmp_path, "gpt", [])
     out = tmp_path / "hf"
-    assert main(["export", str(run), "--format", "hf", "--out", str(out)]) == 0
+    assert main(["export", str(char_gpt), "--format", "hf", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     print(printed)
     assert "GPT2LMHeadModel (hf)" in printed and "transformers:" in printed
@@ -282,11 +286,12 @@ def test_cli_exports_a_trained_char_gpt_that_transformers_runs(tmp_path, capsys)
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\n") and "val/loss" in card and "tiny_shakespeare" in card
 
-    lam = open_run(run)
+    lam = open_run(char_gpt)
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
     prompt = "ROMEO:\nWhat light"
     ids = encode_text(lam.facts.meta, prompt)[None]
     assert tok(prompt, return_tensors="pt")["input_ids"].tolist() == ids.tolist()
+    assert tok.decode(ids[0]) == prompt
     hf = _hf("AutoModelForCausalLM", out)
     with torch.no_grad():
         d = _diff(hf(input_ids=ids).logits, lam.model.eval()(ids))
@@ -298,10 +303,12 @@ def test_cli_exports_a_trained_char_gpt_that_transformers_runs(tmp_path, capsys)
     assert d <= TOL and new.tolist() == ours.tolist()
 
 
-@needs_shakespeare
-def test_cli_exports_a_lora_run_as_peft(tmp_path, capsys):
+def test_cli_lora_on_a_trained_run_exports_as_peft(char_gpt, tmp_path, capsys):
+    """LoRA on the trained run (model.pretrained=RUN, finetune.mode=lora), then --format peft: PeftModel over the
+    exported base gives the LoRA run's logits."""
     pytest.importorskip("peft", reason="the reference adapters come from peft")
-    run = _train(tmp_path, "lora", ["finetune.mode=lora", "finetune.lora_rank=4", "optimizer.lr=0.05"])
+    run = _train(tmp_path, "lora", [f"model.pretrained={char_gpt}", "finetune.mode=lora", "finetune.lora_rank=4",
+                                    "optimizer.lr=0.05"])
     out = tmp_path / "peft"
     assert main(["export", str(run), "--format", "peft", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -310,6 +317,24 @@ def test_cli_exports_a_lora_run_as_peft(tmp_path, capsys):
     result = json.loads((tmp_path / "peft.export.json").read_text())
     assert max(result["parity"].values()) <= TOL
     assert {"adapter_config.json", "adapter_model.safetensors", "base", "README.md"} <= set(result["files"])
+    from lamina.runs import open_run
+
+    base, lora = open_run(char_gpt).model.eval(), open_run(run).model.eval()
+    ids = _ids(base.vocab_size)
+    with torch.no_grad():  # the run started from the trained weights: its frozen base is the first run's model
+        assert torch.equal(_hf("AutoModelForCausalLM", out / "base")(input_ids=ids).logits, base(ids))
+        assert (lora(ids) - base(ids)).abs().max() > 1e-3
+
+
+def test_pretrained_lm_with_other_characters_is_one_line(char_gpt, tmp_path, capsys):
+    text = tmp_path / "other.txt"
+    text.write_text("0123456789 " * 400)  # 11 characters: not the run's 65
+    args = ["train", "configs/shakespeare_char_gpt.yaml", *FAST, *TINY_GPT, f"logging.root={tmp_path}",
+            "data.name=text", f"data.path={text}", f"model.pretrained={char_gpt}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.pretrained: a language-modeling run continues a next-token model over the data's 11-token" in err
+    assert len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("args, msg", [

@@ -69,11 +69,13 @@ def model_card(run, spec, fmt: str, parity: dict) -> str:
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()
                   if isinstance(v, (int, float))]
         lines.append("")
-    train = [f"{k}: {summary[k]}" for k in ("params", "epochs", "steps", "best_epoch", "train_time_s") if k in summary]
+    train = [f"{k}: {summary[k]:,}" if isinstance(summary[k], int) else f"{k}: {summary[k]:.4g}"
+             for k in ("params", "epochs", "steps", "best_epoch", "train_time_s", "trainable_fraction")
+             if isinstance(summary.get(k), (int, float))]
     if train:
         lines += ["## Training", "", *[f"- {t}" for t in train], ""]
     lines += ["## Parity", "", "Max abs logit difference against the lamina model at export:", ""]
-    lines += [f"- {k}: {v:.3g}" for k, v in parity.items() if isinstance(v, float)]
+    lines += [f"- {k.removesuffix('_max_abs_diff')}: {v:.3g}" for k, v in parity.items() if isinstance(v, float)]
     auto = _AUTO[spec.architecture]
     load = (f"model = {auto}.from_pretrained(\"path/to/this/folder\")" if fmt == "hf" else
             f"base = {auto}.from_pretrained(\"path/to/this/folder/base\")\n"
@@ -263,9 +265,11 @@ def export_peft_run(run_dir, out=None, which: str = "best") -> dict:
     _label_names(spec, run.facts)
     base = copy.deepcopy(model)
     remove_lora(base, merge=False)
-    # base_model_name_or_path: the pretrained source the run started from (a folder or name), else none: the
-    # frozen base ships in base/
-    adapter = peft_adapter(model, spec, trained=lora_head(model, run.task), base_model=run.cfg.model.pretrained)
+    # base_model_name_or_path: the HF-layout folder the run started from, if it did; else none (a lamina run or
+    # package is no name transformers resolves): the frozen base ships in base/ either way
+    source = run.cfg.model.pretrained
+    hf_base = source if source and (Path(source) / "config.json").is_file() else None
+    adapter = peft_adapter(model, spec, trained=lora_head(model, run.task), base_model=hf_base)
     folder = Path(out) if out else run.folder.path / "export" / "peft"
     ids = _probe_ids(run, model.vocab_size, min(model.block_size, 64))
     files = _tokenizer_files(run, spec)

@@ -86,9 +86,11 @@ def adapt_pretrained(model: nn.Module, info: dict, facts, input_size: int | None
         if getattr(model, "output_kind", None) != "span":
             model = span_qa_from(model)
         return model.train()
+    if task == "language_modeling":  # a token LM trains on (more) text, in full or with LoRA: same vocabulary
+        return _language_model(model, info, facts)
     if task != "classification" or len(shape) != 3:
         raise ConfigError(f"model.pretrained: fine-tuning from pretrained weights supports image and text "
-                          f"classification runs so far (this run: {task}, input {shape})")
+                          f"classification and language-modeling runs so far (this run: {task}, input {shape})")
     if not hasattr(model, "reset_classifier"):
         raise ConfigError(f"model.pretrained: the {info.get('family')} model has no classifier head to replace")
     adapt_input_channels(model, shape[0])
@@ -96,3 +98,35 @@ def adapt_pretrained(model: nn.Module, info: dict, facts, input_size: int | None
     model.reset_classifier(int(facts.num_outputs))
     model.train()
     return model
+
+
+def _tokenizer_chars(path) -> list[str] | None:
+    """The id-ordered tokens of a character-level (WordLevel) tokenizer.json, [] for another kind, None if none."""
+    if not path:
+        return None
+    from lamina.hub.hf import _read_json  # same package: the size-capped, one-line-error JSON reader
+    from pathlib import Path
+
+    model = _read_json(Path(path)).get("model") or {}
+    vocab = model.get("vocab") if model.get("type") == "WordLevel" else None
+    if not isinstance(vocab, dict):
+        return []
+    return [tok for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+
+
+def _language_model(model: nn.Module, info: dict, facts) -> nn.Module:
+    """A next-token model kept whole for a language-modeling run: its vocabulary must be the data's (the same
+    characters in the same order when both say which) and its context at least the data's block size."""
+    vocab, block = int(facts.num_outputs), int(facts.meta["block_size"])
+    name = info.get("family") or type(model).__name__
+    if getattr(model, "output_kind", "next_token") != "next_token" or getattr(model, "vocab_size", None) != vocab:
+        raise ConfigError(f"model.pretrained: a language-modeling run continues a next-token model over the data's "
+                          f"{vocab}-token vocabulary; {name} has {getattr(model, 'vocab_size', 'no')} token(s)")
+    chars, theirs = facts.meta.get("vocab"), info.get("vocab") or _tokenizer_chars(info.get("tokenizer"))
+    if chars is not None and theirs is not None and list(theirs) != list(chars):
+        raise ConfigError(f"model.pretrained: {name}'s vocabulary is not the data's characters (same size, other "
+                          "tokens or order); train on the text it was trained on, or from scratch")
+    if getattr(model, "block_size", block) < block:
+        raise ConfigError(f"model.pretrained: {name} handles {model.block_size} positions, fewer than "
+                          f"data.block_size={block}")
+    return model.train()

@@ -134,7 +134,8 @@ def load_run_encoder(source, facts: DataFacts) -> tuple[torch.nn.Module, dict]:
 
     if isinstance(model, BertMaskedLM) and issubclass(TASKS[facts.task], SequenceClassificationTask):
         model = classifier_from_mlm(model, int(facts.num_classes or facts.num_outputs))
-    return model, {"family": run.cfg.model.name, "format": "lamina-run", "source": str(run.checkpoint)}
+    return model, {"family": run.cfg.model.name, "format": "lamina-run", "source": str(run.checkpoint),
+                   "vocab": run.facts.meta.get("vocab")}  # a character LM's vocabulary, for a run that continues it
 
 
 def resolved_options(model: torch.nn.Module) -> dict | None:
