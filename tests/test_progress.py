@@ -156,3 +156,19 @@ def test_train_progress_draws_the_test_pass_after_fit_only_on_a_terminal():
         for i in range(6):
             rp.on_eval_progress(None, "test", i, 5)
         assert ("test" in buf.getvalue()) == terminal and rp._eval_bar is None  # closed at the total
+
+
+def test_tune_and_nas_trial_lines_advance_the_bar():
+    from rich.console import Console
+
+    from lamina.cli.search import _trial_printer
+    from lamina.search.space import SearchSpace
+    from lamina.search.study import TrialOutcome
+
+    space = SearchSpace.from_dict({"optimizer.lr": {"type": "log", "low": 1e-4, "high": 1e-1}})
+    buf, sink = io.StringIO(), Sink()
+    on_trial = _trial_printer(space, Console(file=buf, width=120), sink, 3)
+    for i, state in enumerate(("complete", "pruned", "failed")):
+        on_trial(TrialOutcome(i, state, 0.5 if state != "failed" else None, {"optimizer.lr": 1e-3}, 1.0))
+    assert sink.calls == [(1, 3), (2, 3), (3, 3)]  # every finished trial counts, whatever its state
+    assert buf.getvalue().count("trial ") == 3
