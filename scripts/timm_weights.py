@@ -63,7 +63,7 @@ def import_timm():
         finder = _StandIn()
         sys.meta_path.insert(0, finder)
         try:
-            import timm  # noqa: F401
+            import timm
         finally:
             sys.meta_path.remove(finder)
             for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:

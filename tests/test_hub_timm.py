@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 import lamina.hub
 from lamina.errors import CheckpointError
-
-from conftest import ROOT
 
 TOL = 1e-5  # fp32, eval mode: max abs logit difference
 needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None,

@@ -32,13 +32,16 @@ Options: num_classes (another head: the file's head is skipped, the new one init
 so), img_size (ViT: pos_embed resampled once at load, bicubic with antialias, as timm's resample_abs_pos_embed
 does when a checkpoint meets another image size); other options go to the model factory (dropout, drop_path).
 
-Parity reference (tests/test_hub_timm.py): timm 1.0.31 itself, timm.create_model(name, pretrained=False) with every
-tensor randomised, saved as .pth and through timm's own save_for_hf (config.json + model.safetensors); lamina's
-logits match timm's in fp32 eval mode to 1e-5. Every timm release imports torchvision at module level (1.x:
-timm/layers/create_norm.py and norm_act.py `from torchvision.ops.misc import FrozenBatchNorm2d`; 0.6.x through
-timm.data's transforms), and PyPI's torchvision does not import with this CPU torch (0.28.0, the build pinned to
-torch 2.13.0, links libc10_cuda.so). So the test imports timm with a stand-in `torchvision` module whose every
-class raises when used: timm's ResNet and ViT code never touches it, so the numbers are timm's own.
+Parity reference (tests/test_hub_timm.py): timm 1.0.31 itself. timm.create_model(name, pretrained=False) with every
+tensor randomised (BN statistics too), saved as .pth and through timm's own save_for_hf (config.json +
+model.safetensors); lamina's logits are asserted equal to timm's in fp32 eval mode to 1e-5, and came out
+bit-identical (max |difference| 0.0) for resnet18, resnet50, vit_tiny_patch16_224 at 224 px and at 160 px (pos_embed
+resampled here vs timm's checkpoint_filter_fn), and a class-token-free average-pooled ViT. Why not another
+reference: every timm release imports torchvision at module level (1.x: timm/layers/create_norm.py and norm_act.py
+`from torchvision.ops.misc import FrozenBatchNorm2d`; 0.6.x/0.9.x through timm.data's transforms and norm_act), and
+PyPI's torchvision does not import with this CPU torch (0.28.0, the build pinned to torch 2.13.0, links
+libc10_cuda.so). So the test imports timm with a stand-in `torchvision` whose every class raises when used
+(scripts/timm_weights.py, import_timm): timm's ResNet and ViT code never touches it, so the numbers are timm's own.
 """
 
 from __future__ import annotations
@@ -373,7 +376,7 @@ def load_timm(source: str, num_classes: int | None = None, img_size: int | None 
     converted = convert(state, known)
     if head_note != "loaded":
         converted = {k: v for k, v in converted.items() if not k.startswith(head)}
-    own = lambda k: not k.startswith(head) and k != "pos_embed"  # noqa: E731 - the head / grid may be new
+    own = lambda k: not k.startswith(head) and k != "pos_embed"  # the head and the grid may be new
     built = sum(t.numel() for k, t in known.items() if own(k))
     held = sum(t.numel() for k, t in converted.items() if own(k))
     if built > 2 * held + 16_000_000:
