@@ -349,3 +349,86 @@ def test_cli_hf_export_bad_input_is_one_line_exit_2(args, msg, digits_run, tmp_p
     err = capsys.readouterr().err.strip()
     assert msg.format(run=digits_run) in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+# ----- PEFT adapters in: peft's own adapters, and lamina's round trip --------------------------------------------
+def _peft_reference(hf, lora_kwargs, tmp_path):
+    """A base saved by transformers and a LoRA adapter made and saved by peft itself (B random: init False)."""
+    peft = pytest.importorskip("peft", reason="the reference adapters come from peft")
+    scramble(hf)
+    hf.save_pretrained(tmp_path / "base", safe_serialization=True)
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(hf, peft.LoraConfig(init_lora_weights=False, **lora_kwargs)).eval()
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    return pm
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_peft_adapter_loads_into_lamina(tmp_path, family):
+    from lamina.hub.peft_adapter import load_peft_adapter
+
+    if family == "gpt2":  # "c_proj" names both attn.c_proj and mlp.c_proj; c_attn is split into q, k, v
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2,
+                                                                  n_head=2, tie_word_embeddings=True))
+        kw = dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                  rank_pattern={"h.1.attn.c_attn": 2}, alpha_pattern={"h.1.attn.c_attn": 3.0})
+    else:  # rsLoRA scaling alpha / sqrt(r)
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False))
+        kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True)
+    pm = _peft_reference(hf.eval(), kw, tmp_path)
+    model, _ = load_hf_folder(tmp_path / "base")
+    wrapped = load_peft_adapter(model, tmp_path / "adapter")
+    ids = _ids(50)
+    with torch.no_grad():
+        d = _diff(pm(input_ids=ids).logits, model.eval()(ids))
+    print(f"\n[peft -> lamina {family}] {len(wrapped)} LoRA modules, max abs diff {d:.2e}")
+    assert d <= TOL and len(wrapped) == (10 if family == "gpt2" else 6)  # gpt2: q, k, v, attn and mlp c_proj
+
+
+def test_lamina_peft_export_reads_back(tmp_path):
+    import copy
+
+    from lamina.hub.peft_adapter import load_peft_adapter
+
+    model = create_model("bert_mini", **BERT, num_classes=3, pool="cls").eval()
+    scramble(model)
+    _lora(model, ["q_proj", "v_proj", "mlp.fc"])
+    base = copy.deepcopy(model)
+    remove_lora(base, merge=False)
+    with torch.no_grad():
+        base.head.weight.mul_(-1)  # the adapter's modules_to_save must restore the trained head
+    write_peft_folder(model, tmp_path / "adapter", trained=["head.weight", "head.bias"])
+    assert sorted(load_peft_adapter(base, tmp_path / "adapter"))[:2] == ["blocks.0.attn.q_proj", "blocks.0.attn.v_proj"]
+    ids = _ids(70)
+    with torch.no_grad():
+        assert (base.eval()(ids) - model(ids)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("edit, msg", [
+    (lambda c, s: c.update(peft_type="IA3"), "peft_type='IA3' is not supported by lamina's LoRA; accepted: LORA"),
+    (lambda c, s: c.update(use_dora=True), "use_dora=True is not supported"),
+    (lambda c, s: s.update({"base_model.model.transformer.h.0.attn.c_attn.lora_C.weight": torch.zeros(2)}),
+     "1 tensor(s) with no place in lamina's gpt2"),
+    (lambda c, s: s.update({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": torch.zeros(4, 31)}),
+     "do not fit a (96, 32) layer of rank 4"),
+])
+def test_bad_peft_adapter_is_one_line(tmp_path, edit, msg):
+    from safetensors.torch import load_file, save_file
+
+    from lamina.errors import CheckpointError
+    from lamina.hub.peft_adapter import load_peft_adapter
+
+    model = create_model("gpt", vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32).eval()
+    _lora(model, ["q_proj"])
+    write_peft_folder(model, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    state = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    edit(cfg, state)
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file(state, str(tmp_path / "a" / "adapter_model.safetensors"))
+    remove_lora(model, merge=False)
+    with pytest.raises(CheckpointError) as e:
+        load_peft_adapter(model, tmp_path / "a")
+    assert msg in str(e.value) and "\n" not in str(e.value)
