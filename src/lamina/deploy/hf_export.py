@@ -55,11 +55,13 @@ def model_card(run, spec, fmt: str, parity: dict) -> str:
     tags = ["lamina", spec.family, _PIPELINE[spec.architecture]] + (["lora"] if fmt == "peft" else [])
     front = [f"library_name: {lib}", "tags:", *[f"- {_yaml_str(t)}" for t in tags], "datasets:",
              f"- {_yaml_str(facts.name)}", f"pipeline_tag: {_PIPELINE[spec.architecture]}"]
-    if cfg.model.pretrained:
-        front.append(f"base_model: {_yaml_str(cfg.model.pretrained)}")
+    source = cfg.model.pretrained
+    if source and not Path(source).exists():  # a name (weights package, hub id); a local path means nothing elsewhere
+        front.append(f"base_model: {_yaml_str(source)}")
     lines = ["---", *front, "---", "", f"# {run.folder.path.name}", "",
              f"A {spec.architecture} ({'LoRA adapter, ' if fmt == 'peft' else ''}exported by `lamina export "
-             f"--format {fmt}`) of lamina's `{cfg.model.name}` trained on `{facts.name}` ({facts.task}).", ""]
+             f"--format {fmt}`) of lamina's `{cfg.model.name}` trained on `{facts.name}` ({facts.task})"
+             + (f", starting from `{source}`." if source else "."), ""]
     lines += ["## Data", "", f"- data set: `{facts.name}`; task: `{facts.task}`",
               f"- samples or tokens: train {facts.train:,}, val {facts.val:,}, test {facts.test:,}", ""]
     metrics = {**{k: v for k, v in (summary.get("final") or {}).items() if k.startswith("val/")},
