@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, busy, loadavg1, print_table, refuse_if_busy, write_result  # noqa: E402
+from _common import ROOT, busy, loadavg1, print_table, refuse_if_busy, write_result
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
@@ -116,7 +116,8 @@ def train(name: str, args: list[str], work: Path, limit_bytes: int | None = None
     run = next(Path(x) for x in reversed(log.read_text().splitlines()) if x.strip() and Path(x.strip()).is_dir())
     s = json.loads((run / "summary.json").read_text())
     return {"run": name, "images_per_s": s["train_samples_per_s"], "steps": s["steps"], "data_path": s["data_path"],
-            "test_acc": s["test"].get("test/acc"), "peak_rss_bytes": peak[0], "wall_s": round(time.perf_counter() - t0, 1),
+            "test_acc": s["test"].get("test/acc"), "peak_rss_bytes": peak[0],
+            "wall_s": round(time.perf_counter() - t0, 1),
             "load_before": before, "load_after": loadavg1(), "busy": busy(before)}
 
 
@@ -146,7 +147,8 @@ def main() -> None:
     common = ["data.name=image_folder", "model.name=mlp", f"data.batch_size={a.batch_size}", "data.eval_batch_size=256",
               "trainer.max_epochs=1000"]
     limit = int(a.limit_gb * 1e9)
-    big = train("stream_big", [*common, f"data.path={work / 'images'}", f"data.memory_budget={a.budget_gb or a.limit_gb}",
+    big = train("stream_big", [*common, f"data.path={work / 'images'}",
+                               f"data.memory_budget={a.budget_gb or a.limit_gb}",
                                f"trainer.max_steps={a.steps}"], work, limit_bytes=limit)
     big["limit_bytes"] = limit
     big["under_limit"] = big["peak_rss_bytes"] < limit
@@ -169,11 +171,13 @@ def main() -> None:
         for r in range(a.repeats):
             for mode in ("true", "false"):
                 row = train(f"subset_{'mem' if mode == 'true' else 'stream'}_{r}",
-                            [*common, f"data.path={sub}", f"data.in_memory={mode}", f"trainer.max_steps={a.timing_steps}"],
+                            [*common, f"data.path={sub}", f"data.in_memory={mode}",
+                             f"trainer.max_steps={a.timing_steps}"],
                             work)
                 row["in_memory"] = mode == "true"
                 runs.append(row)
-                print(f"    {row['run']}: {row['images_per_s']:.0f} images/s, peak PSS {row['peak_rss_bytes'] / 1e9:.2f} GB "
+                print(f"    {row['run']}: {row['images_per_s']:.0f} images/s, "
+                      f"peak PSS {row['peak_rss_bytes'] / 1e9:.2f} GB "
                       f"(load {row['load_before']:.2f} -> {row['load_after']:.2f})", flush=True)
         med = {m: float(np.median([x["images_per_s"] for x in runs if x["in_memory"] == m])) for m in (True, False)}
         result["timing"] = {"subset": a.subset, "steps": a.timing_steps, "runs": runs, "load_before": load,

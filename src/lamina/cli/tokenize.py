@@ -1,4 +1,4 @@
-"""`lamina tokenize TEXT OUT`: a text file -> memory-mapped token files (lamina.data.tokenfiles), for data.name=token_bin."""
+"""`lamina tokenize TEXT OUT`: a text file -> memory-mapped token files (lamina.data.tokenfiles) for token_bin."""
 
 from __future__ import annotations
 

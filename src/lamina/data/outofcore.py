@@ -56,8 +56,8 @@ def budget_bytes(memory_budget) -> int:
     return int(gb * 1e9)
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+def human_bytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
 def choose_in_memory(decoded_bytes: int, in_memory=None, memory_budget=None) -> tuple[bool, str]:
@@ -66,13 +66,13 @@ def choose_in_memory(decoded_bytes: int, in_memory=None, memory_budget=None) -> 
     budget = budget_bytes(memory_budget)
     if forced is not None:
         path = "in memory" if forced else "streaming from files"
-        return forced, f"{path} (data.in_memory={str(forced).lower()}); decoded size {_gb(decoded_bytes)}"
+        return forced, f"{path} (data.in_memory={str(forced).lower()}); decoded size {human_bytes(decoded_bytes)}"
     source = "data.memory_budget" if memory_budget is not None else \
-        f"default budget, {DEFAULT_BUDGET_FRACTION:.0%} of {_gb(physical_memory_bytes())} RAM"
+        f"default budget, {DEFAULT_BUDGET_FRACTION:.0%} of {human_bytes(physical_memory_bytes())} RAM"
     if decoded_bytes <= budget:
-        return True, f"in memory: decoded size {_gb(decoded_bytes)} <= budget {_gb(budget)} ({source})"
-    return False, (f"streaming from files: decoded size {_gb(decoded_bytes)} > budget {_gb(budget)} ({source}); "
-                   "data.in_memory=true forces the in-memory path")
+        return True, f"in memory: decoded size {human_bytes(decoded_bytes)} <= budget {human_bytes(budget)} ({source})"
+    return False, (f"streaming from files: decoded size {human_bytes(decoded_bytes)} > budget "
+                   f"{human_bytes(budget)} ({source}); data.in_memory=true forces the in-memory path")
 
 
 def check_workers(value) -> int | None:
@@ -125,7 +125,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def decoded_bytes(self) -> int:
         return len(self) * math.prod(self.input_shape) * 4
 
-    def subset(self, idx: torch.Tensor) -> "ImageFiles":
+    def subset(self, idx: torch.Tensor) -> ImageFiles:
         return ImageFiles([self.files[i] for i in idx.tolist()], self.y[idx], self.hw, self.gray, self.num_workers)
 
     def batch(self, idx) -> dict[str, torch.Tensor]:
@@ -186,12 +186,12 @@ class StreamingImageLoader:
         self.num_workers = default_workers() if num_workers is None else int(num_workers)
         self._sampler = _EpochBatches()
         pin = self.device is not None and self.device.type == "cuda"
-        kw = dict(persistent_workers=True, prefetch_factor=int(prefetch)) if self.num_workers else {}
+        kw = {"persistent_workers": True, "prefetch_factor": int(prefetch)} if self.num_workers else {}
         # its own generator: a DataLoader draws a base seed per epoch, which must not move the global RNG (dropout)
         self._dl = torch.utils.data.DataLoader(data, batch_sampler=self._sampler, num_workers=self.num_workers,
                                                collate_fn=_keep, pin_memory=pin, generator=torch.Generator(), **kw)
 
-    def to(self, device) -> "StreamingImageLoader":
+    def to(self, device) -> StreamingImageLoader:
         self.device = torch.device(device)
         return self
 

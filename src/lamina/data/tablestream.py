@@ -28,7 +28,8 @@ _ROWS = 65536  # rows per Arrow record batch read
 
 
 def parquet_decoded_bytes(path) -> int | None:
-    """What the in-memory path would hold: rows x columns x 8 bytes (pandas float64/object slots); None if not Parquet."""
+    """What the in-memory path would hold: rows x columns x 8 bytes (pandas float64/object slots); None if the
+    file is not Parquet."""
     from lamina.data.files import _require
 
     p = Path(path).expanduser()
@@ -37,8 +38,9 @@ def parquet_decoded_bytes(path) -> int | None:
     pq = _require("pyarrow.parquet", "tables", "pyarrow")
     try:
         md = pq.ParquetFile(p).metadata
-    except Exception as e:  # pyarrow raises ArrowInvalid / OSError on a corrupt footer
-        raise DataError(f"{p}: cannot read Parquet metadata ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{p}: cannot read Parquet metadata ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160]})") from None
     return int(md.num_rows) * int(md.num_columns) * 8
 
 
@@ -61,7 +63,7 @@ class TableStream:
         raise DataError("this table split is streamed from Parquet (data.in_memory=false or over "
                         "data.memory_budget); this step needs it in memory: pass data.in_memory=true")
 
-    def subset(self, idx: torch.Tensor) -> "TableStream":
+    def subset(self, idx: torch.Tensor) -> TableStream:
         idx = idx.sort().values
         return TableStream(self.path, self.meta, self.rows[idx.numpy()], self.y[idx], self.n_file_rows)
 
@@ -136,7 +138,8 @@ def stream_table(path, target: str, task, categorical: str, drop: list[str], val
         classes = (_as_str(pd.Series(np.sort(ycol.unique()))).tolist() if pd.api.types.is_numeric_dtype(ycol)
                    else sorted(set(labels)))
         if len(classes) < 2:
-            raise DataError(f"{p}: target '{target}' has a single class '{classes[0]}'; classification needs at least 2")
+            raise DataError(f"{p}: target '{target}' has a single class '{classes[0]}'; classification needs at "
+                            "least 2")
         y_all = torch.from_numpy(_codes(classes, labels))
         split = split_indices(len(ycol), val_fraction, test_fraction, seed, stratify=y_all)
     else:
@@ -205,7 +208,7 @@ class StreamingTableLoader:
         self.transform = transform
         self._member = data.member()
 
-    def to(self, device) -> "StreamingTableLoader":
+    def to(self, device) -> StreamingTableLoader:
         self.device = torch.device(device)
         return self
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from lamina.data.base import DataBundle
 from lamina.data.files import registered
+from lamina.data.outofcore import human_bytes
 from lamina.data.splits import check_fraction
 from lamina.errors import DataError
 
@@ -43,7 +44,7 @@ class TokenStream:
     def __len__(self) -> int:
         return len(self.tensors["ids"])
 
-    def subset(self, idx) -> "TokenStream":  # train_fraction on token streams: a prefix
+    def subset(self, idx) -> TokenStream:  # train_fraction on token streams: a prefix
         return TokenStream(self.tensors["ids"][: int(idx[-1]) + 1 if len(idx) else 0])
 
 
@@ -154,7 +155,7 @@ def token_bin(*, path: str | os.PathLike, block_size: int = 64, seed: int = 0) -
         bundle.extras["tokenizer"] = load_tokenizer(root / "tokenizer.json")
     n = sum(len(s) for s in (splits["train"], splits["val"], splits["test"]) if s is not None)
     bundle.extras["data_path"] = (f"memory-mapped token files: {n} {meta_in['dtype']} tokens "
-                                  f"({n * DTYPES[meta_in['dtype']].itemsize / 1e9:.2f} GB) read window by window")
+                                  f"({human_bytes(n * DTYPES[meta_in['dtype']].itemsize)}) read window by window")
     return bundle
 
 
