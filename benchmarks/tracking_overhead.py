@@ -1,9 +1,10 @@
 """Cost of tracking: the same short training (digits, Trainer.fit with validation every epoch) with no logger, the
 CSV files alone (metrics.csv + steps.csv, what every run writes), CSV + TensorBoard, CSV + MLflow (a local sqlite
 store) and CSV + both, all in one process. The variants alternate within each repeat (order rotated from repeat to
-repeat) so drifts of the machine hit them alike; the table shows the median time per optimizer step over the
-repeats, its ratio to no logger, and the one-time costs (opening the loggers, the end-of-run hparams/figures/
-artifacts are not part of fit and not timed here except logger construction).
+repeat) so drifts of the machine hit them alike. The table shows the median time per optimizer step of the whole
+fit (training, validation, every logger call and flush) over the repeats, its ratio to no logger, and the median
+time to construct the loggers (MLflow: a new run in an already open store; opening a new sqlite store, about 3 s
+once, and the end-of-run hparams, figures and artifacts are outside fit and not timed here).
 
     python benchmarks/tracking_overhead.py [--epochs 3] [--repeats 7] [--log-every 20] [--model small_cnn]
 

@@ -293,7 +293,8 @@ LOGGERS = ("tensorboard", "mlflow")  # metrics.csv and steps.csv are always writ
 
 class MLflowConfig(_Strict):
     # None: a local store without a server, sqlite:///<logging.root>/mlflow.db (artifacts in <root>/mlartifacts);
-    # or any URI MLflow opens: sqlite:///<file>, a folder or file:///<folder>, http(s)://<server>, postgresql://...
+    # or any URI MLflow opens: sqlite:///<file>, http(s)://<server>, postgresql://..., a folder (file store; MLflow 3
+    # refuses one unless MLFLOW_ALLOW_FILE_STORE=true)
     tracking_uri: str | None = None
     experiment: str = "lamina"
 

@@ -163,8 +163,9 @@ class TensorBoardLogger:
 
 
 # ----- MLflow --------------------------------------------------------------------------------------------------
-MLFLOW_ACCEPTED = ("sqlite:///<file.db> (the default is sqlite:///<logging.root>/mlflow.db), a folder or "
-                   "file:///<folder> (file store), http(s)://<tracking server>, or a database URI (postgresql://...)")
+MLFLOW_ACCEPTED = ("sqlite:///<file.db> (the default is sqlite:///<logging.root>/mlflow.db), http(s)://<tracking "
+                   "server>, a database URI (postgresql://, mysql://), or a folder (file store; MLflow 3 needs "
+                   "MLFLOW_ALLOW_FILE_STORE=true)")
 MAX_BATCH = 1000  # MLflow's log_batch takes at most 1000 metrics (and 100 params) per call
 
 
@@ -218,7 +219,9 @@ class MLflowStore:
         except ConfigError:
             raise
         except Exception as e:  # the store is another system: any failure to open it is the URI's
-            msg = " ".join(str(e).split())[:200] or type(e).__name__
+            msg = _first_sentence(e)
+            if "MLFLOW_ALLOW_FILE_STORE" in str(e):
+                msg = "MLflow refuses a file store unless MLFLOW_ALLOW_FILE_STORE=true"
             raise ConfigError(f"logging.mlflow.tracking_uri: cannot open MLflow store {tracking_uri!r} ({msg}); "
                               f"accepted: {MLFLOW_ACCEPTED}") from None
 
@@ -240,6 +243,11 @@ class MLflowStore:
         except Exception:  # MlflowException: no such run in this store
             return False
         return run.info.lifecycle_stage == "active" and run.info.experiment_id == self.experiment_id
+
+
+def _first_sentence(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    return (text.split(". ", 1)[0][:200] if text else type(e).__name__).rstrip(".")
 
 
 def _sqlite_file(uri: str) -> Path | None:
