@@ -111,7 +111,7 @@ def _edit_summary(run: Path, **changes) -> Path:
     ("one", "needs at least two different run folders, got 1"),
     ("same-twice", "needs at least two different run folders, got 1"),
     ("old-version", "written by lamina 0.0.3, this is lamina"),
-    ("no-version", "written by a lamina version older than 0.1"),
+    ("no-version", "summary.json has no lamina_version (written by a lamina older than 0.1"),
     ("other-task", "runs of different tasks (classification, regression)"),
 ])
 def test_bad_input_is_one_line_exit_2(case, expected, two_runs, tmp_path, capsys):
@@ -133,3 +133,10 @@ def test_bad_input_is_one_line_exit_2(case, expected, two_runs, tmp_path, capsys
     errors = (ConfigError,) if case in ("one", "same-twice", "other-task") else (DataError,)
     with pytest.raises(errors):
         load_runs(args)
+
+
+@pytest.mark.parametrize("html, expected", [("nowhere/c.html", "--html: folder"), ("c.txt", "expected a .html")])
+def test_bad_html_path_is_one_line_exit_2(html, expected, two_runs, tmp_path, capsys):
+    assert main(["compare", *map(str, two_runs), "--html", str(tmp_path / html)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1, err

@@ -89,8 +89,8 @@ def read_run(path: str | Path) -> ComparedRun:
     wrote = summary.get("lamina_version")
     here = _version_key(__version__)
     if wrote is None:
-        raise DataError(f"{path}: written by a lamina version older than 0.1 (summary.json has no lamina_version); "
-                        f"compare runs trained with lamina {here[0]}.{here[1]}")
+        raise DataError(f"{path}: summary.json has no lamina_version (written by a lamina older than 0.1, or not "
+                        f"by `lamina train`); compare runs trained with lamina {here[0]}.{here[1]}")
     if _version_key(wrote) != here:
         raise DataError(f"{path}: written by lamina {str(wrote)[:40]}, this is lamina {__version__}; compare runs "
                         f"trained with lamina {here[0]}.{here[1]}")
