@@ -147,7 +147,12 @@ def test_cli_prints_data_path_and_bad_option(tmp_path, capsys):
     root = _image_folder(tmp_path / "imgs", (6, 6), hw=(4, 4), mode="L")
     args = [*FAST, "trainer.max_epochs=1", f"logging.root={tmp_path}", f"data.path={root}"]
     assert main(["train", *args, "data.memory_budget=1e-9", "name=a"]) == 0
-    assert "data: streaming from files: decoded size" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert "data: streaming from files: decoded size" in out.err
+    run = Path(out.out.strip())
+    summary = json.loads((run / "summary.json").read_text())
+    assert main(["eval", str(run), "--json"]) == 0  # the tools reopen the run's data the same way: streamed
+    assert json.loads(capsys.readouterr().out)["test/acc"] == pytest.approx(summary["test"]["test/acc"], abs=1e-6)
     assert main(["train", *args, "data.in_memory=sometimes", "name=b"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("in_memory: expected auto, true or false, got 'sometimes'") and "\n" not in err
