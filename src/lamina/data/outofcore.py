@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,10 +27,16 @@ DEFAULT_BUDGET_FRACTION = 0.25  # of physical RAM: the model, optimizer and the 
 
 
 def physical_memory_bytes() -> int:
+    """The machine's RAM, or the container's memory limit (cgroup v2 memory.max) when that is smaller."""
     try:
-        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        ram = int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):  # not POSIX: assume a modest 8 GB
-        return 8 << 30
+        ram = 8 << 30
+    try:
+        cap = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        return min(ram, int(cap)) if cap.isdigit() else ram
+    except OSError:
+        return ram
 
 
 def check_in_memory(value) -> bool | None:
