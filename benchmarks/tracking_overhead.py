@@ -6,7 +6,9 @@ fit (training, validation, every logger call and flush) over the repeats, its ra
 time to construct the loggers (MLflow: a new run in an already open store; opening a new sqlite store, about 3 s
 once, and the end-of-run hparams, figures and artifacts are outside fit and not timed here).
 
-    python benchmarks/tracking_overhead.py [--epochs 3] [--repeats 7] [--log-every 20] [--model small_cnn]
+    python benchmarks/tracking_overhead.py [--epochs 3] [--repeats 7] [--log-every 20,1] [--model small_cnn]
+
+--log-every takes a list: 20 is the runs' default, 1 logs every step (the worst case for the per-step sinks).
 
 Needs lamina[track] for the MLflow rows (skipped without it). Refuses to start on a busy machine unless
 --allow-busy (then every row carries the load average before/after and a busy flag).
@@ -43,8 +45,8 @@ def make_loggers(kind: str, work: Path, store) -> list:
     return out
 
 
-def run_once(kind: str, bundle, args, seed: int, root: Path, store) -> dict:
-    work = root / f"{kind}-{seed}"
+def run_once(kind: str, log_every: int, bundle, args, seed: int, root: Path, store) -> dict:
+    work = root / f"{kind}-{log_every}-{seed}"
     work.mkdir(parents=True)
     torch.manual_seed(seed)
     model = create_model(args.model, num_classes=10, in_chans=1)
@@ -54,7 +56,7 @@ def run_once(kind: str, bundle, args, seed: int, root: Path, store) -> dict:
     t0 = time.perf_counter()
     loggers = make_loggers(kind, work, store)
     setup = time.perf_counter() - t0
-    trainer = Trainer(max_epochs=args.epochs, device="cpu", log_every=args.log_every, loggers=loggers)
+    trainer = Trainer(max_epochs=args.epochs, device="cpu", log_every=log_every, loggers=loggers)
     t0 = time.perf_counter()
     trainer.fit(model, ClassificationTask(10), train, val, optimizer=opt)
     fit = time.perf_counter() - t0
@@ -70,7 +72,7 @@ def main():
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--log-every", type=int, default=20, help="trainer.log_every (runs default: 20)")
+    ap.add_argument("--log-every", default="20,1", help="trainer.log_every values, comma-separated (runs: 20)")
     ap.add_argument("--model", default="small_cnn")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--allow-busy", action="store_true", help="run on a loaded machine; rows are flagged busy")
@@ -80,6 +82,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     load0, _ = refuse_if_busy(args.allow_busy)
+    every = [int(x) for x in str(args.log_every).split(",")]
 
     bundle = load_dataset("digits", seed=0)
     root = Path(tempfile.mkdtemp(prefix="lamina-tracking-"))
@@ -93,35 +96,38 @@ def main():
         print(f"{e}: skipping the MLflow rows")
     try:
         for k in kinds:  # warm-up: lazy imports (tensorboard, mlflow), first-call allocations
-            run_once(k, bundle, argparse.Namespace(**{**vars(args), "epochs": 1}), 100, root, store)
+            run_once(k, every[0], bundle, argparse.Namespace(**{**vars(args), "epochs": 1}), 100, root, store)
         runs = []
+        combos = [(k, e) for e in every for k in kinds]
         for r in range(args.repeats):
-            order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]
-            for k in order:
+            order = combos[r % len(combos):] + combos[:r % len(combos)]
+            for k, e in order:
                 before = loadavg1()
-                out = run_once(k, bundle, args, r, root, store)
-                out.update({"logger": k, "repeat": r, "load_before": before, "load_after": loadavg1(),
-                            "busy": busy(before)})
+                out = run_once(k, e, bundle, args, r, root, store)
+                out.update({"logger": k, "log_every": e, "repeat": r, "load_before": before,
+                            "load_after": loadavg1(), "busy": busy(before)})
                 runs.append(out)
-                print(f"{k:24s} repeat {r}: {out['ms_per_step']:.3f} ms/step, setup {out['setup_s'] * 1e3:.1f} ms "
-                      f"(load {before:.2f} -> {out['load_after']:.2f})", flush=True)
+                print(f"{k:24s} log_every {e:3d} repeat {r}: {out['ms_per_step']:.3f} ms/step, setup "
+                      f"{out['setup_s'] * 1e3:.1f} ms (load {before:.2f} -> {out['load_after']:.2f})", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    med = {k: median([x["ms_per_step"] for x in runs if x["logger"] == k]) for k in kinds}
-    setup = {k: median([x["setup_s"] for x in runs if x["logger"] == k]) for k in kinds}
+    def pick(k, e, key):
+        return median([x[key] for x in runs if x["logger"] == k and x["log_every"] == e])
+
+    med = {f"{k} @{e}": pick(k, e, "ms_per_step") for k, e in combos}
+    ratio = {f"{k} @{e}": pick(k, e, "ms_per_step") / pick("none", e, "ms_per_step") for k, e in combos}
+    rows = [[k, e, med[f"{k} @{e}"], ratio[f"{k} @{e}"], pick(k, e, "setup_s") * 1e3,
+             sum(x["busy"] for x in runs if x["logger"] == k and x["log_every"] == e)] for k, e in combos]
     steps = runs[0]["steps"]
-    rows = [[k, med[k], med[k] / med["none"], setup[k] * 1e3,
-             sum(x["busy"] for x in runs if x["logger"] == k)] for k in kinds]
     print(f"\n{args.model} on digits ({len(bundle.train)} train), batch {args.batch_size}, {args.epochs} epochs = "
-          f"{steps} steps, log_every {args.log_every}, validation every epoch; median of {args.repeats}; "
+          f"{steps} steps, validation every epoch; median of {args.repeats}; "
           f"load {load0:.2f} at the start, {loadavg1():.2f} at the end")
-    table = print_table(["loggers", "ms/step", "x no logger", "setup ms", "busy runs"], rows)
+    table = print_table(["loggers", "log_every", "ms/step", "x no logger", "setup ms", "busy runs"], rows)
     write_result("tracking_overhead", {
         "config": vars(args), "steps": steps, "load_start": load0, "load_end": loadavg1(),
         "busy": any(x["busy"] for x in runs), "table": table,
-        "median_ms_per_step": med, "ratio_vs_none": {k: med[k] / med["none"] for k in kinds},
-        "median_setup_s": setup, "runs": runs})
+        "median_ms_per_step": med, "ratio_vs_none": ratio, "runs": runs})
 
 
 if __name__ == "__main__":
