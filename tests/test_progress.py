@@ -172,3 +172,26 @@ def test_tune_and_nas_trial_lines_advance_the_bar():
         on_trial(TrialOutcome(i, state, 0.5 if state != "failed" else None, {"optimizer.lr": 1e-3}, 1.0))
     assert sink.calls == [(1, 3), (2, 3), (3, 3)]  # every finished trial counts, whatever its state
     assert buf.getvalue().count("trial ") == 3
+
+
+def test_qa_decoding_counts_windows():
+    from lamina.data import load_dataset
+    from lamina.tasks.qa import QuestionAnsweringTask
+
+    bundle = load_dataset("squad", max_len=64, max_query_len=24, doc_stride=20, vocab_size=1500, seed=0)
+
+    class Blank(torch.nn.Module):  # no answer anywhere: decoding still visits every window
+        output_kind = "span"
+
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, ids, lengths=None, token_type_ids=None, attention_mask=None):
+            return torch.zeros(*ids.shape, 2)
+
+    sink = Sink()
+    QuestionAnsweringTask(max_answer_len=16).test_extras(Blank(), bundle, "test", torch.device("cpu"), progress=sink)
+    (phase,) = sink.phases()
+    check_phase(phase, len(bundle.extras["qa"]["test"][1].tensors["ids"]))
+    assert len(phase) > 2
