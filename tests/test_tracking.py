@@ -232,3 +232,14 @@ def test_missing_mlflow_names_the_extra(monkeypatch, tmp_path):
     cfg = load_config(None, [f"logging.root={tmp_path}", "logging.loggers=[mlflow]"])
     with pytest.raises(MissingDependencyError, match=r'pip install "lamina\[track\]"'):
         open_store(cfg)
+
+
+def test_missing_mlflow_through_the_cli_is_one_line_and_exit_2(monkeypatch, tmp_path, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    rc = main(["train", *FAST, f"logging.root={tmp_path}", "logging.loggers=[mlflow]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ['missing dependency: logging.loggers: mlflow needs the mlflow package: '
+                               'pip install "lamina[track]"']
+    assert not any(tmp_path.iterdir())  # refused before the run folder
