@@ -195,3 +195,24 @@ def test_qa_decoding_counts_windows():
     (phase,) = sink.phases()
     check_phase(phase, len(bundle.extras["qa"]["test"][1].tensors["ids"]))
     assert len(phase) > 2
+
+
+def test_train_draws_its_validation_and_test_passes(tmp_path):
+    from rich.console import Console
+
+    import lamina
+    from conftest import DIGITS_RUN_ARGS
+    from lamina.cli.progress import RichProgress
+
+    buf = io.StringIO()
+    rp = RichProgress(Console(file=buf, force_terminal=True, width=120))
+    rp.eval_delay_s = 0.0  # every pass draws (the default: only passes longer than 2 s)
+    n = torch.get_num_threads()
+    try:
+        lamina.train(lamina.load_config(None, [*DIGITS_RUN_ARGS, "trainer.max_epochs=1", "logging.plots=false",
+                                               f"logging.root={tmp_path}"]), callbacks=[rp])
+    finally:
+        torch.set_num_threads(n)
+    text = buf.getvalue()
+    # the bars' labels are bold ("\x1b[1m"); the epoch's summary line (val/loss ...) is not
+    assert "\x1b[1mepoch 1/1" in text and "\x1b[1mval" in text and "\x1b[1mtest" in text and rp._eval_bar is None
