@@ -314,3 +314,15 @@ def test_cli_tokenize_bad_input(tmp_path, capsys, monkeypatch, args, msg):
     assert main(["tokenize", *args[:1], "out", *args[1:]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith(msg) and "\n" not in err
+
+
+def test_abandoned_epoch_leaves_no_stale_batches(tmp_path):
+    """A pass stopped early (the FLOP counter's one batch, max_steps) must not leak prefetched batches from the
+    persistent workers into the next pass."""
+    disk = load_dataset("image_folder", path=_image_folder(tmp_path / "imgs"), in_memory=False, num_workers=1)
+    a = make_loader(disk.train, 2, shuffle=True, seed=1)
+    state = a.state_dict()
+    next(iter(a))  # 1 of 7 batches; the worker has prefetched more
+    a.load_state_dict(state)
+    b = make_loader(disk.train, 2, shuffle=True, seed=1)
+    _assert_same(_batches(b), _batches(a))
