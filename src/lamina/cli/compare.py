@@ -28,7 +28,9 @@ def _cell(v) -> str:
     if isinstance(v, float):
         if not math.isfinite(v):
             return str(v)
-        return f"{v:.3e}" if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5) else f"{v:.4g}" if abs(v) >= 100 else f"{v:.4f}"
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.3e}"
+        return f"{v:.4g}" if abs(v) >= 100 else f"{v:.4f}"
     return str(v)
 
 
