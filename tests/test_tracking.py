@@ -189,6 +189,11 @@ def test_resumed_run_continues_the_same_mlflow_run_without_repeating_a_step(trac
     run_id, done = first["tracking"]["mlflow"]["run_id"], first["steps"]
     with open(run / "steps.csv", "a") as f:  # what a crashed attempt logged after its last checkpoint
         f.write(f"{done + 5},99.0,0.5\n{done + 10},99.0,0.5\n")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(run / "tb")) as w:  # ... and in TensorBoard
+        for st in (done + 5, done + 10):
+            w.add_scalar("train/loss_step", 99.0, st)
     assert main(["train", "--resume", str(run), "trainer.max_epochs=3", *args]) == 0
     s = json.loads((run / "summary.json").read_text())
     assert s["tracking"]["mlflow"]["run_id"] == run_id
@@ -200,6 +205,12 @@ def test_resumed_run_continues_the_same_mlflow_run_without_repeating_a_step(trac
                                                                                 for r in _rows(run / "metrics.csv")]
     r = client.get_run(run_id)
     assert r.info.status == "FINISHED" and r.data.tags["lamina.resumed"] == "true"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()  # the resumed writer's purge_step hides the crashed attempt's points past the checkpoint
+    tb = ea.Scalars("train/loss_step")
+    assert [e.step for e in tb] == steps and 99.0 not in [e.value for e in tb]
     assert r.data.params["trainer.max_epochs"] == "2"  # params stay as first logged (MLflow refuses changes)
 
 
