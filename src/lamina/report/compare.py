@@ -130,7 +130,8 @@ def main_metric(runs: list[ComparedRun]) -> str | None:
 
 
 def compare_table(runs: list[ComparedRun]) -> tuple[list[str], list[dict]]:
-    """(columns, one row per run) with raw values (numbers stay numbers); test metrics of the best checkpoint."""
+    """(columns, one row per run) with raw values (numbers stay numbers): the last epoch's validation metrics and
+    the test metrics of the best checkpoint."""
     metrics = list(dict.fromkeys(k for r in runs for k in (r.summary.get("test") or {})
                                  if isinstance(r.summary.get("test"), dict)))
     rows = []
@@ -143,6 +144,8 @@ def compare_table(runs: list[ComparedRun]) -> tuple[list[str], list[dict]]:
         row = {"run": r.name, "data": data.get("name"), "model": s.get("model"), "task": s.get("task"),
                "params": s.get("params"), "epochs": s.get("epochs"), "steps": s.get("steps"),
                "monitor": s.get("monitor"), "best": s.get("best_monitor"), "best epoch": s.get("best_epoch")}
+        final = s.get("final") if isinstance(s.get("final"), dict) else {}
+        row.update({f"last {k}": v for k, v in final.items() if str(k).startswith("val/")})  # the last epoch's
         row.update({m: test.get(m) for m in metrics})
         row.update({"train s": s.get("train_time_s"), "samples/s": s.get("train_samples_per_s"),
                     "precision": s.get("precision") or perf.get("precision"), "device": s.get("device")})
