@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lamina.errors import ConfigError, ModelError
+from lamina.errors import ConfigError
 from lamina.io import atomic_write_text, publish_folder, write_folder
 
 HF_FORMATS = ("hf", "peft")
@@ -221,16 +221,21 @@ def _write_result(out: Path, result: dict) -> None:
 
 
 def export_hf_run(run_dir, out=None, which: str = "best") -> dict:
-    """The run's model as an HF-layout folder (default RUN/export/hf), checked by reading it back; returns
+    """The run's model (a LoRA run's with its adapters merged) as an HF-layout folder (default RUN/export/hf),
+    checked by reading it back; returns
     {"run", "checkpoint", "format": "hf", "folder", "architecture", "files", "parity": {...}}."""
     from lamina.hub.hf_write import hf_spec, write_hf_folder
     from lamina.nn.lora import lora_modules
 
     run = _open(run_dir, which)
     model = run.model
-    if lora_modules(model):
-        raise ModelError("hf export: this is a LoRA run; export its adapters with --format peft (the folder holds "
-                         "the base model too)")
+    if lora_modules(model):  # a LoRA run: the adapters merged into their weights (--format peft keeps them apart)
+        import copy
+
+        from lamina.nn.lora import remove_lora
+
+        model = copy.deepcopy(model)
+        remove_lora(model, merge=True)
     spec = hf_spec(model)
     _label_names(spec, run.facts)
     folder = Path(out) if out else run.folder.path / "export" / "hf"
@@ -239,7 +244,14 @@ def export_hf_run(run_dir, out=None, which: str = "best") -> dict:
     files.update(_generation_config(files, spec))
     stage = folder.with_name(f".candidate-{folder.name}")  # replaces `folder` only once it passed the checks
     write_hf_folder(model, stage, files, spec=spec)
-    parity = _checked(stage, lambda: _check_hf(model, spec, stage, ids))
+    def check() -> dict:
+        out = _check_hf(model, spec, stage, ids)
+        if model is not run.model:  # merging adds the update into the weights: float rounding, reported
+            out["lora_merge_max_abs_diff"] = (_lamina_logits(model, spec, ids) -
+                                              _lamina_logits(run.model, spec, ids)).abs().max().item()
+        return out
+
+    parity = _checked(stage, check)
     atomic_write_text(stage / "README.md", model_card(run, spec, "hf", parity))
     publish_folder(stage, folder)
     result = {"run": str(run.folder.path), "checkpoint": str(run.checkpoint), "format": "hf", "folder": str(folder),
