@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 
-from conftest import copy_run
+from conftest import copy_run, needs_shared
 from lamina.cli.main import main
 
 
@@ -216,3 +216,20 @@ def test_train_draws_its_validation_and_test_passes(tmp_path):
     text = buf.getvalue()
     # the bars' labels are bold ("\x1b[1m"); the epoch's summary line (val/loss ...) is not
     assert "\x1b[1mepoch 1/1" in text and "\x1b[1mval" in text and "\x1b[1mtest" in text and rp._eval_bar is None
+
+
+@needs_shared("fsdd/recordings")
+@pytest.mark.slow
+def test_ctc_beam_decoding_counts_batches():
+    from conftest import ROOT
+    from lamina.config import load_config
+    from lamina.runs.build import build_run_model, data_facts, load_data, make_task, task_class
+
+    cfg = load_config(ROOT / "configs" / "fsdd_ctc.yaml", ["data.train_size=48", "data.val_size=8",
+                                                          "data.test_size=8", "model.hidden=16", "model.channels=16"])
+    bundle = load_data(cfg, None)
+    facts = data_facts(bundle, task_class(cfg, bundle))
+    sink = Sink()
+    out = make_task(cfg, facts).test_extras(build_run_model(cfg, facts), bundle, "test", torch.device("cpu"),
+                                            progress=sink)
+    assert sink.calls == [(0, 1), (1, 1)] and "test/wer_beam" in out  # 8 utterances: one batch of 256
