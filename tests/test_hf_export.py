@@ -433,6 +433,8 @@ def test_lamina_peft_export_reads_back(tmp_path):
 @pytest.mark.parametrize("edit, msg", [
     (lambda c, s: c.update(peft_type="IA3"), "peft_type='IA3' is not supported by lamina's LoRA; accepted: LORA"),
     (lambda c, s: c.update(use_dora=True), "use_dora=True is not supported"),
+    (lambda c, s: c.update(rank_pattern={"h.0.attn.c_attn": "8"}), "rank_pattern={'h.0.attn.c_attn': '8'} is not"),
+    (lambda c, s: c.update(alpha_pattern={"(": 2.0}), "pattern '(' is not a regular expression"),
     (lambda c, s: s.update({"base_model.model.transformer.h.0.attn.c_attn.lora_C.weight": torch.zeros(2)}),
      "1 tensor(s) with no place in lamina's gpt2"),
     (lambda c, s: s.update({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": torch.zeros(4, 31)}),

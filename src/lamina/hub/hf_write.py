@@ -19,6 +19,7 @@ loads back through load_hf_folder into the same model. Nothing here needs transf
 PEFT: each LoRALinear (lamina.nn.lora) becomes `base_model.model.<HF module>.lora_A.weight` / `.lora_B.weight`.
 GPT-2's fused c_attn gets one adapter of rank k*r for the k of q, k, v that carry one: A stacks their A's, B is
 block-diagonal in their rows, alpha is k*alpha, so (alpha'/r') B'A' is exactly the separate updates side by side.
+PEFT adapters are read back (lamina's or peft's own) by lamina.hub.peft_adapter.load_peft_adapter.
 """
 
 from __future__ import annotations

@@ -30,7 +30,12 @@ from lamina.errors import CheckpointError
 def _pattern_value(patterns: dict, module: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module whose name ends with it (as a regex)."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", module)
+        except re.error as e:
+            raise CheckpointError(f"hub: adapter_config.json: pattern {key!r:.60} is not a regular expression ({e})") \
+                from None
+        if hit:
             return value
     return default
 
@@ -38,6 +43,12 @@ def _pattern_value(patterns: dict, module: str, default):
 def _conv1d(spec, hf: str) -> bool:
     """GPT-2's block layers are Conv1D, their weights stored (in, out); its lm_head is a plain Linear."""
     return spec.family == "gpt2" and hf.startswith("transformer.h.")
+
+
+def _numbers(patterns, kind) -> bool:
+    """None, or a {pattern: positive number} mapping (rank_pattern, alpha_pattern)."""
+    return patterns is None or isinstance(patterns, dict) and all(
+        isinstance(k, str) and isinstance(v, kind) and not isinstance(v, bool) and v > 0 for k, v in patterns.items())
 
 
 def _config(folder: Path) -> dict:
@@ -50,9 +61,15 @@ def _config(folder: Path) -> dict:
     cfg = _read_json(path)
     checks = (("peft_type", cfg.get("peft_type") == "LORA", "LORA"), ("use_dora", not cfg.get("use_dora"), "false"),
               ("bias", cfg.get("bias", "none") == "none", "none"),
-              ("r", isinstance(cfg.get("r"), int) and cfg["r"] > 0, "a positive integer"),
+              ("r", isinstance(cfg.get("r"), int) and not isinstance(cfg["r"], bool) and cfg["r"] > 0,
+               "a positive integer"),
               ("lora_alpha", isinstance(cfg.get("lora_alpha"), (int, float)) and cfg["lora_alpha"] > 0,
-               "a positive number"))
+               "a positive number"),
+              ("lora_dropout", isinstance(cfg.get("lora_dropout") or 0.0, (int, float))
+               and 0 <= (cfg.get("lora_dropout") or 0.0) < 1, "a number in [0, 1)"),
+              ("rank_pattern", _numbers(cfg.get("rank_pattern"), int), "a mapping of module patterns to ranks"),
+              ("alpha_pattern", _numbers(cfg.get("alpha_pattern"), (int, float)),
+               "a mapping of module patterns to alphas"))
     for key, ok, accepted in checks:
         if not ok:
             raise CheckpointError(f"hub: {path}: {key}={cfg.get(key)!r} is not supported by lamina's LoRA; "
