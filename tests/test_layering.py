@@ -30,6 +30,7 @@ ROOT = "lamina"
 # Lower rank = lower layer. Packages may import strictly lower ranks (and themselves).
 RANKS = {
     "errors": 0,  # the bottom leaf: user-facing errors
+    "allocator": 0,  # torch-free: which malloc the process runs on (the CLI re-executes itself before importing torch)
     "io": 1, "plots": 1,  # leaves over errors: atomic writes / safetensors / hashing; matplotlib figures
     "config": 2,
     "nn": 3,
