@@ -15,7 +15,8 @@ def add_parsers(sub) -> None:
     e.add_argument("--format", default="onnx", metavar="FORMAT", help="onnx | torch-export | hf | peft (default onnx)")
     e.add_argument("--int8", action="store_true", help="also write an int8 ONNX model (onnxruntime.quantization: "
                                                        "static QDQ for conv nets, dynamic for the rest)")
-    e.add_argument("--out", default=None, help="artifact path or folder (default RUN_DIR/export/model.onnx|.pt2)")
+    e.add_argument("--out", default=None, help="artifact path or folder (default RUN_DIR/export/model.onnx|.pt2, "
+                                                       "RUN_DIR/export/hf/ or RUN_DIR/export/peft/)")
     e.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint of the run")
     e.add_argument("--batch", type=int, default=64, help="real test samples for the parity check")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
