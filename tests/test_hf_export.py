@@ -170,6 +170,14 @@ def test_char_tokenizer_keeps_specials_and_unknown(tmp_path):
     assert (tok.pad_token_id, tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2, 3)
 
 
+def test_missing_tokenizers_is_one_line(monkeypatch):
+    from lamina.errors import MissingDependencyError
+
+    monkeypatch.setitem(__import__("sys").modules, "tokenizers", None)  # `import tokenizers` now raises
+    with pytest.raises(MissingDependencyError, match=r'pip install "lamina\[hf\]"'):
+        hf_tokenizer_files(None, ["a", "b"], block_size=8)
+
+
 def test_bpe_tokenizer_for_bert_adds_the_specials_lamina_adds(tmp_path):
     from lamina.data.tokenizers import BPETokenizer
 

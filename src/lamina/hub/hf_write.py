@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lamina.errors import ModelError
+from lamina.errors import MissingDependencyError, ModelError
 from lamina.io import write_folder
 
 SUPPORTED = ("gpt (GPT2LMHeadModel), llama (LlamaForCausalLM), bert (BertForMaskedLM, BertForSequenceClassification "
@@ -288,9 +288,19 @@ def write_hf_folder(model: nn.Module, out: str | Path, files: dict[str, str] | N
 
 
 # ----- tokenizers -----------------------------------------------------------------------------------------
+def _tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise MissingDependencyError('tokenizers is not installed; the tokenizer files of an HF export need '
+                                     'pip install "lamina[hf]"') from None
+    return tokenizers
+
+
 def _char_tokenizer_json(vocab: dict[str, int], unk: str | None) -> str:
     """A `tokenizers` tokenizer.json that cuts text into single characters and looks each up in `vocab`
     (WordLevel): the ids lamina's character vocabularies give. No normalizer, nothing added around the text."""
+    _tokenizers()
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     tok = Tokenizer(models.WordLevel(vocab, unk_token=unk or "<unk>"))  # an unk absent from vocab: unknown chars fail
@@ -320,7 +330,7 @@ def hf_tokenizer_files(run_tokenizer: str | None, char_vocab: list[str] | None, 
             text = _char_tokenizer_json(vocab, "<unk>")
         else:
             text = run_tokenizer
-        from tokenizers import Tokenizer
+        Tokenizer = _tokenizers().Tokenizer
 
         tok = Tokenizer.from_str(text)
         for role, cands in (("pad_token", ("<pad>", "[PAD]")), ("unk_token", ("<unk>", "[UNK]")),
