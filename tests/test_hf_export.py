@@ -28,7 +28,10 @@ FAST = ["logging.tensorboard=false", "logging.plots=false", "trainer.progress=fa
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)  # tiny models on a busy machine (conftest restores the count)
+    level = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
+    yield
+    transformers.logging.set_verbosity(level)
 
 
 def _ids(vocab: int, T: int = 24, lo: int = 5) -> torch.Tensor:

@@ -18,6 +18,7 @@ A model family or option HF cannot represent is one ModelError line (exit 2), na
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import shutil
@@ -166,10 +167,17 @@ def _transformers_model(spec, folder: Path):
     return getattr(transformers, _AUTO[spec.architecture]).from_pretrained(str(folder)).float().eval()
 
 
+@contextlib.contextmanager
 def _quiet_transformers():
+    """Load reports go to stderr; parity is measured here, not assumed. The caller's verbosity comes back after."""
     import transformers
 
-    transformers.logging.set_verbosity_error()  # load reports go to stderr; parity is measured, not assumed
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(level)
 
 
 def _check_hf(model, spec, folder: Path, ids) -> dict:
@@ -180,8 +188,8 @@ def _check_hf(model, spec, folder: Path, ids) -> dict:
     back, _ = load_hf_folder(folder)
     out = {"lamina_roundtrip_max_abs_diff": (_lamina_logits(back.eval(), spec, ids) - want).abs().max().item()}
     if importlib.util.find_spec("transformers") is not None:
-        _quiet_transformers()
-        hf = _transformers_model(spec, folder)
+        with _quiet_transformers():
+            hf = _transformers_model(spec, folder)
         out["transformers_max_abs_diff"] = (_hf_logits(hf, spec, ids) - want).abs().max().item()
     return out
 
@@ -318,8 +326,8 @@ def _check_peft(model, base, spec, folder: Path, ids) -> dict:
     if importlib.util.find_spec("transformers") is not None and importlib.util.find_spec("peft") is not None:
         from peft import PeftModel
 
-        _quiet_transformers()
-        hf = PeftModel.from_pretrained(_transformers_model(spec, folder / "base"), str(folder)).eval()
+        with _quiet_transformers():
+            hf = PeftModel.from_pretrained(_transformers_model(spec, folder / "base"), str(folder)).eval()
         want = _lamina_logits(model, spec, ids)
         out["peft_max_abs_diff"] = (_hf_logits(hf, spec, ids) - want).abs().max().item()
     return out
