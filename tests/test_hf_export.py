@@ -377,12 +377,13 @@ def test_pretrained_lm_with_other_characters_is_one_line(char_gpt, tmp_path, cap
     (["export", "{run}", "--format", "peft"], "--format peft: {run} is not a LoRA run"),
     (["export", "{run}", "--format", "hf", "--int8"], "--int8: quantized export is ONNX only"),
     (["export", "{run}", "--format", "safetensors"], "unknown format 'safetensors'"),
+    (["export", "{tmp}", "--format", "peft"], "{tmp}: not a run folder"),
 ])
 def test_cli_hf_export_bad_input_is_one_line_exit_2(args, msg, digits_run, tmp_path, capsys):
-    args = [a.format(run=digits_run) for a in args] + ["--out", str(tmp_path / "out")]
+    args = [a.format(run=digits_run, tmp=tmp_path) for a in args] + ["--out", str(tmp_path / "out")]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert msg.format(run=digits_run) in err and len(err.splitlines()) == 1
+    assert msg.format(run=digits_run, tmp=tmp_path) in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 
