@@ -251,6 +251,7 @@ def _parquet(path: Path, n=200, seed=0) -> Path:
         "label": rng.choice(["yes", "no", "maybe"], n),
     })
     df.loc[rng.choice(n, 15, replace=False), "a"] = np.nan
+    df.index = [f"r{i}" for i in range(n)]  # a named index is stored as a column; it is not a feature
     df.to_parquet(path, row_group_size=23)
     return path
 

@@ -44,6 +44,18 @@ def parquet_decoded_bytes(path) -> int | None:
     return int(md.num_rows) * int(md.num_columns) * 8
 
 
+def _pandas_index_columns(schema) -> set[str]:
+    """Columns pandas stored its index in (to_parquet of a non-default index): read_parquet makes them the index,
+    not features, so the streamed path leaves them out too."""
+    import json
+
+    try:
+        meta = json.loads((schema.metadata or {}).get(b"pandas", b"{}"))
+        return {c for c in meta.get("index_columns", []) if isinstance(c, str)}
+    except (ValueError, AttributeError):
+        return set()
+
+
 class TableStream:
     """A split of a streamed table: its file rows (ascending), labels, and the fitted meta to encode with."""
 
@@ -107,7 +119,7 @@ def stream_table(path, target: str, task, categorical: str, drop: list[str], val
                         "drop resample")
     pf, _ = _row_groups(p)
     schema = pf.schema_arrow
-    columns = [str(n) for n in schema.names]
+    columns = [str(n) for n in schema.names if str(n) not in _pandas_index_columns(schema)]
     for c in [target, *drop]:
         if c not in columns:
             raise DataError(f"column '{c}' not found; columns: {', '.join(columns)}")
