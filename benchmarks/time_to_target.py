@@ -394,13 +394,14 @@ def main():
                      summary[rn]["ratio_vs_hand"] or "-"])
     perf = next((x["perf"] for x in runs if x.get("perf")), None)
     load1 = loadavg1()
-    print(f"\n{name}: time to {w['metric']} {'>=' if w['mode'] == 'max' else '<='} {w['target']}, median of "
-          f"{args.repeats}, {args.threads} threads; load avg {load0:.2f} -> {load1:.2f}"
+    print(f"\n{name}: time to {w['metric']} {'>=' if w['mode'] == 'max' else '<='} {w['target']}, "
+          f"{'whole command only' if args.cli_only else 'median of %d' % args.repeats}, {args.threads} threads; load avg {load0:.2f} -> {load1:.2f}"
           f"{' (BUSY runs: ' + str(sum(x['busy'] for x in runs)) + ')' if any(x['busy'] for x in runs) else ''}")
     if perf:
         print("lamina perf preset: " + "; ".join(perf["applied"]) + (" | skipped: " + "; ".join(perf["skipped"])
                                                                        if perf["skipped"] else ""))
-    table = print_table(["runner", "train s to target", "wall s to target", "epochs", "reached", "x hand loop"], rows)
+    table = None if args.cli_only else print_table(["runner", "train s to target", "wall s to target", "epochs",
+                                                     "reached", "x hand loop"], rows)
     write_result(f"time_to_target_{name}" + ("_cli" if args.cli_only else ""), {
         "workload": name, "target": {k: w[k] for k in ("metric", "target", "mode")}, "threads": args.threads,
         "repeats": args.repeats, "loadavg_before_after": [load0, load1], "busy_runs": sum(x["busy"] for x in runs),
