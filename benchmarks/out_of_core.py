@@ -17,7 +17,7 @@ The model is an MLP (2 x 256) on the gray images: cheap enough per step that dec
 model, so the ratio is a fair worst case for the streaming path. The 1-min load average is recorded before and
 after every step; the script refuses to run the timing part when the machine is busy (unless --allow-busy).
 
-    python benchmarks/out_of_core.py [--images 30000] [--size 192] [--limit-gb 1.0] [--steps 300] [--allow-busy]
+    python benchmarks/out_of_core.py [--images 30000] [--size 256] [--limit-gb 1.5] [--steps 300] [--allow-busy]
 """
 
 from __future__ import annotations
@@ -125,8 +125,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/lamina_out_of_core", help="image folder and runs (default %(default)s)")
     ap.add_argument("--images", type=int, default=30000)
-    ap.add_argument("--size", type=int, default=192, help="side in pixels after upscaling (default %(default)s)")
-    ap.add_argument("--limit-gb", type=float, default=1.0, help="memory limit of the training process tree (GB)")
+    ap.add_argument("--size", type=int, default=256, help="side in pixels after upscaling (default %(default)s)")
+    ap.add_argument("--limit-gb", type=float, default=1.5, help="memory limit of the training process tree (GB)")
     ap.add_argument("--budget-gb", type=float, help="data.memory_budget of the big run (default: --limit-gb)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--subset", type=int, default=3000, help="images of the in-memory vs streaming comparison")
