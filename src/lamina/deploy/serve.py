@@ -395,8 +395,6 @@ def create_app(backend, max_batch: int = 32, max_wait_ms: float = 5.0, batching:
     metrics = Metrics()
     if max_image_pixels is None:
         max_image_pixels = default_max_image_pixels(backend.input_shape)
-    # Pillow's own bomb guard (warns beyond it, raises beyond twice it) at the same limit, for every decode
-    Image.MAX_IMAGE_PIXELS = int(max_image_pixels)
     decodes = asyncio.Semaphore(max_decodes)
 
     def on_batch(n: int, seconds: float) -> None:
@@ -407,11 +405,15 @@ def create_app(backend, max_batch: int = 32, max_wait_ms: float = 5.0, batching:
 
     @asynccontextmanager
     async def lifespan(app):
+        # Pillow's own bomb guard (warns beyond it, raises beyond twice it) at the same limit, for every decode
+        # while the server runs; put back after, so a process that also trains or reports keeps its own limit
+        pixels_before, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, int(max_image_pixels)
         await batcher.start()
         try:
             yield
         finally:
             await batcher.stop()
+            Image.MAX_IMAGE_PIXELS = pixels_before
 
     app = FastAPI(title=f"lamina serve: {backend.model_name}", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
