@@ -25,6 +25,7 @@ from pathlib import Path
 
 from lamina.errors import ConfigError, DataError
 from lamina.io import atomic_write_text
+from lamina.report.html import typed_rows
 
 SPARK = "▁▂▃▄▅▆▇█"
 MAX_LINKS = 50  # comparisons.json keeps the newest pages; a run compared every day stays small
@@ -54,18 +55,7 @@ def _read_csv(path: Path) -> list[dict]:
         return []
     except (csv.Error, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not a readable CSV file ({e})") from None
-    out = []
-    for r in rows:
-        row = {}
-        for k, v in r.items():
-            if k is None or not isinstance(v, str) or v == "":
-                continue
-            try:
-                row[k] = float(v)
-            except ValueError:
-                row[k] = v
-        out.append(row)
-    return out
+    return typed_rows(rows)
 
 
 def read_run(path: str | Path) -> ComparedRun:

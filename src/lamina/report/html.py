@@ -111,6 +111,11 @@ def _history(run: Path) -> list[dict]:
             rows = list(csv.DictReader(f))
     except OSError:
         return []
+    return typed_rows(rows)
+
+
+def typed_rows(rows) -> list[dict]:
+    """csv.DictReader rows with numbers as floats, empty cells and a ragged row's extra cells dropped."""
     out = []
     for r in rows:
         row = {}
