@@ -4,6 +4,7 @@ histories, artifacts, and the logged model's weights loaded into lamina."""
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,10 @@ def test_resumed_run_continues_the_same_mlflow_run_without_repeating_a_step(trac
     with SummaryWriter(str(run / "tb")) as w:  # ... and in TensorBoard
         for st in (done + 5, done + 10):
             w.add_scalar("train/loss_step", 99.0, st)
+    # TensorBoard reads event files in name order: the name starts with the second the writer opened, then a
+    # process-wide counter compared as text ("10" < "9"), so a resume within the same second as the crashed
+    # attempt could be read first. A real resume is seconds later; here wait for the next second.
+    time.sleep(1.01 - time.time() % 1)
     assert main(["train", "--resume", str(run), "trainer.max_epochs=3", *args]) == 0
     s = json.loads((run / "summary.json").read_text())
     assert s["tracking"]["mlflow"]["run_id"] == run_id
