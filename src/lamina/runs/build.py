@@ -36,7 +36,7 @@ def load_data(cfg: RunConfig, tokenizer: Path | None = None) -> DataBundle:
     """The run's data set; `tokenizer`: a saved tokenizer.json to reuse instead of training one. The same name,
     options and seed give the same splits, which is how every tool finds a run's test split again."""
     opts = dict(cfg.data.options)
-    if tokenizer is not None and Path(tokenizer).is_file():
+    if tokenizer is not None and Path(tokenizer).is_file() and _takes_tokenizer(cfg.data.name):
         opts["tokenizer"] = str(tokenizer)
     elif opts.get("tokenizer") and not Path(str(opts["tokenizer"])).expanduser().exists():
         from lamina.hub import pretrained_tokenizer as find  # data.tokenizer=<pretrained source>: its tokenizer
@@ -52,6 +52,22 @@ def load_data(cfg: RunConfig, tokenizer: Path | None = None) -> DataBundle:
     if cfg.data.train_fraction < 1.0:
         bundle.train = train_subset(bundle.train, cfg.data.train_fraction, cfg.seed, bundle.task)
     return bundle
+
+
+def _takes_tokenizer(name: str) -> bool:
+    """Whether a data set's loader takes `tokenizer=`: a character-level one (text, tiny_shakespeare) builds its
+    vocabulary from the text, so a pretrained HF folder's tokenizer.json (lamina's char LMs export one) is not
+    passed to it; the model's vocabulary is checked against the data's instead."""
+    import inspect
+
+    from lamina.data import get_dataset_entry
+    from lamina.errors import LaminaError
+
+    try:
+        params = inspect.signature(get_dataset_entry(name).fn).parameters
+    except (LaminaError, TypeError, ValueError):  # an unknown name: load_dataset says so
+        return True
+    return "tokenizer" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def check_finite_data(bundle: DataBundle) -> None:
@@ -92,13 +108,24 @@ def build_run_model(cfg: RunConfig, facts: DataFacts, options: dict | None = Non
     """The run's model: registered name + what the data implies (the task says) + the config's options.
     `options`: the resolved options a checkpoint recorded; they rebuild exactly the model that was trained,
     whatever today's defaults are."""
+    if cfg.model.adapter and not cfg.model.pretrained:
+        raise ConfigError("model.adapter: a PEFT adapter goes onto the base it was trained on; set model.pretrained "
+                          "to that base (a run folder or HF-layout folder)")
+    if cfg.model.adapter and cfg.finetune.mode != "lora":
+        raise ConfigError(f"model.adapter: a run goes on from a LoRA adapter by training it as LoRA; set "
+                          f"finetune.mode=lora (got {cfg.finetune.mode})")
     if cfg.model.pretrained:  # pretrained weights, fitted to this data (channels, size, scale, new head)
         from lamina import hub
         from lamina.hub.adapt import adapt_pretrained
 
         run_source = is_run_folder(cfg.model.pretrained)
         model, info = load_run_encoder(cfg.model.pretrained, facts) if run_source else hub.load(cfg.model.pretrained)
-        return adapt_pretrained(model, info, facts, cfg.finetune.input_size)
+        model = adapt_pretrained(model, info, facts, cfg.finetune.input_size)
+        if cfg.model.adapter:  # after the base weights (and a new head), so the adapter's values are what trains on
+            from lamina.hub.peft_adapter import load_peft_adapter
+
+            load_peft_adapter(model, cfg.model.adapter)
+        return model
     entry = get_entry(cfg.model.name)
     task_cls = TASKS[facts.task]
     opts = options if options is not None else {**task_cls.model_options(facts, entry), **cfg.model.options}
@@ -188,7 +215,8 @@ def finetune_setup(cfg: RunConfig, model: torch.nn.Module, task):
         from lamina.nn.lora import apply_lora
 
         head = lora_head(model, task)
-        apply_lora(model, ft.lora_targets, rank=ft.lora_rank, alpha=ft.lora_alpha)
+        if not cfg.model.adapter:  # model.adapter: build_run_model already put that adapter's LoRA modules in
+            apply_lora(model, ft.lora_targets, rank=ft.lora_rank, alpha=ft.lora_alpha)
         params = dict(model.named_parameters(remove_duplicate=False))
         for n in head:  # a classifier's new head is trained in full
             params[n].requires_grad_(True)

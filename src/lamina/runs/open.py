@@ -71,8 +71,10 @@ class Run:
         return Trainer(self.cfg.trainer.model_copy(update={"compile": False, **overrides}))
 
 
-def open_run(path: str | Path, which: str = "best") -> Run:
-    """A run folder (its `which` checkpoint, else `last`) or a checkpoint folder; no data is loaded."""
+def open_run(path: str | Path, which: str = "best", adapter: str | Path | None = None) -> Run:
+    """A run folder (its `which` checkpoint, else `last`) or a checkpoint folder; no data is loaded. `adapter`: a
+    PEFT LoRA adapter folder put on the run's model after its weights are loaded (lamina.hub.peft_adapter), to
+    evaluate or use a base + adapter (`--adapter`); training from one is `model.adapter` in the config."""
     folder, ckpt = RunFolder.locate(path, which)
     meta = read_meta(ckpt)
     if "config" not in meta:
@@ -91,7 +93,8 @@ def open_run(path: str | Path, which: str = "best") -> Run:
         if not cfg.model.pretrained:
             check_declared_sizes(cfg, facts, options, ckpt)
         model = build_run_model(cfg, facts, options)
-        if cfg.finetune.mode == "lora":  # its checkpoint holds the adapters beside the frozen base weights
+        if cfg.finetune.mode == "lora" and not cfg.model.adapter:  # its checkpoint holds the adapters beside the
+            # frozen base weights (a run from model.adapter got that adapter's LoRA modules in build_run_model)
             from lamina.nn.lora import apply_lora
 
             apply_lora(model, cfg.finetune.lora_targets, rank=cfg.finetune.lora_rank, alpha=cfg.finetune.lora_alpha)
@@ -102,6 +105,10 @@ def open_run(path: str | Path, which: str = "best") -> Run:
     except RuntimeError as e:  # shape mismatch
         last = str(e).splitlines()[-1].strip()
         raise CheckpointError(f"{ckpt} does not fit model {cfg.model.name}: {last}") from None
+    if adapter is not None:
+        from lamina.hub.peft_adapter import load_peft_adapter
+
+        load_peft_adapter(model, adapter)
     return Run(cfg, model, task, facts, ckpt, folder)
 
 
@@ -147,10 +154,11 @@ def check_declared_sizes(cfg: RunConfig, facts: DataFacts, options: dict | None,
 
 # ----- verbs on a trained run ----------------------------------------------------------------------------
 def evaluate(path: str | Path, split: str = "test", which: str = "best",
-             progress: Callable[[int, int], None] | None = None) -> dict:
-    """Loss and metrics of a run's checkpoint on a split. `progress(done, total)`: batches of the evaluation pass,
-    then (a second phase, from 0) the task's decoding where it has one (beam search for BLEU / WER)."""
-    run = open_run(path, which)
+             progress: Callable[[int, int], None] | None = None, adapter: str | Path | None = None) -> dict:
+    """Loss and metrics of a run's checkpoint (with a PEFT `adapter` on it, if given) on a split.
+    `progress(done, total)`: batches of the evaluation pass, then (a second phase, from 0) the task's decoding
+    where it has one (beam search for BLEU / WER)."""
+    run = open_run(path, which, adapter)
     data = run.split(split)
     trainer = run.trainer()
     metrics = trainer.evaluate(run.model, run.task, run.eval_loader(data, trainer.device), prefix=split,
@@ -160,15 +168,15 @@ def evaluate(path: str | Path, split: str = "test", which: str = "best",
 
 
 def predict(path: str | Path, inputs: list[str], which: str = "best", draw_dir: str | Path | None = None,
-            min_score: float = 0.3) -> list[dict]:
+            min_score: float = 0.3, adapter: str | Path | None = None) -> list[dict]:
     """Per input: a class (classifiers), values (regression) or boxes above `min_score` (detectors; with
-    `draw_dir`, each input is also drawn with its boxes to draw_dir/<name>.png)."""
+    `draw_dir`, each input is also drawn with its boxes to draw_dir/<name>.png). `adapter`: as open_run."""
     from lamina.data import make_loader
     from lamina.data.base import TensorData
     from lamina.data.inputs import read_inputs
     from lamina.data.transforms import eval_transforms
 
-    run = open_run(path, which)
+    run = open_run(path, which, adapter)
     x_parts, names = read_inputs(inputs, run.facts)
     trainer = run.trainer()
     loader = make_loader(TensorData(**x_parts), run.cfg.data.eval_batch_size, device=trainer.device,
@@ -200,13 +208,15 @@ def predict(path: str | Path, inputs: list[str], which: str = "best", draw_dir: 
 
 def generate(path: str | Path, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, greedy: bool = False, seed: int = 0,
-             stop: str | None = None, on_text=None, which: str = "best") -> str:
-    """Text from a trained run: sampled continuation (language models) or translation (seq2seq);
-    `on_text(str)` receives each new piece (streaming)."""
-    run = open_run(path, which)
+             stop: str | None = None, on_text=None, which: str = "best", adapter: str | Path | None = None,
+             progress: Callable[[int, int], None] | None = None) -> str:
+    """Text from a trained run (with a PEFT `adapter` on it, if given): sampled continuation (language models) or
+    translation of the prompt's lines (seq2seq); `on_text(str)` receives each new piece (streaming);
+    `progress(done, total)` counts translated lines (a language model's streamed text is its own progress)."""
+    run = open_run(path, which, adapter)
     return run.task.generate(run.model, run.facts, prompt, run.device, tokenizer=run.folder.tokenizer,
-                             on_text=on_text, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                             top_p=top_p, greedy=greedy, seed=seed, stop=stop)
+                             on_text=on_text, progress=progress, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, seed=seed, stop=stop)
 
 
 __all__ = ["Run", "open_run", "open_task_run", "evaluate", "predict", "generate", "LaminaError"]

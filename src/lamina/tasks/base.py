@@ -74,7 +74,7 @@ class Task(Protocol):
     def restore(self, run_dir) -> None: ...
     def test_outputs(self, trainer, model, loader, data) -> dict: ...
     def generate(self, model, facts: DataFacts, prompt: str, device, *, tokenizer=None, on_text=None,
-                 **sampling) -> str: ...
+                 progress=None, **sampling) -> str: ...
 
 
 class BaseTask:
@@ -139,7 +139,7 @@ class BaseTask:
         return {}
 
     def generate(self, model, facts: DataFacts, prompt: str, device, *, tokenizer=None, on_text=None,
-                 **sampling) -> str:
+                 progress=None, **sampling) -> str:
         raise ConfigError(f"generate needs a language-model or seq2seq run; this run is {self.name}")
 
 

@@ -67,9 +67,10 @@ class LanguageModelingTask(BaseTask):
     def tokens_per_sample(self, facts) -> int:
         return int(facts.meta["block_size"])
 
-    def generate(self, model, facts, prompt: str, device, *, tokenizer=None, on_text=None, max_new_tokens=200,
-                 temperature=1.0, top_k=None, top_p=None, greedy=False, seed=0, stop=None) -> str:
-        """Sampled continuation of `prompt` (character vocabulary of the run); `on_text` streams each piece."""
+    def generate(self, model, facts, prompt: str, device, *, tokenizer=None, on_text=None, progress=None,
+                 max_new_tokens=200, temperature=1.0, top_k=None, top_p=None, greedy=False, seed=0, stop=None) -> str:
+        """Sampled continuation of `prompt` (character vocabulary of the run); `on_text` streams each piece, which
+        is its progress (`progress` is not called: one prompt, no bar between the streamed characters)."""
         import torch
 
         from lamina.data.files import decode_text, encode_text

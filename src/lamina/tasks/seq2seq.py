@@ -136,14 +136,16 @@ class Seq2SeqTask(BaseTask):
                 progress(min(b + len(rows), len(ids)), len(ids))
         return out
 
-    def generate(self, model, facts, prompt: str, device, *, tokenizer=None, on_text=None, **sampling) -> str:
-        """Translations of the prompt's lines (beam search; sampling options do not apply)."""
+    def generate(self, model, facts, prompt: str, device, *, tokenizer=None, on_text=None, progress=None,
+                 **sampling) -> str:
+        """Translations of the prompt's lines (beam search; sampling options do not apply); `progress(done,
+        total)` counts translated lines."""
         from lamina.data.tokenizers import load_tokenizer
 
         if not prompt.strip():
             raise DataError("prompt: empty; give a sentence to translate, e.g. --prompt 'A dog runs.'")
         lines = [line for line in prompt.splitlines() if line.strip()]
-        text = "\n".join(self.translate(model, load_tokenizer(tokenizer), lines, device))
+        text = "\n".join(self.translate(model, load_tokenizer(tokenizer), lines, device, progress=progress))
         if on_text:
             on_text(text)
         return text
