@@ -46,9 +46,13 @@ def format_hf(result: dict) -> str:
     if result["format"] == "peft":
         lines.append(f"target_modules: {', '.join(result['target_modules'])}; r={result['r']}, "
                      f"lora_alpha={result['lora_alpha']:g}")
-    probe = "x".join(str(n) for n in result["probe"])
-    lines += [f"max abs logit diff ({probe} token ids), {k.removesuffix('_max_abs_diff')}: {v:.3g}"
-              for k, v in result["parity"].items()]
+    probe = result.get("probe_what") or f"{'x'.join(str(n) for n in result['probe'])} token ids"
+    for k, v in result["parity"].items():
+        if isinstance(v, int):  # a count (T5's greedy token mismatches)
+            lines.append(f"{k.replace('_', ' ')} ({probe}): {v}")
+        else:
+            kind = "pixel" if "preprocessor" in k else "logit"
+            lines.append(f"max abs {kind} diff ({probe}), {k.removesuffix('_max_abs_diff')}: {v:.3g}")
     return "\n".join(lines)
 
 

@@ -4,10 +4,12 @@
     info == {"format": "hf", "family": "bert", "config": {...config.json...}, "tokenizer": ".../tokenizer.json",
              "pooling": "mean", "architecture": "BertModel", "files": [...], "unused": ["pooler.dense.weight", ...]}
 
-Families: "bert" (BertModel, BertForMaskedLM, BertForSequenceClassification, BertForQuestionAnswering), "llama" (LlamaForCausalLM) and
-"gpt2" (GPT2LMHeadModel, GPT2Model; lamina's GPT). The family comes from config.json's model_type (else its
-architectures). BERT and Llama names come from the family's own key map (lamina.models.bert.hf_bert_key_map,
-lamina.models.llama.hf_llama_key_map), so this file holds no second copy of them; GPT-2's Conv1D weights are
+Families: "bert" (BertModel, BertForMaskedLM, BertForSequenceClassification, BertForQuestionAnswering), "llama" (LlamaForCausalLM),
+"gpt2" (GPT2LMHeadModel, GPT2Model; lamina's GPT), "t5" (T5ForConditionalGeneration), "vit" (ViTForImageClassification)
+and "resnet" (ResNetForImageClassification). The family comes from config.json's model_type (else its
+architectures). BERT, Llama, T5, ViT and ResNet names come from the family's own key map (lamina.models.bert.
+hf_bert_key_map, lamina.models.llama.hf_llama_key_map, lamina.models.t5.hf_t5_key_map, lamina.models.vit.
+hf_vit_key_map, lamina.models.resnet.hf_resnet_key_map), so this file holds no second copy of them; GPT-2's Conv1D weights are
 stored (in, out) and c_attn fuses q, k, v, so they are transposed and split here. Every tensor is
 matched by name and its shape checked before it is copied (nanoGPT's from_pretrained). Strict: a tensor whose
 name the family does not know, or a model tensor the folder does not provide, is a CheckpointError naming the
@@ -27,10 +29,15 @@ import torch
 from lamina.errors import CheckpointError
 from lamina.io import load_state_strict
 
-FAMILIES = ("bert", "llama", "gpt2")
+FAMILIES = ("bert", "llama", "gpt2", "t5", "vit", "resnet")
 _ARCHITECTURES = {"BertModel": "bert", "BertForMaskedLM": "bert", "BertForSequenceClassification": "bert",
                   "BertForQuestionAnswering": "bert",
-                  "LlamaForCausalLM": "llama", "GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2"}
+                  "LlamaForCausalLM": "llama", "GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2",
+                  "T5ForConditionalGeneration": "t5", "ViTForImageClassification": "vit",
+                  "ResNetForImageClassification": "resnet"}
+_DEFAULT_ARCH = {"bert": "BertModel", "llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel",
+                 "t5": "T5ForConditionalGeneration", "vit": "ViTForImageClassification",
+                 "resnet": "ResNetForImageClassification"}
 _HF_BUFFERS = ("embeddings.position_ids",)  # HF registers these as persistent buffers; nothing to load
 _DECODER_BUFFERS = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")  # older transformers saved these
 _POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
@@ -325,6 +332,150 @@ def map_gpt2_state(model, state: dict[str, torch.Tensor], source: str) -> list[s
     return _map_decoder_state(model, state, _gpt2_convert, _gpt2_name, "gpt", source)
 
 
+# ----- T5, ViT, ResNet: one name map each (the model file's), checked both ways -----------------------------------
+def _config_error(path: Path, family: str, key: str, value, accepted: str) -> CheckpointError:
+    return CheckpointError(f"hub: {path}/config.json: {key}={value!r} is not supported by lamina's {family}; "
+                           f"accepted: {accepted}")
+
+
+def _int(config: dict, key: str, path: Path, family: str, default=None) -> int:
+    value = config.get(key, default)
+    if value is None:
+        raise CheckpointError(f"hub: {path}/config.json: missing {key!r}, which a {family} config needs")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise CheckpointError(f"hub: {path}/config.json: {key} must be a non-negative integer, got {value!r:.60}")
+    return value
+
+
+def _num_labels(config: dict, path: Path) -> int:
+    labels = config.get("id2label")
+    if labels is None:
+        return _int(config, "num_labels", path, "classifier", 2)  # HF's PretrainedConfig default
+    if not isinstance(labels, dict):
+        raise CheckpointError(f"hub: {path}/config.json: id2label must be an object, got {type(labels).__name__}")
+    return len(labels)
+
+
+def _t5_model(config: dict, path: Path, dtype):
+    """lamina's T5 for a T5ForConditionalGeneration config.json (scores unscaled, as HF computes them)."""
+    from lamina.models.t5 import FFN_KINDS, T5, T5Config
+
+    ffn = config.get("feed_forward_proj", "relu")
+    if ffn not in FFN_KINDS:
+        raise _config_error(path, "t5", "feed_forward_proj", ffn, ", ".join(FFN_KINDS))
+    d, heads = _int(config, "d_model", path, "t5"), _int(config, "num_heads", path, "t5")
+    if heads and config.get("d_kv", d // heads) * heads != d:
+        raise _config_error(path, "t5", "d_kv", config.get("d_kv"), f"d_model / num_heads = {d // heads}")
+    pad = config.get("pad_token_id")
+    pad = 0 if pad is None else pad
+    start = config.get("decoder_start_token_id")
+    eos = config.get("eos_token_id")
+    n_enc = _int(config, "num_layers", path, "t5")
+    cfg = T5Config(vocab_size=_int(config, "vocab_size", path, "t5"), d_model=d, n_head=heads,
+                   d_ff=_int(config, "d_ff", path, "t5"), n_enc_layer=n_enc,
+                   n_dec_layer=_int(config, "num_decoder_layers", path, "t5", n_enc),
+                   rel_buckets=_int(config, "relative_attention_num_buckets", path, "t5", 32),
+                   rel_max_distance=_int(config, "relative_attention_max_distance", path, "t5", 128),
+                   dropout=float(config.get("dropout_rate", 0.1)), ffn=ffn,
+                   tie_weights=config.get("tie_word_embeddings", True) is not False,
+                   norm_eps=float(config.get("layer_norm_epsilon", 1e-6)),
+                   block_size=_int(config, "n_positions", path, "t5", 512), pad_id=pad,
+                   bos_id=pad if start is None else start, eos_id=1 if eos is None else eos)
+    return _finish(T5(cfg), "t5", dtype)
+
+
+def _vit_model(config: dict, path: Path, dtype):
+    """lamina's ViT (cls pooling, a head) for a ViTForImageClassification config.json."""
+    from lamina.models.vit import ViTConfig, VisionTransformer
+
+    for key, ok, accepted in (("hidden_act", config.get("hidden_act", "gelu") == "gelu", "gelu"),
+                              ("layer_norm_eps", config.get("layer_norm_eps") == 1e-6, "1e-6 (lamina's ViT, timm's)"),
+                              ("image_size", isinstance(config.get("image_size", 224), int), "an integer (square)"),
+                              ("patch_size", isinstance(config.get("patch_size", 16), int), "an integer (square)")):
+        if not ok:
+            raise _config_error(path, "vit", key, config.get(key), accepted)
+    D = _int(config, "hidden_size", path, "vit")
+    hidden = _int(config, "intermediate_size", path, "vit")
+    if D == 0 or int(D * (hidden / D)) != hidden:  # lamina builds int(D * mlp_ratio) hidden units
+        raise _config_error(path, "vit", "intermediate_size", hidden, "int(hidden_size x a ratio)")
+    cfg = ViTConfig(img_size=_int(config, "image_size", path, "vit", 224),
+                    patch_size=_int(config, "patch_size", path, "vit", 16),
+                    in_chans=_int(config, "num_channels", path, "vit", 3), num_classes=_num_labels(config, path),
+                    embed_dim=D, depth=_int(config, "num_hidden_layers", path, "vit"),
+                    n_head=_int(config, "num_attention_heads", path, "vit"), mlp_ratio=hidden / D, pool="cls",
+                    dropout=float(config.get("hidden_dropout_prob", 0.0)),
+                    attn_dropout=float(config.get("attention_probs_dropout_prob", 0.0)),
+                    bias=config.get("qkv_bias", True) is not False)
+    return _finish(VisionTransformer(cfg), "vit", dtype)
+
+
+def _resnet_model(config: dict, path: Path, dtype):
+    """lamina's ResNet (ImageNet stem, projection shortcuts) for a ResNetForImageClassification config.json."""
+    from lamina.models.resnet import ResNet, ResNetConfig
+
+    block = config.get("layer_type", "bottleneck")
+    for key, ok, accepted in (("layer_type", block in ("basic", "bottleneck"), "basic, bottleneck"),
+                              ("hidden_act", config.get("hidden_act", "relu") == "relu", "relu"),
+                              ("downsample_in_first_stage", not config.get("downsample_in_first_stage"), "false"),
+                              ("downsample_in_bottleneck", not config.get("downsample_in_bottleneck"),
+                               "false (stride on the 3x3 conv, v1.5)")):
+        if not ok:
+            raise _config_error(path, "resnet", key, config.get(key), accepted)
+    sizes, depths = config.get("hidden_sizes"), config.get("depths")
+    for key, value in (("hidden_sizes", sizes), ("depths", depths)):
+        if not (isinstance(value, list) and value and len(value) <= 16
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+            raise CheckpointError(f"hub: {path}/config.json: {key} must be a list of up to 16 positive integers, "
+                                  f"got {value!r:.60}")
+    expansion = 4 if block == "bottleneck" else 1
+    widths = [h // expansion for h in sizes]
+    stem = _int(config, "embedding_size", path, "resnet", 64)
+    if any(h % expansion for h in sizes) or stem != widths[0]:
+        raise _config_error(path, "resnet", "embedding_size", stem, f"the first stage's width ({widths[0]}; "
+                            "lamina's stem is as wide as its first stage)")
+    cfg = ResNetConfig(layers=tuple(depths), widths=tuple(widths), block=block,
+                       in_chans=_int(config, "num_channels", path, "resnet", 3), num_classes=_num_labels(config, path),
+                       small_input=False, shortcut="B")
+    return _finish(ResNet(cfg), "resnet", dtype)
+
+
+def _map_named_state(model, state: dict[str, torch.Tensor], key_map: dict[str, str], family: str, source: str,
+                     zeros=()) -> list[str]:
+    """Copy an HF state dict into `model` by `key_map` (HF name -> lamina name), every shape checked, strict both
+    ways. `zeros`: HF tensors with no place in this model that must hold zeros to compute the same (ViT's output
+    bias when qkv_bias is false); a non-zero one is refused. Returns the keys loaded nowhere."""
+    ours = model.state_dict()
+    tied = {"lm_head.weight"} if family == "t5" and model.cfg.tie_weights else set()  # it is `shared`
+    hf_names = {o: h for h, o in key_map.items()}
+    load, unused = {}, []
+    for key, value in state.items():
+        name = key_map.get(key)
+        if key in zeros and value.device.type != "meta" and value.abs().max() > 0:
+            raise CheckpointError(f"hub: {source}: {key} is not zero, which lamina's {family} with these options "
+                                  "has no place for")
+        if key in zeros or key in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight") or \
+                (key == "lm_head.weight" and tied) or (name is None and key.endswith(_HF_BUFFERS)):
+            unused.append(key)  # the shared embedding again (older T5 saves), a tied head, zeros, buffers
+        else:
+            load[key] = value
+    load_state_strict(model, load, f"hub: {source}", rename=lambda k: key_map.get(k), optional=tied,
+                      labels=_labels(family), show_missing=lambda k: f"{k} ({hf_names.get(k, '?')})")
+    return sorted(unused)
+
+
+def _vit_zeros(model) -> set[str]:
+    return set() if model.cfg.bias else {f"vit.encoder.layer.{i}.attention.output.dense.bias"
+                                         for i in range(model.cfg.depth)}
+
+
+def _layer_count(family: str, config: dict):
+    if family == "resnet":
+        depths = config.get("depths")
+        return sum(depths) if isinstance(depths, list) and all(isinstance(d, int) for d in depths) else None
+    return config.get({"bert": "num_hidden_layers", "llama": "num_hidden_layers", "gpt2": "n_layer",
+                       "t5": "num_layers", "vit": "num_hidden_layers"}[family])
+
+
 # ----- the folder ----------------------------------------------------------------------------------------
 def _build_and_map(family: str, config: dict, pooling, state: dict, path: Path, dtype, source: str):
     """(model, unused keys): the family's model for config.json with `state` copied in, every name and shape
@@ -336,6 +487,21 @@ def _build_and_map(family: str, config: dict, pooling, state: dict, path: Path, 
         if family == "llama":
             model = _llama_model(config, path, dtype)
             return model, map_llama_state(model, state, source)
+        if family == "t5":
+            from lamina.models.t5 import hf_t5_key_map
+
+            model = _t5_model(config, path, dtype)
+            return model, _map_named_state(model, state, hf_t5_key_map(model.cfg), "t5", source)
+        if family == "vit":
+            from lamina.models.vit import hf_vit_key_map
+
+            model = _vit_model(config, path, dtype)
+            return model, _map_named_state(model, state, hf_vit_key_map(model.cfg), "vit", source, _vit_zeros(model))
+        if family == "resnet":
+            from lamina.models.resnet import hf_resnet_key_map
+
+            model = _resnet_model(config, path, dtype)
+            return model, _map_named_state(model, state, hf_resnet_key_map(model.cfg), "resnet", source)
         model = _gpt2_model(config, path, dtype)
         return model, map_gpt2_state(model, state, source)
     except CheckpointError:
@@ -376,7 +542,7 @@ def load_hf_folder(path: str | Path, family: str | None = None, **options):
     # memory), map the headers' shapes onto it (every name and shape checked), and only then read and allocate
     shapes, files = read_safetensors_shapes(path)
     source = f"{path}/{files[0] if len(files) == 1 else '*.safetensors'}"
-    layers = config.get({"bert": "num_hidden_layers", "llama": "num_hidden_layers", "gpt2": "n_layer"}[family])
+    layers = _layer_count(family, config)
     if isinstance(layers, int) and layers > len(shapes):  # every layer has tensors: never loop over a huge count
         raise CheckpointError(f"hub: {cfg_path}: declares {layers:,} layers but the weights hold {len(shapes)} "
                               "tensors: the metadata does not match the weights")
@@ -394,7 +560,7 @@ def load_hf_folder(path: str | Path, family: str | None = None, **options):
     state, files = read_safetensors(path)
     model, unused = _build_and_map(family, config, pooling, state, path, dtype, source)
     tok = path / "tokenizer.json"
-    default_arch = {"bert": "BertModel", "llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}[family]
+    default_arch = _DEFAULT_ARCH[family]
     info = {"format": "hf", "family": family, "config": config, "tokenizer": str(tok) if tok.exists() else None,
             "pooling": pooling or getattr(model.cfg, "pool", None),
             "architecture": arch or default_arch, "files": files, "unused": unused}

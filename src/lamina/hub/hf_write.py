@@ -36,7 +36,9 @@ from lamina.errors import MissingDependencyError, ModelError
 from lamina.io import write_folder
 
 SUPPORTED = ("gpt (GPT2LMHeadModel), llama (LlamaForCausalLM), bert (BertForMaskedLM, BertForSequenceClassification "
-             "with pool=cls, BertForQuestionAnswering, BertModel with pool=mean and no head)")
+             "with pool=cls, BertForQuestionAnswering, BertModel with pool=mean and no head), t5 "
+             "(T5ForConditionalGeneration), vit with pool=cls (ViTForImageClassification), resnet with the ImageNet stem "
+             "and shortcut B (ResNetForImageClassification)")
 # lamina activation -> the name GPT2Config.activation_function gives it (transformers.activations.ACT2FN)
 GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "silu": "silu",
                     "tanh": "tanh", "sigmoid": "sigmoid", "relu6": "relu6"}
@@ -55,6 +57,7 @@ class HFSpec:
     modules: dict[str, tuple[str, int | None]] = field(default_factory=dict)  # lamina Linear -> (HF module, q/k/v slot)
     pooling: str | None = None  # sentence-transformers pooling for a BertModel export
     causal: bool = False
+    inputs: str = "tokens"  # what the HF model's forward takes: "tokens", "seq2seq" (ids + decoder ids), "images"
 
 
 def _unsupported(what: str) -> ModelError:
@@ -81,7 +84,12 @@ def _family(model: nn.Module) -> str:
     from lamina.models.gpt import GPT
     from lamina.models.llama import Llama
 
-    for cls, fam in ((GPT, "gpt"), (Llama, "llama"), ((BertMaskedLM, BertClassifier, BertSpanQA), "bert")):
+    from lamina.models.resnet import ResNet
+    from lamina.models.t5 import T5
+    from lamina.models.vit import VisionTransformer
+
+    for cls, fam in ((GPT, "gpt"), (Llama, "llama"), ((BertMaskedLM, BertClassifier, BertSpanQA), "bert"),
+                     (T5, "t5"), (VisionTransformer, "vit"), (ResNet, "resnet")):
         if isinstance(model, cls):
             return fam
     name = getattr(model, "model_name", None) or type(model).__name__
@@ -237,6 +245,111 @@ def _bert_spec(model) -> HFSpec:
     return HFSpec("bert", arch, config, {k: _own(v) for k, v in state.items()}, modules, pooling=pooling)
 
 
+# ----- T5 -> T5ForConditionalGeneration, ViT -> ViTForImageClassification, ResNet -> ResNetForImageClassification --
+def _mapped_state(model: nn.Module, key_map: dict[str, str], what: str, skip=()) -> dict[str, torch.Tensor]:
+    """The model's tensors under HF names by the reader's map (HF -> lamina) inverted; a tensor the map has no
+    name for is one ModelError line (the model is not the layout HF builds)."""
+    to_hf = {ours: hf for hf, ours in key_map.items()}
+    state = {}
+    for k, v in _plain_state(model).items():
+        if k in skip:
+            continue
+        if k not in to_hf:
+            raise _unsupported(f"{what} tensor {k}")
+        state[to_hf[k]] = v
+    return state
+
+
+def _labels_config(n: int) -> dict:
+    """id2label / label2id for n classes (the export names them from the run's classes when it knows them)."""
+    return {"id2label": {str(i): f"LABEL_{i}" for i in range(n)}, "label2id": {f"LABEL_{i}": i for i in range(n)}}
+
+
+def _t5_spec(model) -> HFSpec:
+    from lamina.models.t5 import hf_t5_key_map
+
+    cfg = model.cfg
+    _check_head(model, "t5")
+    tied = model.lm_head.weight is model.shared.weight
+    if tied != cfg.tie_weights:  # lamina scales the decoder output exactly when tie_weights and the head is shared
+        raise _unsupported("a t5 whose lm_head was re-tied or untied after it was built")
+    state = _mapped_state(model, hf_t5_key_map(cfg), "t5", skip={"lm_head.weight"} if tied else ())
+    if cfg.scaled_attention:  # HF's T5 never scales q.k: fold lamina's 1/sqrt(d_kv) into q (same scores, exactly
+        hs = cfg.d_model // cfg.n_head  # in real arithmetic; float rounding of one multiply per weight)
+        state = {k: v * hs ** -0.5 if k.endswith((".SelfAttention.q.weight", ".EncDecAttention.q.weight")) else v
+                 for k, v in state.items()}
+    config = {
+        "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "vocab_size": cfg.vocab_size,
+        "d_model": cfg.d_model, "d_kv": cfg.d_model // cfg.n_head, "d_ff": cfg.d_ff, "num_layers": cfg.n_enc_layer,
+        "num_decoder_layers": cfg.n_dec_layer, "num_heads": cfg.n_head,
+        "relative_attention_num_buckets": cfg.rel_buckets, "relative_attention_max_distance": cfg.rel_max_distance,
+        "dropout_rate": cfg.dropout, "layer_norm_epsilon": float(cfg.norm_eps), "initializer_factor": 1.0,
+        "feed_forward_proj": cfg.ffn,  # lamina's gated-gelu is GELU-tanh, which HF's "gated-gelu" means (gelu_new)
+        # T5 v1.0 (tied) scales the decoder output by d_model^-0.5 before the head, v1.1 (untied) does not: HF
+        # reads this flag for that (5.x keeps the two tensors apart when the file holds both)
+        "tie_word_embeddings": tied, "is_encoder_decoder": True, "use_cache": True,
+        "decoder_start_token_id": cfg.bos_id, "pad_token_id": cfg.pad_id, "eos_token_id": cfg.eos_id,
+        "n_positions": cfg.block_size,  # lamina's longest target; T5 itself has no position limit
+    }
+    return HFSpec("t5", "T5ForConditionalGeneration", config, {k: _own(v) for k, v in state.items()},
+                  inputs="seq2seq")
+
+
+def _vit_spec(model) -> HFSpec:
+    from lamina.models.vit import hf_vit_key_map
+
+    cfg = model.cfg
+    if cfg.pool != "cls":
+        raise _unsupported(f"vit pool={cfg.pool!r} (ViTForImageClassification classifies the [CLS] token; train "
+                           "with model.pool=cls)")
+    if model.num_classes == 0 or not _is_linear(model, "head"):
+        raise _unsupported("a vit without a classification head (ViTForImageClassification has one)")
+    hidden = int(cfg.embed_dim * cfg.mlp_ratio)
+    state = _mapped_state(model, hf_vit_key_map(cfg), "vit")
+    if not cfg.bias:  # HF's ViT always has the output-projection bias (qkv_bias covers q, k, v only): zeros
+        for i in range(cfg.depth):
+            state[f"vit.encoder.layer.{i}.attention.output.dense.bias"] = torch.zeros(cfg.embed_dim,
+                                                                                      dtype=model.head.weight.dtype)
+    config = {
+        "architectures": ["ViTForImageClassification"], "model_type": "vit", "image_size": cfg.img_size,
+        "patch_size": cfg.patch_size, "num_channels": cfg.in_chans, "hidden_size": cfg.embed_dim,
+        "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.n_head, "intermediate_size": hidden,
+        "hidden_act": "gelu",  # lamina's FeedForward "gelu" is nn.GELU(), the exact erf form HF's "gelu" names
+        "layer_norm_eps": 1e-6, "qkv_bias": cfg.bias, "hidden_dropout_prob": cfg.dropout,
+        "attention_probs_dropout_prob": cfg.attn_dropout, "initializer_range": 0.02, "encoder_stride": cfg.patch_size,
+        **_labels_config(model.num_classes),
+    }
+    return HFSpec("vit", "ViTForImageClassification", config, {k: _own(v) for k, v in state.items()},
+                  inputs="images")
+
+
+def _resnet_spec(model) -> HFSpec:
+    from lamina.models.resnet import BLOCKS, hf_resnet_key_map
+
+    cfg = model.cfg
+    if cfg.small_input:
+        raise _unsupported("resnet small_input=True (HF's ResNet always starts with the 7x7/2 conv and a 3x3/2 "
+                           "max-pool; train with model.small_input=false)")
+    if cfg.shortcut != "B":
+        raise _unsupported(f"resnet shortcut={cfg.shortcut!r} (HF's ResNet has projection shortcuts only, B)")
+    if model.num_classes == 0 or not _is_linear(model, "fc") or len(model.stages) != len(cfg.layers):
+        raise _unsupported("a resnet without its classification head or with stages removed")
+    state = _mapped_state(model, hf_resnet_key_map(cfg), "resnet")
+    expansion = BLOCKS[cfg.block].expansion
+    config = {
+        "architectures": ["ResNetForImageClassification"], "model_type": "resnet", "num_channels": cfg.in_chans,
+        "embedding_size": cfg.widths[0], "hidden_sizes": [w * expansion for w in cfg.widths],
+        "depths": list(cfg.layers), "layer_type": cfg.block, "hidden_act": "relu",
+        "downsample_in_first_stage": False,  # stage 1 keeps the stem's resolution, as lamina's
+        "downsample_in_bottleneck": False,  # the stride sits on the 3x3 conv (ResNet v1.5), as lamina's
+        "out_features": [f"stage{len(cfg.layers)}"], "out_indices": [len(cfg.layers)],
+        "stage_names": ["stem", *[f"stage{i + 1}" for i in range(len(cfg.layers))]],
+        **_labels_config(model.num_classes),
+    }
+    return HFSpec("resnet", "ResNetForImageClassification", config, {k: _own(v) for k, v in state.items()},
+                  inputs="images")
+
+
 def _is_linear(model: nn.Module, name: str) -> bool:
     """A Linear (plain, or wrapped by LoRA) at `name`: what a LoRA adapter can sit on."""
     from lamina.nn.lora import LoRALinear
@@ -251,7 +364,8 @@ def hf_spec(model: nn.Module) -> HFSpec:
     """What `model` is as a Hugging Face model: family, architecture, config.json and HF-named tensors; a model
     HF cannot represent exactly is one ModelError line naming the family or option and the supported ones."""
     fam = _family(model)
-    return {"gpt": _gpt2_spec, "llama": _llama_spec, "bert": _bert_spec}[fam](model)
+    return {"gpt": _gpt2_spec, "llama": _llama_spec, "bert": _bert_spec, "t5": _t5_spec, "vit": _vit_spec,
+            "resnet": _resnet_spec}[fam](model)
 
 
 def _save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
@@ -310,12 +424,13 @@ def _char_tokenizer_json(vocab: dict[str, int], unk: str | None) -> str:
 
 
 def hf_tokenizer_files(run_tokenizer: str | None, char_vocab: list[str] | None, *, block_size: int,
-                       bert: bool = False) -> dict[str, str]:
+                       bert: bool = False, seq2seq: bool = False) -> dict[str, str]:
     """tokenizer.json + tokenizer_config.json + special_tokens_map.json for `PreTrainedTokenizerFast` /
     `AutoTokenizer` from a run's tokenizer: `run_tokenizer` is the text of its tokenizer.json (lamina's char
     layout, a trained BPE or a pretrained tokenizer), `char_vocab` the vocabulary of a character LM (data.json,
     id = position). `bert`: lamina's BERT inputs are <s> text </s> (or [CLS] text [SEP]); the exported tokenizer
-    adds them as lamina's data pipeline does. Empty when the run has neither."""
+    adds them as lamina's data pipeline does; `seq2seq`: lamina's T5 sources end in </s> (lamina.data.parallel), and
+    the exported tokenizer appends it as T5's own does. Empty when the run has neither."""
     specials: dict[str, str] = {}
     if char_vocab is not None:
         text = _char_tokenizer_json({c: i for i, c in enumerate(char_vocab)}, None)
@@ -345,6 +460,13 @@ def hf_tokenizer_files(run_tokenizer: str | None, char_vocab: list[str] | None, 
             b, e = specials["bos_token"], specials["eos_token"]
             tok.post_processor = TemplateProcessing(single=f"{b} $A {e}", pair=f"{b} $A {e} $B {e}",
                                                     special_tokens=[(b, tok.token_to_id(b)), (e, tok.token_to_id(e))])
+            text = tok.to_str()
+        if seq2seq and "eos_token" in specials and data.get("post_processor") is None:
+            from tokenizers.processors import TemplateProcessing
+
+            e = specials["eos_token"]
+            tok.post_processor = TemplateProcessing(single=f"$A {e}", pair=f"$A {e} $B {e}",
+                                                    special_tokens=[(e, tok.token_to_id(e))])
             text = tok.to_str()
         if bert and "bos_token" in specials:  # BERT's names for them, as BertTokenizer has
             specials["cls_token"], specials["sep_token"] = specials["bos_token"], specials["eos_token"]

@@ -245,3 +245,27 @@ def resnet32(**kwargs) -> ResNet:
 def resnet56(**kwargs) -> ResNet:
     """CIFAR ResNet-56: 3 stages 16/32/64, 9 blocks each, option-A shortcuts, 0.85M params."""
     return _create("resnet56", kwargs)
+
+
+def hf_resnet_key_map(cfg: ResNetConfig) -> dict[str, str]:
+    """Hugging Face ResNetForImageClassification tensor name -> lamina name (BatchNorm buffers included), for the
+    ImageNet layout HF builds: 7x7/2 stem + max-pool, projection shortcuts, a head."""
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    m = {"resnet.embedder.embedder.convolution.weight": "stem.0.weight",
+         **{f"resnet.embedder.embedder.normalization.{k}": f"stem.1.{k}" for k in bn},
+         "classifier.1.weight": "fc.weight", "classifier.1.bias": "fc.bias"}
+    block = BLOCKS[cfg.block]
+    convs = 3 if cfg.block == "bottleneck" else 2
+    cin = cfg.widths[0]
+    for i, (n, planes) in enumerate(zip(cfg.layers, cfg.widths)):
+        for j in range(n):
+            hf, lm = f"resnet.encoder.stages.{i}.layers.{j}", f"stages.{i}.{j}"
+            for c in range(convs):
+                m[f"{hf}.layer.{c}.convolution.weight"] = f"{lm}.conv{c + 1}.weight"
+                m.update({f"{hf}.layer.{c}.normalization.{k}": f"{lm}.bn{c + 1}.{k}" for k in bn})
+            cout = planes * block.expansion
+            if j == 0 and (i > 0 or cin != cout):  # the block that changes shape has a projection shortcut
+                m[f"{hf}.shortcut.convolution.weight"] = f"{lm}.downsample.0.weight"
+                m.update({f"{hf}.shortcut.normalization.{k}": f"{lm}.downsample.1.{k}" for k in bn})
+            cin = cout
+    return m

@@ -226,3 +226,27 @@ def vit_small(**kwargs) -> VisionTransformer:
 def vit_fashion(**kwargs) -> VisionTransformer:
     """ViT for 28x28 grayscale: 4 px patches (49 tokens), 128 wide, 6 blocks x 4 heads, mean pooling, 0.8M params."""
     return _create("vit_fashion", kwargs)
+
+
+def hf_vit_key_map(cfg: ViTConfig) -> dict[str, str]:
+    """Hugging Face ViTForImageClassification parameter name -> lamina name, for a cls-pooled ViT with a head
+    (the names transformers saves; 5.x renames them on load). With bias=False HF still has an output-projection
+    bias (attention.output.dense.bias), which is not in this map: an exporter writes zeros there."""
+    m = {"vit.embeddings.cls_token": "cls_token", "vit.embeddings.position_embeddings": "pos_embed",
+         "vit.layernorm.weight": "norm.weight", "vit.layernorm.bias": "norm.bias",
+         "classifier.weight": "head.weight", "classifier.bias": "head.bias"}
+    for kind in ("weight", "bias"):
+        m[f"vit.embeddings.patch_embeddings.projection.{kind}"] = f"patch_embed.proj.{kind}"
+    for i in range(cfg.depth):
+        hf, lm = f"vit.encoder.layer.{i}", f"blocks.{i}"
+        parts = {"layernorm_before": "ln_1", "layernorm_after": "ln_2", "intermediate.dense": "mlp.fc",
+                 "output.dense": "mlp.out_proj"}
+        for h, o in parts.items():
+            for kind in ("weight", "bias"):
+                m[f"{hf}.{h}.{kind}"] = f"{lm}.{o}.{kind}"
+        attn = {"attention.attention.query": "attn.q_proj", "attention.attention.key": "attn.k_proj",
+                "attention.attention.value": "attn.v_proj", "attention.output.dense": "attn.out_proj"}
+        for h, o in attn.items():
+            for kind in ("weight", "bias") if cfg.bias else ("weight",):
+                m[f"{hf}.{h}.{kind}"] = f"{lm}.{o}.{kind}"
+    return m
