@@ -2,6 +2,7 @@
 very batches of the in-memory path; the automatic choice; hostile token headers; mid-epoch resume."""
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,57 @@ def test_streamed_images_equal_in_memory(tmp_path, workers):
     # evaluation order, no augmentation: exactly the in-memory tensors
     _assert_same(_batches(make_loader(mem.test, 2)), _batches(make_loader(disk.test, 2)))
     assert torch.equal(disk.train[0]["x"], mem.train.x[0])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_decode_cache_decodes_each_image_once_and_gives_the_same_batches(tmp_path, monkeypatch, workers):
+    import lamina.data.files as files
+
+    root = _image_folder(tmp_path / "imgs")
+    mem = load_dataset("image_folder", path=root, in_memory=True, seed=3)
+    disk = load_dataset("image_folder", path=root, in_memory=False, seed=3, num_workers=workers)
+    assert "each image decoded once" in disk.extras["data_path"]
+    decoded = []
+    real = files._decode_images
+    monkeypatch.setattr(files, "_decode_images", lambda Image, paths, hw, gray: (decoded.extend(paths),
+                                                                                 real(Image, paths, hw, gray))[1])
+    lm = make_loader(mem.train, 4, shuffle=True, seed=5, transform=build_transforms(AUG))
+    ld = make_loader(disk.train, 4, shuffle=True, seed=5, transform=build_transforms(AUG))
+    cache = disk.train.cache
+    assert cache is not None and cache.cached() == 0 and Path(cache.path).is_file()
+    for _ in range(3):  # epoch 1 decodes (in a worker when workers=1) and fills the cache; 2 and 3 read it
+        _assert_same(_batches(lm), _batches(ld))
+    assert cache.cached() == len(disk.train)
+    if workers == 0:  # the patched decoder runs in this process only
+        assert sorted(decoded) == sorted(disk.train.files)  # each file once over three epochs
+    path = cache.path
+    del ld, disk, cache
+    import gc
+
+    gc.collect()
+    assert not Path(path).exists()  # the temp file goes with its split
+    stale = Path(tempfile.gettempdir()) / "lamina-decoded-999999999-x.u8"  # a killed run's (no such pid)
+    stale.write_bytes(b"")
+    load_dataset("image_folder", path=root, in_memory=False).train.use_cache()  # a new cache sweeps first
+    assert not stale.exists()
+
+
+def test_decode_cache_off_and_without_room(tmp_path, monkeypatch):
+    import lamina.data.outofcore as ooc
+
+    root = _image_folder(tmp_path / "imgs")
+    off = load_dataset("image_folder", path=root, in_memory=False, decode_cache=False, num_workers=0)
+    assert "no decode cache" in off.extras["data_path"]
+    list(make_loader(off.train, 4))
+    assert off.train.cache is None
+    monkeypatch.setattr(ooc, "CACHE_DISK_MARGIN", 1 << 62)  # no disk has that much free
+    auto = load_dataset("image_folder", path=root, in_memory=False, num_workers=0)
+    assert "no decode cache" in auto.extras["data_path"]
+    with pytest.raises(DataError, match="decode_cache=true: the temp folder .* lacks") as e:
+        load_dataset("image_folder", path=root, in_memory=False, decode_cache=True)
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match="decode_cache: expected auto, true or false"):
+        load_dataset("image_folder", path=root, in_memory=False, decode_cache="sometimes")
 
 
 def test_automatic_choice_by_decoded_size(tmp_path):
@@ -156,6 +208,9 @@ def test_cli_prints_data_path_and_bad_option(tmp_path, capsys):
     assert main(["train", *args, "data.in_memory=sometimes", "name=b"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("in_memory: expected auto, true or false, got 'sometimes'") and "\n" not in err
+    assert main(["train", *args, "data.in_memory=false", "data.decode_cache=maybe", "name=c"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("decode_cache: expected auto, true or false, got 'maybe'") and "\n" not in err
 
 
 # ------------------------------------------------------------------------------------------------ tokens

@@ -495,7 +495,8 @@ def load_image_files(paths: Sequence[PathLike], meta: dict) -> torch.Tensor:
 @registered("image_folder", "images in one sub-folder per class (PNG/JPEG/PGM/BMP)", "classification", "path: path=")
 def image_folder(*, path: PathLike, size: int | Sequence[int] | None = None, grayscale: bool | None = None,
                  val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0, in_memory="auto",
-                 memory_budget: float | None = None, num_workers: int | None = None) -> DataBundle:
+                 memory_budget: float | None = None, num_workers: int | None = None,
+                 decode_cache="auto") -> DataBundle:
     """x: float32 (N, C, H, W) in [0, 1] (C = 1 if grayscale else 3); y: int64 index of the sorted class folder.
 
     size=None keeps the first image's size and requires all to match; grayscale=None means "all images are
@@ -503,10 +504,14 @@ def image_folder(*, path: PathLike, size: int | Sequence[int] | None = None, gra
     in_memory="auto" decodes everything up front when the float32 tensors fit `memory_budget` (GB; default a
     quarter of RAM), else the splits stay files (lamina.data.outofcore.ImageFiles) decoded batch by batch in
     loader workers (num_workers of them; default all cores but one); extras["data_path"] says which and why.
+    decode_cache=auto|true|false: streamed splits keep each image decoded once, as uint8, in a temp file (TMPDIR)
+    read back in later epochs (auto: when the disk has room); see lamina.data.outofcore.DecodeCache.
     """
-    from lamina.data.outofcore import ImageFiles, check_workers, choose_in_memory, image_decoded_bytes
+    from lamina.data.outofcore import (ImageFiles, check_decode_cache, check_workers, choose_in_memory,
+                                       human_bytes, image_decoded_bytes, resolve_decode_cache)
 
     num_workers = check_workers(num_workers)
+    decode_cache = check_decode_cache(decode_cache)
 
     Image = _require("PIL.Image", "images", "Pillow")
     root = Path(path).expanduser()
@@ -551,7 +556,11 @@ def image_folder(*, path: PathLike, size: int | Sequence[int] | None = None, gra
                                         test_fraction, seed)
     else:  # the same stratified split as the in-memory path, over files instead of tensors
         split = split_indices(len(y), val_fraction, test_fraction, seed, stratify=y)
-        train, val, test = (ImageFiles(files, y, hw, gray, num_workers).subset(s) if len(s) else None
+        cache_bytes = image_decoded_bytes(len(files), hw, gray) // 4  # uint8, every split
+        decode_cache = resolve_decode_cache(decode_cache, cache_bytes)
+        why += (f"; each image decoded once, then read as uint8 from a {human_bytes(cache_bytes)} temp-file cache"
+                if decode_cache else "; decoded every epoch (no decode cache)")
+        train, val, test = (ImageFiles(files, y, hw, gray, num_workers, decode_cache).subset(s) if len(s) else None
                             for s in split)
         bundle = DataBundle("image_folder", train, val, test, "classification", (1 if gray else 3, *hw),
                             len(class_names), class_names, meta)

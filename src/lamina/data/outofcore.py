@@ -10,12 +10,22 @@ resumed run replays the same way.
 
 Why not torch's DataLoader alone: its sampler draws from its own generator and the transforms would run per
 sample in the workers; here sampling and augmentation stay batched and seeded exactly as on the in-memory path.
+
+Decoding is the cost of streaming (a 256 x 256 PNG takes ~0.75 ms, as long as the MLP step spends on it), so a
+split keeps a decoded-uint8 cache on disk (`DecodeCache`, data.decode_cache=auto): each image is decoded once,
+written at its slot of a sparse file by the worker that decoded it, and read back with pread in later epochs.
+The file is the run's own (created here, deleted at exit), so nothing in it is a user's bytes; reading it with
+pread rather than mmap keeps its pages in the OS cache, not in the process's resident memory.
 """
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import shutil
+import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +108,108 @@ def default_workers() -> int:
 
 # ----------------------------------------------------------------------------------------------- images
 
+def check_decode_cache(value) -> bool | None:
+    """data.decode_cache: true / false / "auto" (None: on when the temp folder has room)."""
+    try:
+        return check_in_memory(value)
+    except DataError:
+        raise DataError(f"decode_cache: expected auto, true or false, got {value!r}") from None
+
+
+CACHE_DISK_MARGIN = 2 << 30  # leave this much of the temp folder's disk free
+
+
+class DecodeCache:
+    """Decoded uint8 images of one split in a sparse file under the temp folder (TMPDIR), slot i at i * item_bytes.
+
+    `done` is a shared-memory flag per image, so a slot written by one DataLoader worker is read by any other (and
+    by the main process) in later epochs; a slot is flagged only after its bytes are written. Two workers that
+    decode the same image at once write the same bytes. Each process opens the file itself (fork or spawn).
+    """
+
+    def __init__(self, n: int, item_shape: tuple[int, ...], folder: str | None = None):
+        self.n, self.item_shape = int(n), tuple(item_shape)
+        self.item_bytes = math.prod(self.item_shape)
+        _sweep(folder or tempfile.gettempdir())
+        fd, self.path = tempfile.mkstemp(prefix=f"lamina-decoded-{os.getpid()}-", suffix=".u8", dir=folder)
+        try:
+            os.ftruncate(fd, self.n * self.item_bytes)  # sparse: disk is used only as slots are written
+        finally:
+            os.close(fd)
+        self.done = torch.zeros(self.n, dtype=torch.uint8).share_memory_()
+        self._fd: tuple[int, int] | None = None  # (pid, fd): a forked worker must not reuse its parent's fd
+        self._owner = os.getpid()
+        self._finalizer = weakref.finalize(self, _remove, self.path)
+        atexit.register(self._finalizer)
+
+    def __getstate__(self):  # spawn: the flags travel as shared memory, the file by name
+        state = dict(self.__dict__)
+        state["_fd"], state["_finalizer"] = None, None
+        return state
+
+    def _handle(self) -> int:
+        if self._fd is None or self._fd[0] != os.getpid():
+            self._fd = (os.getpid(), os.open(self.path, os.O_RDWR))
+        return self._fd[1]
+
+    def read(self, i: int, out: np.ndarray) -> bool:
+        """Fill `out` (item_shape uint8) with image i if it is cached."""
+        if not self.done[i]:
+            return False
+        got = os.preadv(self._handle(), [memoryview(out).cast("B")], i * self.item_bytes)
+        return got == self.item_bytes
+
+    def write(self, i: int, img: np.ndarray) -> None:
+        buf = np.ascontiguousarray(img, np.uint8)
+        if os.pwrite(self._handle(), memoryview(buf).cast("B"), i * self.item_bytes) == self.item_bytes:
+            self.done[i] = 1
+
+    def cached(self) -> int:
+        return int(self.done.sum())
+
+
+def _sweep(folder: str) -> None:
+    """Remove caches left by lamina processes that were killed (no exit handler ran): ours, by a pid now gone."""
+    try:
+        for p in Path(folder).glob("lamina-decoded-*-*.u8"):
+            pid = p.name.split("-")[2]
+            if pid.isdigit() and p.stat().st_uid == os.getuid() and not Path(f"/proc/{pid}").exists() \
+                    and Path("/proc/self").exists():
+                _remove(str(p))
+    except OSError:
+        pass
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def cache_room(nbytes: int, folder: str | None = None) -> bool:
+    """Whether the temp folder can hold nbytes more and still keep CACHE_DISK_MARGIN free."""
+    try:
+        return shutil.disk_usage(folder or tempfile.gettempdir()).free >= nbytes + CACHE_DISK_MARGIN
+    except OSError:
+        return False
+
+
+def resolve_decode_cache(value, nbytes: int) -> bool:
+    """data.decode_cache for a cache of nbytes: auto -> whether the temp folder has room; true without room is an
+    error (one line)."""
+    value = check_decode_cache(value)
+    if value is False:
+        return False
+    if cache_room(nbytes):
+        return True
+    if value:
+        raise DataError(f"decode_cache=true: the temp folder {tempfile.gettempdir()} lacks {human_bytes(nbytes)} + "
+                        f"{human_bytes(CACHE_DISK_MARGIN)} free; set TMPDIR to a larger disk or pass "
+                        "data.decode_cache=false")
+    return False
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """An image split kept as files: paths, int64 labels "y", and how to decode (size (H, W), gray or RGB).
 
@@ -105,13 +217,25 @@ class ImageFiles(torch.utils.data.Dataset):
     [0, 1] sample a TensorData split of the in-memory path would hold.
     """
 
-    def __init__(self, files, y: torch.Tensor, hw: tuple[int, int], gray: bool, num_workers: int | None = None):
+    def __init__(self, files, y: torch.Tensor, hw: tuple[int, int], gray: bool, num_workers: int | None = None,
+                 decode_cache=None):
         self.files = [str(f) for f in files]
         self.num_workers = num_workers  # decoding processes for its loader; None: default_workers()
         if len(self.files) != len(y):
             raise DataError(f"image split: {len(self.files)} files but {len(y)} labels")
         self.tensors = {"y": y}  # what is small enough to hold: the labels (check_finite_data, subsets read it)
         self.hw, self.gray = tuple(hw), bool(gray)
+        self.decode_cache = check_decode_cache(decode_cache)  # True / False / None (auto)
+        self.cache: DecodeCache | None = None  # made by use_cache(), before loader workers start
+
+    def use_cache(self) -> DecodeCache | None:
+        """Start this split's decoded-uint8 cache (once) unless data.decode_cache=false or, on auto, the temp
+        folder lacks room; data.decode_cache=true without room is an error."""
+        if self.cache is None and self.decode_cache is not False and len(self):
+            shape = (*self.hw, 1 if self.gray else 3)
+            if resolve_decode_cache(self.decode_cache, len(self) * math.prod(shape)):
+                self.cache = DecodeCache(len(self), shape)
+        return self.cache
 
     def __len__(self) -> int:
         return len(self.files)
@@ -133,14 +257,23 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self) * math.prod(self.input_shape) * 4
 
     def subset(self, idx: torch.Tensor) -> ImageFiles:
-        return ImageFiles([self.files[i] for i in idx.tolist()], self.y[idx], self.hw, self.gray, self.num_workers)
+        return ImageFiles([self.files[i] for i in idx.tolist()], self.y[idx], self.hw, self.gray, self.num_workers,
+                          self.decode_cache)
 
     def batch(self, idx) -> dict[str, torch.Tensor]:
         from lamina.data.files import _decode_images, _require
 
-        Image = _require("PIL.Image", "images", "Pillow")
         idx = [int(i) for i in idx]
-        arr = _decode_images(Image, [self.files[i] for i in idx], self.hw, self.gray)  # (B, H, W, C) uint8
+        h, w = self.hw
+        arr = np.empty((len(idx), h, w, 1 if self.gray else 3), np.uint8)  # (B, H, W, C)
+        cache = self.cache
+        todo = [k for k, i in enumerate(idx) if cache is None or not cache.read(i, arr[k])]
+        if todo:
+            Image = _require("PIL.Image", "images", "Pillow")
+            arr[todo] = _decode_images(Image, [self.files[idx[k]] for k in todo], self.hw, self.gray)
+            if cache is not None:
+                for k in todo:
+                    cache.write(idx[k], arr[k])
         return {"x": torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), "y": self.y[torch.tensor(idx)]}
 
     def __getitems__(self, idx):  # DataLoader workers: a whole batch at once; errors travel as text (one line)
@@ -191,6 +324,7 @@ class StreamingImageLoader:
         self.transform = transform
         self.device = torch.device(device) if device is not None else None
         self.num_workers = default_workers() if num_workers is None else int(num_workers)
+        data.use_cache()  # before the workers fork, so they share its flags
         self._sampler = _EpochBatches()
         pin = self.device is not None and self.device.type == "cuda"
         kw = {"persistent_workers": True, "prefetch_factor": int(prefetch)} if self.num_workers else {}
@@ -217,7 +351,14 @@ class StreamingImageLoader:
         self._sampler.batches = self._index_batches()
         if not self._sampler.batches:
             return
-        for batch in self._dl:
+        cache = self.data.cache
+        if cache is not None and cache.cached() == len(self.data):
+            # every image decoded: reading a batch from the cache (~1 ms per 64 images) costs less than waking a
+            # worker and shipping it, and leaves both cores to the training step
+            source = (self.data.batch(idx) for idx in self._sampler.batches)
+        else:
+            source = self._dl
+        for batch in source:
             if "error" in batch:
                 raise DataError(batch["error"])
             x = to_float(batch["x"])
