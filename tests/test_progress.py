@@ -233,3 +233,90 @@ def test_ctc_beam_decoding_counts_batches():
     out = make_task(cfg, facts).test_extras(build_run_model(cfg, facts), bundle, "test", torch.device("cpu"),
                                             progress=sink)
     assert sink.calls == [(0, 1), (1, 1)] and "test/wer_beam" in out  # 8 utterances: one batch of 256
+
+
+# ----- bars of generate (seq2seq lines), transcribe (recordings) and learning-curve (runs) ---------------------
+def _cli_bar(argv, label, capsys, monkeypatch):
+    """(stdout, stderr) of a CLI call with stderr taken for a terminal, with and without --no-progress: the bar's
+    bold label shows only without it, and --no-progress leaves stdout the same."""
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich then treats stderr as a terminal
+    capsys.readouterr()
+    assert main([*argv, "--no-progress"]) == 0
+    quiet = capsys.readouterr()
+    assert main(argv) == 0
+    cap = capsys.readouterr()
+    assert f"\x1b[1m{label}" in cap.err and f"\x1b[1m{label}" not in quiet.err, cap.err
+    return cap, quiet
+
+
+@pytest.fixture(scope="module")
+def seq2seq_run(tmp_path_factory):
+    """A tiny T5 trained for 2 steps on a 40-pair character corpus: decoding is what is counted, not quality."""
+    import lamina
+
+    root = tmp_path_factory.mktemp("seq2seq")
+    pairs = [f"{w} {i}\t{w[::-1]} {i}" for i, w in enumerate(["cat", "dog", "bird", "fish", "cow"] * 8)]
+    (root / "pairs.tsv").write_text("\n".join(pairs) + "\n")
+    n = torch.get_num_threads()
+    try:
+        cfg = lamina.load_config(None, [
+            "data.name=parallel", f"data.train={root / 'pairs.tsv'}", "data.tokenizer_kind=char", "model.name=t5_mini",
+            "model.d_model=16", "model.n_head=2", "model.d_ff=32", "model.n_enc_layer=1", "model.n_dec_layer=1",
+            "task.beam_size=2", "trainer.max_steps=2", "trainer.max_epochs=1", "trainer.progress=false",
+            "trainer.threads=1", "trainer.perf=false", "logging.tensorboard=false", "logging.plots=false",
+            "cost.energy=false", "cost.flops=false", f"logging.root={root}", "name=t5"])
+        return lamina.train(cfg).run_dir
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_generate_counts_translated_lines_and_draws_a_bar(seq2seq_run, capsys, monkeypatch):
+    from lamina.runs import generate
+
+    lines = ["cat 1", "dog 2", "fish 3", "cow 4", "bird 5"]
+    sink = Sink()
+    text = generate(seq2seq_run, "\n".join(lines), progress=sink)
+    (phase,) = sink.phases()
+    check_phase(phase, 5)
+    assert len(text.split("\n")) == 5
+    cap, quiet = _cli_bar(["generate", str(seq2seq_run), "--prompt", "\n".join(lines)], "generate", capsys,
+                          monkeypatch)
+    assert cap.out == quiet.out and cap.out.endswith(text + "\n")  # the translations on stdout, never on stderr
+
+
+@needs_shared("fsdd/recordings")
+def test_transcribe_counts_recordings_and_draws_a_bar(tmp_path, capsys, monkeypatch):
+    import lamina
+    from conftest import ROOT
+    from lamina.data.builtin import shared_data_dir
+    from lamina.errors import DataError
+    from lamina.runs.transcribe import transcribe_files
+
+    n = torch.get_num_threads()
+    try:
+        run = lamina.train(lamina.load_config(ROOT / "configs" / "fsdd_ctc.yaml", [
+            "data.train_size=16", "data.val_size=4", "data.test_size=4", "model.hidden=8", "model.channels=8",
+            "model.layers=1", "data.batch_size=16", "trainer.max_steps=1", "trainer.max_epochs=1",
+            "trainer.progress=false", "trainer.threads=1", "logging.tensorboard=false", "logging.plots=false",
+            "cost.energy=false", "cost.flops=false", "task.beam=2", f"logging.root={tmp_path}",
+            "name=ctc"])).run_dir
+    finally:
+        torch.set_num_threads(n)
+    recs = [str(shared_data_dir() / "fsdd" / "recordings" / f"{d}_theo_0.wav") for d in (3, 4, 7)]
+    sink = Sink()
+    out = transcribe_files(run, recs, progress=sink)
+    assert sink.calls == [(0, 3), (1, 3), (2, 3), (3, 3)] and [r["file"] for r in out] == recs
+    with pytest.raises(DataError, match="not found"):  # every file checked before any is decoded
+        transcribe_files(run, [*recs, str(tmp_path / "none.wav")], progress=sink.calls.clear() or sink)
+    assert sink.calls == []
+    cap, quiet = _cli_bar(["transcribe", str(run), *recs, "--json"], "transcribe", capsys, monkeypatch)
+    assert cap.out == quiet.out and len(cap.out.splitlines()) == 3
+
+
+def test_learning_curve_draws_a_bar(tmp_path, capsys, monkeypatch):
+    from conftest import DIGITS_RUN_ARGS
+
+    args = ["learning-curve", *DIGITS_RUN_ARGS, "trainer.max_epochs=1", "logging.plots=false", "cost.energy=false",
+            "cost.flops=false", "--fractions", "0.1,0.2"]
+    cap, quiet = _cli_bar([*args, "--out", str(tmp_path / "lc")], "learning curve", capsys, monkeypatch)
+    assert cap.out.splitlines()[1:] != [] and (tmp_path / "lc" / "learning_curve.json").is_file()

@@ -13,14 +13,17 @@ def add_parsers(sub) -> None:
     t.add_argument("--beam", type=int, help="prefix beam width (default: the run's task.beam, 8)")
     t.add_argument("--resample", action="store_true", help="resample other sample rates to the model's")
     t.add_argument("--json", action="store_true", help="one JSON object per file")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (recordings decoded)")
     t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
 
 def cmd_transcribe(a, console) -> int:
-    from lamina.runs.transcribe import transcribe
+    from lamina.cli.progress import progress_bar
+    from lamina.runs.transcribe import transcribe_files
 
-    for f in a.audio:
-        r = transcribe(a.run, f, a.beam, a.resample)
+    with progress_bar(console, "transcribe", a.no_progress) as bar:
+        results = transcribe_files(a.run, a.audio, a.beam, a.resample, progress=bar)
+    for f, r in zip(a.audio, results):  # printed once the bar is gone (a live bar would take stdout over)
         if a.json:
             print(json.dumps(r))
         else:
