@@ -20,7 +20,6 @@ pread rather than mmap keeps its pages in the OS cache, not in the process's res
 
 from __future__ import annotations
 
-import atexit
 import math
 import os
 import shutil
@@ -139,8 +138,7 @@ class DecodeCache:
         self.done = torch.zeros(self.n, dtype=torch.uint8).share_memory_()
         self._fd: tuple[int, int] | None = None  # (pid, fd): a forked worker must not reuse its parent's fd
         self._owner = os.getpid()
-        self._finalizer = weakref.finalize(self, _remove, self.path)
-        atexit.register(self._finalizer)
+        self._finalizer = weakref.finalize(self, _remove, self.path)  # also at exit; forked workers exit by _exit
 
     def __getstate__(self):  # spawn: the flags travel as shared memory, the file by name
         state = dict(self.__dict__)
@@ -161,7 +159,11 @@ class DecodeCache:
 
     def write(self, i: int, img: np.ndarray) -> None:
         buf = np.ascontiguousarray(img, np.uint8)
-        if os.pwrite(self._handle(), memoryview(buf).cast("B"), i * self.item_bytes) == self.item_bytes:
+        try:
+            written = os.pwrite(self._handle(), memoryview(buf).cast("B"), i * self.item_bytes)
+        except OSError:  # disk filled up since the room check: this image stays uncached, decoded again next time
+            return
+        if written == self.item_bytes:
             self.done[i] = 1
 
     def cached(self) -> int:
