@@ -100,7 +100,9 @@ def evaluate_model(model: torch.nn.Module, ctx: RunContext, split: str | None = 
 
 
 def example_batch(ctx: RunContext, n: int, split: str = "test") -> torch.Tensor:
-    """The first `n` real inputs of a split, as the model sees them (after the run's eval transform)."""
+    """The first `n` real inputs of a split, as the model sees them (after the run's eval transform); a streamed
+    split reads just those n (files decoded, table rows read), never the whole split."""
+    from lamina.data.sample import first_samples
     from lamina.data.transforms import eval_transforms
 
     data = getattr(ctx.bundle, split) or ctx.bundle.train
@@ -108,7 +110,7 @@ def example_batch(ctx: RunContext, n: int, split: str = "test") -> torch.Tensor:
         block = ctx.bundle.meta["block_size"]
         ids = data.tensors["ids"][: n * block + 1]
         return ids[: n * block].reshape(n, block)
-    x = data.x[:n].float()
+    x = first_samples(data, n)["x"].float()
     t = eval_transforms(ctx.cfg.data.augment)
     return t({"x": x})["x"] if t is not None else x
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from lamina.data.base import TensorData
+from lamina.data.sample import take
 from lamina.errors import ConfigError
 
 
@@ -59,7 +60,7 @@ class EpisodeSampler:
             sup.append(idx[:self.shots])
             qry.append(idx[self.shots:])
         order = torch.cat(sup + qry)
-        x = self.data.x[order]
+        x = take(self.data, order)["x"]  # decodes just these when the split is streamed from files
         labels = torch.arange(self.ways)
         y = torch.cat([labels.repeat_interleave(self.shots), labels.repeat_interleave(self.queries)])
         batch = {"x": x, "y": y, "shots": torch.tensor(self.shots), "ways": torch.tensor(self.ways),

@@ -26,6 +26,7 @@ import torch
 
 from lamina.config import RunConfig, to_yaml
 from lamina.data.base import TensorData
+from lamina.data.sample import require_in_memory
 from lamina.data.streams import Experience, make_stream
 from lamina.engine import Trainer, seed_everything
 from lamina.errors import ConfigError
@@ -86,6 +87,8 @@ def train_stream(cfg: RunConfig, strategy: str | None = None, callbacks: Sequenc
     emit = on_event or (lambda ev: None)
     seed_everything(cfg.seed)
     bundle = load_data(cfg)
+    for split in (bundle.train, bundle.val, bundle.test):  # experiences are cut, permuted and joined as tensors
+        require_in_memory(split, "continual learning", bundle.input_shape)
     check_finite_data(bundle)
     task_cls = task_class(cfg, bundle)
     check_task(task_cls.name, bundle.name)

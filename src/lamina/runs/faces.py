@@ -48,6 +48,18 @@ def _embed(run, x: torch.Tensor) -> torch.Tensor:
     return embed_all(run.model, x, run.device)
 
 
+def _embed_split(run, data) -> torch.Tensor:
+    """_embed over a split: its tensors, or batch by batch through its loader when streamed from files."""
+    from lamina.data.sample import is_streamed, split_batches
+    from lamina.data.transforms import eval_transforms
+    from lamina.tasks.faces import embed_all
+
+    if not is_streamed(data):
+        return _embed(run, data.x)
+    norm = eval_transforms(run.cfg.data.augment)
+    return torch.cat([embed_all(run.model, b["x"], run.device) for b in split_batches(data, 256, transform=norm)])
+
+
 def _embed_files(run, files) -> torch.Tensor:
     from lamina.data.faces import read_faces
 
@@ -163,7 +175,7 @@ def run_threshold(run, far: float = 0.01) -> float | None:
     data = bundle.val if bundle.val is not None else bundle.test
     if data is None:
         return None
-    return impostor_threshold(_embed(run, data.x), data.y, far)
+    return impostor_threshold(_embed_split(run, data), data.y, far)
 
 
 def verify(run_path, a, b, threshold: float | None = None) -> dict:

@@ -23,6 +23,7 @@ import torch
 from lamina.config import RunConfig, to_dict, to_yaml
 from lamina.data.base import TensorData
 from lamina.data.episodes import EpisodeSampler
+from lamina.data.sample import is_streamed
 from lamina.engine import seed_everything
 from lamina.errors import ConfigError
 from lamina.io import atomic_write_text
@@ -41,6 +42,9 @@ def _relabel(data: TensorData, classes: list[int]) -> TensorData:
     sub = data.subset(keep)
     lut = torch.full((int(data.y.max()) + 1,), -1, dtype=torch.long)
     lut[torch.tensor(classes)] = torch.arange(len(classes))
+    if is_streamed(sub):  # files stay files (episodes decode theirs); only the labels change, in the new subset
+        sub.tensors["y"] = lut[sub.y]
+        return sub
     return TensorData(**{**sub.tensors, "y": lut[sub.y]})
 
 

@@ -266,9 +266,13 @@ class BinaryTask(ClassificationTask):
         """(positive scores, 0/1 labels) of a whole split, in eval mode."""
         was = model.training
         model.eval()
+        from lamina.data.sample import is_streamed, split_batches
+
         out = []
-        for i in range(0, len(data), batch_size):
-            batch = {k: v[i:i + batch_size].to(device) for k, v in data.tensors.items()}
+        batches = (split_batches(data, batch_size) if is_streamed(data) else  # files: read batch by batch
+                   ({k: v[i:i + batch_size] for k, v in data.tensors.items()} for i in range(0, len(data), batch_size)))
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
             args, kwargs = model_inputs(batch)
             out.append(self.scores(model(*args, **kwargs)).cpu())
         model.train(was)

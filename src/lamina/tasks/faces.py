@@ -129,6 +129,15 @@ def embed_all(model, x: torch.Tensor, device, batch_size: int = 256) -> torch.Te
     return out
 
 
+def embed_split(model, data, device, batch_size: int = 256) -> torch.Tensor:
+    """embed_all over a split: its tensors in memory, or batch by batch through its loader when streamed."""
+    from lamina.data.sample import is_streamed, split_batches
+
+    if not is_streamed(data):
+        return embed_all(model, data.x, device, batch_size)
+    return torch.cat([embed_all(model, b["x"], device, batch_size) for b in split_batches(data, batch_size)])
+
+
 class FaceTask(BaseTask):
     name = "face"
     default_monitor = ("val/top1", "max")
@@ -160,7 +169,7 @@ class FaceTask(BaseTask):
 
     @classmethod
     def check_data(cls, bundle) -> None:
-        if bundle.task not in ("face", "classification") or bundle.train.x.dim() != 4:
+        if bundle.task not in ("face", "classification") or len(bundle.input_shape) != 3:
             raise ConfigError(f"task.name: face needs images labelled by person (data set faces, or an image "
                               f"classification set); '{bundle.name}' is {bundle.task}")
 
@@ -182,7 +191,11 @@ class FaceTask(BaseTask):
         if self.kind != "triplet":
             return super().train_loader(bundle, data_cfg, seed, device)
         from lamina.data.faces import identity_batches
+        from lamina.data.sample import require_in_memory
         from lamina.data.transforms import build_transforms
+
+        # P people x K images per batch index the whole split at random: no sequential read to stream
+        require_in_memory(bundle.train, "task.loss=triplet (P x K identity batches)", bundle.input_shape)
 
         augment = build_transforms(data_cfg.augment) if data_cfg.augment else None
         return identity_batches(bundle.train, self.P, self.K, seed, device, augment)
@@ -232,8 +245,8 @@ class FaceTask(BaseTask):
         known = data.y < self.num_classes
         if not bool(known.any()):
             return {}
-        gal = embed_all(model, bundle.train.x, device)
-        probe = embed_all(model, data.x[known], device)
+        gal = embed_split(model, bundle.train, device)
+        probe = embed_split(model, data.subset(known.nonzero().flatten()), device)
         ids, t = templates(gal, bundle.train.y)
         truth = data.y[known]
         g1 = ids[(probe @ t.t()).argmax(-1)] == truth
@@ -241,5 +254,5 @@ class FaceTask(BaseTask):
         return {f"{split}/gallery_top1": float(g1.float().mean()), f"{split}/nn_top1": float(nn1.float().mean())}
 
 
-__all__ = ["FaceMetrics", "FaceOutput", "FaceTask", "LOSSES", "embed_all", "pair_scores", "templates",
-           "verification"]
+__all__ = ["FaceMetrics", "FaceOutput", "FaceTask", "LOSSES", "embed_all", "embed_split", "pair_scores",
+           "templates", "verification"]

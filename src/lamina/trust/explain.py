@@ -565,6 +565,7 @@ def explain_run(run_dir: str | Path, method: str = "integrated_gradients", n: in
     as <method>.json. Image runs: any of IMAGE_METHODS, in pixel space; text (sequence classification) runs:
     token attributions (method integrated_gradients); feature-vector (tabular) runs: VECTOR_METHODS, a bar per
     feature. For IG, the completeness gap |sum attr - (f(x) - f(x0))|."""
+    from lamina.data.sample import is_streamed
     from lamina.runs import open_run
 
     t0 = time.perf_counter()
@@ -592,7 +593,7 @@ def explain_run(run_dir: str | Path, method: str = "integrated_gradients", n: in
     summary = {"run": str(run_dir), "checkpoint": str(ckpt), "method": method, "split": split, "n": n}
     if text:
         summary.update(_explain_text(model, data, n, bundle, root, method, cname, device, **method_kw))
-    elif data.x.ndim == 2:
+    elif (len(bundle.input_shape) == 1 if is_streamed(data) else data.x.ndim == 2):
         if method not in VECTOR_METHODS:
             raise ConfigError(f"{unknown_name('explain method', method, VECTOR_METHODS)} (for feature-vector runs)")
         summary.update(_explain_images(cfg, model, data, n, root, method, cname, device,
@@ -611,9 +612,10 @@ def explain_run(run_dir: str | Path, method: str = "integrated_gradients", n: in
 def _explain_images(cfg, model, data, n, root: Path, method: str, cname, device,
                     feature_names: list[str] | None = None, **kw) -> dict:
     """Images (B, C, H, W) -> overlays; feature vectors (B, F) (standardized tabular data) -> bars per feature."""
+    from lamina.data.sample import first_samples
     from lamina.data.transforms import eval_transforms
 
-    x = data.x[:n].float().to(device)
+    x = first_samples(data, n)["x"].float().to(device)  # only these n are read: a streamed split stays on disk
     if x.ndim not in (2, 4):
         raise DataError(f"explain_run: expected images (B, C, H, W) or feature vectors (B, F); this run's inputs "
                         f"are {tuple(x.shape[1:])} per example")

@@ -376,6 +376,7 @@ def gradient_health_run(run_dir, which: str = "best", batch_size: int | None = N
     writes gradient_health.json into the run folder: {"report", "findings", "summary"}."""
     import json
 
+    from lamina.data.sample import take
     from lamina.data.transforms import eval_transforms
     from lamina.runs import open_run
 
@@ -384,7 +385,7 @@ def gradient_health_run(run_dir, which: str = "best", batch_size: int | None = N
     bundle = run.data()
     n = min(batch_size or cfg.data.batch_size, len(bundle.train))
     g = torch.Generator().manual_seed(cfg.seed)
-    batch = dict(bundle.train.subset(torch.randperm(len(bundle.train), generator=g)[:n]).tensors)
+    batch = take(bundle.train, torch.randperm(len(bundle.train), generator=g)[:n])  # streamed: reads just these
     norm = eval_transforms(cfg.data.augment)  # the scale the model trained on
     if norm is not None and "x" in batch:
         batch = norm(batch)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lamina.data.sample import is_streamed
 from lamina.data.transforms import normalize_stats
 from lamina.errors import ConfigError, DataError
 from lamina.nn.attacks import (ATTACKS, NORMS, adversarial_examples, apgd, apgd_checkpoints, attack_mode,  # noqa: F401
@@ -72,6 +73,32 @@ def _samples(loader, n: int | None) -> int | None:
     return min(size, n) if n is not None else size
 
 
+def _check_range(lo: float, hi: float, clamp) -> None:
+    if clamp is not None and (lo < clamp[0] - 1e-6 or hi > clamp[1] + 1e-6):
+        raise DataError(f"test inputs span [{lo:.3g}, {hi:.3g}], outside the attack's value range {list(clamp)}; "
+                        "pass clamp=(lo, hi) for this data")
+
+
+class _RangeChecked:
+    """A streamed test split's loader whose batches are checked against the attack's value range as they are read
+    (the in-memory path checks the whole tensor up front; a streamed split is never whole)."""
+
+    def __init__(self, loader, clamp):
+        self.loader, self.clamp = loader, clamp
+        self.data = loader.data  # robust_accuracy's progress total
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            x = batch["x"]
+            if not x.is_floating_point():
+                raise DataError("attacks need float inputs in batch['x']; this streamed split does not have them")
+            _check_range(float(x.min()), float(x.max()), self.clamp)
+            yield batch
+
+
 def attack_run(run_dir: str | Path, attack: str = "pgd", eps: float = 0.1, steps: int = 20, norm: str = "linf",
                alpha: float | None = None, n: int | None = None, which: str = "best", restarts: int = 1,
                clamp: tuple[float, float] = (0.0, 1.0), seed: int = 0,
@@ -96,21 +123,22 @@ def attack_run(run_dir: str | Path, attack: str = "pgd", eps: float = 0.1, steps
     bundle = run.data()  # same name, options and seed -> the same test split
     if bundle.test is None:
         raise DataError(f"data set '{bundle.name}' has no test split; attack needs one")
-    x_all = bundle.test.tensors["x"] if hasattr(bundle.test, "tensors") else None
-    if x_all is None or not torch.is_tensor(x_all) or not x_all.is_floating_point():
+    streamed = is_streamed(bundle.test)  # files read batch by batch; each batch's range is checked as it comes
+    x_all = None if streamed else getattr(bundle.test, "tensors", {}).get("x")
+    if not streamed and (x_all is None or not torch.is_tensor(x_all) or not x_all.is_floating_point()):
         raise DataError(f"attacks need float inputs in batch['x']; data set '{bundle.name}' does not have them")
-    lo, hi = float(x_all.min()), float(x_all.max())
-    if clamp is not None and (lo < clamp[0] - 1e-6 or hi > clamp[1] + 1e-6):
-        raise DataError(f"test inputs span [{lo:.3g}, {hi:.3g}], outside the attack's value range {list(clamp)}; "
-                        "pass clamp=(lo, hi) for this data")
+    if x_all is not None:
+        _check_range(float(x_all.min()), float(x_all.max()), clamp)
     device = run.device
     stats = normalize_stats(cfg.data.augment)
     net = Normalized(model, *stats) if stats else model
     net = net.to(device).eval()
-    if cfg.trainer.channels_last and x_all.ndim == 4:
+    if cfg.trainer.channels_last and len(bundle.input_shape) == 3:
         net = net.to(memory_format=torch.channels_last)
     # raw pixels (no normalize transform): the attack works in [0, 1]; `Normalized` applies the run's scale
     loader = make_loader(bundle.test, cfg.data.eval_batch_size, device=device, trim=bundle.meta.get("pad_trim"))
+    if streamed:
+        loader = _RangeChecked(loader, clamp)
     g = torch.Generator(device=device).manual_seed(seed)
     atk = make_attack(attack, eps, steps, norm, alpha, restarts, clamp, generator=g,
                       autocast=Precision(cfg.trainer.precision, device).autocast)
