@@ -354,14 +354,15 @@ def table(*, path: PathLike, target: str, task: str | None = None, categorical: 
     minority ratio of `resample_ratio`; val and test keep the file's class rates. meta (what
     `transform_table_rows` needs): target, task, numeric, categorical, categorical_mode, categories, mean, std,
     feature_names, classes, cat_cardinalities (embed); classification adds class_counts (of the training split,
-    after resampling) and resample. A Parquet file whose frame would exceed `memory_budget` (GB; in_memory=auto)
-    or in_memory=false is streamed instead (lamina.data.tablestream): same split, statistics and encoding.
+    after resampling) and resample. A Parquet or CSV file whose frame would exceed `memory_budget` (GB;
+    in_memory=auto) or in_memory=false is streamed instead (lamina.data.tablestream): same split, statistics and
+    encoding.
     """
     from lamina.data.imbalance import check_resample
     from lamina.data.imbalance import resample as resample_split
 
-    from lamina.data.outofcore import budget_bytes, check_in_memory, choose_in_memory
-    from lamina.data.tablestream import parquet_decoded_bytes, stream_table
+    from lamina.data.outofcore import choose_in_memory
+    from lamina.data.tablestream import csv_decoded_bytes, parquet_decoded_bytes, stream_table
 
     pd = _require("pandas", "tables")
     if task not in (None, "classification", "regression"):
@@ -372,16 +373,15 @@ def table(*, path: PathLike, target: str, task: str | None = None, categorical: 
         raise DataError(f"missing_target: expected 'error' or 'drop', got {missing_target!r}")
     resample, resample_ratio = check_resample(resample, resample_ratio)
     drop = [drop] if isinstance(drop, str) else list(drop or [])
+    # how big the frame would be: Parquet's footer says; a CSV's line breaks are counted (one bounded read)
     size = parquet_decoded_bytes(_existing_file(path, "table file"))
+    size = csv_decoded_bytes(path) if size is None else size
     why = None
-    if size is not None:  # Parquet: the footer says how big the frame would be
+    if size is not None:
         keep, why = choose_in_memory(size, in_memory, memory_budget)
         if not keep:
             return stream_table(path, target, task, categorical, drop, val_fraction, test_fraction, seed,
                                 missing_target, resample, why)
-    elif check_in_memory(in_memory) is False and budget_bytes(memory_budget):
-        raise DataError(f"{path}: in_memory=false streams Parquet tables only; convert the CSV to Parquet "
-                        "(pandas: read_csv(...).to_parquet(...))")
     df = _read_table(path)
     _check_columns(df, drop, "drop column")
     _check_columns(df, [target], "target column")

@@ -1,15 +1,19 @@
-"""Parquet tables bigger than memory: the `table` data set's encoding, applied batch by batch while streaming.
+"""Tables bigger than memory (Parquet, CSV/TSV): the `table` data set's encoding, applied batch by batch.
 
 The in-memory `table` path reads the whole file into pandas. Here only the target column is read whole (one
 column: the split, the task and the classes need all labels, and the split must be the very one the in-memory
-path draws); the features are read with pyarrow.parquet.ParquetFile.iter_batches. A first streaming pass fits
+path draws); the features are read in batches: Parquet with pyarrow.parquet.ParquetFile.iter_batches, CSV with
+pandas' chunked reader (pandas, not pyarrow.csv: a column's type must be the one pandas.read_csv gives the whole
+file, so a first CSV pass finds which columns are numbers in every chunk, and later passes read the others as
+text, exactly as the in-memory path sees them; pyarrow.csv infers types from the first block only). A pass fits
 the training split's statistics (means and stds merged batch by batch with Chan's formula, float64; category
 sets); then every batch goes through `transform_table_rows` with that meta, the same code the in-memory path
 and `predict` use, so features agree with the in-memory tensors up to float64 rounding of the statistics.
 
 Training order: each epoch visits the row groups in a seeded random order and shuffles rows within a window of
-`shuffle_rows` rows (a shuffle buffer: the file is read sequentially, never randomly). Evaluation reads in file
-order, which is the in-memory split's order (split indices are sorted), so eval batches match exactly.
+`shuffle_rows` rows (a shuffle buffer: the file is read sequentially, never randomly). A CSV file is one group (text
+has no index to seek by), so its rows mix within the buffer only. Evaluation reads in file order, which is the
+in-memory split's order (split indices are sorted), so eval batches match exactly.
 """
 
 from __future__ import annotations
@@ -59,9 +63,13 @@ def _pandas_index_columns(schema) -> set[str]:
 class TableStream:
     """A split of a streamed table: its file rows (ascending), labels, and the fitted meta to encode with."""
 
-    def __init__(self, path: Path, meta: dict, rows: np.ndarray, y: torch.Tensor, n_file_rows: int):
-        self.path, self.meta, self.rows, self.n_file_rows = path, meta, rows, n_file_rows
+    def __init__(self, source, meta: dict, rows: np.ndarray, y: torch.Tensor, n_file_rows: int):
+        self.source, self.meta, self.rows, self.n_file_rows = source, meta, rows, n_file_rows
         self.tensors = {"y": y}
+
+    @property
+    def path(self) -> Path:
+        return self.source.path
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -72,12 +80,12 @@ class TableStream:
 
     @property
     def x(self):
-        raise DataError("this table split is streamed from Parquet (data.in_memory=false or over "
+        raise DataError("this table split is streamed from its file (data.in_memory=false or over "
                         "data.memory_budget); this step needs it in memory: pass data.in_memory=true")
 
     def subset(self, idx: torch.Tensor) -> TableStream:
         idx = idx.sort().values
-        return TableStream(self.path, self.meta, self.rows[idx.numpy()], self.y[idx], self.n_file_rows)
+        return TableStream(self.source, self.meta, self.rows[idx.numpy()], self.y[idx], self.n_file_rows)
 
     def member(self) -> np.ndarray:
         m = np.zeros(self.n_file_rows, bool)
@@ -85,49 +93,200 @@ class TableStream:
         return m
 
 
-def _row_groups(path: Path):
-    from lamina.data.files import _require
+class _ParquetSource:
+    """Row groups of a Parquet file: the unit of shuffling, read by pyarrow in record batches."""
 
-    pq = _require("pyarrow.parquet", "tables", "pyarrow")
-    pf = pq.ParquetFile(path)
-    sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
-    return pf, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    def __init__(self, path: Path):
+        from lamina.data.files import _require
+
+        pa = _require("pyarrow", "tables")
+        pq = _require("pyarrow.parquet", "tables", "pyarrow")
+        self.path = path
+        pf = pq.ParquetFile(path)
+        self.schema = pf.schema_arrow
+        self.columns = [str(n) for n in self.schema.names if str(n) not in _pandas_index_columns(self.schema)]
+        self.n_rows = pf.metadata.num_rows
+        sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._is_num = lambda t: pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+
+    def groups(self) -> int:
+        return len(self.starts) - 1
+
+    def target(self, name: str):
+        from lamina.data.files import _require
+
+        pq = _require("pyarrow.parquet", "tables", "pyarrow")
+        return pq.ParquetFile(self.path).read(columns=[name]).column(0).to_pandas()
+
+    def numeric(self, features: list[str]) -> list[str]:
+        """What pandas.read_parquet would call numeric: the file's schema says."""
+        return [c for c in features if self._is_num(self.schema.field(c).type)]
+
+    def batches(self, columns: list[str], order=None):
+        """(first file row, pandas frame) per record batch, row groups in `order` (default: file order)."""
+        from lamina.data.files import _require
+
+        pf = _require("pyarrow.parquet", "tables", "pyarrow").ParquetFile(self.path)
+        for g in (range(self.groups()) if order is None else order):
+            start = int(self.starts[g])
+            for rb in pf.iter_batches(batch_size=_ROWS, row_groups=[int(g)], columns=columns):
+                df = rb.to_pandas()
+                df.columns = [str(c) for c in df.columns]
+                yield start, df
+                start += len(df)
 
 
-def _batches(path: Path, columns: list[str], order=None):
-    """(first file row, pandas frame) per record batch, row groups in `order` (default: file order)."""
-    pf, starts = _row_groups(path)
-    for g in (range(len(starts) - 1) if order is None else order):
-        start = int(starts[g])
-        for rb in pf.iter_batches(batch_size=_ROWS, row_groups=[int(g)], columns=columns):
-            df = rb.to_pandas()
-            df.columns = [str(c) for c in df.columns]
-            yield start, df
-            start += len(df)
+def _csv_format(p: Path) -> str | None:
+    """"," for .csv, "\t" for .tsv (either optionally .gz), else None."""
+    suffixes = [s.lower() for s in p.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return {".csv": ",", ".tsv": "\t"}.get(suffixes[-1] if suffixes else "")
+
+
+class _CsvSource:
+    """A CSV/TSV file (optionally gzip) read in chunks by pandas; one group (text cannot be read out of order)."""
+
+    def __init__(self, path: Path):
+        self.path, self.sep = path, _csv_format(path)
+        self.columns = [str(c) for c in self._read(nrows=0).columns]
+        self.n_rows = None  # known once the target column is read
+        self.text: list[str] = []  # columns read as text (categorical): set by numeric()
+
+    def _read(self, **kw):
+        from lamina.data.files import _require
+
+        pd = _require("pandas", "tables")
+        try:
+            return pd.read_csv(self.path, sep=self.sep, **kw)
+        except pd.errors.EmptyDataError:
+            raise DataError(f"{self.path}: empty file; expected a header row and data rows") from None
+        except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError, EOFError) as e:
+            raise DataError(f"{self.path}: cannot parse table: {str(e).splitlines()[0][:200]}") from None
+
+    def _chunks(self, columns: list[str], text: list[str]):
+        from lamina.data.files import _require
+
+        pd = _require("pandas", "tables")
+        # every column is parsed (no usecols): pandas would drop a ragged row's extra fields unseen when some are
+        # left out, where the whole-file read refuses the file
+        reader = self._read(dtype=dict.fromkeys(text, str), chunksize=_ROWS)
+        start = 0
+        with reader:
+            while True:
+                try:
+                    df = next(reader)
+                except StopIteration:
+                    return
+                except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError, EOFError) as e:
+                    raise DataError(f"{self.path}: cannot parse table after row {start + 1}: "
+                                    f"{str(e).splitlines()[0][:200]}") from None
+                df.columns = [str(c) for c in df.columns]
+                yield start, df[columns]
+                start += len(df)
+
+    def groups(self) -> int:
+        return 1
+
+    def target(self, name: str):
+        """The target column of every row (chunks joined: a chunk of numbers and one of text make text, as in the
+        whole-file read)."""
+        from lamina.data.files import _require
+
+        pd = _require("pandas", "tables")
+        y = pd.concat([df[name] for _, df in self._chunks([name], [])], ignore_index=True)
+        self.n_rows = len(y)
+        return y
+
+    def numeric(self, features: list[str]) -> list[str]:
+        """A pass over the features: a column is numeric when pandas parses it as numbers in every chunk (then the
+        whole-file read does too); the others are read as text from now on. A text column whose cells are numbers
+        but for a few is a typo, reported as the in-memory path reports it (files._check_numeric_text)."""
+        from lamina.data.files import _require
+
+        pd = _require("pandas", "tables")
+        texty: set[str] = set()
+        total = dict.fromkeys(features, 0)
+        bad = dict.fromkeys(features, 0)
+        first: dict[str, tuple[int, str]] = {}
+        for start, df in self._chunks(features, []):
+            for c in features:
+                s = df[c].dropna()
+                total[c] += len(s)
+                if pd.api.types.is_numeric_dtype(df[c]):
+                    continue
+                texty.add(c)
+                miss = pd.to_numeric(s.astype(str).str.strip(), errors="coerce").isna().to_numpy()
+                bad[c] += int(miss.sum())
+                if miss.any() and c not in first:
+                    i = miss.nonzero()[0][0]
+                    first[c] = (start + int(s.index[i] - df.index[0]), s.iloc[i])
+        for c in features:  # in file column order, as the in-memory check goes
+            if c in texty and total[c] >= 10 and 0 < bad[c] <= 0.05 * total[c]:
+                row, value = first[c]
+                raise DataError(f"{self.path}: column '{c}', row {row + 2}: {value!r} is not a number, but "
+                                f"{total[c] - bad[c]} of its {total[c]} values are; fix the cell (or leave it empty "
+                                "for missing)")
+        self.text = [c for c in features if c in texty]
+        return [c for c in features if c not in texty]
+
+    def batches(self, columns: list[str], order=None):
+        yield from self._chunks(columns, [c for c in self.text if c in columns])
+
+
+def _source(path: Path):
+    return _CsvSource(path) if _csv_format(path) else _ParquetSource(path)
+
+
+def csv_decoded_bytes(path) -> int | None:
+    """What the in-memory path would hold for a CSV/TSV file (optionally .gz): rows x columns x 8 bytes, rows
+    counted as line breaks in one bounded read (a quoted line break counts too: an over-estimate, never under);
+    None if the file is not CSV/TSV."""
+    import gzip
+    import zlib
+
+    p = Path(path).expanduser()
+    if _csv_format(p) is None or not p.is_file():
+        return None
+    ncols = len(_CsvSource(p).columns)
+    lines, last = 0, b"\n"
+    try:
+        with (gzip.open(p, "rb") if p.suffix.lower() == ".gz" else open(p, "rb")) as f:
+            while block := f.read(1 << 20):
+                lines += block.count(b"\n")
+                last = block[-1:]
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{p}: cannot read table ({type(e).__name__}: {e})") from None
+    rows = max(0, lines - 1 + (last != b"\n"))  # the header line is not a row; a last line may lack its break
+    return rows * ncols * 8
 
 
 def stream_table(path, target: str, task, categorical: str, drop: list[str], val_fraction: float,
                  test_fraction: float, seed: int, missing_target: str, resample, why: str) -> DataBundle:
-    """The `table` data set for a Parquet file over the memory budget (options as in lamina.data.files.table)."""
+    """The `table` data set for a Parquet or CSV file over the memory budget (options as in
+    lamina.data.files.table)."""
     from lamina.data.files import _as_str, _codes, _infer_task, _require
 
     pd = _require("pandas", "tables")
-    pa = _require("pyarrow", "tables")
     p = Path(path).expanduser()
     if resample is not None:
         raise DataError("resample: balancing classes needs the table in memory; pass data.in_memory=true or "
                         "drop resample")
-    pf, _ = _row_groups(p)
-    schema = pf.schema_arrow
-    columns = [str(n) for n in schema.names if str(n) not in _pandas_index_columns(schema)]
+    src = _source(p)
+    columns = src.columns
     for c in [target, *drop]:
         if c not in columns:
             raise DataError(f"column '{c}' not found; columns: {', '.join(columns)}")
     features = [c for c in columns if c != target and c not in drop]
     if not features:
         raise DataError(f"{p}: no feature columns left besides target '{target}'")
-    n_file = pf.metadata.num_rows
-    ycol = pf.read(columns=[target]).column(0).to_pandas()
+    ycol = src.target(target)
+    n_file = src.n_rows
+    if n_file == 0:
+        raise DataError(f"{p}: table has a header but zero data rows")
+    numeric = src.numeric(features)
+    cat_cols = [c for c in features if c not in numeric]
     missing = ycol.isna().to_numpy()
     if missing.all():
         raise DataError(f"{p}: target column '{target}' has no values")
@@ -139,12 +298,6 @@ def stream_table(path, target: str, task, categorical: str, drop: list[str], val
     kept = (~missing).nonzero()[0].astype(np.int64)  # file row of each kept row
     ycol = ycol[~missing].reset_index(drop=True)
     task = task or _infer_task(ycol)
-
-    def is_num(t) -> bool:  # what pandas.read_parquet would call numeric
-        return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
-
-    numeric = [c for c in features if is_num(schema.field(c).type)]
-    cat_cols = [c for c in features if c not in numeric]
     if task == "classification":
         labels = _as_str(ycol)
         classes = (_as_str(pd.Series(np.sort(ycol.unique()))).tolist() if pd.api.types.is_numeric_dtype(ycol)
@@ -168,7 +321,7 @@ def stream_table(path, target: str, task, categorical: str, drop: list[str], val
     k = len(numeric)
     cnt, mean, m2 = np.zeros(k), np.zeros(k), np.zeros(k)
     cats: list[set] = [set() for _ in cat_cols]
-    for start, df in _batches(p, numeric + cat_cols):
+    for start, df in src.batches(numeric + cat_cols):
         sel = train_member[start:start + len(df)]
         if not sel.any():
             continue
@@ -198,7 +351,8 @@ def stream_table(path, target: str, task, categorical: str, drop: list[str], val
     }
     if categorical == "embed":
         meta["cat_cardinalities"] = [len(c) + 1 for c in categories]
-    train, val, test = (TableStream(p, meta, kept[s.numpy()], y_all[s], n_file) if len(s) else None for s in split)
+    train, val, test = (TableStream(src, meta, kept[s.numpy()], y_all[s], n_file) if len(s) else None
+                        for s in split)
     if task == "classification":
         meta["class_counts"] = torch.bincount(train.y, minlength=len(classes)).tolist()
         meta["resample"] = None
@@ -234,11 +388,11 @@ class StreamingTableLoader:
 
         meta, d = self.data.meta, self.data
         cols = meta["numeric"] + meta["categorical"]
-        order = None
-        if self.shuffle:
-            _, starts = _row_groups(d.path)
-            order = torch.randperm(len(starts) - 1, generator=self.generator).tolist()
-        for start, df in _batches(d.path, cols, order):
+        order, groups = None, d.source.groups()
+        if self.shuffle and groups > 1:  # one group (a CSV): no draw, so a table within one buffer is shuffled
+            # by the very permutation InMemoryLoader draws
+            order = torch.randperm(groups, generator=self.generator).tolist()
+        for start, df in d.source.batches(cols, order):
             sel = self._member[start:start + len(df)]
             if not sel.any():
                 continue
