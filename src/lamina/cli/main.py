@@ -86,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--out", help="write the (N, D) embeddings to this .npy file")
     em.add_argument("--similarity", action="store_true", help="print the cosine-similarity matrix")
     em.add_argument("--json", action="store_true", help="print one JSON line per text with its embedding")
+    em.add_argument("--no-progress", action="store_true", help="no progress bar (texts encoded)")
     em.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     ch = sub.add_parser("chat", help="ask a pretrained chat model (default: SmolLM2-135M-Instruct from GGUF)")
@@ -312,7 +313,11 @@ def cmd_embed(a, console) -> int:
     model, info = hub.load(a.model)
     if not info.get("tokenizer"):
         raise ConfigError(f"--model: {a.model} has no tokenizer.json; embed needs a text encoder folder with one")
-    emb = sentence_embeddings(model, info["tokenizer"], texts, pooling=info.get("pooling") or "mean")
+    from lamina.cli.progress import progress_bar
+
+    with progress_bar(console, "embed", a.no_progress) as progress:
+        emb = sentence_embeddings(model, info["tokenizer"], texts, pooling=info.get("pooling") or "mean",
+                                  progress=progress)
     if a.out:
         import numpy as np
 

@@ -47,9 +47,11 @@ def pool_tokens(h: torch.Tensor, mask: torch.Tensor, pooling: str = "mean") -> t
 
 
 def sentence_embeddings(model, tokenizer_json_path: str | Path, texts, pooling: str = "mean",
-                        normalize: bool = True, batch_size: int = 32, max_length: int | None = None) -> torch.Tensor:
+                        normalize: bool = True, batch_size: int = 32, max_length: int | None = None,
+                        progress=None) -> torch.Tensor:
     """Embeddings (N, D) of `texts` (a list of strings): tokenize, encode in batches, pool over real tokens, and
-    L2-normalize when `normalize`. Runs without gradients in eval mode (the model's mode is restored)."""
+    L2-normalize when `normalize`. Runs without gradients in eval mode (the model's mode is restored).
+    `progress(done, total)` counts texts encoded."""
     if isinstance(texts, str):
         texts = [texts]
     texts = list(texts)
@@ -69,6 +71,8 @@ def sentence_embeddings(model, tokenizer_json_path: str | Path, texts, pooling: 
     was_training = model.training
     model.eval()
     out = []
+    if progress is not None:
+        progress(0, len(texts))
     try:
         with torch.no_grad():
             for i in range(0, len(texts), batch_size):
@@ -78,6 +82,8 @@ def sentence_embeddings(model, tokenizer_json_path: str | Path, texts, pooling: 
                 types = torch.tensor([e.type_ids for e in enc], dtype=torch.long, device=device)
                 h = model.forward_features(ids, attention_mask=mask, token_type_ids=types)  # (B, T, C)
                 out.append(pool_tokens(h, mask, pooling).float())
+                if progress is not None:
+                    progress(min(i + batch_size, len(texts)), len(texts))
     finally:
         model.train(was_training)
     emb = torch.cat(out) if out else torch.empty(0, int(getattr(model, "num_features", 0)), device=device)
