@@ -179,6 +179,15 @@ def test_reader_refuses_vit_folders_it_cannot_build(tmp_path, edit, msg):
     assert msg in str(e.value) and "\n" not in str(e.value)
 
 
+def test_reader_refuses_a_t5_declaring_more_layers_than_its_weights_hold(tmp_path):
+    write_hf_folder(create_model("t5_mini", **T5_SMALL, n_enc_layer=1, n_dec_layer=1), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_decoder_layers"] = 10 ** 9  # checked before anything is built, even on the meta device
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="declares 1,000,000,001 layers but the weights hold"):
+        load_hf_folder(tmp_path)
+
+
 def test_reader_checks_resnet_shapes_against_config(tmp_path):
     write_hf_folder(create_model("resnet18", **RESNET), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -241,13 +250,33 @@ def test_cli_exports_a_trained_digits_vit_that_transformers_runs_on_raw_images(t
     assert d <= TOL
 
 
-def test_cli_refuses_a_cifar_style_resnet_in_one_line(tmp_path, capsys):
-    run = _train(tmp_path, "resnet", ["model.name=resnet18", "model.small_input=true", "model.layers=[1]",
-                                      "model.widths=[8]", "trainer.max_steps=3", "trainer.max_epochs=1"])
+@pytest.mark.parametrize("model, msg", [
+    (["model.name=resnet18", "model.small_input=true", "model.layers=[1]", "model.widths=[8]"],
+     "hf export: resnet small_input=True (HF's ResNet always starts with the 7x7/2 conv"),
+    (["model.name=resnet18", "model.shortcut=A", "model.layers=[1,1]", "model.widths=[8,16]"],
+     "hf export: resnet shortcut='A' (HF's ResNet has projection shortcuts only, B)"),
+    (["model.name=vit_fashion", "model.img_size=8", "model.patch_size=4", "model.embed_dim=16", "model.depth=1",
+      "model.n_head=2"], "hf export: vit pool='mean' (ViTForImageClassification classifies the [CLS] token"),
+])
+def test_cli_refuses_what_hf_cannot_express_in_one_line(tmp_path, capsys, model, msg):
+    run = _train(tmp_path, "run", [*model, "trainer.max_steps=2", "trainer.max_epochs=1"])
+    capsys.readouterr()
     assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "hf export: resnet small_input=True (HF's ResNet always starts with the 7x7/2 conv" in err
+    assert msg in err and "has no Hugging Face equivalent" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_an_hf_resnet_folder_lamina_cannot_build_in_one_line(tmp_path, capsys):
+    """The reader's refusals reach users through model.pretrained=FOLDER (fine-tuning from an HF folder)."""
+    write_hf_folder(create_model("resnet18", **RESNET), tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["layer_type"] = "preactivation"
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    assert main(["train", f"model.pretrained={tmp_path / 'hf'}", *FAST, f"logging.root={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "config.json: layer_type='preactivation' is not supported by lamina's resnet; accepted: basic" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_cli_exports_a_trained_multi30k_t5(tmp_path, capsys):

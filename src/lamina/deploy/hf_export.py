@@ -3,16 +3,18 @@
     export_hf_run("runs/shakespeare-char-gpt")          # -> runs/shakespeare-char-gpt/export/hf/
     export_peft_run("runs/lora-run")                    # -> runs/lora-run/export/peft/ (+ base/ the frozen base)
 
-The HF folder: config.json and model.safetensors (lamina.hub.hf_write), generation_config.json for causal LMs, the
-run's tokenizer as tokenizer.json + tokenizer_config.json (a character LM gets an equivalent `tokenizers` WordLevel
-tokenizer, so `AutoTokenizer` gives the run's ids), and README.md, a model card with YAML front matter and the
+The HF folder: config.json and model.safetensors (lamina.hub.hf_write), generation_config.json for causal LMs and
+T5, the run's tokenizer as tokenizer.json + tokenizer_config.json (a character LM gets an equivalent `tokenizers`
+WordLevel tokenizer, so `AutoTokenizer` gives the run's ids), preprocessor_config.json for image classifiers (a
+ViTImageProcessor giving lamina's model input from raw pixels: size, 1/pixel_max, the run's normalize), and README.md, a model card with YAML front matter and the
 run's metrics and data from summary.json. The PEFT folder: adapter_config.json + adapter_model.safetensors, the
 same tokenizer and card, and base/, the frozen base model as an HF folder, for
 `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"), out)`.
 
 Every export is checked before it is reported: the folder is read back through lamina.hub.load_hf_folder, and,
 when transformers (and peft) are installed, through `transformers` itself; the max abs logit differences against
-the run's model on token ids of the run's own data go into the result (and export.json beside the folder).
+the run's model on the run's own data (token ids; T5: source + decoder ids, and greedy generation's tokens; images:
+test images, and what AutoImageProcessor makes of them raw) go into the result (and export.json beside the folder).
 A model family or option HF cannot represent is one ModelError line (exit 2), naming it and what is supported.
 """
 

@@ -389,7 +389,8 @@ def _vit_model(config: dict, path: Path, dtype):
     from lamina.models.vit import ViTConfig, VisionTransformer
 
     for key, ok, accepted in (("hidden_act", config.get("hidden_act", "gelu") == "gelu", "gelu"),
-                              ("layer_norm_eps", config.get("layer_norm_eps") == 1e-6, "1e-6 (lamina's ViT, timm's)"),
+                              ("layer_norm_eps", config.get("layer_norm_eps", 1e-12) == 1e-6,  # HF's default 1e-12
+                               "1e-6 (lamina's ViT, timm's)"),
                               ("image_size", isinstance(config.get("image_size", 224), int), "an integer (square)"),
                               ("patch_size", isinstance(config.get("patch_size", 16), int), "an integer (square)")):
         if not ok:
@@ -472,6 +473,9 @@ def _layer_count(family: str, config: dict):
     if family == "resnet":
         depths = config.get("depths")
         return sum(depths) if isinstance(depths, list) and all(isinstance(d, int) for d in depths) else None
+    if family == "t5":  # both stacks: a huge decoder count alone must not build a huge (meta) model either
+        n = [config.get(k) for k in ("num_layers", "num_decoder_layers")]
+        return sum(v for v in n if isinstance(v, int))
     return config.get({"bert": "num_hidden_layers", "llama": "num_hidden_layers", "gpt2": "n_layer",
                        "t5": "num_layers", "vit": "num_hidden_layers"}[family])
 

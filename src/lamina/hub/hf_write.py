@@ -1,4 +1,5 @@
-"""Weights out: lamina's gpt / llama / bert models as Hugging Face-layout folders, and LoRA adapters as PEFT folders.
+"""Weights out: lamina's gpt / llama / bert / t5 / vit / resnet models as Hugging Face-layout folders, and LoRA
+adapters as PEFT folders.
 
     spec = hf_spec(model)                          # family, architecture, config.json dict, HF-named tensors
     write_hf_folder(model, "out/", files={...})    # config.json + model.safetensors (+ tokenizer, card files)
@@ -11,9 +12,16 @@ What maps onto what (transformers' classes; everything else is one ModelError li
 * llama -> LlamaForCausalLM: one to one (HF's q/k rows are in the rotate-half RoPE layout lamina uses).
 * bert: BertMaskedLM -> BertForMaskedLM, BertClassifier with pool=cls -> BertForSequenceClassification (pool=mean
   and no head -> BertModel plus sentence-transformers' 1_Pooling), BertSpanQA (2 outputs) -> BertForQuestionAnswering.
+* t5 -> T5ForConditionalGeneration: one to one; tie_word_embeddings says whether the decoder output is scaled by
+  d_model^-0.5 (lamina's tied T5 does, as v1.0); scaled_attention's 1/sqrt(d_kv) is folded into the q weights.
+* vit with pool=cls and a head -> ViTForImageClassification (HF classifies [CLS]; mean pooling is refused);
+  bias=false -> qkv_bias=false plus a zero output-projection bias, which HF always has.
+* resnet with the ImageNet stem (7x7/2 + max-pool) and projection shortcuts -> ResNetForImageClassification;
+  small_input (3x3 stem, no pool: the CIFAR nets) and shortcut A are refused, HF's ResNet has neither.
 
 Names come from the readers' maps inverted (lamina.models.bert.hf_bert_key_map, lamina.models.llama.
-hf_llama_key_map, lamina.hub.hf's GPT-2 names), so reading and writing cannot drift apart: a folder written here
+hf_llama_key_map, lamina.hub.hf's GPT-2 names, hf_t5_key_map, hf_vit_key_map, hf_resnet_key_map in the model
+files), so reading and writing cannot drift apart: a folder written here
 loads back through load_hf_folder into the same model. Nothing here needs transformers or peft.
 
 PEFT: each LoRALinear (lamina.nn.lora) becomes `base_model.model.<HF module>.lora_A.weight` / `.lora_B.weight`.
