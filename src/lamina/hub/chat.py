@@ -39,9 +39,11 @@ def _prompt_ids(tokenizer, messages) -> list[int]:
     return [int(t) for t in out]
 
 
-def chat(model, tokenizer, messages, max_new_tokens: int = 64, greedy: bool = True, **sampling) -> str:
+def chat(model, tokenizer, messages, max_new_tokens: int = 64, greedy: bool = True, progress=None,
+         **sampling) -> str:
     """The assistant's reply (str) to `messages` (a list of {"role", "content"} dicts, or one user string).
-    `sampling` (temperature, top_k, top_p, generator) goes to generate when greedy=False."""
+    `sampling` (temperature, top_k, top_p, generator) goes to generate when greedy=False. `progress(done, total)`
+    counts tokens generated out of the most allowed (a stop token jumps it to the total)."""
     from lamina.models.generation import generate
 
     if isinstance(messages, str):
@@ -57,8 +59,19 @@ def chat(model, tokenizer, messages, max_new_tokens: int = 64, greedy: bool = Tr
     device = next(model.parameters()).device
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     stops = stop_token_ids(tokenizer)
-    out = generate(model, idx, max_new_tokens=min(max_new_tokens, block - len(ids)), greedy=greedy,
-                   stop_tokens=stops, **sampling)
+    total = min(max_new_tokens, block - len(ids))
+    done = [0]
+
+    def count(_tokens) -> None:
+        done[0] += 1
+        progress(done[0], total)
+
+    if progress is not None:
+        progress(0, total)
+    out = generate(model, idx, max_new_tokens=total, greedy=greedy, stop_tokens=stops,
+                   on_token=count if progress is not None else None, **sampling)
+    if progress is not None and done[0] < total:
+        progress(total, total)
     new = out[0, len(ids):].tolist()
     for i, t in enumerate(new):
         if t in stops:
