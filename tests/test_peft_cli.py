@@ -107,6 +107,7 @@ def test_training_goes_on_from_the_adapter(runs, tmp_path):
     ("shapes", "lora_A (8, 48) / lora_B (144, 8) do not fit a (96, 32) layer of rank 8"),
     ("lora_run", "hub: the model already carries LoRA adapters; load a PEFT adapter into a plain base"),
     ("digits", "a PEFT adapter goes onto a model with a Hugging Face layout; model small_cnn has no Hugging Face"),
+    ("predict", "a PEFT adapter goes onto a model with a Hugging Face layout; model small_cnn has no Hugging Face"),
 ])
 def test_bad_adapter_is_one_line_exit_2(case, msg, runs, digits_run, tmp_path, capsys):
     import shutil
@@ -136,12 +137,13 @@ def test_bad_adapter_is_one_line_exit_2(case, msg, runs, digits_run, tmp_path, c
         write_peft_folder(other, adapter)
     elif case == "lora_run":
         target = lora
-    elif case == "digits":
+    elif case in ("digits", "predict"):
         target = digits_run
     capsys.readouterr()
     args = ["generate", str(target), "--prompt", "line", "--max-new-tokens", "4", "--adapter", str(adapter)]
-    if case == "digits":
-        args = ["eval", str(target), "--adapter", str(adapter)]
+    if case in ("digits", "predict"):
+        args = ["eval", str(target)] if case == "digits" else ["predict", str(target), str(tmp_path / "x.npy")]
+        args += ["--adapter", str(adapter)]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert msg.format(peft=peft) in err and len(err.splitlines()) == 1, err

