@@ -6,8 +6,8 @@
 The HF folder: config.json and model.safetensors (lamina.hub.hf_write), generation_config.json for causal LMs and
 T5, the run's tokenizer as tokenizer.json + tokenizer_config.json (a character LM gets an equivalent `tokenizers`
 WordLevel tokenizer, so `AutoTokenizer` gives the run's ids), preprocessor_config.json for image classifiers (a
-ViTImageProcessor giving lamina's model input from raw pixels: size, 1/pixel_max, the run's normalize), and README.md, a model card with YAML front matter and the
-run's metrics and data from summary.json. The PEFT folder: adapter_config.json + adapter_model.safetensors, the
+ViTImageProcessor giving lamina's model input from raw pixels: size, 1/pixel_max, the run's normalize), and
+README.md, a model card with YAML front matter and the run's metrics and data from summary.json. The PEFT folder: adapter_config.json + adapter_model.safetensors, the
 same tokenizer and card, and base/, the frozen base model as an HF folder, for
 `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"), out)`.
 

@@ -386,7 +386,7 @@ def _t5_model(config: dict, path: Path, dtype):
 
 def _vit_model(config: dict, path: Path, dtype):
     """lamina's ViT (cls pooling, a head) for a ViTForImageClassification config.json."""
-    from lamina.models.vit import ViTConfig, VisionTransformer
+    from lamina.models.vit import VisionTransformer, ViTConfig
 
     for key, ok, accepted in (("hidden_act", config.get("hidden_act", "gelu") == "gelu", "gelu"),
                               ("layer_norm_eps", config.get("layer_norm_eps", 1e-12) == 1e-6,  # HF's default 1e-12
@@ -445,7 +445,6 @@ def _map_named_state(model, state: dict[str, torch.Tensor], key_map: dict[str, s
     """Copy an HF state dict into `model` by `key_map` (HF name -> lamina name), every shape checked, strict both
     ways. `zeros`: HF tensors with no place in this model that must hold zeros to compute the same (ViT's output
     bias when qkv_bias is false); a non-zero one is refused. Returns the keys loaded nowhere."""
-    ours = model.state_dict()
     tied = {"lm_head.weight"} if family == "t5" and model.cfg.tie_weights else set()  # it is `shared`
     hf_names = {o: h for h, o in key_map.items()}
     load, unused = {}, []

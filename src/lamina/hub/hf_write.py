@@ -91,7 +91,6 @@ def _family(model: nn.Module) -> str:
     from lamina.models.bert import BertClassifier, BertMaskedLM, BertSpanQA
     from lamina.models.gpt import GPT
     from lamina.models.llama import Llama
-
     from lamina.models.resnet import ResNet
     from lamina.models.t5 import T5
     from lamina.models.vit import VisionTransformer
