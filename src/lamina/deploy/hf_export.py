@@ -502,4 +502,4 @@ def _check_peft(model, base, spec, folder: Path, ids) -> dict:
     return out
 
 
-__all__ = ["HF_FORMATS", "export_hf_run", "export_peft_run", "model_card"]
+__all__ = ["HF_FORMATS", "export_hf_run", "export_peft_run", "greedy_mismatches", "model_card"]
