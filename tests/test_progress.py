@@ -389,3 +389,18 @@ def test_cli_chat_draws_a_bar(capsys, monkeypatch):
     assert main(["chat", "Name a colour.", "--max-new-tokens", "4"]) == 0
     cap = capsys.readouterr()
     assert "\x1b[1mchat" in cap.err and cap.out.strip()  # the reply on stdout, after the bar
+
+
+def test_calibrate_counts_val_then_test_batches_and_draws_a_bar(run, capsys, monkeypatch):
+    from lamina.runs import open_run
+    from lamina.trust.calibration import calibrate_run
+
+    r = open_run(run)
+    sink = Sink()
+    out = calibrate_run(run, progress=sink)
+    val, test = sink.phases()
+    check_phase(val, len(r.eval_loader("val")))
+    check_phase(test, len(r.eval_loader("test")))
+    assert out["n_test"] == 359
+    cap, quiet = _cli_bar(["calibrate", str(run)], "calibrate", capsys, monkeypatch)
+    assert cap.out == quiet.out and "temperature" in cap.out

@@ -31,6 +31,7 @@ def add_parsers(sub) -> None:
     c = sub.add_parser("calibrate", help="expected calibration error and temperature scaling fitted on validation data")
     _run(c)
     c.add_argument("--bins", type=int, default=15)
+    c.add_argument("--no-progress", action="store_true", help="no progress bar (val, then test batches)")
 
     e = sub.add_parser("explain", help="attributions for test examples: saliency, integrated_gradients, smoothgrad, "
                                        "gradcam, occlusion, attention_rollout (ViT); token IG for text")
@@ -93,9 +94,11 @@ def _print_json(a, obj) -> bool:
 
 
 def cmd_calibrate(a, console) -> int:
+    from lamina.cli.progress import progress_bar
     from lamina.trust.calibration import calibrate_run
 
-    r = calibrate_run(a.path, a.which, a.bins)
+    with progress_bar(console, "calibrate", a.no_progress) as progress:
+        r = calibrate_run(a.path, a.which, a.bins, progress=progress)
     if _print_json(a, {k: v for k, v in r.items() if not k.startswith("bins")}):
         return 0
     print(f"temperature {r['temperature']:.4f} (fitted on {r['n_val']} validation samples; test n={r['n_test']})")

@@ -146,20 +146,26 @@ LOGIT_TASKS = ("classification", "sequence_classification", "fusion")  # tasks w
 
 
 @torch.no_grad()
-def collect_logits(model, task, loader, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) of `model` over `loader`, on CPU; the task's batch adapter feeds the model."""
+def collect_logits(model, task, loader, device="cpu", progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of `model` over `loader`, on CPU; the task's batch adapter feeds the model.
+    `progress(done, total)` counts batches."""
     model = model.to(device).eval()
     outs, ys = [], []
+    if progress is not None:
+        progress(0, len(loader))
     for batch in loader:
         out = task.forward(model, batch)
         outs.append(getattr(out, "logits", out).float().cpu())  # fusion: FusionOutput.logits
         ys.append(batch["y"].cpu())
+        if progress is not None:
+            progress(len(outs), len(loader))
     return torch.cat(outs), torch.cat(ys)
 
 
-def calibrate_run(run_dir: str | Path, which: str = "best", n_bins: int = 15) -> dict:
+def calibrate_run(run_dir: str | Path, which: str = "best", n_bins: int = 15, progress=None) -> dict:
     """Fit T on the run's val split, report ECE / NLL / accuracy on test before and after; writes
-    calibration.json and calibration.png into the run folder."""
+    calibration.json and calibration.png into the run folder. `progress(done, total)`: the val batches, then (a
+    second phase, from 0) the test batches."""
     from lamina.runs import open_run
 
     run = open_run(run_dir, which)
@@ -172,8 +178,8 @@ def calibrate_run(run_dir: str | Path, which: str = "best", n_bins: int = 15) ->
         if getattr(bundle, split) is None:
             raise DataError(f"data set '{bundle.name}' has no {split} split; calibration needs val and test")
     device = run.device
-    val = collect_logits(model, task, run.eval_loader("val"), device)
-    test_logits, test_y = collect_logits(model, task, run.eval_loader("test"), device)
+    val = collect_logits(model, task, run.eval_loader("val"), device, progress)
+    test_logits, test_y = collect_logits(model, task, run.eval_loader("test"), device, progress)
     scaler = TemperatureScaler()
     t = scaler.fit(*val)
     scaled = scaler.transform(test_logits)
