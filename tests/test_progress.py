@@ -404,3 +404,25 @@ def test_calibrate_counts_val_then_test_batches_and_draws_a_bar(run, capsys, mon
     assert out["n_test"] == 359
     cap, quiet = _cli_bar(["calibrate", str(run)], "calibrate", capsys, monkeypatch)
     assert cap.out == quiet.out and "temperature" in cap.out
+
+
+@needs_shared("fsdd/recordings")
+@pytest.mark.slow
+def test_fairness_mitigate_draws_the_retraining(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("fairlearn")
+    from conftest import SHARED_DATA
+    from lamina.config import validate
+    from lamina.runs import train
+
+    monkeypatch.setenv("LAMINA_SHARED_DATA", str(SHARED_DATA))
+    cfg = validate({"name": "fair", "data": {"name": "fsdd_fusion", "modalities": ["text"], "batch_size": 64},
+                    "model": {"name": "fusion_classifier"}, "task": {"subset_metrics": False},
+                    "trainer": {"max_epochs": 1, "threads": 1, "progress": False},
+                    "cost": {"energy": False, "flops": False},
+                    "logging": {"root": str(tmp_path), "plots": False, "tensorboard": False}})
+    run = train(cfg).run_dir
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    capsys.readouterr()
+    assert main(["fairness", str(run), "--mitigate", "reweight", "--group", "accent", "--json"]) == 0
+    cap = capsys.readouterr()
+    assert "\x1b[1mepoch 1/1" in cap.err and "mitigated_run" in cap.out

@@ -57,6 +57,7 @@ def add_parsers(sub) -> None:
                                                       "gender)")
     f.add_argument("--split", default="test", choices=["train", "val", "test"])
     f.add_argument("--mitigate", default=None, help="reweight: retrain with inverse-frequency group weights")
+    f.add_argument("--no-progress", action="store_true", help="no live progress bar (--mitigate's retraining)")
 
     lc = sub.add_parser("learning-curve", help="train one config on growing subsets of its training data; "
                                                "metric vs training-set size with plot")
@@ -160,7 +161,11 @@ def cmd_fairness(a, console) -> int:
     from lamina.trust import fairness
 
     if a.mitigate:
-        r = fairness.mitigate_run(a.path, method=a.mitigate, group=a.group, which=a.which, split=a.split)
+        from lamina.cli.progress import RichProgress
+
+        bar = [] if a.no_progress else [RichProgress(console)]  # the retraining is a whole run
+        r = fairness.mitigate_run(a.path, method=a.mitigate, group=a.group, which=a.which, split=a.split,
+                                  callbacks=bar)
         if _print_json(a, r["summary"] | {"mitigated_run": r["mitigated_run"]}):
             return 0
         print(f"before ({a.path}):")

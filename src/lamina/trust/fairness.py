@@ -237,9 +237,10 @@ def audit_fairness(run_dir: str | Path, group: str = "accent", which: str = "bes
 
 
 def train_reweighted(run_dir: str | Path, group: str = "accent", out_dir: str | Path | None = None,
-                     which: str = "best", uniform: bool = False) -> Path:
+                     which: str = "best", uniform: bool = False, callbacks=()) -> Path:
     """Retrain the run's config from scratch with inverse-frequency group weights on the loss (`uniform=True`:
-    every weight 1, the unweighted control through the same code path); returns the new run folder."""
+    every weight 1, the unweighted control through the same code path); returns the new run folder.
+    `callbacks`: the training's own (the CLI's progress bar), as lamina.runs.train takes them."""
     from lamina.runs import open_run, train
 
     opened = open_run(run_dir, which)
@@ -261,7 +262,7 @@ def train_reweighted(run_dir: str | Path, group: str = "accent", out_dir: str | 
         weights.update(per_value)
         return ReweightedTask(task, id_w, key)
 
-    out = train(cfg, run_dir=out, task_wrapper=reweight).run_dir
+    out = train(cfg, callbacks=callbacks, run_dir=out, task_wrapper=reweight).run_dir
     (out / "weights.json").write_text(json.dumps({"group": group, "uniform": uniform, "weights": weights}, indent=2))
     return out
 
@@ -270,13 +271,14 @@ METHODS = ("reweight",)
 
 
 def mitigate_run(run_dir: str | Path, method: str = "reweight", group: str = "accent", which: str = "best",
-                 split: str = "test", out_dir: str | Path | None = None) -> dict:
+                 split: str = "test", out_dir: str | Path | None = None, callbacks=()) -> dict:
     """Apply a mitigation and audit before / after on `split`; writes mitigation.json and fairness_mitigation.png
-    into the run folder. method "reweight": retrain with inverse-frequency group weights (module docstring)."""
+    into the run folder. method "reweight": retrain with inverse-frequency group weights (module docstring);
+    `callbacks` go to that training."""
     if method not in METHODS:
         raise ConfigError(f"method: {unknown_name('mitigation method', method, METHODS)}")
     before = audit_fairness(run_dir, group, which, split)
-    new = train_reweighted(run_dir, group, out_dir, which)
+    new = train_reweighted(run_dir, group, out_dir, which, callbacks=callbacks)
     after = audit_fairness(new, group, which, split)
     weights = json.loads((new / "weights.json").read_text())["weights"]
 
