@@ -314,3 +314,14 @@ def test_cli_exports_a_trained_multi30k_t5(tmp_path, capsys):
              - lam.model.eval()(src, tgt, src != 0)).abs().max().item()
     print(f"[cli t5 multi30k] transformers vs lamina: {d:.2e}")
     assert d <= TOL
+
+
+def test_cli_peft_of_a_vit_lora_run_is_one_line_pointing_at_format_hf(tmp_path, capsys):
+    run = _train(tmp_path, "lora", [*TINY_VIT, "trainer.max_steps=2", "finetune.mode=lora",
+                                    "finetune.lora_targets=[q_proj,v_proj]"])
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "peft", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
+    assert "LoRA adapters of a vit run are not written as PEFT adapters; supported: gpt, llama, bert" in err
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0  # merged instead

@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 
-from lamina.errors import ConfigError
+from lamina.errors import ConfigError, ModelError
 from lamina.io import atomic_write_text, publish_folder, write_folder
 
 HF_FORMATS = ("hf", "peft")
+PEFT_FAMILIES = ("gpt2", "llama", "bert")  # families whose PEFT adapters are written and checked against peft
 _PIPELINE = {"GPT2LMHeadModel": "text-generation", "LlamaForCausalLM": "text-generation",
              "BertForMaskedLM": "fill-mask", "BertForSequenceClassification": "text-classification",
              "BertForQuestionAnswering": "question-answering", "BertModel": "feature-extraction",
@@ -453,6 +454,10 @@ def export_peft_run(run_dir, out=None, which: str = "best") -> dict:
         raise ConfigError(f"--format peft: {run_dir} is not a LoRA run (finetune.mode={run.cfg.finetune.mode}); "
                           "train with finetune.mode=lora, or export the whole model with --format hf")
     spec = hf_spec(model)  # the base's layout (adapters left out); ModelError if HF cannot represent it
+    if spec.family not in PEFT_FAMILIES:
+        raise ModelError(f"--format peft: LoRA adapters of a {spec.family} run are not written as PEFT adapters; "
+                         "supported: gpt, llama, bert; --format hf exports this run with its adapters "
+                         "merged into the weights")
     _label_names(spec, run.facts)
     base = copy.deepcopy(model)
     remove_lora(base, merge=False)
