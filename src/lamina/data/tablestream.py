@@ -191,45 +191,45 @@ class _CsvSource:
 
     def target(self, name: str):
         """The target column of every row (chunks joined: a chunk of numbers and one of text make text, as in the
-        whole-file read)."""
+        whole-file read). The same pass notes which columns are numbers in every chunk, for numeric()."""
         from lamina.data.files import _require
 
         pd = _require("pandas", "tables")
-        y = pd.concat([df[name] for _, df in self._chunks([name], [])], ignore_index=True)
+        cols = self.columns
+        self._total, self._bad = dict.fromkeys(cols, 0), dict.fromkeys(cols, 0)
+        self._texty: set[str] = set()
+        self._first: dict[str, tuple[int, str]] = {}
+        parts = []
+        for start, df in self._chunks(cols, []):
+            parts.append(df[name])
+            for c in cols:
+                s = df[c].dropna()
+                self._total[c] += len(s)
+                if pd.api.types.is_numeric_dtype(df[c]):
+                    continue
+                self._texty.add(c)
+                miss = pd.to_numeric(s.astype(str).str.strip(), errors="coerce").isna().to_numpy()
+                self._bad[c] += int(miss.sum())
+                if miss.any() and c not in self._first:
+                    i = miss.nonzero()[0][0]
+                    self._first[c] = (start + int(s.index[i] - df.index[0]), s.iloc[i])
+        y = pd.concat(parts, ignore_index=True)
         self.n_rows = len(y)
         return y
 
     def numeric(self, features: list[str]) -> list[str]:
-        """A pass over the features: a column is numeric when pandas parses it as numbers in every chunk (then the
-        whole-file read does too); the others are read as text from now on. A text column whose cells are numbers
-        but for a few is a typo, reported as the in-memory path reports it (files._check_numeric_text)."""
-        from lamina.data.files import _require
-
-        pd = _require("pandas", "tables")
-        texty: set[str] = set()
-        total = dict.fromkeys(features, 0)
-        bad = dict.fromkeys(features, 0)
-        first: dict[str, tuple[int, str]] = {}
-        for start, df in self._chunks(features, []):
-            for c in features:
-                s = df[c].dropna()
-                total[c] += len(s)
-                if pd.api.types.is_numeric_dtype(df[c]):
-                    continue
-                texty.add(c)
-                miss = pd.to_numeric(s.astype(str).str.strip(), errors="coerce").isna().to_numpy()
-                bad[c] += int(miss.sum())
-                if miss.any() and c not in first:
-                    i = miss.nonzero()[0][0]
-                    first[c] = (start + int(s.index[i] - df.index[0]), s.iloc[i])
+        """A column is numeric when pandas parsed it as numbers in every chunk (then the whole-file read does too);
+        the others are read as text from now on. A text column whose cells are numbers but for a few is a typo,
+        reported as the in-memory path reports it (files._check_numeric_text). Needs target() first (its pass)."""
         for c in features:  # in file column order, as the in-memory check goes
-            if c in texty and total[c] >= 10 and 0 < bad[c] <= 0.05 * total[c]:
-                row, value = first[c]
+            total, bad = self._total[c], self._bad[c]
+            if c in self._texty and total >= 10 and 0 < bad <= 0.05 * total:
+                row, value = self._first[c]
                 raise DataError(f"{self.path}: column '{c}', row {row + 2}: {value!r} is not a number, but "
-                                f"{total[c] - bad[c]} of its {total[c]} values are; fix the cell (or leave it empty "
-                                "for missing)")
-        self.text = [c for c in features if c in texty]
-        return [c for c in features if c not in texty]
+                                f"{total - bad} of its {total} values are; fix the cell (or leave it empty for "
+                                "missing)")
+        self.text = [c for c in features if c in self._texty]
+        return [c for c in features if c not in self._texty]
 
     def batches(self, columns: list[str], order=None):
         yield from self._chunks(columns, [c for c in self.text if c in columns])
