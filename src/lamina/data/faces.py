@@ -187,8 +187,13 @@ class IdentitySampler:
 
 def identity_batches(data: TensorData, identities: int, per_identity: int, seed: int = 0, device=None,
                      transform=None):
-    """An in-memory loader over `data` whose batches hold `identities` people x `per_identity` images each."""
+    """A loader over `data` whose batches hold `identities` people x `per_identity` images each (a streamed split:
+    each batch's files decoded as it is drawn, the same batches)."""
     from lamina.data.loader import InMemoryLoader
+    from lamina.data.sample import SampledLoader, is_streamed
+
+    if is_streamed(data):
+        return SampledLoader(data, IdentitySampler(data.y, identities, per_identity), seed, device, transform)
 
     return InMemoryLoader(data, identities * per_identity, seed=seed, device=device, transform=transform,
                           sampler=IdentitySampler(data.y, identities, per_identity))

@@ -5,6 +5,7 @@ of `split.x`, so that they work on streamed splits (image files, Parquet/CSV tab
   read until n rows are in hand). The same tensors `data.x[:n]` gives on the in-memory path.
 * `take(data, idx)`: the samples at `idx` (few-shot episodes draw a handful per step).
 * `split_batches(data, batch_size)`: the whole split in order, batch by batch through its loader (bounded memory).
+* `SampledLoader(data, sampler)`: batches of indices a sampler draws (P x K identities), read with take().
 * `require_in_memory(split, what, input_shape)`: the one refusal, for steps that truly need every tensor at once;
   the message says how much memory that would take.
 """
@@ -63,6 +64,37 @@ def take(data, idx: torch.Tensor) -> dict[str, torch.Tensor]:
     return {k: v[back] for k, v in got.items()}
 
 
+class SampledLoader:
+    """InMemoryLoader(data, sampler=...) for a streamed split: each batch is the index tensor `sampler(generator)`
+    yields, read with take() (files decoded in this process), then `transform(batch, generator)`: the same draws
+    in the same order from the same seeded generator, so the same batches as in memory."""
+
+    def __init__(self, data, sampler, seed: int = 0, device=None, transform=None):
+        self.data, self.sampler, self.transform = data, sampler, transform
+        self.generator = torch.Generator().manual_seed(seed)
+        self.device = torch.device(device) if device is not None else None
+
+    def to(self, device) -> SampledLoader:
+        self.device = torch.device(device)
+        return self
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for idx in self.sampler(self.generator):
+            batch = take(self.data, idx)
+            if self.device is not None and self.device.type != "cpu":
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            yield self.transform(batch, self.generator) if self.transform is not None else batch
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
 def split_batches(data, batch_size: int, device=None, transform=None):
     """Every sample of the split once, in order, as dict batches (unshuffled, no augmentation beyond `transform`)."""
     yield from _loader(data, int(batch_size), device, transform)
@@ -83,4 +115,5 @@ def require_in_memory(data, what: str, input_shape) -> None:
                         "files; pass data.in_memory=true (with enough memory) or a smaller data set")
 
 
-__all__ = ["first_samples", "in_memory_bytes", "is_streamed", "require_in_memory", "split_batches", "take"]
+__all__ = ["SampledLoader", "first_samples", "in_memory_bytes", "is_streamed", "require_in_memory", "split_batches",
+           "take"]

@@ -191,11 +191,7 @@ class FaceTask(BaseTask):
         if self.kind != "triplet":
             return super().train_loader(bundle, data_cfg, seed, device)
         from lamina.data.faces import identity_batches
-        from lamina.data.sample import require_in_memory
         from lamina.data.transforms import build_transforms
-
-        # P people x K images per batch index the whole split at random: no sequential read to stream
-        require_in_memory(bundle.train, "task.loss=triplet (P x K identity batches)", bundle.input_shape)
 
         augment = build_transforms(data_cfg.augment) if data_cfg.augment else None
         return identity_batches(bundle.train, self.P, self.K, seed, device, augment)
