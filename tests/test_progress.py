@@ -426,3 +426,22 @@ def test_fairness_mitigate_draws_the_retraining(tmp_path, capsys, monkeypatch):
     assert main(["fairness", str(run), "--mitigate", "reweight", "--group", "accent", "--json"]) == 0
     cap = capsys.readouterr()
     assert "\x1b[1mepoch 1/1" in cap.err and "mitigated_run" in cap.out
+
+
+@pytest.mark.parametrize("tokenizer, passes", [("char", 2), ("bpe", 1)])
+def test_tokenize_counts_bytes_per_pass_and_draws_a_bar(tokenizer, passes, tmp_path, capsys, monkeypatch):
+    import lamina.data.tokenfiles as tf
+
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"line {i}: to be or not to be, caf\u00e9.\n" for i in range(300)), encoding="utf-8")
+    size = text.stat().st_size
+    monkeypatch.setattr(tf, "_CHUNK", 2048)  # several chunks per pass
+    sink = Sink()
+    meta = tf.build_token_files(text, tmp_path / "tok", tokenizer, vocab_size=300, progress=sink)
+    phases = sink.phases()
+    assert len(phases) == passes and all(len(p) > 3 for p in phases)
+    for p in phases:
+        check_phase(p, size)  # "é" is 2 bytes: characters count behind, the end jumps to the size
+    assert meta["files"]["train"]["tokens"] > 0
+    _cli_bar(["tokenize", str(text), str(tmp_path / "cli"), "--tokenizer", tokenizer, "--vocab-size", "300"],
+             "tokenize", capsys, monkeypatch)

@@ -182,15 +182,33 @@ def _text_chunks(path: Path, lines: bool = False):
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def _counted(chunks, size: int, progress):
+    """The chunks as they are, with progress(characters read, file size in bytes): exact for ASCII text, behind
+    for multi-byte text (so it never overshoots), and set to the size at the end."""
+    if progress is None:
+        yield from chunks
+        return
+    done = 0
+    progress(0, size)
+    for piece in chunks:
+        yield piece
+        done = min(done + len(piece), size)
+        progress(done, size)
+    if done < size:
+        progress(size, size)
+
+
 def build_token_files(text: str | os.PathLike, out: str | os.PathLike, tokenizer: str = "char",
-                      vocab_size: int = 8000, val_fraction: float = 0.1, bpe_train_chars: int = 50_000_000) -> dict:
+                      vocab_size: int = 8000, val_fraction: float = 0.1, bpe_train_chars: int = 50_000_000,
+                      progress=None) -> dict:
     """Tokenize a UTF-8 text file into `out`/train.bin, val.bin, meta.json (+ tokenizer.json for BPE), streaming.
 
     char: the vocabulary is the file's sorted distinct characters and the split is the `text` data set's
     (train = the first 1 - val_fraction of the tokens), so token_bin and text give the same windows.
     bpe: a byte-level BPE of `vocab_size` trained on the first `bpe_train_chars` characters; a path: that saved
     tokenizer.json (char or BPE), copied into the folder. The dtype is uint16 when the vocabulary
-    fits, else uint32. Returns the meta written."""
+    fits, else uint32. Returns the meta written. `progress(done, total)` counts the file's bytes read by each pass
+    over it: char: the alphabet, then (from 0) the ids; otherwise the ids (BPE training reads only its head)."""
     from lamina.io import atomic_write_text
 
     src = Path(text).expanduser()
@@ -198,9 +216,10 @@ def build_token_files(text: str | os.PathLike, out: str | os.PathLike, tokenizer
         raise DataError(f"{src}: text file not found")
     vf = check_fraction("val_fraction", val_fraction)
     root = Path(out).expanduser()
+    nbytes = src.stat().st_size  # progress's total for each pass
     if tokenizer == "char":  # pass 1: the alphabet
         uniq = np.zeros(0, np.uint32)
-        for piece in _text_chunks(src):
+        for piece in _counted(_text_chunks(src), nbytes, progress):
             uniq = np.union1d(uniq, np.frombuffer(piece.encode("utf-32-le"), "<u4"))
         vocab, tok, v = [chr(c) for c in uniq.tolist()], None, len(uniq)
 
@@ -234,7 +253,7 @@ def build_token_files(text: str | os.PathLike, out: str | os.PathLike, tokenizer
     tmp = root / "tokens.tmp"
     n = 0
     with open(tmp, "wb") as f:  # pass 2: ids, chunk by chunk
-        for piece in _text_chunks(src, lines=tok is not None):
+        for piece in _counted(_text_chunks(src, lines=tok is not None), nbytes, progress):
             ids = encode(piece).astype(dtype)
             f.write(ids.tobytes())
             n += len(ids)
