@@ -445,3 +445,20 @@ def test_tokenize_counts_bytes_per_pass_and_draws_a_bar(tokenizer, passes, tmp_p
     assert meta["files"]["train"]["tokens"] > 0
     _cli_bar(["tokenize", str(text), str(tmp_path / "cli"), "--tokenizer", tokenizer, "--vocab-size", "300"],
              "tokenize", capsys, monkeypatch)
+
+
+def test_audit_counts_within_its_parts_and_draws_a_bar(run, capsys, monkeypatch):
+    from lamina.trust.audit import audit_run
+
+    sink, parts = Sink(), []
+    out = audit_run(run, steps=2, n_attack=50, skip=("gradients", "explain"), on_part=parts.append, progress=sink)
+    assert parts == ["calibration", "robust"] and out["robust"]["status"] == "done"
+    val, test, attack = sink.phases()  # calibration's val and test batches, then the attacked samples
+    for phase in (val, test, attack):
+        check_phase(phase)
+    assert attack[-1] == (50, 50)
+    monkeypatch.setenv("FORCE_COLOR", "1")  # --no-progress: progress_bar's own test
+    capsys.readouterr()
+    assert main(["audit", str(run), "-n", "50", "--steps", "2", "--skip", "gradients,explain"]) == 0
+    cap = capsys.readouterr()
+    assert "\x1b[1maudit" in cap.err and "audit: robust ..." in cap.err and "robust" in cap.out

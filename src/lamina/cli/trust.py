@@ -86,6 +86,7 @@ def add_parsers(sub) -> None:
     au.add_argument("--group", default=None, help="fairness group attribute (default: accent when the data has it)")
     au.add_argument("--skip", default="", help="comma-separated parts to skip: calibration,gradients,explain,"
                                                "robust,fairness")
+    au.add_argument("--no-progress", action="store_true", help="no progress bar (calibration, attack)")
 
 
 def _print_json(a, obj) -> bool:
@@ -242,8 +243,11 @@ def cmd_audit(a, console) -> int:
     for part in ("explain",):
         if part not in skip:
             _need("captum", "lamina audit (explanations; or --skip explain)")
-    r = audit_run(a.path, which=a.which, eps=a.eps, steps=a.steps, n_attack=a.n, group=a.group, skip=skip,
-                  progress=lambda part: console.print(f"audit: {part} ..."))
+    from lamina.cli.progress import progress_bar
+
+    with progress_bar(console, "audit", a.no_progress) as bar:
+        r = audit_run(a.path, which=a.which, eps=a.eps, steps=a.steps, n_attack=a.n, group=a.group, skip=skip,
+                      on_part=lambda part: console.print(f"audit: {part} ..."), progress=bar)
     if _print_json(a, r):
         return 0
     for part in PARTS:

@@ -19,9 +19,10 @@ PARTS = ("calibration", "gradients", "explain", "robust", "fairness")
 
 def audit_run(run_dir: str | Path, which: str = "best", eps: float = 0.1, steps: int = 20, n_attack: int | None = 1000,
               n_explain: int = 8, explain_method: str = "integrated_gradients", group: str | None = None,
-              skip: tuple[str, ...] = (), progress=None) -> dict:
+              skip: tuple[str, ...] = (), on_part=None, progress=None) -> dict:
     """Run the applicable checks; returns {part: {"status": "done"|"skipped", "seconds", "result"|"reason"}}
-    and the report path under "report". `progress(part)` is called before each part."""
+    and the report path under "report". `on_part(part)` is called before each part; `progress(done, total)`
+    counts within the long ones, each phase from 0: calibration's val and test batches, the attacked samples."""
     from lamina.report.html import build_report
     from lamina.runs import open_run
 
@@ -36,8 +37,8 @@ def audit_run(run_dir: str | Path, which: str = "best", eps: float = 0.1, steps:
         if not applies:
             out[part] = {"status": "skipped", "reason": why_not}
             return
-        if progress is not None:
-            progress(part)
+        if on_part is not None:
+            on_part(part)
         t0 = time.perf_counter()
         try:
             res = fn()
@@ -52,7 +53,7 @@ def audit_run(run_dir: str | Path, which: str = "best", eps: float = 0.1, steps:
     def calibration():
         from lamina.trust.calibration import calibrate_run
 
-        r = calibrate_run(root, which)
+        r = calibrate_run(root, which, progress=progress)
         return {"temperature": r["temperature"], "ece_before": r["before"]["ece"], "ece_after": r["after"]["ece"],
                 "acc": r["before"]["acc"]}
 
@@ -72,7 +73,8 @@ def audit_run(run_dir: str | Path, which: str = "best", eps: float = 0.1, steps:
     def robust():
         from lamina.trust.robust import attack_run
 
-        r = attack_run(root, attack="pgd", eps=eps, steps=steps, norm="linf", n=n_attack, which=which)
+        r = attack_run(root, attack="pgd", eps=eps, steps=steps, norm="linf", n=n_attack, which=which,
+                       progress=progress)
         return {k: r[k] for k in ("attack", "eps", "steps", "n", "clean_acc", "robust_acc") if k in r}
 
     def fairness():
