@@ -16,7 +16,6 @@ from lamina.config import load_config
 from lamina.data import load_dataset, make_loader
 from lamina.data import tablestream
 from lamina.data.tablestream import TableStream, csv_decoded_bytes
-from lamina.errors import DataError
 
 
 def _frame(n=120, seed=0) -> pd.DataFrame:
