@@ -97,7 +97,8 @@ def test_training_goes_on_from_the_adapter(runs, tmp_path):
 
     mods = lora_modules(again)
     assert "blocks.0.attn.q_proj" in mods and "blocks.0.mlp.fc" in mods and "blocks.0.attn.k_proj" not in mods
-    assert mods["blocks.0.attn.q_proj"].lora_A.requires_grad is False  # reopened for use: frozen, as any run
+    # the adapter's layout, not finetune.lora_rank's default 8: fc r=4; q gets c_attn's A of rank 2 x 4 (q and v)
+    assert (mods["blocks.0.mlp.fc"].rank, mods["blocks.0.attn.q_proj"].rank) == (4, 8)
 
 
 @pytest.mark.parametrize("case, msg", [
