@@ -5,6 +5,9 @@ bert model, as lamina.nn.lora LoRALinear modules.
     wrapped = load_peft_adapter(model, "path/to/adapter")   # ["blocks.0.attn.q_proj", ...]; model now computes
                                                             # what PeftModel.from_pretrained(base, adapter) does
 
+From the CLI: `--adapter FOLDER` on `lamina eval / generate / predict` (lamina.runs.open_run(adapter=)) puts one on
+a run's model; `model.adapter=FOLDER` (with model.pretrained=<its base>, finetune.mode=lora) trains on from one.
+
 Where each HF module lives in lamina comes from lamina.hub.hf_write.hf_spec (itself the readers' key maps inverted),
 so the three directions cannot disagree. GPT-2's fused c_attn adapter (A: (r, C), B: (3C, r)) becomes one adapter
 on each of q_proj, k_proj, v_proj with the same A and that slot's rows of B: exactly the same update, split; a
