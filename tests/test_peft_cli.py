@@ -86,7 +86,7 @@ def test_training_goes_on_from_the_adapter(runs, tmp_path):
     and the run reopens (eval, export) with the adapter's LoRA layout."""
     from lamina.runs import open_run
 
-    base, lora, peft = runs
+    _, lora, peft = runs
     (tmp_path / "text.txt").write_text(TEXT)
     run = _train(tmp_path, "from-adapter", [f"model.pretrained={peft / 'base'}", f"model.adapter={peft}",
                                             "finetune.mode=lora", "optimizer.lr=1e-12", "trainer.max_steps=2"])
@@ -154,8 +154,8 @@ def test_bad_adapter_is_one_line_exit_2(case, msg, runs, digits_run, tmp_path, c
     (["model.adapter={peft}", "finetune.mode=lora"],
      "config error: model.adapter: a PEFT adapter goes onto the base it was trained on; set model.pretrained"),
     (["model.pretrained={base}", "model.adapter={peft}"],
-     "config error: model.adapter: a run goes on from a LoRA adapter by training it as LoRA; set finetune.mode=lora "
-     "(got full)"),
+     ("config error: model.adapter: a run goes on from a LoRA adapter by training it as LoRA; set "
+      "finetune.mode=lora (got full)")),
     (["model.pretrained={base}", "model.adapter={peft}-gone", "finetune.mode=lora"],
      "checkpoint error: hub: {peft}-gone: no such folder"),
 ])

@@ -286,8 +286,9 @@ def test_generate_counts_translated_lines_and_draws_a_bar(seq2seq_run, capsys, m
 
 @needs_shared("fsdd/recordings")
 def test_transcribe_counts_recordings_and_draws_a_bar(tmp_path, capsys, monkeypatch):
-    import lamina
     from conftest import ROOT
+
+    import lamina
     from lamina.data.builtin import shared_data_dir
     from lamina.errors import DataError
     from lamina.runs.transcribe import transcribe_files
@@ -318,7 +319,7 @@ def test_learning_curve_draws_a_bar(tmp_path, capsys, monkeypatch):
 
     args = ["learning-curve", *DIGITS_RUN_ARGS, "trainer.max_epochs=1", "logging.plots=false", "cost.energy=false",
             "cost.flops=false", "--fractions", "0.1,0.2"]
-    cap, quiet = _cli_bar([*args, "--out", str(tmp_path / "lc")], "learning curve", capsys, monkeypatch)
+    cap, _ = _cli_bar([*args, "--out", str(tmp_path / "lc")], "learning curve", capsys, monkeypatch)
     assert cap.out.splitlines()[1:] != [] and (tmp_path / "lc" / "learning_curve.json").is_file()
 
 
@@ -424,6 +425,7 @@ def test_calibrate_counts_val_then_test_batches_and_draws_a_bar(run, capsys, mon
 def test_fairness_mitigate_draws_the_retraining(tmp_path, capsys, monkeypatch):
     pytest.importorskip("fairlearn")
     from conftest import SHARED_DATA
+
     from lamina.config import validate
     from lamina.runs import train
 
