@@ -169,3 +169,19 @@ def test_cli_train_bad_adapter_config_is_one_line_exit_2(extra, msg, runs, tmp_p
     err = capsys.readouterr().err.strip()
     assert msg.format(base=base, peft=peft) in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "bad").exists()  # refused before the run folder
+
+
+def test_hf_and_peft_exports_count_their_stages_and_draw_a_bar(runs, tmp_path, capsys, monkeypatch):
+    """Writing, then the parity check (transformers' import included: seconds): 2 stages, a bar on a terminal."""
+    from lamina.deploy.hf_export import export_peft_run
+
+    _, lora, _ = runs
+    calls = []
+    export_peft_run(lora, out=tmp_path / "peft", progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(0, 2), (1, 2), (2, 2)]
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich then treats stderr as a terminal
+    capsys.readouterr()
+    assert main(["export", str(lora), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert "\x1b[1mexport hf" in capsys.readouterr().err
+    assert main(["export", str(lora), "--format", "hf", "--out", str(tmp_path / "hf"), "--no-progress"]) == 0
+    assert "export hf" not in capsys.readouterr().err

@@ -66,7 +66,11 @@ def cmd_export(a, console) -> int:
     if a.format in HF_FORMATS:
         if a.int8:
             raise ConfigError(f"--int8: quantized export is ONNX only; drop --int8 for --format {a.format}")
-        result = (export_hf_run if a.format == "hf" else export_peft_run)(a.path, out=a.out, which=a.which)
+        from lamina.cli.progress import progress_bar
+
+        with progress_bar(console, f"export {a.format}", getattr(a, "no_progress", False)) as progress:
+            result = (export_hf_run if a.format == "hf" else export_peft_run)(a.path, out=a.out, which=a.which,
+                                                                               progress=progress)
         print(json.dumps(result, default=str) if a.json else format_hf(result))
         return 0
     from lamina.cli.progress import progress_bar

@@ -397,10 +397,17 @@ def _write_result(out: Path, result: dict) -> None:
     atomic_write_text(out.parent / f"{out.name}.export.json", json.dumps(result, indent=2, default=str) + "\n")
 
 
-def export_hf_run(run_dir, out=None, which: str = "best") -> dict:
+def _stage(progress, done: int) -> None:
+    """An export's 2 stages for progress(done, total): writing, then checking."""
+    if progress is not None:
+        progress(done, 2)
+
+
+def export_hf_run(run_dir, out=None, which: str = "best", progress=None) -> dict:
     """The run's model (a LoRA run's with its adapters merged) as an HF-layout folder (default RUN/export/hf),
     checked by reading it back; returns
-    {"run", "checkpoint", "format": "hf", "folder", "architecture", "files", "parity": {...}}."""
+    {"run", "checkpoint", "format": "hf", "folder", "architecture", "files", "parity": {...}}.
+    `progress(done, total)`: 2 stages, the folder written, then its parity check (transformers' import included)."""
     from lamina.hub.hf_write import hf_spec, write_hf_folder
     from lamina.nn.lora import lora_modules
 
@@ -421,7 +428,10 @@ def export_hf_run(run_dir, out=None, which: str = "best") -> dict:
     files.update(_generation_config(files, spec))
     files.update(_preprocessor_files(run, spec))
     stage = folder.with_name(f".candidate-{folder.name}")  # replaces `folder` only once it passed the checks
+    _stage(progress, 0)
     write_hf_folder(model, stage, files, spec=spec)
+    _stage(progress, 1)
+
     def check() -> dict:
         out = _check_hf(model, spec, stage, probe)
         if model is not run.model:  # merging adds the update into the weights: float rounding, reported
@@ -432,6 +442,7 @@ def export_hf_run(run_dir, out=None, which: str = "best") -> dict:
     parity = _checked(stage, check)
     atomic_write_text(stage / "README.md", model_card(run, spec, "hf", parity))
     publish_folder(stage, folder)
+    _stage(progress, 2)
     result = {"run": str(run.folder.path), "checkpoint": str(run.checkpoint), "format": "hf", "folder": str(folder),
               "architecture": spec.architecture, "files": sorted(p.name for p in folder.iterdir()),
               "probe": list(next(iter(probe.values())).shape), "probe_what": _probe_what(probe, spec), "parity": parity}
@@ -439,9 +450,10 @@ def export_hf_run(run_dir, out=None, which: str = "best") -> dict:
     return result
 
 
-def export_peft_run(run_dir, out=None, which: str = "best") -> dict:
+def export_peft_run(run_dir, out=None, which: str = "best", progress=None) -> dict:
     """A LoRA run's adapters as a PEFT folder (default RUN/export/peft) with the frozen base model in base/;
-    checked through lamina's reader (base) and, with transformers + peft installed, PeftModel.from_pretrained."""
+    checked through lamina's reader (base) and, with transformers + peft installed, PeftModel.from_pretrained.
+    `progress(done, total)`: as export_hf_run."""
     import copy
 
     from lamina.hub.hf_write import hf_spec, peft_adapter, write_hf_folder, write_peft_files
@@ -477,10 +489,13 @@ def export_peft_run(run_dir, out=None, which: str = "best") -> dict:
         write_hf_folder(base, tmp / "base", {**files, **_generation_config(files, base_spec)}, spec=base_spec)
 
     stage = folder.with_name(f".candidate-{folder.name}")
+    _stage(progress, 0)
     write_folder(stage, write)
+    _stage(progress, 1)
     parity = _checked(stage, lambda: _check_peft(model, base, spec, stage, ids))
     atomic_write_text(stage / "README.md", model_card(run, spec, "peft", parity))
     publish_folder(stage, folder)
+    _stage(progress, 2)
     result = {"run": str(run.folder.path), "checkpoint": str(run.checkpoint), "format": "peft", "folder": str(folder),
               "architecture": spec.architecture, "target_modules": adapter.config["target_modules"],
               "r": adapter.config["r"], "lora_alpha": adapter.config["lora_alpha"],
