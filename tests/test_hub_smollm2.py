@@ -159,6 +159,26 @@ def _write_tiny_gguf(path, model, drop=(), extra=()):
     w.close()
 
 
+def test_gguf_load_counts_tensors_then_the_tokenizer(tmp_path):
+    """hub.load(progress=): a GGUF file's tensors one by one, then its tokenizer as one more step; other formats one
+    step (`lamina chat` draws these before the tokens)."""
+    from lamina.models.llama import Llama, LlamaConfig
+
+    src = Llama(LlamaConfig(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)).eval()
+    _write_tiny_gguf(tmp_path / "tiny.gguf", src)
+    calls = []
+    lamina.hub.load(tmp_path / "tiny.gguf", tokenizer=False, progress=lambda d, t: calls.append((d, t)))
+    n = 2 + 9 * 2  # token embedding, final norm; 9 tensors per block (tied: no output.weight)
+    assert calls == [(i, n + 1) for i in range(n + 1)] + [(n + 1, n + 1)]
+    from lamina.models import create_model
+
+    lamina.hub.save_pretrained(create_model("gpt", vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=8),
+                               tmp_path / "saved")
+    calls.clear()
+    lamina.hub.load(tmp_path / "saved", progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(0, 1), (1, 1)]
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_tiny_gguf_round_trip_is_exact(tmp_path, tied):
     from lamina.models.llama import Llama, LlamaConfig

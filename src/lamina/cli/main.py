@@ -347,16 +347,16 @@ def cmd_chat(a, console) -> int:
 
     if a.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens: expected a positive integer, got {a.max_new_tokens}")
-    model, info = hub.load(a.model, block_size=2048)  # a 2k context keeps the KV cache small
-    if not info.get("chat_template"):
-        raise ConfigError(f"--model: {a.model} has no chat template; give a chat/instruct model")
+    from lamina.cli.progress import progress_bar
+
     messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
     sampling = {}
     if a.temperature is not None:
         sampling = {"temperature": a.temperature, "top_p": a.top_p, "generator": torch.Generator().manual_seed(a.seed)}
-    from lamina.cli.progress import progress_bar
-
-    with progress_bar(console, "chat", a.no_progress) as progress:
+    with progress_bar(console, "chat", a.no_progress) as progress:  # the model's load, then the tokens
+        model, info = hub.load(a.model, block_size=2048, progress=progress)  # a 2k context keeps the KV cache small
+        if not info.get("chat_template"):
+            raise ConfigError(f"--model: {a.model} has no chat template; give a chat/instruct model")
         reply = chat(model, info["tokenizer"], messages, max_new_tokens=a.max_new_tokens,
                      greedy=a.temperature is None, progress=progress, **sampling)
     print(reply)  # after the bar: a live bar would take stdout over

@@ -64,8 +64,21 @@ def pretrained_tokenizer(source: str | Path) -> Path | None:
     return p / "tokenizer.json" if p is not None and p.is_dir() and (p / "tokenizer.json").is_file() else None
 
 
-def load(source: str | Path, family: str | None = None, **options):
-    """(model, info) for a folder, file or installed package name; see the module docstring."""
+def load(source: str | Path, family: str | None = None, *, progress=None, **options):
+    """(model, info) for a folder, file or installed package name; see the module docstring. `progress(done,
+    total)`: a GGUF file counts its tensors dequantized and its tokenizer; other formats load in one step."""
+    if progress is None:
+        return _load(source, family, **options)
+    path = resolve_source(source)
+    if path is not None and path.suffix == ".gguf":
+        return _load(source, family, progress=progress, **options)
+    progress(0, 1)
+    out = _load(source, family, **options)
+    progress(1, 1)
+    return out
+
+
+def _load(source: str | Path, family: str | None = None, **options):
     if isinstance(source, str) and source.startswith("timm:") and not Path(source).exists():
         from lamina.hub.timm import load_timm
 

@@ -30,7 +30,7 @@ import torch
 from lamina.errors import CheckpointError, MissingDependencyError
 from lamina.io import check_state, load_state_strict
 
-_OPTIONS = ("dtype", "block_size", "tokenizer")
+_OPTIONS = ("dtype", "block_size", "tokenizer", "progress")
 
 
 def _field(reader, key: str, default=None):
@@ -125,8 +125,9 @@ def _llama_config_checked(reader, path, block_size):
     return LlamaConfig(**hp), {**hp, "context_length": ctx}
 
 
-def read_llama_state(reader, cfg, path) -> dict[str, torch.Tensor]:
-    """lamina Llama state (name -> fp32 tensor) from a GGUFReader, every name and shape checked."""
+def read_llama_state(reader, cfg, path, progress=None) -> dict[str, torch.Tensor]:
+    """lamina Llama state (name -> fp32 tensor) from a GGUFReader, every name and shape checked; `progress(done,
+    total)` counts the tensors dequantized."""
     import gguf
 
     from lamina.models.llama import hf_llama_key_map
@@ -159,12 +160,16 @@ def read_llama_state(reader, cfg, path) -> dict[str, torch.Tensor]:
     check_built_size(meta_model, sum(math.prod(s) for s in shapes.values()), str(path))  # RoPE tables included
     del meta_model
     state = {}
+    if progress is not None:
+        progress(0, len(reader.tensors))
     for t in reader.tensors:
         ours = to_lamina[t.name][1]
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shapes[t.name])
         if ours in q_k:
             w = unpermute_rope_rows(w, q_k[ours])
         state[ours] = torch.from_numpy(np.array(w, copy=True))
+        if progress is not None:
+            progress(len(state), len(reader.tensors))
     return state
 
 
@@ -182,7 +187,8 @@ def gguf_tokenizer(path: Path):
 def load_gguf(path: str | Path, **options):
     """(model, info) for a GGUF file; see the module docstring. Options: dtype (a torch dtype, default fp32),
     block_size (context length to build RoPE tables and KV caches for; default the file's context_length),
-    tokenizer (True: build it, needs transformers; False: skip; default True when transformers is installed)."""
+    tokenizer (True: build it, needs transformers; False: skip; default True when transformers is installed),
+    progress (progress(done, total): the tensors dequantized, then the tokenizer as one more step)."""
     path = Path(path)
     unknown_opts = set(options) - set(_OPTIONS)
     if unknown_opts:
@@ -202,7 +208,10 @@ def load_gguf(path: str | Path, **options):
     from lamina.models.llama import Llama
 
     cfg, hp = _llama_config(reader, path, options.get("block_size"))
-    state = read_llama_state(reader, cfg, path)
+    progress = options.get("progress")
+    steps = len(reader.tensors) + 1  # + the tokenizer, built from the file's metadata (seconds with transformers)
+    counted = None if progress is None else (lambda done, _: progress(done, steps))
+    state = read_llama_state(reader, cfg, path, counted)
     model = Llama(cfg)
     model.model_name = "llama"
     load_state_strict(model, state, f"hub: {path}")  # checked above; a tied lm_head is wte, loaded with it
@@ -218,6 +227,8 @@ def load_gguf(path: str | Path, **options):
         except MissingDependencyError:
             if want_tok:
                 raise
+    if progress is not None:
+        progress(steps, steps)
     bos, eos = _field(reader, "tokenizer.ggml.bos_token_id"), _field(reader, "tokenizer.ggml.eos_token_id")
     info = {"format": "gguf", "family": "llama", "config": hp, "tokenizer": tok,
             "chat_template": _field(reader, "tokenizer.chat_template"),
