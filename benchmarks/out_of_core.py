@@ -119,8 +119,10 @@ def train(name: str, args: list[str], work: Path, limit_bytes: int | None = None
         raise SystemExit(f"{name} failed (exit {rc}): {tail[0]}; see {log}")
     run = next(Path(x) for x in reversed(log.read_text().splitlines()) if x.strip() and Path(x.strip()).is_dir())
     s = json.loads((run / "summary.json").read_text())
-    with open(run / "metrics.csv", newline="") as f:
-        epochs = [float(r["train/samples_per_s"]) for r in csv.DictReader(f)]
+    epochs = []  # per finished epoch (a run stopped inside its first epoch has none)
+    if (run / "metrics.csv").is_file():
+        with open(run / "metrics.csv", newline="") as f:
+            epochs = [float(r["train/samples_per_s"]) for r in csv.DictReader(f)]
     return {"run": name, "images_per_s": s["train_samples_per_s"], "steps": s["steps"], "data_path": s["data_path"],
             "first_epoch_images_per_s": epochs[0] if epochs else None,
             "later_epochs_images_per_s": float(np.median(epochs[1:])) if len(epochs) > 1 else None,
@@ -194,7 +196,7 @@ def main() -> int | None:
                 row["in_memory"] = mode == "true"
                 runs.append(row)
                 print(f"    {row['run']}: {row['images_per_s']:.0f} images/s (epoch 1 "
-                      f"{row['first_epoch_images_per_s']:.0f}, later {row['later_epochs_images_per_s'] or 0:.0f}), "
+                      f"{row['first_epoch_images_per_s'] or 0:.0f}, later {row['later_epochs_images_per_s'] or 0:.0f}), "
                       f"peak PSS {row['peak_rss_bytes'] / 1e9:.2f} GB "
                       f"(load {row['load_before']:.2f} -> {row['load_after']:.2f})", flush=True)
 
