@@ -38,7 +38,8 @@ def test_print_config_is_resolved_yaml(capsys, tmp_path):
     cfg.write_text("trainer:\n  max_epochs: 4\nmodel:\n  name: mlp\n  depth: 3\n")
     assert main(["train", str(cfg), "trainer.max_epochs=2", "--print-config"]) == 0
     out = yaml.safe_load(capsys.readouterr().out)
-    assert out["trainer"]["max_epochs"] == 2 and out["model"] == {"name": "mlp", "pretrained": None, "depth": 3}
+    assert out["trainer"]["max_epochs"] == 2 and out["model"] == {"name": "mlp", "pretrained": None, "adapter": None,
+                                                                 "depth": 3}
     assert out["optimizer"]["name"] == "adamw"  # defaults are filled in
     assert not (tmp_path / "runs").exists()
 

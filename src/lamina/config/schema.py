@@ -39,6 +39,9 @@ class DataConfig(_Open):
     # subset of the training split (token streams: a prefix); val and test stay whole
 
 
+MODEL_SOURCE_KEYS = ("name", "pretrained", "adapter")  # model keys that say where a model comes from, not options
+
+
 class ModelConfig(_Open):
     name: str = "small_cnn"  # a registered model (`lamina models`)
     # start from pretrained weights (lamina.hub source: weights package, folder or file); `name` is then ignored

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from lamina.config import RunConfig, to_dict, to_yaml, validate
+from lamina.config.schema import MODEL_SOURCE_KEYS
 from lamina.errors import ConfigError
 from lamina.io import atomic_write_text
 from lamina.search.space import SearchSpace, apply_values, split_key
@@ -81,7 +82,7 @@ class NASSettings:
 
 
 def check_space(space: SearchSpace) -> None:
-    bad = [k for k in space.keys if split_key(k)[0] != "model" or split_key(k)[1] in ("name", "pretrained")]
+    bad = [k for k in space.keys if split_key(k)[0] != "model" or split_key(k)[1] in MODEL_SOURCE_KEYS]
     if bad:
         raise ConfigError(f"nas space: {bad[0]}: an architecture search varies model options (model.depth, "
                           f"model.channels[1], ...); tune training settings with `lamina tune`")

@@ -50,12 +50,13 @@ import torch
 
 from lamina.config import RunConfig, read_yaml, to_dict, validate
 from lamina.config.io import parse_value
+from lamina.config.schema import MODEL_SOURCE_KEYS
 from lamina.errors import ConfigError, LaminaError
 from lamina.io import atomic_write_text
 
 DEFAULT_BOOTSTRAP = 1000  # resamples: enough for a stable 2.5/97.5 percentile pair
 WARMUP_CAP = 0.1  # a run's warmup is at most this fraction of its steps (a 100-step warmup would be a 50-step run)
-RESERVED = ("name", "pretrained")  # model keys that choose the model, not its size
+RESERVED = MODEL_SOURCE_KEYS  # model keys that choose the model, not its size
 
 
 # ----- sizes and budgets ------------------------------------------------------------------------------------

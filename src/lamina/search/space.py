@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lamina.config import RunConfig, apply_overrides, read_yaml, to_dict, validate
+from lamina.config.schema import MODEL_SOURCE_KEYS
 from lamina.errors import ConfigError, LaminaError, did_you_mean
 
 KINDS = ("log", "uniform", "int", "categorical")
@@ -163,7 +164,7 @@ def _model_default(raw: dict, name: str):
     from lamina.models import create_model
 
     model = raw.get("model", {})
-    opts = {k: v for k, v in model.items() if k not in ("name", "pretrained")}
+    opts = {k: v for k, v in model.items() if k not in MODEL_SOURCE_KEYS}
     try:
         with torch.device("meta"):
             resolved = create_model(model.get("name", "small_cnn"), **opts).lamina_spec.get("resolved") or {}
@@ -272,7 +273,7 @@ def _check_free_option(cfg: RunConfig, key: str) -> None:
     """`model.*` and `data.*` are free options (validated by the factory/loader at run time): check them now."""
     parts = split_key(key)
     section, name = parts[0], parts[1] if len(parts) > 1 else ""
-    if section == "model" and name not in ("name", "pretrained"):
+    if section == "model" and name not in MODEL_SOURCE_KEYS:
         if cfg.model.pretrained:
             return  # the pretrained source decides the architecture; its options are checked when it loads
         import torch
