@@ -46,7 +46,10 @@ def first_samples(data, n: int) -> dict[str, torch.Tensor]:
         raise DataError(f"expected at least one sample, the split has {len(data)}")
     if isinstance(data, TensorData):
         return {k: v[:n] for k, v in data.tensors.items()}
-    return next(iter(_loader(data.subset(torch.arange(n)), n)))
+    sub = data.subset(torch.arange(n))
+    if hasattr(sub, "decode_cache"):
+        sub.decode_cache = False  # read once: a decode cache would only write a temp file
+    return next(iter(_loader(sub, n)))
 
 
 def take(data, idx: torch.Tensor) -> dict[str, torch.Tensor]:
