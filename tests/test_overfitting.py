@@ -122,8 +122,8 @@ def test_power_law_fit_recovers_exact_parameters():
 def test_learning_curve_trains_each_fraction_with_equal_steps_and_writes_json_and_plot(tmp_path):
     cfg = load_config(None, ["trainer.max_epochs=2", "logging.plots=false", "model.channels=[8,16]"])
     seen = []
-    r = learning_curve(cfg, (0.5, 0.25), out=tmp_path, progress=lambda i, n, f: seen.append((i, n, f)))
-    assert seen == [(0, 2, 0.25), (1, 2, 0.5)]
+    r = learning_curve(cfg, (0.5, 0.25), out=tmp_path, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(0, 2), (1, 2), (2, 2)]  # the progress protocol: runs done, before each run and at the end
     rows = r["rows"]
     assert [row["fraction"] for row in rows] == [0.25, 0.5] and rows[0]["n_train"] < rows[1]["n_train"]
     assert [row["epochs"] for row in rows] == [8, 4]  # same update budget for both points
@@ -146,4 +146,6 @@ def test_learning_curve_seeds_report_mean_std_and_every_value(tmp_path, capsys):
     tests = row["test_values"]
     assert row["seeds"] == [0, 1] and len(tests) == 2 and len(set(row["run_dir"])) == 2
     assert row["test"] == pytest.approx(np.mean(tests)) and row["test_std"] == pytest.approx(np.std(tests, ddof=1))
-    assert f"+- {row['test_std']:.4f}" in capsys.readouterr().out
+    cap = capsys.readouterr()
+    assert f"+- {row['test_std']:.4f}" in cap.out
+    assert cap.err.count("[1/1] training on 0.5 of the data") == 1  # a line per fraction, not per seed's run

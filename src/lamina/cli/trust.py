@@ -185,7 +185,7 @@ def cmd_learning_curve(a, console) -> int:
     from lamina.cli.main import _split_train_args
     from lamina.config import load_config
     from lamina.errors import ConfigError
-    from lamina.trust.overfitting import learning_curve
+    from lamina.trust.overfitting import curve_fractions, learning_curve
 
     path, overrides = _split_train_args(a.args)
     cfg = load_config(path, overrides)
@@ -198,15 +198,16 @@ def cmd_learning_curve(a, console) -> int:
     from lamina.cli.progress import progress_bar
 
     seeds = parse_seeds(a.seeds)
+    order, per = curve_fractions(fractions), len(seeds or [None])
     with progress_bar(console, "learning curve", a.no_progress) as bar:
-        def started(i: int, n: int, f: float) -> None:  # before run i of n: i runs done
-            console.print(f"[{i + 1}/{n}] training on {f:g} of the data ...")
+        def runs_done(done: int, total: int) -> None:  # a line as each fraction starts (its first seed's run)
+            if done < total and done % per == 0:
+                console.print(f"[{done // per + 1}/{len(order)}] training on {order[done // per]:g} of the data ...")
             if bar is not None:
-                bar(i, n)
+                bar(done, total)
 
-        r = learning_curve(cfg, fractions, out=a.out, equal_steps=not a.equal_epochs, seeds=seeds, progress=started)
-        if bar is not None:
-            bar(len(r["rows"]), len(r["rows"]))
+        r = learning_curve(cfg, fractions, out=a.out, equal_steps=not a.equal_epochs, seeds=seeds,
+                           progress=runs_done)
     if _print_json(a, r):
         return 0
     m = r["metric"]

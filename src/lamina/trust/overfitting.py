@@ -43,6 +43,14 @@ def samples_for(power: dict, target_err: float) -> float:
     return (power["a"] / target_err) ** (1.0 / power["b"])
 
 
+def curve_fractions(fractions) -> list[float]:
+    """The training fractions a learning curve runs, in the order it runs them: increasing, each once."""
+    fr = sorted({float(f) for f in fractions})
+    if not fr or fr[0] <= 0 or fr[-1] > 1:
+        raise ConfigError(f"fractions: expected values in (0, 1], got {list(fractions)}")
+    return fr
+
+
 def learning_curve(cfg, fractions=(0.1, 0.25, 0.5, 1.0), out: str | Path | None = None, metric: str | None = None,
                    equal_steps: bool = True, progress=None, seeds: list[int] | None = None) -> dict:
     """Train `cfg` (a RunConfig) once per training fraction; each run is a normal run folder under
@@ -50,23 +58,23 @@ def learning_curve(cfg, fractions=(0.1, 0.25, 0.5, 1.0), out: str | Path | None 
     writes learning_curve.json + learning_curve.png into `out`. `equal_steps`: a subset of fraction f trains
     max_epochs / f epochs, so every point gets the same number of updates and differs only in data (with
     equal epochs a 10% run gets a tenth of the steps and the curve mixes data with compute).
-    `progress(i, total, fraction)` is called before each run. `seeds`: train every fraction once per seed (the
+    Fractions train in increasing order (`curve_fractions`). `progress(done, total)` counts training runs (one
+    per fraction and seed): called before each run and once all are done. `seeds`: train every fraction once per seed (the
     subset is drawn with the seed too); each row then holds the mean, `<key>_std` (sample std) and
     `<key>_values` for train/val/test, and the plot draws the test spread as error bars."""
     from lamina.runs import train
 
-    fr = sorted({float(f) for f in fractions})
-    if not fr or fr[0] <= 0 or fr[-1] > 1:
-        raise ConfigError(f"fractions: expected values in (0, 1], got {list(fractions)}")
+    fr = curve_fractions(fractions)
     out = Path(out or Path(cfg.logging.root) / f"{cfg.name or cfg.data.name}-learning-curve")
     out.mkdir(parents=True, exist_ok=True)
     rows, m = [], metric
     seed_list = list(seeds) if seeds else [None]
+    total = len(fr) * len(seed_list)
     for i, f in enumerate(fr):
-        if progress is not None:
-            progress(i, len(fr), f)
         per_seed = []
-        for sd in seed_list:
+        for j, sd in enumerate(seed_list):
+            if progress is not None:
+                progress(i * len(seed_list) + j, total)
             run_cfg = cfg.model_copy(deep=True)
             run_cfg.data.train_fraction = f
             run_cfg.name = f"frac-{f:g}" if sd is None else f"frac-{f:g}-seed{sd}"
@@ -88,6 +96,8 @@ def learning_curve(cfg, fractions=(0.1, 0.25, 0.5, 1.0), out: str | Path | None 
                              "train_loss": last.get("train/loss"), "val_loss": best.get("val/loss"),
                              "test_loss": s["test"].get("test/loss"), "seconds": s["wall_time_s"]})
         rows.append(per_seed[0] if sd is None else _seed_row(per_seed, seed_list))
+    if progress is not None:
+        progress(total, total)
     higher_better = m != "loss"
     errs = [(1 - r["test"]) if higher_better else r["test"] for r in rows if r["test"] is not None]
     ns = [r["n_train"] for r in rows if r["test"] is not None]
