@@ -19,7 +19,7 @@ def _need(module: str, what: str) -> None:
 
 
 def _measured(p: argparse.ArgumentParser, progress_help: str) -> None:
-    """The arguments quantize and prune share: how to time, and the fine-tuning progress bar."""
+    """The arguments quantize and prune share: how to time, and the progress bars (fine-tuning, measuring)."""
     p.add_argument("--repeats", type=int, default=30, help="timed repeats per latency")
     p.add_argument("--no-progress", action="store_true", help=progress_help)
 
@@ -33,7 +33,7 @@ def add_parsers(sub) -> None:
     q.add_argument("--calib", type=int, default=512, help="static: training samples that calibrate activation ranges")
     q.add_argument("--epochs", type=float, default=1.0, help="qat: fine-tuning epochs (fractions allowed)")
     q.add_argument("--group-size", type=int, default=32, help="weight-int4: inputs sharing one scale")
-    _measured(q, "no live progress bar (qat fine-tuning)")
+    _measured(q, "no live progress bars (qat fine-tuning; measuring both models)")
 
     p = sub.add_parser("prune", help="pruned variant of a trained run (fine-tuned) vs fp32")
     _run(p)
@@ -42,7 +42,7 @@ def add_parsers(sub) -> None:
                         "unstructured on a cubic sparsity schedule)")
     p.add_argument("--amount", type=float, default=0.5, help="share of channels (channels) or weights (magnitude)")
     p.add_argument("--epochs", type=float, default=1.0, help="fine-tuning epochs after/while pruning")
-    _measured(p, "no live progress bar while fine-tuning")
+    _measured(p, "no live progress bars (fine-tuning; measuring every variant)")
 
     d = sub.add_parser("distill", help="train a student with a trained run as teacher (Hinton et al. KD)")
     d.add_argument("teacher", metavar="TEACHER_RUN")
@@ -86,6 +86,15 @@ def _progress(a, console):
     return RichProgress(console)
 
 
+def _compressed(a, console, fn, *args, **kw) -> dict:
+    """quantize_run / prune_run with the two bars: epochs while fine-tuning (a Trainer callback), then the
+    measuring of the variants (progress(done, total): timed forwards and test batches)."""
+    from lamina.cli.progress import progress_bar
+
+    with progress_bar(console, "measure", a.no_progress) as bar:  # draws from its first call: after fine-tuning
+        return fn(*args, **kw, callbacks=[p] if (p := _progress(a, console)) is not None else [], progress=bar)
+
+
 def cmd_quantize(a, console) -> int:
     from lamina.compress.quantize import METHODS
     from lamina.compress.run import quantize_run
@@ -95,8 +104,8 @@ def cmd_quantize(a, console) -> int:
         raise ConfigError(f"--method: unknown quantization method '{a.method}'; accepted: {', '.join(METHODS)}")
     if a.method.startswith("weight-"):
         _need("torchao", "weight-only quantization")
-    res = quantize_run(a.path, a.method, calib=a.calib, epochs=a.epochs, group_size=a.group_size, which=a.which,
-                       repeats=a.repeats, progress=_progress(a, console))
+    res = _compressed(a, console, quantize_run, a.path, a.method, calib=a.calib, epochs=a.epochs,
+                      group_size=a.group_size, which=a.which, repeats=a.repeats)
     return _report(a, console, res, f"saved: {res['saved']}")
 
 
@@ -119,8 +128,7 @@ def cmd_prune(a, console) -> int:
         raise ConfigError(f"--amount: expected a fraction in (0, 1), got {a.amount}")
     if a.method == "channels":
         _need("torch_pruning", "channel pruning")
-    res = prune_run(a.path, a.method, a.amount, a.epochs, which=a.which, repeats=a.repeats,
-                    progress=_progress(a, console))
+    res = _compressed(a, console, prune_run, a.path, a.method, a.amount, a.epochs, which=a.which, repeats=a.repeats)
     return _report(a, console, res, f"weight sparsity {res['weight_sparsity']:.3f}   saved: {res['saved']}")
 
 
@@ -146,6 +154,7 @@ def cmd_distill(a, console) -> int:
     if a.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    # no measuring step: the student's test pass after training is the epoch bars' own (RichProgress)
     cbs = [p] if (p := _progress(a, console)) is not None and cfg.trainer.progress else []
     res = runs.train(cfg, callbacks=cbs)
     s = res.summary

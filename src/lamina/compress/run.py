@@ -25,6 +25,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +76,9 @@ def test_split(ctx: RunContext) -> str:
 
 @torch.inference_mode()
 def evaluate_model(model: torch.nn.Module, ctx: RunContext, split: str | None = None,
-                   max_batches: int | None = None) -> dict:
-    """Test metrics of any callable model (quantized modules included) with the run's task, on CPU."""
+                   max_batches: int | None = None, on_batch: Callable[[], None] | None = None) -> dict:
+    """Test metrics of any callable model (quantized modules included) with the run's task, on CPU;
+    `on_batch()` after each batch."""
     split = split or test_split(ctx)
     model.eval()
     task = ctx.task
@@ -92,6 +94,8 @@ def evaluate_model(model: torch.nn.Module, ctx: RunContext, split: str | None = 
         loss_sum += float(task.loss(out, batch)) * bs
         n += bs
         task.update_metrics(metrics, out, batch)
+        if on_batch is not None:
+            on_batch()
     res = {k: float(v) for k, v in metrics.compute().items()}
     res["loss"] = loss_sum / max(n, 1)
     if ctx.task_name == _LM:
@@ -122,15 +126,19 @@ def calibration_batches(ctx: RunContext, samples: int = 512, batch: int = 128) -
 
 
 @torch.inference_mode()
-def latency_ms(fn, x, repeats: int = 30, warmup: int = 5) -> float:
-    """Median wall time of `fn(x)` in milliseconds (median: robust to a stray scheduler hiccup)."""
+def latency_ms(fn, x, repeats: int = 30, warmup: int = 5, on_call: Callable[[], None] | None = None) -> float:
+    """Median wall time of `fn(x)` in milliseconds (median: robust to a stray scheduler hiccup); `on_call()`
+    after every call, warm-up included, outside the timed window."""
+    tick = on_call or (lambda: None)
     for _ in range(warmup):
         fn(x)
+        tick()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn(x)
         times.append(time.perf_counter() - t0)
+        tick()
     return statistics.median(times) * 1e3
 
 
@@ -140,14 +148,50 @@ def model_bytes(model: torch.nn.Module) -> int:
     return serialized_bytes(model)
 
 
+_WARMUP = 5  # untimed calls before each latency
+
+
+def _b32_repeats(repeats: int) -> int:
+    return max(5, repeats // 3)  # a batch of 32 costs more per call and varies less
+
+
 def measure(name: str, model: torch.nn.Module, ctx: RunContext, repeats: int = 30,
-            max_batches: int | None = None, nbytes: int | None = None) -> dict:
-    """Size (`nbytes`, default: the serialized state dict), batch-1/32 latency and test metrics of one variant."""
+            max_batches: int | None = None, nbytes: int | None = None, on_step: Callable[[], None] | None = None) -> dict:
+    """Size (`nbytes`, default: the serialized state dict), batch-1/32 latency and test metrics of one variant;
+    `on_step()` after each of its `measure_steps` units of work."""
     x32 = example_batch(ctx, 32)
     return {"variant": name, "bytes": nbytes if nbytes is not None else model_bytes(model),
             "params": sum(p.numel() for p in model.parameters()), "split": test_split(ctx),
-            "latency_b1_ms": latency_ms(model, x32[:1], repeats), "latency_b32_ms": latency_ms(model, x32, max(5, repeats // 3)),
-            **{f"test_{k}": v for k, v in evaluate_model(model, ctx, max_batches=max_batches).items()}}
+            "latency_b1_ms": latency_ms(model, x32[:1], repeats, _WARMUP, on_step),
+            "latency_b32_ms": latency_ms(model, x32, _b32_repeats(repeats), _WARMUP, on_step),
+            **{f"test_{k}": v for k, v in evaluate_model(model, ctx, max_batches=max_batches, on_batch=on_step).items()}}
+
+
+def measure_steps(ctx: RunContext, repeats: int = 30, max_batches: int | None = None) -> int:
+    """The units of work `measure` reports: every forward of its two latencies (warm-up included), then every
+    test batch."""
+    batches = len(eval_loader(ctx, test_split(ctx)))
+    return 2 * _WARMUP + repeats + _b32_repeats(repeats) + (batches if max_batches is None else min(batches, max_batches))
+
+
+def measure_all(variants: list[tuple[str, torch.nn.Module, int]], ctx: RunContext,
+                progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """`measure` each (name, model, repeats), in order; `progress(done, total)` counts the units of work of all
+    of them as one phase (see measure_steps)."""
+    if progress is None:
+        return [measure(name, m, ctx, r) for name, m, r in variants]
+    total, done = sum(measure_steps(ctx, r) for _, _, r in variants), 0
+    progress(0, total)
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        progress(min(done, total), total)
+
+    rows = [measure(name, m, ctx, r, on_step=step) for name, m, r in variants]
+    if done < total:  # a loader yielded fewer batches than it counted: the measuring is over all the same
+        progress(total, total)
+    return rows
 
 
 def with_ratios(rows: list[dict], base: str = "fp32") -> list[dict]:
@@ -179,7 +223,7 @@ def finetune_steps(train, epochs: float) -> int:
 
 
 def finetune(ctx: RunContext, model: torch.nn.Module, epochs: float = 1.0, lr: float | None = None,
-             callbacks=(), progress=None) -> torch.nn.Module:
+             callbacks=()) -> torch.nn.Module:
     """Train `model` on the run's training data with the run's task and optimizer (lr scaled by default to a
     tenth: recovery, not training from scratch), cosine-decayed over `epochs` (fractions allowed)."""
     from lamina.config.schema import PerfConfig, ScheduleConfig
@@ -194,7 +238,7 @@ def finetune(ctx: RunContext, model: torch.nn.Module, epochs: float = 1.0, lr: f
     ocfg = ctx.cfg.optimizer.model_copy(update={"lr": lr if lr is not None else ctx.cfg.optimizer.lr / 10})
     optimizer = build_optimizer(model, ocfg)
     scheduler = build_scheduler(optimizer, ScheduleConfig(name="cosine"), steps, len(train), ocfg.lr)
-    trainer = Trainer(tcfg, callbacks=[*callbacks, *([progress] if progress else [])])
+    trainer = Trainer(tcfg, callbacks=list(callbacks))
     trainer.fit(model, ctx.task, train, val, optimizer, scheduler)
     return model.eval()
 
@@ -305,8 +349,11 @@ def save_variant(ctx: RunContext, tag: str, source: torch.nn.Module, result: dic
 
 # ----- entry points (CLI verbs) ------------------------------------------------------------------
 def quantize_run(path: str | Path, method: str = "dynamic", calib: int = 512, epochs: float = 1.0,
-                 group_size: int = 32, which: str = "best", repeats: int = 30, progress=None) -> dict:
-    """fp32 vs a quantized variant of a trained run; saves the variant. `qat` fine-tunes `epochs` first."""
+                 group_size: int = 32, which: str = "best", repeats: int = 30, callbacks=(),
+                 progress: Callable[[int, int], None] | None = None) -> dict:
+    """fp32 vs a quantized variant of a trained run; saves the variant. `qat` fine-tunes `epochs` first, its
+    Trainer with `callbacks` (a progress display, e.g.). `progress(done, total)` counts the measuring of both
+    models (measure_all), after any fine-tuning."""
     from lamina.compress import quantize as q
 
     if method not in q.METHODS:
@@ -319,13 +366,13 @@ def quantize_run(path: str | Path, method: str = "dynamic", calib: int = 512, ep
     source = ctx.model  # what the variant is rebuilt from (load_variant): the run's weights, or the QAT model
     if method == "qat":
         source = prepared = q.prepare_qat(ctx.model, example_batch(ctx, 2, "train"))
-        finetune(ctx, prepared, epochs, progress=progress)
+        finetune(ctx, prepared, epochs, callbacks=callbacks)
         qmodel = q.convert_qat(prepared)
     elif method == "static":
         qmodel = q.static_int8(ctx.model, calibration_batches(ctx, calib))
     else:
         qmodel = q.quantize(ctx.model, method, group_size=group_size)
-    rows = with_ratios([measure("fp32", ctx.model, ctx, repeats), measure(method, qmodel, ctx, repeats)])
+    rows = with_ratios(measure_all([("fp32", ctx.model, repeats), (method, qmodel, repeats)], ctx, progress))
     result = {"run": str(ctx.root), "method": method, "rows": rows}
     options = {"calib": calib} if method == "static" else {"group_size": group_size} if method == "weight-int4" else {}
     result["saved"] = str(save_variant(ctx, f"quant-{method}", source, result, "quantize", method, options))
@@ -333,34 +380,34 @@ def quantize_run(path: str | Path, method: str = "dynamic", calib: int = 512, ep
 
 
 def prune_run(path: str | Path, method: str = "channels", amount: float = 0.5, epochs: float = 1.0,
-              which: str = "best", repeats: int = 30, progress=None) -> dict:
+              which: str = "best", repeats: int = 30, callbacks=(),
+              progress: Callable[[int, int], None] | None = None) -> dict:
     """fp32 vs pruned (channels: structured, smaller dense model; magnitude: global unstructured with the cubic
-    sparsity schedule during fine-tuning), both fine-tuned for `epochs` on the run's training data."""
+    sparsity schedule during fine-tuning), both fine-tuned for `epochs` on the run's training data, the Trainer
+    with `callbacks`. `progress(done, total)` counts the measuring of every row (measure_all), after fine-tuning."""
+    import copy
+
     from lamina.compress.prune import GradualPruning, channel_prune, sparsity
 
     ctx = open_context(path, which)
     torch.manual_seed(ctx.cfg.seed)
     if method == "channels":
         pruned = channel_prune(ctx.model, example_batch(ctx, 2, "train"), amount)
-        before = measure("pruned (no fine-tune)", pruned, ctx, repeats=3)
+        before = copy.deepcopy(pruned)  # measured with the rest after fine-tuning: one measuring phase, one bar
         if epochs > 0:
-            finetune(ctx, pruned, epochs, progress=progress)
+            finetune(ctx, pruned, epochs, callbacks=callbacks)
     elif method == "magnitude":
-        import copy
-
         pruned = copy.deepcopy(ctx.model)
         steps = finetune_steps(loaders(ctx)[0], epochs)
         if epochs <= 0:
             raise ConfigError("prune --method magnitude needs --epochs > 0: the sparsity schedule runs while fine-tuning")
         before = None
-        finetune(ctx, pruned, epochs, callbacks=[GradualPruning(pruned, amount, steps)], progress=progress)
+        finetune(ctx, pruned, epochs, callbacks=[GradualPruning(pruned, amount, steps), *callbacks])
     else:
         raise ConfigError(f"prune: unknown method '{method}'; accepted: channels, magnitude")
-    rows = [measure("fp32", ctx.model, ctx, repeats)]
-    if before is not None:
-        rows.append(before)
-    rows.append(measure(f"{method} {amount:.0%}", pruned, ctx, repeats))
-    rows = with_ratios(rows)
+    variants = [("fp32", ctx.model, repeats), *([("pruned (no fine-tune)", before, 3)] if before is not None else []),
+                (f"{method} {amount:.0%}", pruned, repeats)]
+    rows = with_ratios(measure_all(variants, ctx, progress))
     result = {"run": str(ctx.root), "method": method, "amount": amount, "epochs": epochs,
               "weight_sparsity": sparsity(pruned), "rows": rows}
     result["saved"] = str(save_variant(ctx, f"prune-{method}-{int(round(amount * 100))}", pruned, result, "prune",
