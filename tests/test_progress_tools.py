@@ -67,3 +67,59 @@ def test_cli_quantize_and_prune_draw_the_measuring(verb, run, capsys, monkeypatc
     assert '"fp32"' in cap.out
     if verb[0] == "prune":
         assert "\x1b[1mepoch 1/1" in cap.err  # the fine-tuning's own bar, before the measuring's
+
+
+# ----- explain: the examples attributed a chunk at a time ------------------------------------------------------
+@pytest.mark.parametrize("method", ["saliency", "smoothgrad", "gradcam", "occlusion", "integrated_gradients"])
+def test_chunked_attributions_equal_one_call_and_count_examples(method, run):
+    from lamina.runs import open_run
+    from lamina.trust.explain import attribute
+
+    r = open_run(run)
+    x = r.split("test").x[:21].float()
+    kw = {"n_samples": 4} if method == "smoothgrad" else {"n_steps": 16} if method == "integrated_gradients" else {}
+    whole = attribute(r.model, x, None, method, **kw)
+    sink = Sink()
+    chunked = attribute(r.model, x, None, method, batch_size=8, progress=sink, **kw)
+    assert sink.calls == [(0, 21), (8, 21), (16, 21), (21, 21)]
+    if method == "integrated_gradients":
+        # captum sums IG's steps in passes of internal_batch_size rows: a chunk of 8 examples fits more steps in
+        # a pass than 21 do, so the sums round differently, by float32's last bits
+        torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(chunked, whole)  # per example, smoothgrad's noise too: nothing depends on the chunk
+    assert not torch.equal(whole, torch.zeros_like(whole))
+
+
+def test_chunked_token_attributions_equal_one_call():
+    from lamina.models import create_model
+    from lamina.trust.explain import token_attributions
+
+    torch.manual_seed(0)
+    model = create_model("lstm_classifier", vocab_size=30, num_classes=3).eval()
+    ids = torch.randint(5, 30, (7, 9))
+    mask = torch.arange(9)[None, :] < torch.tensor([9, 4, 7, 2, 9, 5, 3])[:, None]
+    whole, d_whole = token_attributions(model, ids, mask, n_steps=8, return_delta=True)
+    sink = Sink()
+    chunked, d_chunked = token_attributions(model, ids, mask, n_steps=8, return_delta=True, batch_size=3,
+                                            progress=sink)
+    assert sink.calls == [(0, 7), (3, 7), (6, 7), (7, 7)]
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)  # IG: see the test above
+    torch.testing.assert_close(d_chunked, d_whole, rtol=1e-4, atol=1e-5)
+    assert bool((chunked[~mask] == 0).all())
+
+
+def test_explain_run_counts_examples_and_draws_a_bar(run, tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    from lamina.trust.explain import explain_run
+
+    sink = Sink()
+    out = explain_run(run, "saliency", n=12, out=tmp_path / "chunked", batch_size=5, progress=sink)
+    assert sink.calls == [(0, 12), (5, 12), (10, 12), (12, 12)] and out["n"] == 12
+    explain_run(run, "saliency", n=12, out=tmp_path / "whole", batch_size=None)
+    z, w = (np.load(tmp_path / d / "saliency.npz") for d in ("chunked", "whole"))
+    assert np.array_equal(z["attributions"], w["attributions"])
+    cap, quiet = _cli_bar(["explain", str(run), "--method", "saliency", "-n", "4", "--out", str(tmp_path / "cli")],
+                          "explain", capsys, monkeypatch)
+    assert cap.out == quiet.out and "saliency.png" in cap.out

@@ -40,6 +40,7 @@ def add_parsers(sub) -> None:
     e.add_argument("-n", type=int, default=8, help="test examples to explain")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--out", help="folder for the PNG/npz (default: RUN_DIR/explain)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar (examples attributed)")
 
     a = sub.add_parser("attack", help="clean vs adversarial accuracy (fgsm, pgd, apgd) on the test split")
     _run(a)
@@ -113,9 +114,11 @@ def cmd_calibrate(a, console) -> int:
 
 def cmd_explain(a, console) -> int:
     _need("captum", "lamina explain")
+    from lamina.cli.progress import progress_bar
     from lamina.trust.explain import explain_run
 
-    r = explain_run(a.path, method=a.method, n=a.n, split=a.split, which=a.which, out=a.out)
+    with progress_bar(console, "explain", a.no_progress) as progress:
+        r = explain_run(a.path, method=a.method, n=a.n, split=a.split, which=a.which, out=a.out, progress=progress)
     if _print_json(a, r):
         return 0
     for k in ("png", "npz", "html"):

@@ -22,7 +22,8 @@ def audit_run(run_dir: str | Path, which: str = "best", eps: float = 0.1, steps:
               skip: tuple[str, ...] = (), on_part=None, progress=None) -> dict:
     """Run the applicable checks; returns {part: {"status": "done"|"skipped", "seconds", "result"|"reason"}}
     and the report path under "report". `on_part(part)` is called before each part; `progress(done, total)`
-    counts within the long ones, each phase from 0: calibration's val and test batches, the attacked samples."""
+    counts within the long ones, each phase from 0: calibration's val and test batches, the explained examples,
+    the attacked samples."""
     from lamina.report.html import build_report
     from lamina.runs import open_run
 
@@ -66,7 +67,7 @@ def audit_run(run_dir: str | Path, which: str = "best", eps: float = 0.1, steps:
     def explain():
         from lamina.trust.explain import explain_run
 
-        r = explain_run(root, method=explain_method, n=n_explain, which=which)
+        r = explain_run(root, method=explain_method, n=n_explain, which=which, progress=progress)
         return {"method": r["method"], "n": r["n"], "png": r["png"],
                 **({"ig_mean_abs_delta": r["ig_completeness"]["mean_abs_delta"]} if "ig_completeness" in r else {})}
 

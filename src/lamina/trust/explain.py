@@ -94,6 +94,21 @@ def _sum_but_batch(a: torch.Tensor) -> torch.Tensor:
     return a.reshape(a.shape[0], -1).sum(1)
 
 
+def _spans(n: int, batch_size: int | None, progress: Callable[[int, int], None] | None):
+    """(start, stop) of each chunk of `batch_size` examples (None: one chunk of all n); `progress(done, total)`
+    counts the examples done: at 0, then after each chunk."""
+    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
+        raise ConfigError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    step = int(batch_size) if batch_size is not None else max(n, 1)
+    if progress is not None:
+        progress(0, n)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        yield start, stop
+        if progress is not None:
+            progress(stop, n)
+
+
 # ----- attribution methods ---------------------------------------------------------------------
 def _saliency(model, x, target, abs: bool = True) -> torch.Tensor:
     from captum.attr import Saliency
@@ -124,18 +139,25 @@ def _integrated_gradients(model, x, target, baseline=None, n_steps: int = 64, me
 
 def _smoothgrad(model, x, target, n_samples: int = 25, noise: float = 0.15, abs: bool = True,
                 seed: int = 0) -> torch.Tensor:
-    """Mean saliency over n_samples copies of x + N(0, (noise * (max x - min x))^2); seeded, global RNG untouched."""
-    from captum.attr import NoiseTunnel, Saliency
+    """Mean saliency over n_samples copies of each x_i + N(0, (noise * (max x_i - min x_i))^2), the noise level
+    relative to each example's range (Smilkov et al.). Example i's noise comes from its own generator seeded
+    seed + i (the global RNG untouched): an example gets the same noise whatever batch it is in, so attribute's
+    chunks (batch_size) change nothing. Why not captum's NoiseTunnel: it draws one noise tensor for the whole
+    batch from the global RNG, so a chunked call would draw different noise."""
+    from captum.attr import Saliency
 
     if int(n_samples) < 1 or noise < 0:
         raise ConfigError(f"smoothgrad: expected n_samples >= 1 and noise >= 0, got {n_samples}, {noise}")
-    sigma = float(noise) * float(x.detach().max() - x.detach().min()) or float(noise)
-    devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        return NoiseTunnel(Saliency(model)).attribute(x, nt_type="smoothgrad", nt_samples=int(n_samples),
-                                                      nt_samples_batch_size=int(n_samples), stdevs=sigma,
-                                                      target=target, abs=abs)
+    B, S, rest = x.shape[0], int(n_samples), tuple(x.shape[1:])
+    flat = x.detach().reshape(B, -1).float()
+    sigma = float(noise) * (flat.max(1).values - flat.min(1).values)
+    sigma = torch.where(sigma > 0, sigma, torch.full_like(sigma, float(noise)))  # a constant input: noise itself
+    eps = torch.stack([torch.randn((S, *rest), generator=torch.Generator().manual_seed(int(seed) + i))
+                       for i in range(B)])  # (B, S, ...), drawn on the CPU: the same numbers on any device
+    eps = eps * sigma.reshape(B, 1, *([1] * len(rest)))
+    noisy = (x.detach().unsqueeze(1) + eps.to(x.device, x.dtype)).reshape(B * S, *rest).requires_grad_()
+    grads = Saliency(model).attribute(noisy, target=target.repeat_interleave(S), abs=abs)
+    return grads.reshape(B, S, *rest).mean(1)
 
 
 def conv_layers(model: nn.Module) -> dict[str, nn.Conv2d]:
@@ -206,10 +228,13 @@ SIGNED = {"integrated_gradients", "occlusion"}  # may be negative (evidence agai
 
 
 def attribute(model: nn.Module, x: torch.Tensor, target: TargetLike = None, method: str = "integrated_gradients",
+              batch_size: int | None = None, progress: Callable[[int, int], None] | None = None,
               **kw) -> torch.Tensor:
     """Attributions (same shape as x) of the logit `target` (int, one per example, or None = predicted class)
     of `model` at x by `method` (a key of METHODS); keyword options go to the method (e.g. n_steps=128 for IG,
-    layer="stages.1.0.0" for gradcam, window=4 for occlusion, abs=False for saliency)."""
+    layer="stages.1.0.0" for gradcam, window=4 for occlusion, abs=False for saliency). `batch_size`: attribute
+    that many examples per call (None: all at once), each example's result unchanged (every method is per
+    example; smoothgrad's noise is seeded per example); `progress(done, total)` counts the examples done."""
     if method not in METHODS:
         raise ConfigError(unknown_name("explain method", method, METHODS))
     x = _check_x(x)
@@ -223,7 +248,13 @@ def attribute(model: nn.Module, x: torch.Tensor, target: TargetLike = None, meth
             out = model(x)
         t = out.argmax(-1) if target is None else _targets(model, x, target)
         _check_target_range(out, t)
-        return fn(model, x.clone().requires_grad_(method != "occlusion"), t, **kw).detach()
+        seed = inspect.signature(fn).parameters.get("seed")
+        parts = []
+        for a, b in _spans(len(x), batch_size, progress):
+            # a seeded method numbers its examples from `seed`: a chunk starting at `a` starts at seed + a
+            ckw = {**kw, "seed": int(kw.get("seed", seed.default)) + a} if seed is not None else kw
+            parts.append(fn(model, x[a:b].clone().requires_grad_(method != "occlusion"), t[a:b], **ckw).detach())
+        return torch.cat(parts) if len(parts) != 1 else parts[0] if parts else torch.zeros_like(x)
 
 
 def completeness_delta(model: nn.Module, x: torch.Tensor, attributions: torch.Tensor, target: TargetLike = None,
@@ -323,12 +354,14 @@ def _sequence_forward(model: nn.Module) -> Callable:
 def token_attributions(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        target: TargetLike = None, baseline_id: int | None = None, n_steps: int = 64,
                        layer: nn.Module | None = None, keep_ids: tuple[int, ...] = (), return_delta: bool = False,
-                       internal_batch_size: int | None = 512):
+                       internal_batch_size: int | None = 512, batch_size: int | None = None,
+                       progress: Callable[[int, int], None] | None = None):
     """Per-token Integrated Gradients of a sequence classifier: (B, T) scores, the attribution to each token's
     embedding summed over its width. Baseline: every real token replaced by `baseline_id` (default the model's
     pad id, whose embedding is 0), except padding and the ids in `keep_ids` (e.g. the <s> / </s> markers, as
     captum's BERT tutorial keeps [CLS] / [SEP]); those positions get exactly 0. The scores sum to
-    f_t(ids) - f_t(baseline ids) (return_delta=True also returns that gap per example)."""
+    f_t(ids) - f_t(baseline ids) (return_delta=True also returns that gap per example). `batch_size` and
+    `progress(done, total)`: as `attribute`."""
     from captum.attr import LayerIntegratedGradients
 
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
@@ -353,15 +386,19 @@ def token_attributions(model: nn.Module, input_ids: torch.Tensor, attention_mask
         t = out.argmax(-1) if target is None else _targets(model, input_ids.float(), target)
         _check_target_range(out, t)
         lig = LayerIntegratedGradients(fwd, layer)
-        attr = lig.attribute(input_ids, baselines=base, target=t, additional_forward_args=(mask,),
-                             n_steps=int(n_steps), internal_batch_size=internal_batch_size)  # (B, T, C)
-        scores = attr.sum(-1).detach() * mask  # exactly 0 on padding (x == x0 there already)
-        if not return_delta:
-            return scores
-        with torch.no_grad():
-            f1 = fwd(input_ids, mask).gather(1, t[:, None])[:, 0]
-            f0 = fwd(base, mask).gather(1, t[:, None])[:, 0]
-    return scores, scores.sum(1) - (f1 - f0)
+        scores, deltas = [], []
+        for a, b in _spans(len(input_ids), batch_size, progress):
+            ids_c, base_c, mask_c, t_c = input_ids[a:b], base[a:b], mask[a:b], t[a:b]
+            attr = lig.attribute(ids_c, baselines=base_c, target=t_c, additional_forward_args=(mask_c,),
+                                 n_steps=int(n_steps), internal_batch_size=internal_batch_size)  # (b, T, C)
+            scores.append(attr.sum(-1).detach() * mask_c)  # exactly 0 on padding (x == x0 there already)
+            if return_delta:
+                with torch.no_grad():
+                    f1 = fwd(ids_c, mask_c).gather(1, t_c[:, None])[:, 0]
+                    f0 = fwd(base_c, mask_c).gather(1, t_c[:, None])[:, 0]
+                deltas.append(scores[-1].sum(1) - (f1 - f0))
+    scores = torch.cat(scores)
+    return (scores, torch.cat(deltas)) if return_delta else scores
 
 
 def render_tokens_html(tokens: list[str], scores, title: str = "") -> str:
@@ -558,13 +595,16 @@ VECTOR_METHODS = ("saliency", "integrated_gradients", "smoothgrad", "occlusion")
 
 
 def explain_run(run_dir: str | Path, method: str = "integrated_gradients", n: int = 8, split: str = "test",
-                which: str = "best", out: str | Path | None = None, **method_kw) -> dict:
+                which: str = "best", out: str | Path | None = None, batch_size: int = 32,
+                progress: Callable[[int, int], None] | None = None, **method_kw) -> dict:
     """Explain the first n examples of a trained run's `split` (target: the predicted class). Writes
     <run>/explain/<method>.png (overlays, or token bars + <method>.html for text) and <method>.npz (inputs,
     attributions, target, pred, label) into the run folder (or `out`); returns a json-able summary, also saved
     as <method>.json. Image runs: any of IMAGE_METHODS, in pixel space; text (sequence classification) runs:
     token attributions (method integrated_gradients); feature-vector (tabular) runs: VECTOR_METHODS, a bar per
-    feature. For IG, the completeness gap |sum attr - (f(x) - f(x0))|."""
+    feature. For IG, the completeness gap |sum attr - (f(x) - f(x0))|. The examples are attributed
+    `batch_size` at a time (each example's result as in one call: see `attribute`; it also keeps IG's passes
+    within its internal batch), and `progress(done, total)` counts them."""
     from lamina.data.sample import is_streamed
     from lamina.runs import open_run
 
@@ -592,14 +632,16 @@ def explain_run(run_dir: str | Path, method: str = "integrated_gradients", n: in
     cname = (lambda c: names[c] if names and c < len(names) else str(c))
     summary = {"run": str(run_dir), "checkpoint": str(ckpt), "method": method, "split": split, "n": n}
     if text:
-        summary.update(_explain_text(model, data, n, bundle, root, method, cname, device, **method_kw))
+        summary.update(_explain_text(model, data, n, bundle, root, method, cname, device, batch_size=batch_size,
+                                     progress=progress, **method_kw))
     elif (len(bundle.input_shape) == 1 if is_streamed(data) else data.x.ndim == 2):
         if method not in VECTOR_METHODS:
             raise ConfigError(f"{unknown_name('explain method', method, VECTOR_METHODS)} (for feature-vector runs)")
-        summary.update(_explain_images(cfg, model, data, n, root, method, cname, device,
+        summary.update(_explain_images(cfg, model, data, n, root, method, cname, device, batch_size, progress,
                                        feature_names=bundle.meta.get("feature_names"), **method_kw))
     else:
-        summary.update(_explain_images(cfg, model, data, n, root, method, cname, device, **method_kw))
+        summary.update(_explain_images(cfg, model, data, n, root, method, cname, device, batch_size, progress,
+                                       **method_kw))
     for i, e in enumerate(summary["examples"]):
         e["label"] = int(labels[i])
         e["label_name"] = cname(int(labels[i]))
@@ -609,8 +651,9 @@ def explain_run(run_dir: str | Path, method: str = "integrated_gradients", n: in
     return summary
 
 
-def _explain_images(cfg, model, data, n, root: Path, method: str, cname, device,
-                    feature_names: list[str] | None = None, **kw) -> dict:
+def _explain_images(cfg, model, data, n, root: Path, method: str, cname, device, batch_size: int | None = None,
+                    progress: Callable[[int, int], None] | None = None, feature_names: list[str] | None = None,
+                    **kw) -> dict:
     """Images (B, C, H, W) -> overlays; feature vectors (B, F) (standardized tabular data) -> bars per feature."""
     from lamina.data.sample import first_samples
     from lamina.data.transforms import eval_transforms
@@ -624,16 +667,20 @@ def _explain_images(cfg, model, data, n, root: Path, method: str, cname, device,
         probs = pm(x).float().softmax(-1)
     conf, pred = probs.max(-1)
     extra: dict = {}
-    if method == "attention_rollout":
+    if method == "attention_rollout":  # one forward pass for all: a single step
+        if progress is not None:
+            progress(0, n)
         with torch.no_grad():
             xin = pm.transform({"x": x})["x"] if pm.transform is not None else x
         rollout = attention_rollout(model, xin, **kw)
+        if progress is not None:
+            progress(n, n)
         if rollout.ndim != 3:
             raise ModelError("attention_rollout: the patch tokens do not form a grid; cannot draw an overlay")
         attr = rollout_to_image(rollout, x)
         extra["rollout"] = rollout.cpu().numpy()
     else:
-        attr = attribute(pm, x, pred, method, **kw)
+        attr = attribute(pm, x, pred, method, batch_size=batch_size, progress=progress, **kw)
     summary: dict = {}
     arrays = {"x": x.cpu().numpy(), "attributions": attr.float().cpu().numpy(), "target": pred.cpu().numpy(),
               "pred": pred.cpu().numpy(), "label": data.y[:n].cpu().numpy(), "index": np.arange(n), **extra}
