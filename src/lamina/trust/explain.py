@@ -604,7 +604,8 @@ def explain_run(run_dir: str | Path, method: str = "integrated_gradients", n: in
     token attributions (method integrated_gradients); feature-vector (tabular) runs: VECTOR_METHODS, a bar per
     feature. For IG, the completeness gap |sum attr - (f(x) - f(x0))|. The examples are attributed
     `batch_size` at a time (each example's result as in one call: see `attribute`; it also keeps IG's passes
-    within its internal batch), and `progress(done, total)` counts them."""
+    within its internal batch), and `progress(done, total)` counts them; then a second phase of one step, the
+    figure (hundreds of panels take seconds to lay out and save)."""
     from lamina.data.sample import is_streamed
     from lamina.runs import open_run
 
@@ -701,14 +702,25 @@ def _explain_images(cfg, model, data, n, root: Path, method: str, cname, device,
         names = feature_names if feature_names and len(feature_names) == x.shape[1] else \
             [f"x{j}" for j in range(x.shape[1])]
         rows = [(names, attr[i].float().cpu().numpy(), f"#{i} {titles[i]}") for i in range(n)]
-        png = plot_token_bars(rows, root / f"{method}.png", title)
+        png = _figure(progress, plot_token_bars, rows, root / f"{method}.png", title)
     else:
-        png = plot_overlays(x, attr, root / f"{method}.png", titles, signed=method in SIGNED, title=title)
+        png = _figure(progress, plot_overlays, x, attr, root / f"{method}.png", titles, signed=method in SIGNED,
+                      title=title)
     summary.update({"png": str(png), "npz": str(root / f"{method}.npz"),
                     "examples": [{"index": i, "target": int(pred[i]), "pred": int(pred[i]),
                                   "pred_name": cname(int(pred[i])), "confidence": float(conf[i])}
                                  for i in range(n)]})
     return summary
+
+
+def _figure(progress: Callable[[int, int], None] | None, plot: Callable[..., Path], *args, **kw) -> Path:
+    """`plot(*args, **kw)` as a phase of one step: laying out and saving a few hundred panels takes seconds."""
+    if progress is not None:
+        progress(0, 1)
+    png = plot(*args, **kw)
+    if progress is not None:
+        progress(1, 1)
+    return png
 
 
 _MARKERS = ("<s>", "</s>", "[CLS]", "[SEP]")  # sequence markers: kept in the token-attribution baseline
@@ -745,7 +757,8 @@ def _token_texts(tok, ids: list[int], specials: dict[int, str]) -> list[str]:
     return out
 
 
-def _explain_text(model, data, n, bundle, root: Path, method: str, cname, device, **kw) -> dict:
+def _explain_text(model, data, n, bundle, root: Path, method: str, cname, device,
+                  progress: Callable[[int, int], None] | None = None, **kw) -> dict:
     ids = data.tensors["ids"][:n]
     if "lengths" in data.tensors:
         lengths = data.tensors["lengths"][:n].long()
@@ -763,7 +776,7 @@ def _explain_text(model, data, n, bundle, root: Path, method: str, cname, device
     tok = (getattr(bundle, "extras", None) or {}).get("tokenizer")
     specials = _special_names(tok)
     kw.setdefault("keep_ids", tuple(i for i, name in specials.items() if name in _MARKERS))
-    scores, delta = token_attributions(model, ids, mask, pred, return_delta=True, **kw)
+    scores, delta = token_attributions(model, ids, mask, pred, return_delta=True, progress=progress, **kw)
     rows, blocks = [], []
     for i in range(n):
         L = int(lengths[i])
@@ -776,7 +789,7 @@ def _explain_text(model, data, n, bundle, root: Path, method: str, cname, device
     html_path.write_text("<!doctype html><meta charset='utf-8'><title>token attributions</title>"
                          "<p>Integrated Gradients per token (red: evidence for the predicted class, blue: against)"
                          "</p>" + "\n".join(blocks))
-    png = plot_token_bars(rows, root / f"{method}.png", "token attributions (integrated gradients)")
+    png = _figure(progress, plot_token_bars, rows, root / f"{method}.png", "token attributions (integrated gradients)")
     np.savez_compressed(root / f"{method}.npz", ids=ids.cpu().numpy(), lengths=lengths.numpy(),
                         attributions=scores.float().cpu().numpy(), target=pred.cpu().numpy(),
                         pred=pred.cpu().numpy(), label=data.y[:n].cpu().numpy(),
