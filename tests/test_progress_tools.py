@@ -3,10 +3,10 @@ explain's attribution chunks (the protocol and the bar helpers: tests/test_progr
 
 import pytest
 import torch
-
 from conftest import copy_run
-from lamina.engine.callbacks import Callback
 from test_progress import Sink, _cli_bar, check_phase
+
+from lamina.engine.callbacks import Callback
 
 
 @pytest.fixture(scope="module")
