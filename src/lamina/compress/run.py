@@ -156,22 +156,25 @@ def _b32_repeats(repeats: int) -> int:
 
 
 def measure(name: str, model: torch.nn.Module, ctx: RunContext, repeats: int = 30,
-            max_batches: int | None = None, nbytes: int | None = None, on_step: Callable[[], None] | None = None) -> dict:
+            max_batches: int | None = None, nbytes: int | None = None,
+            on_step: Callable[[], None] | None = None) -> dict:
     """Size (`nbytes`, default: the serialized state dict), batch-1/32 latency and test metrics of one variant;
     `on_step()` after each of its `measure_steps` units of work."""
     x32 = example_batch(ctx, 32)
+    b1 = latency_ms(model, x32[:1], repeats, _WARMUP, on_step)
+    b32 = latency_ms(model, x32, _b32_repeats(repeats), _WARMUP, on_step)
+    metrics = evaluate_model(model, ctx, max_batches=max_batches, on_batch=on_step)
     return {"variant": name, "bytes": nbytes if nbytes is not None else model_bytes(model),
             "params": sum(p.numel() for p in model.parameters()), "split": test_split(ctx),
-            "latency_b1_ms": latency_ms(model, x32[:1], repeats, _WARMUP, on_step),
-            "latency_b32_ms": latency_ms(model, x32, _b32_repeats(repeats), _WARMUP, on_step),
-            **{f"test_{k}": v for k, v in evaluate_model(model, ctx, max_batches=max_batches, on_batch=on_step).items()}}
+            "latency_b1_ms": b1, "latency_b32_ms": b32, **{f"test_{k}": v for k, v in metrics.items()}}
 
 
 def measure_steps(ctx: RunContext, repeats: int = 30, max_batches: int | None = None) -> int:
     """The units of work `measure` reports: every forward of its two latencies (warm-up included), then every
     test batch."""
     batches = len(eval_loader(ctx, test_split(ctx)))
-    return 2 * _WARMUP + repeats + _b32_repeats(repeats) + (batches if max_batches is None else min(batches, max_batches))
+    batches = batches if max_batches is None else min(batches, max_batches)
+    return 2 * _WARMUP + repeats + _b32_repeats(repeats) + batches
 
 
 def measure_all(variants: list[tuple[str, torch.nn.Module, int]], ctx: RunContext,

@@ -4,7 +4,7 @@
         saliency              |d f_t / d x|  (Simonyan et al. 2014; abs=False gives the signed gradient)
         integrated_gradients  (x - x0) * mean_a d f_t / d x (x0 + a (x - x0))  (Sundararajan et al. 2017); sums to
                               f_t(x) - f_t(x0) (completeness, `completeness_delta` measures the gap)
-        smoothgrad            saliency averaged over noisy copies of x (Smilkov et al. 2017)
+        smoothgrad            saliency averaged over noisy copies of x, noise seeded per example (Smilkov et al. 2017)
         gradcam               ReLU(sum_k mean(d f_t / d A_k) A_k) at a conv layer (Selvaraju et al. 2017),
                               bilinearly upsampled to the input size, the same map in every channel
         occlusion             f_t(x) - f_t(x with a window set to 0), averaged over the windows covering a pixel
@@ -17,11 +17,13 @@
                                 rank correlation of the trained model's attributions with a re-initialized copy's
     explain_run(run_dir, method, n)   a trained run's first n test examples -> explain/<method>.png + .npz (+ .html)
 
-Why captum: it is the maintained PyTorch attribution library (Saliency, IntegratedGradients, NoiseTunnel,
-LayerGradCam, Occlusion, LayerIntegratedGradients). Written here: attention rollout (captum has none; the ViT
-exposes its post-softmax maps, `model.attention_maps(x)`), the randomization check (captum has no sanity checks)
-and the plots. Every method runs the model in eval mode (BatchNorm statistics and dropout fixed: otherwise IG
-would not be complete) and restores the caller's mode afterwards.
+Why captum: it is the maintained PyTorch attribution library (Saliency, IntegratedGradients, LayerGradCam,
+Occlusion, LayerIntegratedGradients). Written here: attention rollout (captum has none; the ViT exposes its
+post-softmax maps, `model.attention_maps(x)`), the randomization check (captum has no sanity checks), smoothgrad's
+noise (NoiseTunnel draws it batch-wide: chunks would change it) and the plots. Long calls go `batch_size` examples
+at a time, each example's result unchanged, with `progress(done, total)` over the examples. Every method runs
+the model in eval mode (BatchNorm statistics and dropout fixed: otherwise IG would not be complete) and restores
+the caller's mode afterwards.
 
 Image runs are explained in pixel space, the inputs a user sees: the run's deterministic evaluation transform
 (normalize) is wrapped in front of the model (`PixelSpaceModel`), so the baseline x0 = 0 is a black image.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,15 +53,16 @@ def curve_fractions(fractions) -> list[float]:
 
 
 def learning_curve(cfg, fractions=(0.1, 0.25, 0.5, 1.0), out: str | Path | None = None, metric: str | None = None,
-                   equal_steps: bool = True, progress=None, seeds: list[int] | None = None) -> dict:
+                   equal_steps: bool = True, progress: Callable[[int, int], None] | None = None,
+                   seeds: list[int] | None = None) -> dict:
     """Train `cfg` (a RunConfig) once per training fraction; each run is a normal run folder under
     <out>/runs. Records n_train, train/val/test metric and loss; fits a power law to the test error and
     writes learning_curve.json + learning_curve.png into `out`. `equal_steps`: a subset of fraction f trains
     max_epochs / f epochs, so every point gets the same number of updates and differs only in data (with
     equal epochs a 10% run gets a tenth of the steps and the curve mixes data with compute).
     Fractions train in increasing order (`curve_fractions`). `progress(done, total)` counts training runs (one
-    per fraction and seed): called before each run and once all are done. `seeds`: train every fraction once per seed (the
-    subset is drawn with the seed too); each row then holds the mean, `<key>_std` (sample std) and
+    per fraction and seed): called before each run and once all are done. `seeds`: train every fraction once per
+    seed (the subset is drawn with the seed too); each row then holds the mean, `<key>_std` (sample std) and
     `<key>_values` for train/val/test, and the plot draws the test spread as error bars."""
     from lamina.runs import train
 
