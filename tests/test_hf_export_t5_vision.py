@@ -20,24 +20,7 @@ from lamina.hub.hf_write import write_hf_folder
 from lamina.models import create_model
 
 transformers = pytest.importorskip("transformers", reason="the reference models come from transformers")
-TOL = 1e-5
-FAST = ["logging.tensorboard=false", "logging.plots=false", "trainer.progress=false", "trainer.threads=1",
-        "trainer.perf=false"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)  # tiny models on a busy machine (conftest restores the count)
-    level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    yield
-    transformers.logging.set_verbosity(level)
-
-
-def _hf(cls_name: str, folder):
-    model, info = getattr(transformers, cls_name).from_pretrained(str(folder), output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info  # every tensor has its place
-    return model.float().eval()
+from test_hf_export import FAST, TOL, _hf, _one_thread  # noqa: E402,F401  (the autouse fixture applies here too)
 
 
 def _scramble_bn(model) -> None:
