@@ -295,6 +295,21 @@ def _check_numeric_text(df, cols: Sequence[str], path) -> None:
                             "missing)")
 
 
+def table_meta(target: str, task: str, numeric: list[str], cat_cols: list[str], categorical: str,
+               categories: list[list[str]], mean: np.ndarray, std: np.ndarray, classes) -> dict:
+    """A table's meta: everything transform_table_rows and predict need (the in-memory and streamed paths alike)."""
+    meta = {
+        "loader": "table", "target": target, "task": task, "numeric": numeric, "categorical": cat_cols,
+        "categorical_mode": categorical, "categories": categories,
+        "mean": mean.tolist(), "std": std.tolist(), "classes": classes,
+        "feature_names": numeric + ([] if categorical == "embed"
+                                    else [f"{c}={v}" for c, cats in zip(cat_cols, categories) for v in cats]),
+    }
+    if categorical == "embed":
+        meta["cat_cardinalities"] = [len(c) + 1 for c in categories]  # index 0 = unknown/missing
+    return meta
+
+
 def _train_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """NaN-aware per-column mean and population std; an all-missing column gets 0/1, a constant one std 1."""
     ok = ~np.isnan(x)
@@ -422,15 +437,7 @@ def table(*, path: PathLike, target: str, task: str | None = None, categorical: 
     num_train = train_rows[numeric].to_numpy(np.float64, na_value=np.nan) if numeric else np.zeros((len(train_rows), 0))
     mean, std = _train_stats(num_train)
     categories = [sorted(set(_as_str(train_rows[c]).dropna())) for c in cat_cols]
-    meta = {
-        "loader": "table", "target": target, "task": task, "numeric": numeric, "categorical": cat_cols,
-        "categorical_mode": categorical, "categories": categories,
-        "mean": mean.tolist(), "std": std.tolist(), "classes": classes,
-        "feature_names": numeric + ([] if categorical == "embed"
-                                    else [f"{c}={v}" for c, cats in zip(cat_cols, categories) for v in cats]),
-    }
-    if categorical == "embed":
-        meta["cat_cardinalities"] = [len(c) + 1 for c in categories]  # index 0 = unknown/missing
+    meta = table_meta(target, task, numeric, cat_cols, categorical, categories, mean, std, classes)
     tensors = transform_table_rows(meta, df)
     train, val, test = apply_split(tensors, split)
     if resample is not None:

@@ -266,7 +266,7 @@ def stream_table(path, target: str, task, categorical: str, drop: list[str], val
                  test_fraction: float, seed: int, missing_target: str, resample, why: str) -> DataBundle:
     """The `table` data set for a Parquet or CSV file over the memory budget (options as in
     lamina.data.files.table)."""
-    from lamina.data.files import _as_str, _codes, _infer_task, _require
+    from lamina.data.files import _as_str, _codes, _infer_task, _require, table_meta
 
     pd = _require("pandas", "tables")
     p = Path(path).expanduser()
@@ -342,15 +342,7 @@ def stream_table(path, target: str, task, categorical: str, drop: list[str], val
     std = np.sqrt(m2 / np.maximum(cnt, 1))
     std = np.where((cnt == 0) | (std == 0), 1.0, std)
     categories = [sorted(s) for s in cats]
-    meta = {
-        "loader": "table", "target": target, "task": task, "numeric": numeric, "categorical": cat_cols,
-        "categorical_mode": categorical, "categories": categories,
-        "mean": mean.tolist(), "std": std.tolist(), "classes": classes,
-        "feature_names": numeric + ([] if categorical == "embed"
-                                    else [f"{c}={v}" for c, cs in zip(cat_cols, categories) for v in cs]),
-    }
-    if categorical == "embed":
-        meta["cat_cardinalities"] = [len(c) + 1 for c in categories]
+    meta = table_meta(target, task, numeric, cat_cols, categorical, categories, mean, std, classes)
     train, val, test = (TableStream(src, meta, kept[s.numpy()], y_all[s], n_file) if len(s) else None
                         for s in split)
     if task == "classification":
